@@ -1,0 +1,98 @@
+//! JSON bodies carried inside frames: what clients send in Auth, what the server answers.
+//!
+//! Unknown fields are ignored so goim clients (which send a subset or extras) work unchanged.
+
+use serde::{Deserialize, Serialize};
+
+/// Body of an op 7 Auth frame.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuthBody {
+    /// User id. Several sessions may share one.
+    pub mid: i64,
+    /// Session key; logic assigns one when empty.
+    pub key: String,
+    /// Room to join at once (`type://id`), or empty.
+    pub room_id: String,
+    /// Client platform (`web`, `ios`, `android`, ...).
+    pub platform: String,
+    /// Ops the session accepts pushes for.
+    pub accepts: Vec<i32>,
+    /// Credential checked by logic when it is configured to.
+    pub token: String,
+}
+
+/// Body of op 8 AuthReply (goim clients ignore it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthReplyBody {
+    /// Authenticated user id.
+    pub mid: i64,
+    /// Session key (assigned when the client gave none).
+    pub key: String,
+    /// Room joined, or empty.
+    pub room_id: String,
+    /// Heartbeat interval the client should keep, in seconds.
+    pub heartbeat: u32,
+}
+
+/// Body of op 6 DisconnectReply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisconnectBody {
+    /// Why the server closes the session.
+    pub reason: String,
+}
+
+impl DisconnectBody {
+    /// JSON bytes of `{"reason": ...}`.
+    pub fn to_json(reason: &str) -> Vec<u8> {
+        serde_json::to_vec(&DisconnectBody {
+            reason: reason.to_string(),
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// Body of op 4 SendMsg: exactly one of `room` and `mid`, the op and the payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendMsgBody {
+    /// Target room (`type://id`).
+    #[serde(default)]
+    pub room: Option<String>,
+    /// Target user.
+    #[serde(default)]
+    pub mid: Option<i64>,
+    /// Op recipients receive the message with.
+    pub op: i32,
+    /// Payload, any JSON.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+/// Body of op 5 SendMsgReply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendMsgReplyBody {
+    /// 0 on success, negative on refusal.
+    pub code: i32,
+    /// Message id, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goim_auth_body_parses() {
+        let a: AuthBody = serde_json::from_str(
+            r#"{"mid":123,"room_id":"live://1000","platform":"web","accepts":[1000,1001]}"#,
+        )
+        .unwrap();
+        assert_eq!(a.mid, 123);
+        assert_eq!(a.key, "");
+        assert_eq!(a.accepts, vec![1000, 1001]);
+    }
+}

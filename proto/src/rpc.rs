@@ -1,0 +1,267 @@
+//! RPC between tiers (tarpc over TCP, length-delimited MessagePack).
+//!
+//! * [`LogicRpc`], served by logic: comets authenticate sessions and report liveness through it
+//!   (logic owns every Redis write about sessions and nodes); backends push through it.
+//! * [`CometRpc`], served by each comet: job delivers pushes through it.
+//!
+//! MessagePack here is the compact (positional) form: message types must not use
+//! `skip_serializing_if`, `flatten` or untagged enums, and fields are only ever appended.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tarpc::tokio_serde::formats::MessagePack;
+use tarpc::tokio_util::codec::LengthDelimitedCodec;
+use tokio::net::TcpStream;
+
+use crate::msg::AuthBody;
+use crate::room::RoomId;
+
+/// Largest RPC message (a delivery batch of many 64 KiB pushes fits).
+pub const MAX_RPC_FRAME: usize = 32 * 1024 * 1024;
+
+/// A tarpc transport over a TCP stream with rim's framing and codec.
+pub type Transport<In, Out> =
+    tarpc::serde_transport::Transport<TcpStream, In, Out, MessagePack<In, Out>>;
+
+/// Wraps a connected stream (either side) in rim's RPC framing and codec.
+pub fn transport<In, Out>(stream: TcpStream) -> Transport<In, Out>
+where
+    In: for<'de> Deserialize<'de>,
+    Out: Serialize,
+{
+    let _ = stream.set_nodelay(true);
+    let framed = LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_RPC_FRAME)
+        .new_framed(stream);
+    tarpc::serde_transport::new(framed, MessagePack::default())
+}
+
+/// Why logic refused or failed an RPC. Maps onto the HTTP API's codes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum LogicError {
+    /// Malformed request; the text names the field.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// Credentials missing or wrong.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// Redis unreachable: not accepted, retry later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A comet asks logic to authenticate a new session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectRequest {
+    /// Comet server id.
+    pub server: String,
+    /// The client's auth body.
+    pub auth: AuthBody,
+    /// Client IP, for logs and IP counts.
+    pub remote_ip: String,
+}
+
+/// An authenticated session, as logic registered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectReply {
+    /// User id.
+    pub mid: i64,
+    /// Session key (assigned when the client gave none).
+    pub key: String,
+    /// Room to join, if any.
+    pub room: Option<RoomId>,
+    /// Ops the session accepts.
+    pub accepts: Vec<i32>,
+    /// Heartbeat interval the client should keep, in seconds.
+    pub heartbeat_secs: u32,
+    /// A session with this key was online on another comet and must be replaced (it is kicked through job).
+    pub replaced_elsewhere: bool,
+}
+
+/// Identifies one session to logic (disconnect, heartbeat).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRef {
+    /// Comet server id.
+    pub server: String,
+    /// User id.
+    pub mid: i64,
+    /// Session key.
+    pub key: String,
+}
+
+/// What a comet tells the cluster about itself, periodically.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Unique comet server id (from its config).
+    pub server: String,
+    /// Address job reaches its [`CometRpc`] at.
+    pub rpc_addr: String,
+    /// Host name clients should use (from config; empty = the listen address).
+    pub domain: String,
+    /// Client-facing TCP address, if the TCP listener is on.
+    pub tcp_addr: String,
+    /// Client-facing WebSocket address (`/sub`), if on.
+    pub ws_addr: String,
+    /// Client-facing WebSocket over TLS address, if on.
+    pub wss_addr: String,
+    /// Open sessions.
+    pub connections: u64,
+    /// Distinct client IPs.
+    pub ips: u64,
+    /// Relative weight for client placement.
+    pub weight: u32,
+    /// When the node started (unix ms).
+    pub started_ms: u64,
+    /// Last renewal (unix ms), stamped by logic.
+    pub renewed_ms: u64,
+}
+
+/// Room member counts a comet reports with its renewal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnlineReport {
+    /// Members per room on this comet.
+    pub rooms: Vec<(RoomId, u32)>,
+}
+
+/// Cluster-wide member counts for the rooms of an [`OnlineReport`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnlineCounts {
+    /// Members per room across all live comets.
+    pub rooms: Vec<(RoomId, u64)>,
+}
+
+/// A push accepted and durably queued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushAccepted {
+    /// Message id.
+    pub id: String,
+    /// Sessions it was routed to (pushes to keys and mids; 0 for rooms and broadcasts).
+    pub sessions: u64,
+}
+
+/// Logic's RPC service.
+#[tarpc::service]
+pub trait LogicRpc {
+    /// Authenticates and registers a session.
+    async fn connect(req: ConnectRequest) -> Result<ConnectReply, LogicError>;
+    /// Removes a session's registration.
+    async fn disconnect(session: SessionRef) -> Result<(), LogicError>;
+    /// Renews a session's registration TTL.
+    async fn heartbeat(session: SessionRef) -> Result<(), LogicError>;
+    /// A room gained its first member on a comet: room pushes must reach it from now on.
+    async fn room_joined(server: String, room: RoomId) -> Result<(), LogicError>;
+    /// Registers or renews a comet and its room counts; returns cluster-wide counts for those rooms.
+    async fn renew_node(node: NodeInfo, online: OnlineReport) -> Result<OnlineCounts, LogicError>;
+    /// Removes a comet's registration (graceful shutdown).
+    async fn unregister_node(server: String) -> Result<(), LogicError>;
+    /// Push to sessions by key.
+    async fn push_keys(op: i32, keys: Vec<String>, body: Bytes)
+    -> Result<PushAccepted, LogicError>;
+    /// Push to every session of these users.
+    async fn push_mids(op: i32, mids: Vec<i64>, body: Bytes) -> Result<PushAccepted, LogicError>;
+    /// Push to a room.
+    async fn push_room(op: i32, room: RoomId, body: Bytes) -> Result<PushAccepted, LogicError>;
+    /// Push to everyone; `speed` > 0 paces it per comet (sessions per second).
+    async fn push_all(op: i32, speed: u32, body: Bytes) -> Result<PushAccepted, LogicError>;
+}
+
+/// Position of a push in its partition stream: the unit of ordering and duplicate suppression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PushId {
+    /// Partition the push was queued in.
+    pub partition: u16,
+    /// Stream entry id, milliseconds part.
+    pub ms: u64,
+    /// Stream entry id, sequence part.
+    pub seq: u64,
+}
+
+impl PushId {
+    /// Parses a Redis stream entry id (`ms-seq`).
+    pub fn from_stream_id(partition: u16, id: &str) -> Option<PushId> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(PushId {
+            partition,
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+
+    /// The stream entry id (`ms-seq`).
+    pub fn stream_id(&self) -> String {
+        format!("{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Who on a comet receives a delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeliverTarget {
+    /// These sessions.
+    Keys(Vec<String>),
+    /// Members of this room.
+    Room(RoomId),
+    /// Every session; `speed` > 0 paces it (sessions per second).
+    All {
+        /// Sessions per second (0 = as fast as possible).
+        speed: u32,
+    },
+    /// Close these sessions with op 6 (replaced by a newer session with the same key).
+    Kick(Vec<String>),
+}
+
+/// One push for one comet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Ordering and duplicate-suppression id.
+    pub id: PushId,
+    /// Op of the pushed frame.
+    pub op: i32,
+    /// Body of the pushed frame.
+    pub body: Bytes,
+    /// Recipients on this comet.
+    pub target: DeliverTarget,
+}
+
+/// What a comet did with a delivery batch. Returning it is the comet's confirmation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliverReport {
+    /// Session writes queued.
+    pub queued: u64,
+    /// Skipped because the session had already received that push id.
+    pub duplicates: u64,
+    /// Addressed keys not connected here (any more).
+    pub missing: u64,
+    /// Sessions disconnected because their outbound queue was full.
+    pub slow_closed: u64,
+}
+
+/// Each comet's RPC service.
+#[tarpc::service]
+pub trait CometRpc {
+    /// Delivers pushes, in order, to local sessions. Items of one batch share one partition.
+    async fn deliver(items: Vec<Delivery>) -> DeliverReport;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_roundtrip() {
+        let id = PushId::from_stream_id(3, "1700000000000-7").unwrap();
+        assert_eq!(
+            id,
+            PushId {
+                partition: 3,
+                ms: 1_700_000_000_000,
+                seq: 7
+            }
+        );
+        assert_eq!(id.stream_id(), "1700000000000-7");
+        assert!(PushId::from_stream_id(0, "x-1").is_none());
+        assert!(PushId::from_stream_id(0, "17").is_none());
+    }
+}
