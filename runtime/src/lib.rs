@@ -1,1 +1,20 @@
-//! placeholder
+//! Process plumbing shared by rim's three binaries, so each tier's `main.rs` stays thin and every
+//! tier behaves the same to an operator: config loading and validation ([`settings`]), logging
+//! ([`logging`]), shutdown ([`shutdown`]), the ops HTTP routes and Prometheus text ([`ops`],
+//! [`metrics`]), and tarpc serving and reconnecting client links ([`rpc`]).
+#![forbid(unsafe_code)]
+
+pub mod logging;
+pub mod metrics;
+pub mod ops;
+pub mod rpc;
+pub mod settings;
+pub mod shutdown;
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

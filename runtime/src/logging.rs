@@ -1,0 +1,17 @@
+//! `tracing` setup: human-readable or JSON lines on stderr, filtered by `RUST_LOG` or the config.
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber. `level` is an `EnvFilter` directive used when `RUST_LOG` is unset.
+/// Safe to call more than once (tests start several tiers in one process): later calls are no-ops.
+pub fn init(level: &str, json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

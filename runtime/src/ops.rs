@@ -1,0 +1,54 @@
+//! `/healthz`, `/readyz` and `/metrics`, the same on every tier, in logic's response envelope.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::future::BoxFuture;
+
+/// What the ops routes need from a tier.
+pub trait OpsSource: Send + Sync + 'static {
+    /// `Ok` when the tier can do its job (e.g. Redis reachable); `Err` says why not.
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// Prometheus text.
+    fn metrics(&self) -> String;
+}
+
+/// Router with the three ops routes.
+pub fn router(source: Arc<dyn OpsSource>) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { envelope(StatusCode::OK, 0, "ok") }),
+        )
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(source)
+}
+
+async fn readyz(State(source): State<Arc<dyn OpsSource>>) -> Response {
+    match source.ready().await {
+        Ok(()) => envelope(StatusCode::OK, 0, "ready"),
+        Err(why) => envelope(StatusCode::SERVICE_UNAVAILABLE, -503, &why),
+    }
+}
+
+async fn metrics(State(source): State<Arc<dyn OpsSource>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        source.metrics(),
+    )
+        .into_response()
+}
+
+/// `{"code":..,"message":..}` with a matching status.
+pub fn envelope(status: StatusCode, code: i32, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({ "code": code, "message": message })),
+    )
+        .into_response()
+}
