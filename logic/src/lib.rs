@@ -1,1 +1,172 @@
-//! placeholder
+//! rim's logic tier: the goim-compatible HTTP API and `LogicRpc`, and the only writer of
+//! sessions, nodes and push jobs in Redis (see docs/architecture.md).
+//!
+//! * [`config`]: configuration and validation.
+//! * [`auth`]: client tokens and the push bearer secret.
+//! * `store`: the Redis connection, every call time-bounded.
+//! * `publish`: pushes → partitioned stream entries.
+//! * `registry`: sessions and comets in Redis, the cached cluster view.
+//! * `online`: online counts and comet placement.
+//! * `http`, `rpc`: the two front doors; `reaper`: removal of dead comets.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+mod http;
+mod metrics;
+mod online;
+mod publish;
+mod reaper;
+mod registry;
+mod rpc;
+mod store;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use rim_proto::keys;
+use rim_proto::rpc::LogicRpc;
+use tarpc::server::{BaseChannel, Channel};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::issue_token;
+pub use config::Config;
+pub use http::{ApiError, Query};
+
+use metrics::Metrics;
+use registry::ViewCache;
+use store::Store;
+
+/// The two already-bound listeners logic serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// HTTP API.
+    pub http: tokio::net::TcpListener,
+    /// `LogicRpc`.
+    pub rpc: tokio::net::TcpListener,
+}
+
+/// Why logic could not start (or stopped abnormally).
+#[derive(Debug, thiserror::Error)]
+pub enum LogicError {
+    /// Redis unreachable at start.
+    #[error("redis at {url}: {reason}")]
+    Redis {
+        /// Configured URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The partition count in Redis differs from this config.
+    #[error(
+        "stream.partitions is {configured} but the cluster uses {existing} (rim:meta:partitions); \
+         every logic and job must use the same count"
+    )]
+    PartitionMismatch {
+        /// From config.
+        configured: u16,
+        /// Found in Redis.
+        existing: String,
+    },
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// State shared by the HTTP handlers, RPC server and reaper.
+pub(crate) struct App {
+    pub(crate) config: Config,
+    pub(crate) store: Store,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) view: ViewCache,
+}
+
+/// Checks (or records, when first) the cluster's partition count.
+async fn guard_partitions(store: &Store, partitions: u16) -> Result<(), LogicError> {
+    let redis_err = |e: store::StoreError| LogicError::Redis {
+        url: String::new(),
+        reason: e.to_string(),
+    };
+    let _: redis::Value = store
+        .cmd(
+            redis::cmd("SET")
+                .arg(keys::META_PARTITIONS)
+                .arg(partitions)
+                .arg("NX"),
+        )
+        .await
+        .map_err(redis_err)?;
+    let existing: Option<String> = store
+        .cmd(redis::cmd("GET").arg(keys::META_PARTITIONS))
+        .await
+        .map_err(redis_err)?;
+    let existing = existing.unwrap_or_default();
+    if existing.trim().parse::<u16>().ok() != Some(partitions) {
+        return Err(LogicError::PartitionMismatch {
+            configured: partitions,
+            existing,
+        });
+    }
+    Ok(())
+}
+
+/// Runs logic until `shutdown` is cancelled and in-flight work drained (bounded by
+/// `shutdown_grace_ms`), or returns early on a fatal start error.
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), LogicError> {
+    let store = Store::connect(&config.redis.url, config.redis_timeout())
+        .await
+        .map_err(|e| LogicError::Redis {
+            url: config.redis.url.clone(),
+            reason: e.to_string(),
+        })?;
+    guard_partitions(&store, config.stream.partitions)
+        .await
+        .map_err(|e| match e {
+            LogicError::Redis { reason, .. } => LogicError::Redis {
+                url: config.redis.url.clone(),
+                reason,
+            },
+            other => other,
+        })?;
+    let grace = config.shutdown_grace();
+    let app = Arc::new(App {
+        config,
+        store,
+        metrics: Arc::new(Metrics::default()),
+        view: ViewCache::default(),
+    });
+    let tracker = TaskTracker::new();
+
+    tracker.spawn(reaper::run(app.clone(), shutdown.clone()));
+
+    if let (Ok(h), Ok(r)) = (listeners.http.local_addr(), listeners.rpc.local_addr()) {
+        tracing::info!(http = %h, rpc = %r, "logic serving");
+    }
+    let server = rpc::LogicServer(app.clone());
+    tracker.spawn(rim_runtime::rpc::accept_loop(
+        listeners.rpc,
+        "logic",
+        shutdown.clone(),
+        tracker.clone(),
+        move |stream| {
+            BaseChannel::with_defaults(rim_proto::rpc::transport(stream))
+                .execute(server.clone().serve())
+                .for_each(|f| async {
+                    tokio::spawn(f);
+                })
+        },
+    ));
+
+    let result = axum::serve(listeners.http, http::router(app.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    // The HTTP server returns once shutdown began (or on a fatal error): stop the rest too.
+    shutdown.cancel();
+    rim_runtime::shutdown::drain(&tracker, grace, "logic").await;
+    result.map_err(LogicError::Http)
+}

@@ -1,0 +1,296 @@
+//! The job tier's configuration: what `config/job.toml` and `RIM_JOB__…` variables may set.
+//!
+//! Every field has a default so an empty file (or none) gives a working local worker; `validate`
+//! names the first field at fault so `rim-job` can exit 64 with a useful message.
+
+use std::time::Duration;
+
+use rim_runtime::settings::{SettingsError, Validate, socket_addr};
+use serde::Deserialize;
+
+/// Complete job configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Consumer name in the stream group and holder id of leases. Empty = `hostname-pid-random`,
+    /// unique per process (two processes must never share one: leases would be confused).
+    pub worker_id: String,
+    /// Listen addresses.
+    pub listen: ListenConfig,
+    /// Redis connection.
+    pub redis: RedisConfig,
+    /// Push stream consumption.
+    pub stream: StreamConfig,
+    /// Partition leases.
+    pub lease: LeaseConfig,
+    /// Delivery to comets.
+    pub delivery: DeliveryConfig,
+    /// Comet registry cache.
+    pub registry: RegistryConfig,
+    /// How long shutdown waits for in-flight batches, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// `tracing` filter used when `RUST_LOG` is unset.
+    pub log_level: String,
+    /// JSON log lines instead of human-readable ones.
+    pub log_json: bool,
+}
+
+/// Listen addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Ops HTTP (`/healthz`, `/readyz`, `/metrics`).
+    pub http: String,
+}
+
+/// Redis connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://`, `rediss://` or `redis+unix://` URL.
+    pub url: String,
+}
+
+/// Push stream consumption.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Number of push partitions; must equal logic's (checked against `rim:meta:partitions`).
+    pub partitions: u16,
+    /// Entries read (and delivered as one batch) per `XREADGROUP` / `XAUTOCLAIM`.
+    pub batch_max: usize,
+    /// How long one `XREADGROUP` blocks waiting for new entries, in milliseconds.
+    pub block_ms: u64,
+}
+
+/// Partition leases.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// Lease and worker-liveness TTL in milliseconds: a dead worker's partitions are taken over within about this.
+    pub ttl_ms: u64,
+    /// How often leases and liveness are renewed and partitions rebalanced, in milliseconds.
+    pub renew_ms: u64,
+}
+
+/// Delivery to comets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Deadline of one `deliver` call (and of connecting to a comet), in milliseconds.
+    pub rpc_timeout_ms: u64,
+    /// First retry delay after a failed delivery, in milliseconds (doubles per attempt).
+    pub retry_base_ms: u64,
+    /// Largest retry delay, in milliseconds.
+    pub retry_max_ms: u64,
+}
+
+/// Comet registry cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// How often the live comet list is re-read from Redis, in milliseconds.
+    pub refresh_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            worker_id: String::new(),
+            listen: ListenConfig::default(),
+            redis: RedisConfig::default(),
+            stream: StreamConfig::default(),
+            lease: LeaseConfig::default(),
+            delivery: DeliveryConfig::default(),
+            registry: RegistryConfig::default(),
+            shutdown_grace_ms: 10_000,
+            log_level: "info".into(),
+            log_json: false,
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            http: "127.0.0.1:3129".into(),
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/".into(),
+        }
+    }
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            partitions: rim_proto::job::DEFAULT_PARTITIONS,
+            batch_max: 256,
+            block_ms: 1000,
+        }
+    }
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl_ms: 5000,
+            renew_ms: 1500,
+        }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            rpc_timeout_ms: 5000,
+            retry_base_ms: 50,
+            retry_max_ms: 2000,
+        }
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig { refresh_ms: 1000 }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self) -> Result<(), SettingsError> {
+        socket_addr("listen.http", &self.listen.http)?;
+        if let Err(e) = redis::Client::open(self.redis.url.as_str()) {
+            return Err(SettingsError::invalid("redis.url", e.to_string()));
+        }
+        if self.worker_id.chars().any(char::is_whitespace) {
+            return Err(SettingsError::invalid(
+                "worker_id",
+                "must not contain whitespace",
+            ));
+        }
+        if self.stream.partitions == 0 {
+            return Err(SettingsError::invalid(
+                "stream.partitions",
+                "must be at least 1",
+            ));
+        }
+        if self.stream.batch_max == 0 {
+            return Err(SettingsError::invalid(
+                "stream.batch_max",
+                "must be at least 1",
+            ));
+        }
+        if self.stream.block_ms == 0 {
+            // BLOCK 0 means "forever" to Redis: the task could not notice shutdown or lease loss.
+            return Err(SettingsError::invalid(
+                "stream.block_ms",
+                "must be at least 1",
+            ));
+        }
+        if self.lease.renew_ms == 0 {
+            return Err(SettingsError::invalid(
+                "lease.renew_ms",
+                "must be at least 1",
+            ));
+        }
+        if self.lease.ttl_ms < self.lease.renew_ms.saturating_mul(2) {
+            // One missed renewal must not already cost the lease.
+            return Err(SettingsError::invalid(
+                "lease.ttl_ms",
+                "must be at least twice lease.renew_ms",
+            ));
+        }
+        if self.delivery.rpc_timeout_ms == 0 {
+            return Err(SettingsError::invalid(
+                "delivery.rpc_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if self.delivery.retry_base_ms == 0 {
+            return Err(SettingsError::invalid(
+                "delivery.retry_base_ms",
+                "must be at least 1",
+            ));
+        }
+        if self.delivery.retry_max_ms < self.delivery.retry_base_ms {
+            return Err(SettingsError::invalid(
+                "delivery.retry_max_ms",
+                "must be at least delivery.retry_base_ms",
+            ));
+        }
+        if self.registry.refresh_ms == 0 {
+            return Err(SettingsError::invalid(
+                "registry.refresh_ms",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    pub(crate) fn block(&self) -> Duration {
+        Duration::from_millis(self.stream.block_ms)
+    }
+    pub(crate) fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease.ttl_ms)
+    }
+    pub(crate) fn renew_every(&self) -> Duration {
+        Duration::from_millis(self.lease.renew_ms)
+    }
+    pub(crate) fn rpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.delivery.rpc_timeout_ms)
+    }
+    pub(crate) fn retry_base(&self) -> Duration {
+        Duration::from_millis(self.delivery.retry_base_ms)
+    }
+    pub(crate) fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.delivery.retry_max_ms)
+    }
+    pub(crate) fn refresh_every(&self) -> Duration {
+        Duration::from_millis(self.registry.refresh_ms)
+    }
+    pub(crate) fn grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_errors_name_fields() {
+        Config::default().validate().expect("defaults valid");
+        let mut c = Config::default();
+        c.lease.ttl_ms = 1000;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("lease.ttl_ms")
+        );
+        let mut c = Config::default();
+        c.stream.partitions = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("stream.partitions")
+        );
+        let mut c = Config::default();
+        c.listen.http = "nope".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("listen.http")
+        );
+    }
+}

@@ -1,0 +1,274 @@
+//! Worker liveness and partition leases: which partitions this worker consumes.
+//!
+//! Every `lease.renew_ms` the manager renews this worker in `rim:jobs`, expires dead workers,
+//! computes the fair share `ceil(partitions / live workers)`, renews the leases it holds (a lease
+//! found taken, or not renewed for a whole TTL, stops that partition at once), releases extra
+//! partitions gracefully when workers joined, and takes free ones up to its share, starting at a
+//! worker-specific offset so workers do not all race for partition 0.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use redis::RedisResult;
+use rim_proto::keys;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Ctx;
+use crate::partition;
+
+/// Extends a lease only if it is still ours.
+const RENEW_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
+/// Most partitions one worker should hold when `live` workers share `partitions`.
+pub fn fair_share(partitions: u16, live: u64) -> usize {
+    let live = live.max(1);
+    (u64::from(partitions).div_ceil(live)) as usize
+}
+
+/// Where this worker starts looking for free partitions.
+pub fn start_offset(worker_id: &str, partitions: u16) -> u16 {
+    rim_proto::job::partition_of(worker_id, partitions)
+}
+
+/// Partitions to give up (highest first) when holding `active` of them with a share of `share`.
+pub fn surplus(active: &[u16], share: usize) -> Vec<u16> {
+    let mut v = active.to_vec();
+    v.sort_unstable();
+    let extra = v.len().saturating_sub(share);
+    v.into_iter().rev().take(extra).collect()
+}
+
+struct Held {
+    stop: CancellationToken,
+    lost: CancellationToken,
+    task: JoinHandle<()>,
+    /// Last time the lease was confirmed ours.
+    renewed: Instant,
+    /// Being released (rebalance or shutdown): no longer counted in the share.
+    releasing: bool,
+}
+
+impl Held {
+    fn active(&self) -> bool {
+        !self.releasing && !self.lost.is_cancelled()
+    }
+}
+
+/// Runs lease management until `shutdown`, then stops every partition, keeps their leases alive
+/// while they finish, and removes this worker from `rim:jobs`.
+pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken, tracker: TaskTracker) {
+    let mut held: BTreeMap<u16, Held> = BTreeMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u16>();
+    let mut tick = tokio::time::interval(ctx.cfg.renew_every());
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                for h in held.values_mut() {
+                    h.releasing = true;
+                    h.stop.cancel();
+                }
+            }
+            Some(_) = done_rx.recv() => {}
+        }
+        held.retain(|_, h| !h.task.is_finished());
+        if draining && held.is_empty() {
+            break;
+        }
+        if let Err(e) = round(&ctx, &mut held, draining, &done_tx, &tracker).await {
+            ctx.metrics.redis_errors.inc();
+            tracing::warn!(error = %e, "lease round failed; retrying at the next tick");
+        }
+        fence(&ctx, &mut held);
+    }
+    let mut redis = ctx.redis.clone();
+    let r: RedisResult<()> = redis::cmd("ZREM")
+        .arg(keys::JOB_WORKERS)
+        .arg(&ctx.worker_id)
+        .query_async(&mut redis)
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not remove worker from rim:jobs; it expires by itself");
+    }
+}
+
+/// Stops partitions whose lease could not be confirmed for a whole TTL (Redis unreachable):
+/// another worker may own them by now.
+fn fence(ctx: &Ctx, held: &mut BTreeMap<u16, Held>) {
+    let ttl = ctx.cfg.lease_ttl();
+    for (p, h) in held.iter_mut() {
+        if !h.lost.is_cancelled() && h.renewed.elapsed() >= ttl {
+            ctx.metrics.leases_lost.inc();
+            tracing::warn!(
+                partition = *p,
+                "lease not renewed for a whole ttl; stopping partition"
+            );
+            h.lost.cancel();
+        }
+    }
+}
+
+async fn round(
+    ctx: &Arc<Ctx>,
+    held: &mut BTreeMap<u16, Held>,
+    draining: bool,
+    done_tx: &mpsc::UnboundedSender<u16>,
+    tracker: &TaskTracker,
+) -> RedisResult<()> {
+    let mut redis = ctx.redis.clone();
+    let ttl_ms = ctx.cfg.lease.ttl_ms;
+    let now = rim_runtime::unix_ms();
+    let (live,): (u64,) = redis::pipe()
+        .atomic()
+        .cmd("ZADD")
+        .arg(keys::JOB_WORKERS)
+        .arg(now + ttl_ms)
+        .arg(&ctx.worker_id)
+        .ignore()
+        .cmd("ZREMRANGEBYSCORE")
+        .arg(keys::JOB_WORKERS)
+        .arg("-inf")
+        .arg(format!("({now}"))
+        .ignore()
+        .cmd("ZCARD")
+        .arg(keys::JOB_WORKERS)
+        .query_async(&mut redis)
+        .await?;
+
+    // Renew every lease still held, including partitions finishing a release.
+    let renew = redis::Script::new(RENEW_LUA);
+    for (p, h) in held.iter_mut() {
+        if h.lost.is_cancelled() {
+            continue;
+        }
+        let ours: i64 = renew
+            .key(keys::partition_lease(*p))
+            .arg(&ctx.worker_id)
+            .arg(ttl_ms)
+            .invoke_async(&mut redis)
+            .await?;
+        if ours == 1 {
+            h.renewed = Instant::now();
+        } else if !h.task.is_finished() {
+            ctx.metrics.leases_lost.inc();
+            tracing::warn!(
+                partition = *p,
+                "lease taken over by another worker; stopping partition"
+            );
+            h.lost.cancel();
+        }
+    }
+    if draining {
+        return Ok(());
+    }
+
+    let partitions = ctx.cfg.stream.partitions;
+    let share = fair_share(partitions, live);
+    let active: Vec<u16> = held
+        .iter()
+        .filter(|(_, h)| h.active())
+        .map(|(p, _)| *p)
+        .collect();
+    if active.len() > share {
+        for p in surplus(&active, share) {
+            if let Some(h) = held.get_mut(&p) {
+                tracing::info!(
+                    partition = p,
+                    share,
+                    live,
+                    "releasing partition to rebalance"
+                );
+                h.releasing = true;
+                h.stop.cancel();
+            }
+        }
+        return Ok(());
+    }
+    let mut count = active.len();
+    let offset = start_offset(&ctx.worker_id, partitions);
+    for i in 0..partitions {
+        if count >= share {
+            break;
+        }
+        let p = ((u32::from(offset) + u32::from(i)) % u32::from(partitions)) as u16;
+        if held.contains_key(&p) {
+            continue;
+        }
+        let got: Option<String> = redis::cmd("SET")
+            .arg(keys::partition_lease(p))
+            .arg(&ctx.worker_id)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut redis)
+            .await?;
+        if got.is_none() {
+            continue;
+        }
+        let stop = CancellationToken::new();
+        let lost = CancellationToken::new();
+        let task = tracker.spawn(partition::run(
+            ctx.clone(),
+            p,
+            stop.clone(),
+            lost.clone(),
+            done_tx.clone(),
+        ));
+        held.insert(
+            p,
+            Held {
+                stop,
+                lost,
+                task,
+                renewed: Instant::now(),
+                releasing: false,
+            },
+        );
+        count += 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fair_share_is_ceiling_of_partitions_over_live_workers() {
+        assert_eq!(fair_share(16, 0), 16);
+        assert_eq!(fair_share(16, 1), 16);
+        assert_eq!(fair_share(16, 2), 8);
+        assert_eq!(fair_share(16, 3), 6);
+        assert_eq!(fair_share(16, 5), 4);
+        assert_eq!(fair_share(16, 16), 1);
+        assert_eq!(fair_share(16, 40), 1);
+        assert_eq!(fair_share(1, 3), 1);
+    }
+
+    #[test]
+    fn surplus_gives_up_the_highest_partitions() {
+        assert_eq!(surplus(&[3, 1, 7, 5], 2), vec![7, 5]);
+        assert!(surplus(&[1, 2], 2).is_empty());
+        assert!(surplus(&[1], 4).is_empty());
+    }
+
+    #[test]
+    fn offsets_are_in_range_and_spread() {
+        let offsets: std::collections::BTreeSet<u16> = (0..50)
+            .map(|i| start_offset(&format!("host-{i}-x"), 16))
+            .collect();
+        assert!(offsets.iter().all(|p| *p < 16));
+        assert!(offsets.len() > 4, "{offsets:?}");
+    }
+}

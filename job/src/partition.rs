@@ -1,0 +1,488 @@
+//! One partition's consumer: replays the group's pending entries, then reads new ones, delivers
+//! each batch to its comets and acknowledges it once every comet confirmed.
+//!
+//! A task runs only while this worker holds the partition's lease, so it is the partition's only
+//! reader and batches are delivered strictly in stream order. Three ways out:
+//! * `lost` (lease taken over or not renewable): the task is dropped at once, acknowledging
+//!   nothing more; the new owner replays whatever is pending.
+//! * `stop` (shutdown or rebalancing): the current batch is finished (retries to failing comets
+//!   are abandoned, leaving those entries pending for the next owner), then the lease is released.
+//! * Redis errors never end it: they are logged, counted and retried with backoff.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::{AsyncConnectionConfig, RedisResult, Value};
+use rim_proto::job::PushJob;
+use rim_proto::keys;
+use rim_proto::rpc::{Delivery, PushId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::Ctx;
+use crate::backoff::Backoff;
+use crate::route::{self, Entry};
+
+/// Compare-and-delete of a lease: only the holder may release it.
+pub(crate) const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// Redis retry delays: short first, so a blip costs little; capped, so a long outage is polled gently.
+fn redis_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(50), Duration::from_secs(2))
+}
+
+/// How a comet's share of a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The comet answered.
+    Confirmed,
+    /// The comet left the registry: its items were dropped (and counted).
+    Gone,
+    /// Stop was requested while retrying: the batch must not be acknowledged.
+    Abandoned,
+}
+
+/// Runs the partition until `stop` (then releases the lease) or `lost` (then just ends).
+/// Sends `partition` on `done` when finished so the lease manager can reap it promptly.
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    partition: u16,
+    stop: CancellationToken,
+    lost: CancellationToken,
+    done: mpsc::UnboundedSender<u16>,
+) {
+    ctx.metrics.partitions_held.inc();
+    tracing::info!(partition, worker = %ctx.worker_id, "partition acquired");
+    let mut task = Partition {
+        stream: keys::push_stream(partition),
+        ctx: ctx.clone(),
+        partition,
+        blocking: None,
+    };
+    let finished = tokio::select! {
+        biased;
+        _ = lost.cancelled() => false,
+        _ = task.consume(&stop) => true,
+    };
+    if finished {
+        task.release().await;
+        tracing::info!(partition, "partition released");
+    } else {
+        tracing::warn!(
+            partition,
+            "partition lease lost; stopped without acknowledging further entries"
+        );
+    }
+    ctx.metrics.partitions_held.dec();
+    let _ = done.send(partition);
+}
+
+struct Partition {
+    ctx: Arc<Ctx>,
+    partition: u16,
+    stream: String,
+    /// Connection for `XREADGROUP … BLOCK`, without a response timeout (the client's default
+    /// 500 ms would cut every block short). Re-created after any error.
+    blocking: Option<MultiplexedConnection>,
+}
+
+/// Sleeps `delay` unless `stop` fires first; returns whether to carry on.
+async fn pause(stop: &CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+impl Partition {
+    async fn consume(&mut self, stop: &CancellationToken) {
+        let mut bo = redis_backoff();
+        // Replay what is pending in the group first (a dead owner's or our own unconfirmed
+        // entries), in ID order, so order survives takeover.
+        let mut cursor = "0-0".to_string();
+        let mut group_ok = false;
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let claimed = match self.ensure_group(&mut group_ok).await {
+                Ok(()) => self.autoclaim(&cursor).await,
+                Err(e) => Err(e),
+            };
+            match claimed {
+                Ok(reply) => {
+                    bo.reset();
+                    if !reply.claimed.is_empty() && !self.process(reply.claimed, stop).await {
+                        return;
+                    }
+                    if reply.next_stream_id == "0-0" {
+                        break;
+                    }
+                    cursor = reply.next_stream_id;
+                }
+                Err(e) => {
+                    self.redis_failed("XAUTOCLAIM", &e);
+                    group_ok = false;
+                    if !pause(stop, bo.next_delay()).await {
+                        return;
+                    }
+                }
+            }
+        }
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let read = match self.ensure_group(&mut group_ok).await {
+                Ok(()) => {
+                    tokio::select! {
+                        // Entries this read was delivering stay pending for the next owner.
+                        _ = stop.cancelled() => return,
+                        r = self.read_new() => r,
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match read {
+                Ok(entries) => {
+                    bo.reset();
+                    if !entries.is_empty() && !self.process(entries, stop).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.redis_failed("XREADGROUP", &e);
+                    self.blocking = None;
+                    // The stream or group may have vanished (e.g. Redis restarted empty).
+                    group_ok = false;
+                    if !pause(stop, bo.next_delay()).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn redis_failed(&self, what: &str, e: &redis::RedisError) {
+        self.ctx.metrics.redis_errors.inc();
+        tracing::warn!(partition = self.partition, command = what, error = %e, "redis command failed; retrying");
+    }
+
+    /// `XGROUP CREATE stream rim-job 0 MKSTREAM`, tolerating BUSYGROUP.
+    async fn ensure_group(&self, ok: &mut bool) -> RedisResult<()> {
+        if *ok {
+            return Ok(());
+        }
+        let mut redis = self.ctx.redis.clone();
+        let r: RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(keys::PUSH_GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut redis)
+            .await;
+        match r {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(e),
+        }
+        *ok = true;
+        Ok(())
+    }
+
+    /// `XAUTOCLAIM stream rim-job <me> 0 <cursor> COUNT batch_max`.
+    async fn autoclaim(&self, cursor: &str) -> RedisResult<StreamAutoClaimReply> {
+        let mut redis = self.ctx.redis.clone();
+        redis::cmd("XAUTOCLAIM")
+            .arg(&self.stream)
+            .arg(keys::PUSH_GROUP)
+            .arg(&self.ctx.worker_id)
+            .arg(0)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(self.ctx.cfg.stream.batch_max)
+            .query_async(&mut redis)
+            .await
+    }
+
+    /// `XREADGROUP GROUP rim-job <me> COUNT batch_max BLOCK block_ms STREAMS stream >`.
+    async fn read_new(&mut self) -> RedisResult<Vec<StreamId>> {
+        let conn = match self.blocking.as_mut() {
+            Some(c) => c,
+            None => {
+                let cfg = AsyncConnectionConfig::new()
+                    .set_response_timeout(None)
+                    .set_connection_timeout(Some(Duration::from_secs(2)));
+                let conn = self
+                    .ctx
+                    .client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await?;
+                self.blocking.insert(conn)
+            }
+        };
+        let block = self.ctx.cfg.block();
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(keys::PUSH_GROUP)
+            .arg(&self.ctx.worker_id)
+            .arg("COUNT")
+            .arg(self.ctx.cfg.stream.batch_max)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(">");
+        let query = cmd.query_async::<Option<StreamReadReply>>(conn);
+        // No response timeout on this connection, so guard against a half-dead socket here.
+        let reply = tokio::time::timeout(block + Duration::from_secs(5), query)
+            .await
+            .map_err(|_| {
+                redis::RedisError::from((redis::ErrorKind::Io, "XREADGROUP reply overdue"))
+            })??;
+        Ok(reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+            .unwrap_or_default())
+    }
+
+    /// Delivers one batch and acknowledges it. Returns false when stopped before the batch
+    /// could be confirmed (nothing acknowledged, the caller must end).
+    async fn process(&mut self, raw: Vec<StreamId>, stop: &CancellationToken) -> bool {
+        let metrics = &self.ctx.metrics;
+        metrics.entries.add(raw.len() as u64);
+        let ids: Vec<String> = raw.iter().map(|e| e.id.clone()).collect();
+        let entries = self.decode(raw);
+
+        // A comet named by a push but unknown to the cache may have registered a moment ago.
+        let named = route::named_servers(&entries);
+        if named.iter().any(|s| self.ctx.registry.link(s).is_none()) {
+            let mut redis = self.ctx.redis.clone();
+            let max_age = self.ctx.cfg.refresh_every().min(Duration::from_millis(100));
+            if let Err(e) = self
+                .ctx
+                .registry
+                .refresh_if_older(&mut redis, max_age)
+                .await
+            {
+                self.redis_failed("registry refresh", &e);
+            }
+        }
+        let Some(rooms) = self.room_members(&entries, stop).await else {
+            return false;
+        };
+        let live = self.ctx.registry.live();
+        let plan = route::plan(&entries, &live, &rooms);
+        for d in &plan.dropped {
+            metrics.dropped_comet_gone.inc();
+            if d.addressed {
+                tracing::warn!(partition = self.partition, msg_id = %d.msg_id, server = %d.server, "comet not live; push to it dropped");
+            } else {
+                tracing::debug!(partition = self.partition, msg_id = %d.msg_id, server = %d.server, "room member comet not live; skipped");
+            }
+        }
+        let outcomes = join_all(
+            plan.per_comet
+                .into_iter()
+                .map(|(server, items)| self.deliver(server, items, stop)),
+        )
+        .await;
+        if outcomes.contains(&Outcome::Abandoned) {
+            tracing::info!(
+                partition = self.partition,
+                entries = ids.len(),
+                "stopping mid-batch; unconfirmed entries stay pending"
+            );
+            return false;
+        }
+        self.ack(&ids, stop).await
+    }
+
+    /// Decodes entries; undecodable ones are logged and counted here and simply left out (they
+    /// are acknowledged with their batch, so they can never become deliverable).
+    fn decode(&self, raw: Vec<StreamId>) -> Vec<Entry> {
+        let mut out = Vec::with_capacity(raw.len());
+        for entry in raw {
+            let id = PushId::from_stream_id(self.partition, &entry.id);
+            let job = match entry.map.get(keys::JOB_FIELD) {
+                Some(Value::BulkString(bytes)) => PushJob::decode(bytes).map_err(|e| e.to_string()),
+                Some(other) => Err(format!(
+                    "field {:?} is not a string: {other:?}",
+                    keys::JOB_FIELD
+                )),
+                None => Err(format!("no {:?} field", keys::JOB_FIELD)),
+            };
+            match (id, job) {
+                (Some(id), Ok(job)) => out.push(Entry { id, job }),
+                (_, Err(why)) => self.undecodable(&entry.id, &why),
+                (None, Ok(_)) => self.undecodable(&entry.id, "unparsable stream id"),
+            }
+        }
+        out
+    }
+
+    fn undecodable(&self, id: &str, why: &str) {
+        self.ctx.metrics.dropped_undecodable.inc();
+        tracing::warn!(partition = self.partition, entry = %id, error = %why, "undecodable stream entry; acknowledging and skipping it");
+    }
+
+    /// `SMEMBERS rim:room:{room}` for each room of the batch, retried until it works or `stop`.
+    async fn room_members(
+        &self,
+        entries: &[Entry],
+        stop: &CancellationToken,
+    ) -> Option<HashMap<String, Vec<String>>> {
+        let mut out = HashMap::new();
+        for room in route::rooms_of(entries) {
+            let mut bo = redis_backoff();
+            loop {
+                let mut redis = self.ctx.redis.clone();
+                let r: RedisResult<Vec<String>> = redis::cmd("SMEMBERS")
+                    .arg(keys::room_nodes(&room))
+                    .query_async(&mut redis)
+                    .await;
+                match r {
+                    Ok(members) => {
+                        out.insert(room, members);
+                        break;
+                    }
+                    Err(e) => {
+                        self.redis_failed("SMEMBERS", &e);
+                        if !pause(stop, bo.next_delay()).await {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// One comet's share of a batch: one `deliver` call, retried with backoff (same items, same
+    /// order) until it answers, leaves the registry, or `stop` fires.
+    async fn deliver(
+        &self,
+        server: String,
+        items: Vec<Delivery>,
+        stop: &CancellationToken,
+    ) -> Outcome {
+        let ctx = &self.ctx;
+        let timeout = ctx.cfg.rpc_timeout();
+        let mut bo = Backoff::new(ctx.cfg.retry_base(), ctx.cfg.retry_max());
+        let mut attempt = 0u32;
+        loop {
+            let Some(link) = ctx.registry.link(&server) else {
+                ctx.metrics.dropped_comet_gone.add(items.len() as u64);
+                tracing::warn!(
+                    partition = self.partition,
+                    %server,
+                    items = items.len(),
+                    first = ?items.first().map(|d| d.id),
+                    "comet left the registry before confirming; its deliveries are dropped"
+                );
+                return Outcome::Gone;
+            };
+            if attempt > 0 {
+                ctx.metrics.rpc_retries.inc();
+            }
+            attempt += 1;
+            let batch = items.clone();
+            let call = link.call(|client| async move {
+                client
+                    .deliver(rim_runtime::rpc::context(timeout), batch)
+                    .await
+            });
+            // The context deadline bounds the call; this outer bound also covers connecting.
+            let result = tokio::time::timeout(timeout * 2 + Duration::from_secs(1), call).await;
+            let error = match result {
+                Ok(Ok(report)) => {
+                    ctx.metrics.deliveries.add(items.len() as u64);
+                    ctx.metrics.add_report(&report);
+                    return Outcome::Confirmed;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "deliver call overdue".to_string(),
+            };
+            ctx.metrics.rpc_failures.inc();
+            let delay = bo.next_delay();
+            tracing::warn!(partition = self.partition, %server, attempt, ?delay, %error, "deliver failed; will retry");
+            if !pause(stop, delay).await {
+                return Outcome::Abandoned;
+            }
+        }
+    }
+
+    /// `XACK` the batch and trim the stream below the next entry, atomically. Returns false if
+    /// stopped before it succeeded (the entries are then redelivered by the next owner; comets
+    /// drop the duplicates).
+    async fn ack(&self, ids: &[String], stop: &CancellationToken) -> bool {
+        let trim_to = ids
+            .last()
+            .and_then(|id| PushId::from_stream_id(self.partition, id))
+            .map(|last| format!("{}-{}", last.ms, last.seq.saturating_add(1)));
+        let mut bo = redis_backoff();
+        loop {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            pipe.cmd("XACK")
+                .arg(&self.stream)
+                .arg(keys::PUSH_GROUP)
+                .arg(ids)
+                .ignore();
+            // Safe: this task is the partition's only consumer and works in ID order, so every
+            // entry below the one after this batch is acknowledged; unread entries are newer.
+            // Exact MINID (not `~`) keeps the stream's length equal to the backlog.
+            if let Some(min) = &trim_to {
+                pipe.cmd("XTRIM")
+                    .arg(&self.stream)
+                    .arg("MINID")
+                    .arg(min)
+                    .ignore();
+            }
+            let mut redis = self.ctx.redis.clone();
+            match pipe.query_async::<()>(&mut redis).await {
+                Ok(()) => {
+                    self.ctx.metrics.acked.add(ids.len() as u64);
+                    self.ctx.metrics.batches.inc();
+                    return true;
+                }
+                Err(e) => {
+                    self.redis_failed("XACK", &e);
+                    if !pause(stop, bo.next_delay()).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes the lease if it is still ours. A failure is only logged: the TTL frees it anyway.
+    async fn release(&self) {
+        let script = redis::Script::new(RELEASE_LUA);
+        let lease = keys::partition_lease(self.partition);
+        let mut bo = redis_backoff();
+        for _ in 0..3 {
+            let mut redis = self.ctx.redis.clone();
+            let r: RedisResult<i64> = script
+                .key(&lease)
+                .arg(&self.ctx.worker_id)
+                .invoke_async(&mut redis)
+                .await;
+            match r {
+                Ok(_) => return,
+                Err(e) => {
+                    self.redis_failed("lease release", &e);
+                    tokio::time::sleep(bo.next_delay()).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! End-to-end behaviour of the job tier against a real Redis and fake comets: ordering, PushIds,
+//! acknowledgement only after confirmation, retries, room routing, drops, takeover and shutdown.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use redis::Commands;
+use rim_job::{Config, JobError, Listeners};
+use rim_proto::job::{PushJob, Route, ServerKeys};
+use rim_proto::keys;
+use rim_proto::room::RoomId;
+use rim_proto::rpc::{CometRpc, DeliverReport, DeliverTarget, Delivery, NodeInfo, PushId};
+use rim_testkit::redis::RedisServer;
+use tarpc::server::Channel;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// A comet that records what it is asked to deliver; while `failing`, it never answers (the call
+/// runs into job's deadline, like a hung comet).
+#[derive(Clone, Default)]
+struct FakeComet {
+    delivered: Arc<Mutex<Vec<Delivery>>>,
+    attempts: Arc<AtomicUsize>,
+    failing: Arc<AtomicBool>,
+}
+
+impl CometRpc for FakeComet {
+    async fn deliver(self, _: tarpc::context::Context, items: Vec<Delivery>) -> DeliverReport {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        let n = items.len() as u64;
+        self.delivered.lock().extend(items);
+        DeliverReport {
+            queued: n,
+            ..DeliverReport::default()
+        }
+    }
+}
+
+impl FakeComet {
+    fn delivered(&self) -> Vec<Delivery> {
+        self.delivered.lock().clone()
+    }
+}
+
+/// Serves a fake comet on 127.0.0.1:0 and registers it in Redis as logic would.
+async fn start_comet(redis: &RedisServer, server: &str) -> FakeComet {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let comet = FakeComet::default();
+    let serving = comet.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let channel =
+                tarpc::server::BaseChannel::with_defaults(rim_proto::rpc::transport(stream));
+            tokio::spawn(
+                channel
+                    .execute(serving.clone().serve())
+                    .for_each(|f| async {
+                        tokio::spawn(f);
+                    }),
+            );
+        }
+    });
+    let info = NodeInfo {
+        server: server.into(),
+        rpc_addr: addr,
+        ..NodeInfo::default()
+    };
+    let mut conn = redis.connection();
+    let _: () = conn
+        .hset(keys::NODES, server, serde_json::to_string(&info).unwrap())
+        .unwrap();
+    let expiry = rim_runtime::unix_ms() + 600_000;
+    let _: () = conn.zadd(keys::NODES_EXPIRY, server, expiry).unwrap();
+    comet
+}
+
+fn config(redis: &RedisServer, worker: &str) -> Config {
+    let mut c = Config {
+        worker_id: worker.into(),
+        shutdown_grace_ms: 5000,
+        ..Config::default()
+    };
+    c.redis.url = redis.url();
+    c.listen.http = "127.0.0.1:0".into();
+    c.stream.partitions = 4;
+    c.stream.block_ms = 100;
+    c.lease.ttl_ms = 1000;
+    c.lease.renew_ms = 100;
+    c.delivery.rpc_timeout_ms = 300;
+    c.delivery.retry_base_ms = 20;
+    c.delivery.retry_max_ms = 100;
+    c.registry.refresh_ms = 50;
+    c
+}
+
+struct Job {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), JobError>>,
+    http: std::net::SocketAddr,
+}
+
+async fn start_job(config: Config) -> Job {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = http.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(rim_job::run(Listeners { http }, config, stop.clone()));
+    Job {
+        stop,
+        handle,
+        http: addr,
+    }
+}
+
+impl Job {
+    async fn get(&self, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(self.http).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.handle)
+            .await
+            .expect("run returns after shutdown")
+            .unwrap()
+            .expect("run ok");
+    }
+}
+
+/// Polls `cond` every 20 ms for up to 10 s.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn job(msg: &str, route: Route) -> PushJob {
+    PushJob {
+        msg_id: msg.into(),
+        op: 1000,
+        body: Bytes::from(format!("body-{msg}")),
+        route,
+        accepted_ms: rim_runtime::unix_ms(),
+    }
+}
+
+fn to(server: &str, key: &str) -> Route {
+    Route::Sessions(vec![ServerKeys {
+        server: server.into(),
+        keys: vec![key.into()],
+    }])
+}
+
+fn xadd(conn: &mut redis::Connection, partition: u16, job: &PushJob) -> String {
+    conn.xadd(
+        keys::push_stream(partition),
+        "*",
+        &[(keys::JOB_FIELD, job.encode())],
+    )
+    .unwrap()
+}
+
+fn pending(conn: &mut redis::Connection, partition: u16) -> u64 {
+    let r: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+        .arg(keys::push_stream(partition))
+        .arg(keys::PUSH_GROUP)
+        .query(conn);
+    match r {
+        Ok(redis::Value::Array(v)) => match v.first() {
+            Some(redis::Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_in_order_and_acks_only_after_the_comet_confirms() {
+    let redis = RedisServer::start();
+    let comet = start_comet(&redis, "c1").await;
+    comet.failing.store(true, Ordering::SeqCst);
+    let job_tier = start_job(config(&redis, "w1")).await;
+    let mut conn = redis.connection();
+
+    // One transaction, so a blocked XREADGROUP wakes up to all five at once (one batch).
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for i in 0..5 {
+        pipe.xadd(
+            keys::push_stream(1),
+            "*",
+            &[(
+                keys::JOB_FIELD,
+                job(&format!("m{i}"), to("c1", "k")).encode(),
+            )],
+        );
+    }
+    let ids: Vec<String> = pipe.query(&mut conn).unwrap();
+
+    // The comet hangs: job keeps retrying and nothing is acknowledged meanwhile.
+    wait_for("two failed attempts", || {
+        comet.attempts.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert_eq!(pending(&mut conn, 1), 5, "read but unacknowledged");
+    assert!(comet.delivered().is_empty());
+
+    comet.failing.store(false, Ordering::SeqCst);
+    wait_for("all five delivered", || comet.delivered().len() >= 5).await;
+    wait_for("pending drained", || pending(&mut conn, 1) == 0).await;
+
+    let got = comet.delivered();
+    let want: Vec<PushId> = ids
+        .iter()
+        .map(|id| PushId::from_stream_id(1, id).unwrap())
+        .collect();
+    assert_eq!(got.iter().map(|d| d.id).collect::<Vec<_>>(), want);
+    assert_eq!(got[0].target, DeliverTarget::Keys(vec!["k".into()]));
+    assert_eq!(got[3].body, Bytes::from("body-m3"));
+    // Trimmed below the acknowledged position.
+    let len: u64 = conn.xlen(keys::push_stream(1)).unwrap();
+    assert_eq!(len, 0);
+
+    let metrics = job_tier.get("/metrics").await;
+    assert!(metrics.contains("rim_job_rpc_retries_total"), "{metrics}");
+    assert!(
+        !metrics.contains("rim_job_rpc_failures_total 0\n"),
+        "{metrics}"
+    );
+    assert!(job_tier.get("/readyz").await.contains("200 OK"));
+    job_tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_pushes_reach_only_comets_in_the_room_set() {
+    let redis = RedisServer::start();
+    let a = start_comet(&redis, "a").await;
+    let b = start_comet(&redis, "b").await;
+    let mut conn = redis.connection();
+    let _: () = conn.sadd(keys::room_nodes("live://1"), "a").unwrap();
+    let job_tier = start_job(config(&redis, "w1")).await;
+
+    let room = RoomId::parse("live://1").unwrap();
+    xadd(&mut conn, 2, &job("r", Route::Room(room.clone())));
+    // Same partition, after the room push: once b has it, the room push was routed already.
+    xadd(&mut conn, 2, &job("marker", to("b", "kb")));
+    xadd(&mut conn, 2, &job("all", Route::All { speed: 0 }));
+
+    wait_for("broadcast at b", || b.delivered().len() >= 2).await;
+    wait_for("broadcast at a", || a.delivered().len() >= 2).await;
+    let at_a: Vec<_> = a.delivered().into_iter().map(|d| d.target).collect();
+    assert_eq!(
+        at_a,
+        vec![DeliverTarget::Room(room), DeliverTarget::All { speed: 0 }]
+    );
+    let at_b: Vec<_> = b.delivered().into_iter().map(|d| d.target).collect();
+    assert_eq!(
+        at_b,
+        vec![
+            DeliverTarget::Keys(vec!["kb".into()]),
+            DeliverTarget::All { speed: 0 }
+        ]
+    );
+    wait_for("pending drained", || pending(&mut conn, 2) == 0).await;
+    job_tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_comets_and_undecodable_entries_are_dropped_counted_and_acked() {
+    let redis = RedisServer::start();
+    let c1 = start_comet(&redis, "c1").await;
+    let mut conn = redis.connection();
+    // A comet whose registration lapsed.
+    let _: () = conn
+        .hset(
+            keys::NODES,
+            "old",
+            serde_json::to_string(&NodeInfo::default()).unwrap(),
+        )
+        .unwrap();
+    let _: () = conn.zadd(keys::NODES_EXPIRY, "old", 1u64).unwrap();
+    let job_tier = start_job(config(&redis, "w1")).await;
+
+    xadd(&mut conn, 0, &job("ghost", to("nobody", "k")));
+    xadd(&mut conn, 0, &job("old", to("old", "k")));
+    let _: String = conn
+        .xadd(
+            keys::push_stream(0),
+            "*",
+            &[(keys::JOB_FIELD, b"\xc1garbage".as_slice())],
+        )
+        .unwrap();
+    let _: String = conn
+        .xadd(keys::push_stream(0), "*", &[("other", "x")])
+        .unwrap();
+    let marker = xadd(&mut conn, 0, &job("marker", to("c1", "k")));
+
+    wait_for("marker delivered", || c1.delivered().len() == 1).await;
+    assert_eq!(
+        c1.delivered()[0].id,
+        PushId::from_stream_id(0, &marker).unwrap()
+    );
+    wait_for("pending drained", || pending(&mut conn, 0) == 0).await;
+    let metrics = job_tier.get("/metrics").await;
+    assert!(
+        metrics.contains("rim_job_dropped_total{reason=\"comet_gone\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rim_job_dropped_total{reason=\"undecodable\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("rim_job_entries_total 5"), "{metrics}");
+    job_tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_replays_a_dead_workers_pending_entries_in_order() {
+    let redis = RedisServer::start();
+    let c1 = start_comet(&redis, "c1").await;
+    let mut conn = redis.connection();
+    let stream = keys::push_stream(3);
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(keys::PUSH_GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(&mut conn)
+        .unwrap();
+    let mut ids: Vec<String> = (0..3)
+        .map(|i| xadd(&mut conn, 3, &job(&format!("p{i}"), to("c1", "k"))))
+        .collect();
+    // A worker that read them and died without acknowledging.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(keys::PUSH_GROUP)
+        .arg("dead-worker")
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(pending(&mut conn, 3), 3);
+    ids.push(xadd(&mut conn, 3, &job("new", to("c1", "k"))));
+
+    let job_tier = start_job(config(&redis, "w2")).await;
+    wait_for("all four delivered", || c1.delivered().len() >= 4).await;
+    let want: Vec<PushId> = ids
+        .iter()
+        .map(|id| PushId::from_stream_id(3, id).unwrap())
+        .collect();
+    let got: Vec<PushId> = c1.delivered().iter().map(|d| d.id).collect();
+    assert_eq!(got, want);
+    wait_for("pending drained", || pending(&mut conn, 3) == 0).await;
+    job_tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_leases_and_leaves_the_worker_set() {
+    let redis = RedisServer::start();
+    let job_tier = start_job(config(&redis, "w-stop")).await;
+    let mut conn = redis.connection();
+    wait_for("all four leases held", || {
+        (0..4).all(|p| {
+            conn.get::<_, Option<String>>(keys::partition_lease(p))
+                .unwrap()
+                .as_deref()
+                == Some("w-stop")
+        })
+    })
+    .await;
+    let score: Option<f64> = conn.zscore(keys::JOB_WORKERS, "w-stop").unwrap();
+    assert!(score.is_some());
+    assert!(
+        job_tier
+            .get("/metrics")
+            .await
+            .contains("rim_job_partitions_held 4")
+    );
+
+    job_tier.shutdown().await;
+    for p in 0..4 {
+        let holder: Option<String> = conn.get(keys::partition_lease(p)).unwrap();
+        assert_eq!(holder, None, "lease {p} released");
+    }
+    let score: Option<f64> = conn.zscore(keys::JOB_WORKERS, "w-stop").unwrap();
+    assert_eq!(score, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_split_the_partitions() {
+    let redis = RedisServer::start();
+    let first = start_job(config(&redis, "w-a")).await;
+    let mut conn = redis.connection();
+    let holders = |conn: &mut redis::Connection| -> Vec<Option<String>> {
+        (0..4)
+            .map(|p| conn.get(keys::partition_lease(p)).unwrap())
+            .collect()
+    };
+    wait_for("w-a holds all", || {
+        holders(&mut conn)
+            .iter()
+            .all(|h| h.as_deref() == Some("w-a"))
+    })
+    .await;
+    let second = start_job(config(&redis, "w-b")).await;
+    wait_for("even split", || {
+        let h = holders(&mut conn);
+        h.iter().filter(|h| h.as_deref() == Some("w-a")).count() == 2
+            && h.iter().filter(|h| h.as_deref() == Some("w-b")).count() == 2
+    })
+    .await;
+    second.shutdown().await;
+    wait_for("w-a takes the rest back", || {
+        holders(&mut conn)
+            .iter()
+            .all(|h| h.as_deref() == Some("w-a"))
+    })
+    .await;
+    first.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_count_mismatch_is_a_start_error() {
+    let redis = RedisServer::start();
+    let mut conn = redis.connection();
+    let _: () = conn.set(keys::META_PARTITIONS, 8).unwrap();
+    let job_tier = start_job(config(&redis, "w1")).await;
+    let err = tokio::time::timeout(Duration::from_secs(10), job_tier.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("stream.partitions"), "{err}");
+}

@@ -1,0 +1,154 @@
+//! Client tokens and the push API's bearer secret.
+//!
+//! A client token is `v1.<mid>.<expiry unix secs>.<hex hmac-sha256(secret, "v1.<mid>.<expiry>")>`:
+//! a backend that knows the secret issues it, logic checks it at `connect` without any lookup.
+//! With no secret configured logic runs in trust mode (goim's behaviour): the client's mid is believed.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn sign(secret: &str, payload: &str) -> Vec<u8> {
+    // HMAC accepts keys of any length, so this never fails; fall back to empty rather than panic.
+    match HmacSha256::new_from_slice(secret.as_bytes()) {
+        Ok(mut mac) => {
+            mac.update(payload.as_bytes());
+            mac.finalize().into_bytes().to_vec()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Issues a token for `mid` valid for `ttl` from now.
+pub fn issue_token(secret: &str, mid: i64, ttl: Duration) -> String {
+    issue_token_until(secret, mid, now_secs().saturating_add(ttl.as_secs()))
+}
+
+/// Issues a token for `mid` expiring at `expiry` (unix seconds).
+pub fn issue_token_until(secret: &str, mid: i64, expiry: u64) -> String {
+    let payload = format!("v1.{mid}.{expiry}");
+    let sig = hex::encode(sign(secret, &payload));
+    format!("{payload}.{sig}")
+}
+
+/// Why a token was refused; the text is what the client is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// No token given.
+    #[error("token required")]
+    Missing,
+    /// Signature fine but past its expiry.
+    #[error("token expired")]
+    Expired,
+    /// Malformed, wrong mid or wrong signature.
+    #[error("token invalid")]
+    Invalid,
+}
+
+/// Checks `token` for `mid` at the current time.
+pub fn verify_token(secret: &str, mid: i64, token: &str) -> Result<(), TokenError> {
+    verify_token_at(secret, mid, token, now_secs())
+}
+
+/// Checks `token` for `mid` as of `now` (unix seconds).
+pub fn verify_token_at(secret: &str, mid: i64, token: &str, now: u64) -> Result<(), TokenError> {
+    if token.is_empty() {
+        return Err(TokenError::Missing);
+    }
+    let mut parts = token.split('.');
+    let (Some("v1"), Some(tmid), Some(texp), Some(tsig), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err(TokenError::Invalid);
+    };
+    let (Ok(tmid), Ok(texp), Ok(sig)) =
+        (tmid.parse::<i64>(), texp.parse::<u64>(), hex::decode(tsig))
+    else {
+        return Err(TokenError::Invalid);
+    };
+    let Ok(mut mac) = HmacSha256::new_from_slice(secret.as_bytes()) else {
+        return Err(TokenError::Invalid);
+    };
+    mac.update(format!("v1.{tmid}.{texp}").as_bytes());
+    // verify_slice compares in constant time.
+    if mac.verify_slice(&sig).is_err() || tmid != mid {
+        return Err(TokenError::Invalid);
+    }
+    if texp <= now {
+        return Err(TokenError::Expired);
+    }
+    Ok(())
+}
+
+/// Constant-time check of an `Authorization` header value against `Bearer <secret>`.
+pub fn bearer_matches(header: Option<&str>, secret: &str) -> bool {
+    let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), secret.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_and_refuse() {
+        let t = issue_token_until("s3cret", 42, 1_000);
+        assert_eq!(verify_token_at("s3cret", 42, &t, 999), Ok(()));
+        assert_eq!(
+            verify_token_at("s3cret", 42, &t, 1_000),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            verify_token_at("other", 42, &t, 10),
+            Err(TokenError::Invalid)
+        );
+        assert_eq!(
+            verify_token_at("s3cret", 43, &t, 10),
+            Err(TokenError::Invalid)
+        );
+        assert_eq!(
+            verify_token_at("s3cret", 42, "", 10),
+            Err(TokenError::Missing)
+        );
+        assert_eq!(
+            verify_token_at("s3cret", 42, "v1.42.x.zz", 10),
+            Err(TokenError::Invalid)
+        );
+        let forged = t.replace("v1.42.1000", "v1.42.9999");
+        assert_eq!(
+            verify_token_at("s3cret", 42, &forged, 10),
+            Err(TokenError::Invalid)
+        );
+        let live = issue_token("k", -7, Duration::from_secs(60));
+        assert_eq!(verify_token("k", -7, &live), Ok(()));
+    }
+
+    #[test]
+    fn bearer() {
+        assert!(bearer_matches(Some("Bearer abc"), "abc"));
+        assert!(!bearer_matches(Some("Bearer abd"), "abc"));
+        assert!(!bearer_matches(Some("abc"), "abc"));
+        assert!(!bearer_matches(None, "abc"));
+    }
+}

@@ -1,0 +1,89 @@
+//! `LogicRpc` served to comets (sessions, nodes) and backends (pushes). Each call is a thin
+//! adapter onto [`App`]; pushes take the same publishing path as the HTTP API.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rim_proto::room::RoomId;
+use rim_proto::rpc::{
+    ConnectReply, ConnectRequest, LogicError as RpcError, LogicRpc, NodeInfo, OnlineCounts,
+    OnlineReport, PushAccepted, SessionRef,
+};
+use tarpc::context::Context;
+
+use crate::App;
+
+/// The tarpc server: one clone per request, sharing the app.
+#[derive(Clone)]
+pub struct LogicServer(pub Arc<App>);
+
+impl LogicRpc for LogicServer {
+    async fn connect(self, _: Context, req: ConnectRequest) -> Result<ConnectReply, RpcError> {
+        self.0.connect(req).await
+    }
+
+    async fn disconnect(self, _: Context, session: SessionRef) -> Result<(), RpcError> {
+        self.0.disconnect(session).await
+    }
+
+    async fn heartbeat(self, _: Context, session: SessionRef) -> Result<(), RpcError> {
+        self.0.heartbeat(session).await
+    }
+
+    async fn room_joined(self, _: Context, server: String, room: RoomId) -> Result<(), RpcError> {
+        self.0.room_joined(server, room).await
+    }
+
+    async fn renew_node(
+        self,
+        _: Context,
+        node: NodeInfo,
+        online: OnlineReport,
+    ) -> Result<OnlineCounts, RpcError> {
+        self.0.renew_node(node, online).await
+    }
+
+    async fn unregister_node(self, _: Context, server: String) -> Result<(), RpcError> {
+        self.0.unregister_node(server).await
+    }
+
+    async fn push_keys(
+        self,
+        _: Context,
+        op: i32,
+        keys: Vec<String>,
+        body: Bytes,
+    ) -> Result<PushAccepted, RpcError> {
+        self.0.push_keys(op, &keys, body).await
+    }
+
+    async fn push_mids(
+        self,
+        _: Context,
+        op: i32,
+        mids: Vec<i64>,
+        body: Bytes,
+    ) -> Result<PushAccepted, RpcError> {
+        self.0.push_mids(op, &mids, body).await
+    }
+
+    async fn push_room(
+        self,
+        _: Context,
+        op: i32,
+        room: RoomId,
+        body: Bytes,
+    ) -> Result<PushAccepted, RpcError> {
+        self.0.push_room(op, room, body).await
+    }
+
+    async fn push_all(
+        self,
+        _: Context,
+        op: i32,
+        speed: u32,
+        body: Bytes,
+    ) -> Result<PushAccepted, RpcError> {
+        self.0.push_all(op, speed, body).await
+    }
+}

@@ -1,0 +1,697 @@
+//! End-to-end tests of logic against a real throwaway redis-server: HTTP API, LogicRpc, reaper.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redis::Commands;
+use rim_logic::{Config, Listeners};
+use rim_proto::job::{self, PushJob, Route, ServerKeys};
+use rim_proto::keys;
+use rim_proto::msg::AuthBody;
+use rim_proto::room::RoomId;
+use rim_proto::rpc::{
+    ConnectRequest, LogicError as RpcError, LogicRpcClient, NodeInfo, OnlineReport, SessionRef,
+};
+use rim_testkit::redis::RedisServer;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+struct Logic {
+    http: String,
+    rpc: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), rim_logic::LogicError>>,
+}
+
+impl Logic {
+    async fn start(redis: &RedisServer, tweak: impl FnOnce(&mut Config)) -> Logic {
+        let mut config = Config::default();
+        config.redis.url = redis.url();
+        config.redis.timeout_ms = 500;
+        config.shutdown_grace_ms = 2_000;
+        tweak(&mut config);
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let rpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (h, r) = (http.local_addr().unwrap(), rpc.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(rim_logic::run(
+            Listeners { http, rpc },
+            config,
+            shutdown.clone(),
+        ));
+        let logic = Logic {
+            http: format!("http://{h}"),
+            rpc: r,
+            shutdown,
+            task,
+        };
+        // Ready once /healthz answers (run connects to Redis before serving).
+        eventually("logic serving", || async {
+            reqwest::get(format!("{}/healthz", logic.http))
+                .await
+                .is_ok()
+        })
+        .await;
+        logic
+    }
+
+    async fn client(&self) -> LogicRpcClient {
+        let stream = tokio::net::TcpStream::connect(self.rpc).await.unwrap();
+        LogicRpcClient::new(Default::default(), rim_proto::rpc::transport(stream)).spawn()
+    }
+
+    async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.http))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::get(format!("{}{path}", self.http)).await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + rim_testkit::WAIT;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ctx() -> tarpc::context::Context {
+    tarpc::context::current()
+}
+
+fn auth(mid: i64, key: &str) -> AuthBody {
+    AuthBody {
+        mid,
+        key: key.into(),
+        platform: "web".into(),
+        accepts: vec![1000],
+        ..AuthBody::default()
+    }
+}
+
+fn connect_req(server: &str, auth: AuthBody) -> ConnectRequest {
+    ConnectRequest {
+        server: server.into(),
+        auth,
+        remote_ip: "127.0.0.1".into(),
+    }
+}
+
+/// Every job in partition `p`'s stream, in order.
+fn jobs(conn: &mut redis::Connection, p: u16) -> Vec<PushJob> {
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all(keys::push_stream(p)).unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|e| {
+            let raw: Vec<u8> = e.get(keys::JOB_FIELD).unwrap();
+            PushJob::decode(&raw).unwrap()
+        })
+        .collect()
+}
+
+fn all_jobs(conn: &mut redis::Connection) -> Vec<(u16, PushJob)> {
+    (0..job::DEFAULT_PARTITIONS)
+        .flat_map(|p| jobs(conn, p).into_iter().map(move |j| (p, j)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_mids_publishes_one_entry_per_partition() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |_| {}).await;
+    let rpc = logic.client().await;
+    // Find two mids in different partitions, and give the first two sessions on two comets.
+    let a = 1i64;
+    let b = (2..100)
+        .find(|m| job::mid_partition(*m, 16) != job::mid_partition(a, 16))
+        .unwrap();
+    for (server, mid, key) in [("c1", a, "ka1"), ("c2", a, "ka2"), ("c1", b, "kb1")] {
+        rpc.connect(ctx(), connect_req(server, auth(mid, key)))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let (status, v) = logic
+        .post(
+            &format!("/goim/push/mids?operation=1000&mids={a}&mids={b}&mids=424242"),
+            "hello",
+        )
+        .await;
+    assert_eq!((status, v["code"].clone()), (200, json!(0)), "{v}");
+    assert_eq!(v["data"]["sessions"], json!(3));
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+
+    let mut conn = redis.connection();
+    let all = all_jobs(&mut conn);
+    assert_eq!(all.len(), 2, "one entry per partition: {all:?}");
+    let by_part: HashMap<u16, PushJob> = all.into_iter().collect();
+    let ja = &by_part[&job::mid_partition(a, 16)];
+    assert_eq!((ja.msg_id.as_str(), ja.op), (id.as_str(), 1000));
+    assert_eq!(ja.body, Bytes::from_static(b"hello"));
+    assert_eq!(
+        ja.route,
+        Route::Sessions(vec![
+            ServerKeys {
+                server: "c1".into(),
+                keys: vec!["ka1".into()]
+            },
+            ServerKeys {
+                server: "c2".into(),
+                keys: vec!["ka2".into()]
+            },
+        ])
+    );
+    let jb = &by_part[&job::mid_partition(b, 16)];
+    assert_eq!(
+        jb.route,
+        Route::Sessions(vec![ServerKeys {
+            server: "c1".into(),
+            keys: vec!["kb1".into()]
+        }])
+    );
+
+    // Keys route through the key's mid partition; offline targets are not routed.
+    let (status, v) = logic
+        .post("/goim/push/keys?operation=1001&keys=kb1&keys=gone", "k")
+        .await;
+    assert_eq!(
+        (status, v["data"]["sessions"].clone()),
+        (200, json!(1)),
+        "{v}"
+    );
+    let last = jobs(&mut conn, job::mid_partition(b, 16)).pop().unwrap();
+    assert_eq!(last.op, 1001);
+
+    // Nobody online: accepted, nothing queued.
+    let before = all_jobs(&mut conn).len();
+    let (status, v) = logic
+        .post("/goim/push/mids?operation=1000&mids=777", "x")
+        .await;
+    assert_eq!(
+        (status, v["data"]["sessions"].clone()),
+        (200, json!(0)),
+        "{v}"
+    );
+    assert_eq!(all_jobs(&mut conn).len(), before);
+
+    // Room and broadcast go to their own partitions.
+    let (status, v) = logic
+        .post("/goim/push/room?operation=1000&type=live&room=7", "r")
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let room = RoomId::parse("live://7").unwrap();
+    let j = jobs(&mut conn, job::room_partition(&room, 16))
+        .pop()
+        .unwrap();
+    assert_eq!(j.route, Route::Room(room));
+    let (status, v) = logic
+        .post("/goim/push/all?operation=1000&speed=5", "all")
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let j = jobs(&mut conn, job::all_partition(16)).pop().unwrap();
+    assert_eq!(j.route, Route::All { speed: 5 });
+
+    // The same push path over RPC.
+    let acc = rpc
+        .push_mids(ctx(), 1000, vec![a], Bytes::from_static(b"rpc"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(acc.sessions, 2);
+    let m = reqwest::get(format!("{}/metrics", logic.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("rim_logic_pushes_accepted_total{kind=\"mids\"} 3"),
+        "{m}"
+    );
+    logic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_the_parameter() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |c| c.push.max_targets = 2).await;
+    let cases = [
+        ("/goim/push/mids?mids=1", "operation: required"),
+        (
+            "/goim/push/mids?operation=x&mids=1",
+            "operation: \"x\" is not an int32",
+        ),
+        ("/goim/push/mids?operation=1000", "mids: required"),
+        (
+            "/goim/push/mids?operation=1000&mids=12x",
+            "mids: \"12x\" is not an int64",
+        ),
+        (
+            "/goim/push/mids?operation=1000&mids=1,2,3",
+            "push.max_targets",
+        ),
+        ("/goim/push/keys?operation=1000", "keys: required"),
+        ("/goim/push/room?operation=1000&room=1", "type: required"),
+        ("/goim/push/room?operation=1000&type=live", "room: required"),
+        (
+            "/goim/push/room?operation=1000&type=bad%20type&room=1",
+            "type: ",
+        ),
+        ("/goim/push/all?operation=1000&speed=-3", "speed: "),
+    ];
+    for (path, want) in cases {
+        let (status, v) = logic.post(path, "b").await;
+        assert_eq!(status, 400, "{path}: {v}");
+        assert_eq!(v["code"], json!(-400), "{path}");
+        let msg = v["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{path}: {msg:?} lacks {want:?}");
+        assert!(v.get("data").is_none());
+    }
+    let (status, v) = logic.get("/goim/online/top?limit=3").await;
+    assert_eq!(
+        (status, v["message"].clone()),
+        (400, json!("type: required"))
+    );
+    let (status, v) = logic.get("/nope").await;
+    assert_eq!((status, v["code"].clone()), (404, json!(-404)));
+    logic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_body_gets_a_400_envelope() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |c| c.push.body_limit = 1024).await;
+    let (status, v) = logic
+        .post("/goim/push/all?operation=1000", vec![b'x'; 2048])
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(
+        v["message"],
+        json!("body exceeds push.body_limit of 1024 bytes")
+    );
+    let (status, _) = logic
+        .post("/goim/push/all?operation=1000", vec![b'x'; 1024])
+        .await;
+    assert_eq!(status, 200);
+    logic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_secret_requires_bearer() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |c| c.push.secret = "hush".into()).await;
+    let (status, v) = logic.post("/goim/push/all?operation=1000", "x").await;
+    assert_eq!((status, v["code"].clone()), (401, json!(-401)), "{v}");
+    let r = reqwest::Client::new()
+        .post(format!("{}/goim/push/all?operation=1000", logic.http))
+        .header("Authorization", "Bearer hush")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // Online routes stay open by default.
+    let (status, _) = logic.get("/goim/online/total").await;
+    assert_eq!(status, 200);
+    logic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_gives_503() {
+    let mut redis = RedisServer::start();
+    let logic = Logic::start(&redis, |_| {}).await;
+    let (status, _) = logic.get("/readyz").await;
+    assert_eq!(status, 200);
+    redis.kill();
+    let started = Instant::now();
+    let (status, v) = logic
+        .post("/goim/push/mids?operation=1000&mids=1", "x")
+        .await;
+    assert_eq!((status, v["code"].clone()), (503, json!(-503)), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("redis"), "{v}");
+    let (status, _) = logic
+        .post("/goim/push/room?operation=1000&type=live&room=1", "x")
+        .await;
+    assert_eq!(status, 503);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (status, v) = logic.get("/readyz").await;
+    assert_eq!((status, v["code"].clone()), (503, json!(-503)));
+    let rpc = logic.client().await;
+    let err = rpc
+        .push_all(ctx(), 1000, 0, Bytes::new())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Unavailable(_)), "{err:?}");
+    logic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_follow_connect_heartbeat_disconnect() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |_| {}).await;
+    let rpc = logic.client().await;
+    let mut conn = redis.connection();
+
+    // Key assigned when none is given; bad rooms are refused naming room_id.
+    let mut a = auth(5, "");
+    a.room_id = "live://1".into();
+    let reply = rpc
+        .connect(ctx(), connect_req("c1", a))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!reply.key.is_empty());
+    assert_eq!(reply.room, Some(RoomId::parse("live://1").unwrap()));
+    assert_eq!(
+        (reply.mid, reply.heartbeat_secs, reply.replaced_elsewhere),
+        (5, 60, false)
+    );
+    let mut bad = auth(5, "");
+    bad.room_id = "nope".into();
+    let err = rpc
+        .connect(ctx(), connect_req("c1", bad))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&err, RpcError::BadRequest(m) if m.starts_with("room_id:")),
+        "{err:?}"
+    );
+
+    let reply = rpc
+        .connect(ctx(), connect_req("c1", auth(5, "k1")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.key, "k1");
+    let sess: HashMap<String, String> = conn.hgetall(keys::session("k1")).unwrap();
+    assert_eq!(sess["mid"], "5");
+    assert_eq!(sess["server"], "c1");
+    assert_eq!(sess["platform"], "web");
+    let server: String = conn.hget(keys::mid_sessions(5), "k1").unwrap();
+    assert_eq!(server, "c1");
+    assert!(
+        conn.sismember::<_, _, bool>(keys::node_sessions("c1"), "k1")
+            .unwrap()
+    );
+    let ttl: i64 = conn.ttl(keys::session("k1")).unwrap();
+    assert!(ttl > 0 && ttl <= 360, "{ttl}");
+
+    // Heartbeat re-creates a session Redis lost.
+    let _: () = conn.del(keys::session("k1")).unwrap();
+    let s1 = SessionRef {
+        server: "c1".into(),
+        mid: 5,
+        key: "k1".into(),
+    };
+    rpc.heartbeat(ctx(), s1.clone()).await.unwrap().unwrap();
+    let server: String = conn.hget(keys::session("k1"), "server").unwrap();
+    assert_eq!(server, "c1");
+    assert!(conn.ttl::<_, i64>(keys::session("k1")).unwrap() > 0);
+
+    // Same key on another comet: replaced, kick queued for the old comet.
+    let reply = rpc
+        .connect(ctx(), connect_req("c2", auth(5, "k1")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(reply.replaced_elsewhere);
+    let kick = jobs(&mut conn, job::mid_partition(5, 16)).pop().unwrap();
+    assert_eq!(
+        kick.route,
+        Route::Kick(ServerKeys {
+            server: "c1".into(),
+            keys: vec!["k1".into()]
+        })
+    );
+    assert!(
+        !conn
+            .sismember::<_, _, bool>(keys::node_sessions("c1"), "k1")
+            .unwrap()
+    );
+
+    // The old comet's late disconnect must not erase the new registration.
+    rpc.disconnect(ctx(), s1).await.unwrap().unwrap();
+    let server: String = conn.hget(keys::session("k1"), "server").unwrap();
+    assert_eq!(server, "c2");
+    let server: String = conn.hget(keys::mid_sessions(5), "k1").unwrap();
+    assert_eq!(server, "c2");
+
+    // The real disconnect removes it everywhere.
+    let s2 = SessionRef {
+        server: "c2".into(),
+        mid: 5,
+        key: "k1".into(),
+    };
+    rpc.disconnect(ctx(), s2).await.unwrap().unwrap();
+    assert!(!conn.exists::<_, bool>(keys::session("k1")).unwrap());
+    assert!(
+        !conn
+            .hexists::<_, _, bool>(keys::mid_sessions(5), "k1")
+            .unwrap()
+    );
+    assert!(
+        !conn
+            .sismember::<_, _, bool>(keys::node_sessions("c2"), "k1")
+            .unwrap()
+    );
+
+    // room_joined indexes the comet for room pushes.
+    rpc.room_joined(ctx(), "c2".into(), RoomId::parse("live://9").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        conn.sismember::<_, _, bool>(keys::room_nodes("live://9"), "c2")
+            .unwrap()
+    );
+    logic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_required_with_a_secret() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |c| c.auth.secret = "s".into()).await;
+    let rpc = logic.client().await;
+    let err = rpc
+        .connect(ctx(), connect_req("c1", auth(9, "")))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err, RpcError::Unauthorized("token required".into()));
+    let mut a = auth(9, "");
+    a.token = rim_logic::issue_token("s", 8, Duration::from_secs(60));
+    let err = rpc
+        .connect(ctx(), connect_req("c1", a.clone()))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err, RpcError::Unauthorized("token invalid".into()));
+    a.token = rim_logic::auth::issue_token_until("s", 9, 1);
+    let err = rpc
+        .connect(ctx(), connect_req("c1", a.clone()))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err, RpcError::Unauthorized("token expired".into()));
+    a.token = rim_logic::issue_token("s", 9, Duration::from_secs(60));
+    let reply = rpc
+        .connect(ctx(), connect_req("c1", a))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.mid, 9);
+    logic.stop().await;
+}
+
+fn node(server: &str, conns: u64, weight: u32) -> NodeInfo {
+    NodeInfo {
+        server: server.into(),
+        rpc_addr: "127.0.0.1:1".into(),
+        tcp_addr: format!("127.0.0.1:{}", 3101 + conns),
+        ws_addr: "127.0.0.1:3102".into(),
+        connections: conns,
+        ips: 1,
+        weight,
+        ..NodeInfo::default()
+    }
+}
+
+fn report(rooms: &[(&str, u32)]) -> OnlineReport {
+    OnlineReport {
+        rooms: rooms
+            .iter()
+            .map(|(r, c)| (RoomId::parse(r).unwrap(), *c))
+            .collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_feed_online_and_the_reaper_removes_dead_comets() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |c| c.node.ttl_ms = 600).await;
+    let rpc = logic.client().await;
+    let mut conn = redis.connection();
+
+    rpc.connect(ctx(), connect_req("dead", auth(3, "kd")))
+        .await
+        .unwrap()
+        .unwrap();
+    rpc.connect(ctx(), connect_req("live", auth(3, "kl")))
+        .await
+        .unwrap()
+        .unwrap();
+    rpc.renew_node(
+        ctx(),
+        node("dead", 5, 1),
+        report(&[("live://1", 2), ("live://2", 1)]),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let counts = rpc
+        .renew_node(
+            ctx(),
+            node("live", 1, 1),
+            report(&[("live://1", 3), ("chat://x", 1)]),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let c1 = counts
+        .rooms
+        .iter()
+        .find(|(r, _)| r.as_str() == "live://1")
+        .unwrap()
+        .1;
+    assert_eq!(c1, 5, "cluster-wide count: {counts:?}");
+    assert!(
+        conn.sismember::<_, _, bool>(keys::room_nodes("live://2"), "dead")
+            .unwrap()
+    );
+
+    let (_, top) = logic.get("/goim/online/top?type=live&limit=10").await;
+    assert_eq!(
+        top["data"],
+        json!([{"room_id":"live://1","count":5},{"room_id":"live://2","count":1}])
+    );
+    let (_, rooms) = logic
+        .get("/goim/online/room?type=live&rooms=1&rooms=2&rooms=3")
+        .await;
+    assert_eq!(rooms["data"], json!({"1":5,"2":1,"3":0}));
+    let (_, total) = logic.get("/goim/online/total").await;
+    assert_eq!(total["data"], json!({"ip_count":2,"conn_count":6}));
+    let (_, w) = logic.get("/goim/nodes/weighted?platform=web").await;
+    assert_eq!(
+        w["data"]["nodes"],
+        json!(["127.0.0.1:3102", "127.0.0.1:3102"])
+    );
+    let (_, w) = logic.get("/goim/nodes/weighted?platform=ios").await;
+    // Least loaded first: "live" has 1 connection, "dead" 5.
+    assert_eq!(
+        w["data"]["nodes"],
+        json!(["127.0.0.1:3102", "127.0.0.1:3106"])
+    );
+    assert_eq!(w["data"]["heartbeat"], json!(60));
+    assert_eq!(w["data"]["backoff"]["max_delay"], json!(300));
+    let (_, inst) = logic.get("/goim/nodes/instances").await;
+    assert_eq!(inst["data"].as_array().unwrap().len(), 2);
+
+    // Keep "live" renewed while "dead" lapses; the reaper must remove dead's sessions and rooms.
+    let renew = async {
+        loop {
+            let _ = rpc
+                .renew_node(ctx(), node("live", 1, 1), report(&[("live://1", 3)]))
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let check = eventually("dead comet reaped", || {
+        let mut c = redis.connection();
+        async move {
+            !c.exists::<_, bool>(keys::session("kd")).unwrap()
+                && !c.hexists::<_, _, bool>(keys::NODES, "dead").unwrap()
+        }
+    });
+    tokio::select! {
+        _ = renew => unreachable!(),
+        _ = check => {}
+    }
+    assert!(
+        !conn
+            .hexists::<_, _, bool>(keys::mid_sessions(3), "kd")
+            .unwrap()
+    );
+    assert!(!conn.exists::<_, bool>(keys::node_sessions("dead")).unwrap());
+    assert!(
+        !conn
+            .sismember::<_, _, bool>(keys::room_nodes("live://2"), "dead")
+            .unwrap()
+    );
+    assert!(conn.exists::<_, bool>(keys::session("kl")).unwrap());
+    assert!(conn.hexists::<_, _, bool>(keys::NODES, "live").unwrap());
+    // "live" dropped chat://x at its last renewal: its room index entry is gone.
+    assert!(
+        !conn
+            .sismember::<_, _, bool>(keys::room_nodes("chat://x"), "live")
+            .unwrap()
+    );
+
+    // Graceful unregister removes a comet at once.
+    rpc.unregister_node(ctx(), "live".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!conn.exists::<_, bool>(keys::session("kl")).unwrap());
+    assert!(!conn.hexists::<_, _, bool>(keys::NODES, "live").unwrap());
+    let m = reqwest::get(format!("{}/metrics", logic.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("rim_logic_nodes_reaped_total 1"), "{m}");
+    logic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_count_mismatch_refuses_to_start() {
+    let redis = RedisServer::start();
+    let mut conn = redis.connection();
+    let _: () = conn.set(keys::META_PARTITIONS, 8).unwrap();
+    let mut config = Config::default();
+    config.redis.url = redis.url();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = rim_logic::run(Listeners { http, rpc }, config, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("stream.partitions"), "{err}");
+}
