@@ -1,0 +1,196 @@
+//! A whole rim cluster in one test process: a real redis-server, one logic, one job worker and
+//! N comets, each started through its library `run` on 127.0.0.1:0 listeners and wired only
+//! through those listeners and Redis.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rim_proto::msg::AuthBody;
+use rim_testkit::api::{Api, eventually, streams_drained};
+use rim_testkit::client::{Client, Transport};
+use rim_testkit::redis::RedisServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// One running comet.
+pub struct CometNode {
+    pub server_id: String,
+    pub http: SocketAddr,
+    pub tcp: SocketAddr,
+    pub rpc: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub handle: Option<JoinHandle<()>>,
+}
+
+impl CometNode {
+    /// Address a client of `transport` connects to.
+    pub fn addr(&self, transport: Transport) -> SocketAddr {
+        match transport {
+            Transport::Tcp => self.tcp,
+            _ => self.http,
+        }
+    }
+}
+
+/// Knobs a test may turn before the cluster starts.
+pub struct Options {
+    pub comets: usize,
+    pub logic: Box<dyn FnMut(&mut rim_logic::Config)>,
+    pub job: Box<dyn FnMut(&mut rim_job::Config)>,
+    pub comet: Box<dyn FnMut(usize, &mut rim_comet::Config)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { comets: 2, logic: Box::new(|_| {}), job: Box::new(|_| {}), comet: Box::new(|_, _| {}) }
+    }
+}
+
+pub struct Cluster {
+    pub redis: RedisServer,
+    pub logic_http: SocketAddr,
+    pub logic_rpc: SocketAddr,
+    pub api: Api,
+    pub comets: Vec<CometNode>,
+    tiers: CancellationToken,
+    handles: Vec<JoinHandle<()>>,
+}
+
+async fn bind() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    (l, a)
+}
+
+/// Logs for a failing test: `RUST_LOG=rim=debug cargo test ...`.
+pub fn init_logs() {
+    rim_runtime::logging::init("warn", false);
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(mut opts: Options) -> Cluster {
+        init_logs();
+        let redis = RedisServer::start();
+        let tiers = CancellationToken::new();
+        let mut handles = Vec::new();
+
+        let (http, logic_http) = bind().await;
+        let (rpc, logic_rpc) = bind().await;
+        let mut logic = rim_logic::Config::default();
+        logic.redis.url = redis.url();
+        logic.node.ttl_ms = 3_000;
+        (opts.logic)(&mut logic);
+        let token = tiers.clone();
+        handles.push(tokio::spawn(async move {
+            if let Err(e) = rim_logic::run(rim_logic::Listeners { http, rpc }, logic, token).await {
+                panic!("logic failed: {e}");
+            }
+        }));
+
+        let (jhttp, _) = bind().await;
+        let mut job = rim_job::Config::default();
+        job.redis.url = redis.url();
+        job.registry.refresh_ms = 100;
+        job.stream.block_ms = 200;
+        (opts.job)(&mut job);
+        let token = tiers.clone();
+        handles.push(tokio::spawn(async move {
+            if let Err(e) = rim_job::run(rim_job::Listeners { http: jhttp }, job, token).await {
+                panic!("job failed: {e}");
+            }
+        }));
+
+        let mut comets = Vec::new();
+        for i in 0..opts.comets {
+            comets.push(start_comet(i, logic_rpc, &mut opts.comet).await);
+        }
+        let cluster = Cluster { redis, logic_http, logic_rpc, api: Api::new(logic_http), comets, tiers, handles };
+        cluster.wait_live_nodes(opts.comets).await;
+        cluster
+    }
+
+    /// Waits until `n` comets are listed as live by logic.
+    pub async fn wait_live_nodes(&self, n: usize) {
+        let api = self.api.clone();
+        eventually("comets registered", Duration::from_secs(10), || {
+            let api = api.clone();
+            async move {
+                let r = api.get("/goim/nodes/instances").await.ok()?;
+                let count = r.data().as_array().map(Vec::len).unwrap_or(0);
+                (count == n).then_some(())
+            }
+        })
+        .await
+        .expect("comets register with logic");
+    }
+
+    /// Connects and authenticates a client to comet `node`.
+    pub async fn client(&self, node: usize, transport: Transport, mid: i64, room: &str, accepts: &[i32]) -> Client {
+        let auth = AuthBody {
+            mid,
+            room_id: room.to_string(),
+            platform: "test".into(),
+            accepts: accepts.to_vec(),
+            ..Default::default()
+        };
+        Client::connect(transport, self.comets[node].addr(transport), &auth).await.expect("client connects")
+    }
+
+    /// Waits until every accepted push has been confirmed by the comets it was routed to.
+    pub async fn wait_drained(&self) {
+        let redis = &self.redis;
+        eventually("push streams drained", Duration::from_secs(10), || {
+            let mut conn = redis.connection();
+            async move { streams_drained(&mut conn).ok().filter(|d| *d).map(|_| ()) }
+        })
+        .await
+        .expect("streams drain");
+    }
+
+    /// Stops every tier and waits for each `run` to return.
+    pub async fn stop(mut self) {
+        for c in &self.comets {
+            c.shutdown.cancel();
+        }
+        self.tiers.cancel();
+        for c in &mut self.comets {
+            if let Some(h) = c.handle.take() {
+                tokio::time::timeout(Duration::from_secs(20), h).await.expect("comet stops").expect("comet task");
+            }
+        }
+        for h in self.handles.drain(..) {
+            tokio::time::timeout(Duration::from_secs(20), h).await.expect("tier stops").expect("tier task");
+        }
+    }
+}
+
+async fn start_comet(
+    i: usize,
+    logic_rpc: SocketAddr,
+    tweak: &mut Box<dyn FnMut(usize, &mut rim_comet::Config)>,
+) -> CometNode {
+    let (http_l, http) = bind().await;
+    let (tcp_l, tcp) = bind().await;
+    let (rpc_l, rpc) = bind().await;
+    let mut cfg = rim_comet::Config::default();
+    cfg.server_id = format!("comet-{}", i + 1);
+    cfg.logic.addrs = vec![logic_rpc.to_string()];
+    cfg.renew.interval_ms = 200;
+    tweak(i, &mut cfg);
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let server_id = cfg.server_id.clone();
+    let handle = tokio::spawn(async move {
+        let listeners = rim_comet::Listeners { http: http_l, tcp: Some(tcp_l), rpc: rpc_l };
+        if let Err(e) = rim_comet::run(listeners, cfg, token).await {
+            panic!("comet failed: {e}");
+        }
+    });
+    CometNode { server_id, http, tcp, rpc, shutdown, handle: Some(handle) }
+}
