@@ -1,0 +1,270 @@
+//! Comet configuration: every field defaulted except `server_id`, validated before `run`.
+//!
+//! Loaded by `rim_runtime::settings::load(path, "comet", ..)` from `config/comet.toml` and the
+//! `RIM_COMET__SECTION__FIELD` environment.
+
+use std::time::Duration;
+
+use rim_runtime::settings::{SettingsError, Validate, socket_addr};
+use serde::Deserialize;
+
+/// Whole comet configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Unique id of this node in the cluster (required).
+    pub server_id: String,
+    /// Addresses `main.rs` binds.
+    pub listen: Listen,
+    /// Addresses published to the cluster (empty = the bound listener's address).
+    pub advertise: Advertise,
+    /// How to reach logic.
+    pub logic: Logic,
+    /// Client session limits and timers.
+    pub session: SessionConfig,
+    /// Session sharding.
+    pub bucket: BucketConfig,
+    /// Node renewal.
+    pub renew: Renew,
+    /// How long shutdown waits for sessions and tasks to finish.
+    pub shutdown_grace_ms: u64,
+    /// `tracing` filter used when `RUST_LOG` is unset.
+    pub log_level: String,
+    /// JSON log lines instead of human-readable ones.
+    pub log_json: bool,
+}
+
+/// Listen addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Listen {
+    /// WebSocket (`/sub`) and ops routes.
+    pub http: String,
+    /// Raw TCP frames; empty = off.
+    pub tcp: String,
+    /// `CometRpc` for job.
+    pub rpc: String,
+}
+
+/// Addresses and placement data published in `NodeInfo`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Advertise {
+    /// Where job reaches `CometRpc`.
+    pub rpc_addr: String,
+    /// Client-facing TCP address.
+    pub tcp_addr: String,
+    /// Client-facing WebSocket address.
+    pub ws_addr: String,
+    /// Host name clients should use.
+    pub domain: String,
+    /// Relative weight for client placement.
+    pub weight: u32,
+}
+
+/// Logic link.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Logic {
+    /// Logic RPC addresses, tried in turn.
+    pub addrs: Vec<String>,
+    /// Deadline of one RPC call.
+    pub rpc_timeout_ms: u64,
+    /// TCP connect timeout per address.
+    pub connect_timeout_ms: u64,
+}
+
+/// Client session settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SessionConfig {
+    /// Time allowed between accept and the Auth frame.
+    pub handshake_timeout_ms: u64,
+    /// Largest body accepted from a client.
+    pub max_body: usize,
+    /// Bounded outbound queue per session; full = slow consumer, closed.
+    pub outbound_queue: usize,
+    /// Connections beyond this are refused.
+    pub max_connections: usize,
+    /// Idle timeout = heartbeat interval (from logic) times this.
+    pub heartbeat_misses: u32,
+    /// Minimum interval between `logic.heartbeat` calls of one session.
+    pub renew_session_ms: u64,
+    /// A single socket write taking longer than this closes the session.
+    pub write_timeout_ms: u64,
+}
+
+/// Bucket sharding.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct BucketConfig {
+    /// Number of shards sessions are spread over by key hash.
+    pub count: usize,
+}
+
+/// Node renewal.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Renew {
+    /// Period of `renew_node` calls.
+    pub interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server_id: String::new(),
+            listen: Listen::default(),
+            advertise: Advertise::default(),
+            logic: Logic::default(),
+            session: SessionConfig::default(),
+            bucket: BucketConfig::default(),
+            renew: Renew::default(),
+            shutdown_grace_ms: 10_000,
+            log_level: "info".into(),
+            log_json: false,
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            http: "0.0.0.0:3102".into(),
+            tcp: "0.0.0.0:3101".into(),
+            rpc: "127.0.0.1:3109".into(),
+        }
+    }
+}
+
+impl Default for Advertise {
+    fn default() -> Self {
+        Advertise {
+            rpc_addr: String::new(),
+            tcp_addr: String::new(),
+            ws_addr: String::new(),
+            domain: String::new(),
+            weight: 10,
+        }
+    }
+}
+
+impl Default for Logic {
+    fn default() -> Self {
+        Logic {
+            addrs: vec!["127.0.0.1:3119".into()],
+            rpc_timeout_ms: 3000,
+            connect_timeout_ms: 1000,
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            handshake_timeout_ms: 5000,
+            max_body: rim_proto::frame::DEFAULT_MAX_BODY,
+            outbound_queue: 1024,
+            max_connections: 100_000,
+            heartbeat_misses: 5,
+            renew_session_ms: 60_000,
+            write_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for BucketConfig {
+    fn default() -> Self {
+        BucketConfig { count: 32 }
+    }
+}
+
+impl Default for Renew {
+    fn default() -> Self {
+        Renew { interval_ms: 5000 }
+    }
+}
+
+fn positive(field: &str, v: u64) -> Result<(), SettingsError> {
+    if v == 0 {
+        Err(SettingsError::invalid(field, "must be greater than 0"))
+    } else {
+        Ok(())
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self) -> Result<(), SettingsError> {
+        if self.server_id.trim().is_empty() {
+            return Err(SettingsError::invalid("server_id", "must not be empty"));
+        }
+        socket_addr("listen.http", &self.listen.http)?;
+        if !self.listen.tcp.is_empty() {
+            socket_addr("listen.tcp", &self.listen.tcp)?;
+        }
+        socket_addr("listen.rpc", &self.listen.rpc)?;
+        if self.logic.addrs.iter().all(|a| a.trim().is_empty()) {
+            return Err(SettingsError::invalid(
+                "logic.addrs",
+                "needs at least one address",
+            ));
+        }
+        positive("logic.rpc_timeout_ms", self.logic.rpc_timeout_ms)?;
+        positive("logic.connect_timeout_ms", self.logic.connect_timeout_ms)?;
+        positive(
+            "session.handshake_timeout_ms",
+            self.session.handshake_timeout_ms,
+        )?;
+        positive("session.max_body", self.session.max_body as u64)?;
+        if self.session.max_body > 16 * 1024 * 1024 {
+            return Err(SettingsError::invalid(
+                "session.max_body",
+                "must be at most 16777216",
+            ));
+        }
+        positive("session.outbound_queue", self.session.outbound_queue as u64)?;
+        positive(
+            "session.max_connections",
+            self.session.max_connections as u64,
+        )?;
+        positive(
+            "session.heartbeat_misses",
+            u64::from(self.session.heartbeat_misses),
+        )?;
+        positive("session.write_timeout_ms", self.session.write_timeout_ms)?;
+        positive("bucket.count", self.bucket.count as u64)?;
+        positive("renew.interval_ms", self.renew.interval_ms)?;
+        Ok(())
+    }
+}
+
+impl Config {
+    pub(crate) fn rpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.logic.rpc_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_id_is_required_and_defaults_validate() {
+        let err = Config::default().validate().unwrap_err();
+        assert_eq!(err.to_string(), "server_id: must not be empty");
+        let c = Config {
+            server_id: "c1".into(),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        let mut bad = c.clone();
+        bad.bucket.count = 0;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("bucket.count")
+        );
+    }
+}

@@ -1,0 +1,131 @@
+//! The comet's own counters and gauges, rendered as Prometheus text on `/metrics`.
+
+use rim_runtime::metrics::{Counter, Exposition, Gauge};
+
+/// Why an auth failed (label values of `rim_comet_auth_failures_total`).
+pub const AUTH_REASONS: [&str; 5] = [
+    "timeout",
+    "not_auth",
+    "bad_body",
+    "refused",
+    "logic_unavailable",
+];
+
+/// Why a client frame was rejected (label values of `rim_comet_frames_rejected_total`).
+pub const FRAME_REASONS: [&str; 4] = ["malformed", "too_big", "bad_json", "io"];
+
+/// Per-instance metrics of one comet.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open TCP sessions (connections, authenticated or not).
+    pub conn_tcp: Gauge,
+    /// Open WebSocket sessions.
+    pub conn_ws: Gauge,
+    /// Connections refused by `max_connections` or shutdown.
+    pub conn_refused: Counter,
+    /// Auth failures, indexed like [`AUTH_REASONS`].
+    pub auth_failures: [Counter; 5],
+    /// Rejected frames, indexed like [`FRAME_REASONS`].
+    pub frames_rejected: [Counter; 4],
+    /// Push writes queued to sessions.
+    pub pushes_delivered: Counter,
+    /// Pushes skipped as already delivered.
+    pub duplicates: Counter,
+    /// Sessions closed because their outbound queue was full.
+    pub slow_consumer_closed: Counter,
+    /// Sessions closed after heartbeat silence.
+    pub heartbeat_timeouts: Counter,
+    /// Successful node renewals.
+    pub renewals: Counter,
+    /// Failed node renewals.
+    pub renew_failures: Counter,
+}
+
+impl Metrics {
+    /// Counts an auth failure by reason (unknown reasons are ignored).
+    pub fn auth_failed(&self, reason: &str) {
+        if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
+            self.auth_failures[i].inc();
+        }
+    }
+
+    /// Counts a rejected frame by reason.
+    pub fn frame_rejected(&self, reason: &str) {
+        if let Some(i) = FRAME_REASONS.iter().position(|r| *r == reason) {
+            self.frames_rejected[i].inc();
+        }
+    }
+
+    /// Prometheus text.
+    pub fn render(&self) -> String {
+        let auth: Vec<(&str, u64)> = AUTH_REASONS
+            .iter()
+            .zip(&self.auth_failures)
+            .map(|(r, c)| (*r, c.get()))
+            .collect();
+        let frames: Vec<(&str, u64)> = FRAME_REASONS
+            .iter()
+            .zip(&self.frames_rejected)
+            .map(|(r, c)| (*r, c.get()))
+            .collect();
+        let mut e = Exposition::new();
+        e.gauge(
+            "rim_comet_connections_tcp",
+            "Open TCP connections.",
+            self.conn_tcp.get(),
+        )
+        .gauge(
+            "rim_comet_connections_ws",
+            "Open WebSocket connections.",
+            self.conn_ws.get(),
+        )
+        .counter(
+            "rim_comet_connections_refused_total",
+            "Connections refused (limit or shutdown).",
+            self.conn_refused.get(),
+        )
+        .labeled_counter(
+            "rim_comet_auth_failures_total",
+            "Failed authentications by reason.",
+            "reason",
+            &auth,
+        )
+        .labeled_counter(
+            "rim_comet_frames_rejected_total",
+            "Client frames rejected by reason.",
+            "reason",
+            &frames,
+        )
+        .counter(
+            "rim_comet_pushes_delivered_total",
+            "Push writes queued to sessions.",
+            self.pushes_delivered.get(),
+        )
+        .counter(
+            "rim_comet_push_duplicates_total",
+            "Pushes skipped because the session already had them.",
+            self.duplicates.get(),
+        )
+        .counter(
+            "rim_comet_slow_consumer_closed_total",
+            "Sessions closed because their outbound queue was full.",
+            self.slow_consumer_closed.get(),
+        )
+        .counter(
+            "rim_comet_heartbeat_timeouts_total",
+            "Sessions closed after heartbeat silence.",
+            self.heartbeat_timeouts.get(),
+        )
+        .counter(
+            "rim_comet_renewals_total",
+            "Successful node renewals.",
+            self.renewals.get(),
+        )
+        .counter(
+            "rim_comet_renew_failures_total",
+            "Failed node renewals.",
+            self.renew_failures.get(),
+        );
+        e.finish()
+    }
+}

@@ -1,0 +1,300 @@
+//! Wiring of one comet: shared state ([`Ctx`]), the listeners' tasks, the renew task, the
+//! `CometRpc` server, and the shutdown drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use rim_proto::room::RoomId;
+use rim_proto::rpc::{CometRpc, LogicRpcClient, NodeInfo};
+use rim_runtime::ops::OpsSource;
+use rim_runtime::rpc::Link;
+use tarpc::server::Channel;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bucket::Buckets;
+use crate::config::Config;
+use crate::deliver::CometServer;
+use crate::metrics::Metrics;
+use crate::room::Rooms;
+use crate::session::Session;
+use crate::{CometError, Listeners};
+
+/// State shared by every task of one comet.
+pub(crate) struct Ctx {
+    pub cfg: Config,
+    pub logic: Arc<Link<LogicRpcClient>>,
+    pub buckets: Buckets,
+    pub rooms: Rooms,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    pub conns: AtomicUsize,
+    pub next_id: AtomicU64,
+    /// Set after the first successful renewal: job can find this node.
+    pub registered: AtomicBool,
+    /// Whether the last renewal reached logic.
+    pub logic_ok: AtomicBool,
+    /// Addresses and placement data sent with each renewal.
+    pub node: NodeInfo,
+}
+
+impl Ctx {
+    /// Joins `room`; a room's first member here is announced to logic before this returns.
+    pub async fn join_room(&self, s: &Arc<Session>, room: RoomId) {
+        let _presence = self.rooms.presence.lock().await;
+        if self.buckets.room_len(&room) == 0 {
+            let timeout = self.cfg.rpc_timeout();
+            let server = self.cfg.server_id.clone();
+            let r = room.clone();
+            let res = self
+                .logic
+                .call(|c| async move {
+                    c.room_joined(rim_runtime::rpc::context(timeout), server, r)
+                        .await
+                })
+                .await;
+            match res {
+                Ok(Ok(())) => {}
+                // The session still joins: the next renewal reports the room anyway.
+                Ok(Err(e)) => tracing::warn!(%room, error = %e, "room_joined refused"),
+                Err(e) => tracing::warn!(%room, error = %e, "room_joined failed"),
+            }
+        }
+        if self.buckets.join(&room, s) {
+            s.set_room(Some(room));
+        }
+    }
+
+    /// Leaves the session's room, if any.
+    pub fn leave_room(&self, s: &Session) {
+        if let Some(room) = s.room() {
+            self.buckets.leave(&room, s);
+            s.set_room(None);
+        }
+    }
+
+    /// Moves the session to `room`.
+    pub async fn change_room(&self, s: &Arc<Session>, room: RoomId) {
+        if s.room().as_ref() == Some(&room) {
+            return;
+        }
+        self.leave_room(s);
+        self.join_room(s, room).await;
+    }
+
+    /// Online count for a heartbeat reply: cluster-wide when known, else local; 0 without room.
+    pub fn online_count(&self, room: Option<&RoomId>) -> i32 {
+        let Some(room) = room else { return 0 };
+        let n = self
+            .rooms
+            .cluster_count(room)
+            .unwrap_or(self.buckets.room_len(room) as u64);
+        i32::try_from(n).unwrap_or(i32::MAX)
+    }
+
+    /// Renews the session's registration at logic in the background.
+    pub fn session_heartbeat(&self, s: &Session) {
+        let sref = s.session_ref(&self.cfg.server_id);
+        let logic = self.logic.clone();
+        let timeout = self.cfg.rpc_timeout();
+        self.tracker.spawn(async move {
+            let key = sref.key.clone();
+            let r = logic
+                .call(
+                    |c| async move { c.heartbeat(rim_runtime::rpc::context(timeout), sref).await },
+                )
+                .await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(%key, error = %e, "session heartbeat refused"),
+                Err(e) => tracing::warn!(%key, error = %e, "session heartbeat failed"),
+            }
+        });
+    }
+
+    /// Removes an ended session: room, bucket, and (if still the registered one) logic.
+    pub fn end_session(&self, s: &Session) {
+        self.leave_room(s);
+        if !self.buckets.remove(s) {
+            // Replaced by a newer session with the same key: its registration is the new one's.
+            return;
+        }
+        let sref = s.session_ref(&self.cfg.server_id);
+        let logic = self.logic.clone();
+        let timeout = self.cfg.rpc_timeout();
+        self.tracker.spawn(async move {
+            let key = sref.key.clone();
+            let r = logic
+                .call(
+                    |c| async move { c.disconnect(rim_runtime::rpc::context(timeout), sref).await },
+                )
+                .await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(%key, error = %e, "disconnect refused"),
+                Err(e) => tracing::warn!(%key, error = %e, "disconnect failed"),
+            }
+        });
+    }
+}
+
+/// `/readyz` and `/metrics` of the comet.
+struct Ops(Arc<Ctx>);
+
+impl OpsSource for Ops {
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            if !self.0.registered.load(Ordering::Acquire) {
+                return Err("not registered with logic yet".into());
+            }
+            if !self.0.logic_ok.load(Ordering::Acquire) {
+                return Err("logic unreachable".into());
+            }
+            Ok(())
+        })
+    }
+
+    fn metrics(&self) -> String {
+        self.0.metrics.render()
+    }
+}
+
+fn advertised(configured: &str, bound: Option<SocketAddr>) -> String {
+    if !configured.is_empty() {
+        configured.to_string()
+    } else {
+        bound.map(|a| a.to_string()).unwrap_or_default()
+    }
+}
+
+/// See [`crate::run`].
+pub(crate) async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), CometError> {
+    use rim_runtime::settings::Validate;
+    config.validate()?;
+    let http_addr = listeners.http.local_addr()?;
+    let rpc_addr = listeners.rpc.local_addr()?;
+    let tcp_addr = match &listeners.tcp {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let node = NodeInfo {
+        server: config.server_id.clone(),
+        rpc_addr: advertised(&config.advertise.rpc_addr, Some(rpc_addr)),
+        domain: config.advertise.domain.clone(),
+        tcp_addr: advertised(&config.advertise.tcp_addr, tcp_addr),
+        ws_addr: advertised(&config.advertise.ws_addr, Some(http_addr)),
+        wss_addr: String::new(),
+        connections: 0,
+        ips: 0,
+        weight: config.advertise.weight,
+        started_ms: rim_runtime::unix_ms(),
+        renewed_ms: 0,
+    };
+    let logic = Link::new(
+        "logic",
+        config.logic.addrs.clone(),
+        Duration::from_millis(config.logic.connect_timeout_ms),
+        |stream| {
+            LogicRpcClient::new(
+                tarpc::client::Config::default(),
+                rim_proto::rpc::transport(stream),
+            )
+            .spawn()
+        },
+    );
+    let tracker = TaskTracker::new();
+    let ctx = Arc::new(Ctx {
+        buckets: Buckets::new(config.bucket.count),
+        cfg: config,
+        logic: Arc::new(logic),
+        rooms: Rooms::default(),
+        metrics: Metrics::default(),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+        conns: AtomicUsize::new(0),
+        next_id: AtomicU64::new(1),
+        registered: AtomicBool::new(false),
+        logic_ok: AtomicBool::new(false),
+        node,
+    });
+    tracing::info!(
+        server = %ctx.cfg.server_id,
+        http = %http_addr,
+        tcp = ?tcp_addr,
+        rpc = %rpc_addr,
+        "comet starting"
+    );
+
+    // Register before serving clients so job can route to this node from the first session on.
+    tokio::select! {
+        _ = crate::renew::renew_once(&ctx) => {}
+        _ = shutdown.cancelled() => {}
+    }
+    tracker.spawn(crate::renew::run(ctx.clone()));
+
+    let rpc_ctx = ctx.clone();
+    tracker.spawn(rim_runtime::rpc::accept_loop(
+        listeners.rpc,
+        "comet-rpc",
+        shutdown.clone(),
+        tracker.clone(),
+        move |stream| {
+            let server = CometServer::new(rpc_ctx.clone());
+            tarpc::server::BaseChannel::with_defaults(rim_proto::rpc::transport(stream))
+                .execute(server.serve())
+                .for_each(|f| async {
+                    tokio::spawn(f);
+                })
+        },
+    ));
+
+    if let Some(tcp) = listeners.tcp {
+        tracker.spawn(crate::tcp::accept_loop(ctx.clone(), tcp));
+    }
+
+    let app =
+        crate::ws::router(ctx.clone()).merge(rim_runtime::ops::router(Arc::new(Ops(ctx.clone()))));
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        let r = axum::serve(
+            listeners.http,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+
+    shutdown.cancelled().await;
+    tracing::info!("comet draining: closing sessions");
+    // Sessions watch the token themselves and send op 6 "server shutting down".
+    let grace = Duration::from_millis(ctx.cfg.shutdown_grace_ms);
+    let drained = rim_runtime::shutdown::drain(&tracker, grace, "comet").await;
+    let timeout = ctx.cfg.rpc_timeout();
+    let server = ctx.cfg.server_id.clone();
+    match ctx
+        .logic
+        .call(|c| async move {
+            c.unregister_node(rim_runtime::rpc::context(timeout), server)
+                .await
+        })
+        .await
+    {
+        Ok(Ok(())) => tracing::info!("unregistered from logic"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "unregister_node refused"),
+        Err(e) => tracing::warn!(error = %e, "unregister_node failed"),
+    }
+    tracing::info!(drained, "comet stopped");
+    Ok(())
+}

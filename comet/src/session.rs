@@ -1,0 +1,645 @@
+//! One client session: its shared handle (what delivery and buckets see) and the protocol driver
+//! that runs it from the first frame (Auth) to the close, independent of the transport.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use rim_proto::frame::{Frame, FrameError};
+use rim_proto::msg::{AuthBody, AuthReplyBody};
+use rim_proto::op;
+use rim_proto::room::RoomId;
+use rim_proto::rpc::{ConnectRequest, PushId, SessionRef};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::server::Ctx;
+use crate::writer::Out;
+
+/// How a session is closed: the op 6 reason, the WebSocket close code, what still goes out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseSpec {
+    /// Reason text (op 6 body and WebSocket close reason).
+    pub reason: String,
+    /// WebSocket close code.
+    pub ws_code: u16,
+    /// Send op 6 before closing (TCP always does when set).
+    pub op6: bool,
+    /// Send op 6 on WebSocket too (frame errors use the close code alone).
+    pub op6_on_ws: bool,
+    /// Write what is already queued before closing.
+    pub drain: bool,
+}
+
+impl CloseSpec {
+    /// Op 6 with `reason`, queued items first, then close with `ws_code`.
+    pub fn reason(reason: &str, ws_code: u16) -> Self {
+        CloseSpec {
+            reason: reason.to_string(),
+            ws_code,
+            op6: true,
+            op6_on_ws: true,
+            drain: true,
+        }
+    }
+
+    /// Policy refusal (auth problems): op 6 then WebSocket 1008.
+    pub fn policy(reason: &str) -> Self {
+        Self::reason(reason, 1008)
+    }
+
+    /// A malformed client frame: TCP gets op 6, WebSocket the close code (1002/1009) and reason.
+    pub fn protocol(reason: &str, ws_code: u16) -> Self {
+        CloseSpec {
+            op6_on_ws: false,
+            ..Self::reason(reason, ws_code)
+        }
+    }
+
+    /// Queue overflow: nothing queued is written, op 6 `slow consumer`.
+    pub fn slow() -> Self {
+        CloseSpec {
+            drain: false,
+            ..Self::reason("slow consumer", 1008)
+        }
+    }
+
+    /// Graceful drain of the node: op 6, WebSocket 1001 going away.
+    pub fn shutdown() -> Self {
+        Self::reason("server shutting down", 1001)
+    }
+
+    /// No op 6 (the client went away or the socket failed).
+    pub fn silent(reason: &str) -> Self {
+        CloseSpec {
+            op6: false,
+            op6_on_ws: false,
+            drain: false,
+            ..Self::reason(reason, 1000)
+        }
+    }
+}
+
+/// Result of offering an item to a session's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Queued.
+    Queued,
+    /// The queue was full: the session is now closing as a slow consumer.
+    Slow,
+    /// The session is already closing.
+    Closed,
+}
+
+/// Producer side of a connection's outbound queue plus its close signal.
+#[derive(Debug)]
+pub struct Outbound {
+    tx: mpsc::Sender<Out>,
+    closed: CancellationToken,
+    spec: Mutex<Option<CloseSpec>>,
+}
+
+impl Outbound {
+    /// A queue of `capacity` items and its receiver (for the writer task).
+    pub fn new(capacity: usize) -> (Arc<Self>, mpsc::Receiver<Out>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (
+            Arc::new(Outbound {
+                tx,
+                closed: CancellationToken::new(),
+                spec: Mutex::new(None),
+            }),
+            rx,
+        )
+    }
+
+    /// Queues without waiting; a full queue closes the session as a slow consumer (counted once).
+    pub fn offer(&self, item: Out, metrics: &Metrics) -> Offer {
+        if self.is_closing() {
+            return Offer::Closed;
+        }
+        match self.tx.try_send(item) {
+            Ok(()) => Offer::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.close(CloseSpec::slow()) {
+                    metrics.slow_consumer_closed.inc();
+                    tracing::warn!("outbound queue full, closing slow consumer");
+                }
+                Offer::Slow
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Closed,
+        }
+    }
+
+    /// Asks the writer to close the session; the first close wins. Returns whether this one did.
+    pub fn close(&self, spec: CloseSpec) -> bool {
+        let mut cur = self.spec.lock();
+        if cur.is_some() {
+            return false;
+        }
+        *cur = Some(spec);
+        drop(cur);
+        self.closed.cancel();
+        true
+    }
+
+    /// Whether a close was requested.
+    pub fn is_closing(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Resolves once a close was requested.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// The close that was requested, if any.
+    pub fn spec(&self) -> Option<CloseSpec> {
+        self.spec.lock().clone()
+    }
+}
+
+/// The shared handle of an authenticated session.
+#[derive(Debug)]
+pub struct Session {
+    /// Unique per connection on this comet (tells a replaced session from its successor).
+    pub id: u64,
+    /// User id.
+    pub mid: i64,
+    /// Session key.
+    pub key: String,
+    /// Client address.
+    pub peer: SocketAddr,
+    /// Outbound queue.
+    pub out: Arc<Outbound>,
+    accepts: RwLock<HashSet<i32>>,
+    /// Highest push id delivered per partition (few partitions per session, so a small vec).
+    marks: Mutex<Vec<(u16, u64, u64)>>,
+    room: Mutex<Option<RoomId>>,
+}
+
+impl Session {
+    /// A session accepting `accepts`.
+    pub fn new(
+        id: u64,
+        mid: i64,
+        key: String,
+        peer: SocketAddr,
+        out: Arc<Outbound>,
+        accepts: &[i32],
+    ) -> Self {
+        Session {
+            id,
+            mid,
+            key,
+            peer,
+            out,
+            accepts: RwLock::new(accepts.iter().copied().collect()),
+            marks: Mutex::new(Vec::new()),
+            room: Mutex::new(None),
+        }
+    }
+
+    /// Whether a push with `op` goes to this session.
+    pub fn accepts(&self, op: i32) -> bool {
+        self.accepts.read().contains(&op)
+    }
+
+    /// Adds (Sub) or removes (Unsub) accepted ops.
+    pub fn set_accepts(&self, ops: &[i32], accept: bool) {
+        let mut a = self.accepts.write();
+        for op in ops {
+            if accept {
+                a.insert(*op);
+            } else {
+                a.remove(op);
+            }
+        }
+    }
+
+    /// Records `id` as delivered; false when it (or a later push of its partition) already was.
+    pub fn mark(&self, id: PushId) -> bool {
+        let mut marks = self.marks.lock();
+        match marks.iter_mut().find(|m| m.0 == id.partition) {
+            Some(m) if (id.ms, id.seq) <= (m.1, m.2) => false,
+            Some(m) => {
+                m.1 = id.ms;
+                m.2 = id.seq;
+                true
+            }
+            None => {
+                marks.push((id.partition, id.ms, id.seq));
+                true
+            }
+        }
+    }
+
+    /// The session's room.
+    pub fn room(&self) -> Option<RoomId> {
+        self.room.lock().clone()
+    }
+
+    pub(crate) fn set_room(&self, room: Option<RoomId>) {
+        *self.room.lock() = room;
+    }
+
+    /// Reference for logic calls.
+    pub fn session_ref(&self, server: &str) -> SessionRef {
+        SessionRef {
+            server: server.to_string(),
+            mid: self.mid,
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// Why reading the next client frame failed.
+#[derive(Debug)]
+pub enum ReadError {
+    /// A malformed frame.
+    Frame(FrameError),
+    /// A JSON-mode message that is not a frame.
+    Json(String),
+    /// The socket failed.
+    Io(String),
+}
+
+/// The inbound half of a transport: yields client frames; `None` when the client closed.
+pub trait FrameReader: Send {
+    /// The next frame.
+    fn next(&mut self) -> impl Future<Output = Option<Result<Frame, ReadError>>> + Send;
+}
+
+/// Which transport a connection came in on (metrics, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Raw TCP frames.
+    Tcp,
+    /// WebSocket.
+    Ws,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+        }
+    }
+}
+
+/// Counts an open connection; the count drops with the guard.
+pub(crate) struct ConnGuard {
+    ctx: Arc<Ctx>,
+    transport: Transport,
+}
+
+impl ConnGuard {
+    fn admit(ctx: &Arc<Ctx>, transport: Transport) -> Option<ConnGuard> {
+        let max = ctx.cfg.session.max_connections;
+        let prev = ctx.conns.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            ctx.conns.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        match transport {
+            Transport::Tcp => ctx.metrics.conn_tcp.inc(),
+            Transport::Ws => ctx.metrics.conn_ws.inc(),
+        }
+        Some(ConnGuard {
+            ctx: ctx.clone(),
+            transport,
+        })
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.ctx.conns.fetch_sub(1, Ordering::AcqRel);
+        match self.transport {
+            Transport::Tcp => self.ctx.metrics.conn_tcp.dec(),
+            Transport::Ws => self.ctx.metrics.conn_ws.dec(),
+        }
+    }
+}
+
+fn reject_read(ctx: &Ctx, out: &Outbound, err: ReadError, peer: SocketAddr, t: Transport) {
+    match err {
+        ReadError::Frame(e) => {
+            let reason = if matches!(e, FrameError::TooBig { .. }) {
+                "too_big"
+            } else {
+                "malformed"
+            };
+            ctx.metrics.frame_rejected(reason);
+            tracing::warn!(%peer, transport = t.name(), reason = %e, "invalid frame, closing");
+            out.close(CloseSpec::protocol(&e.to_string(), e.ws_close_code()));
+        }
+        ReadError::Json(e) => {
+            ctx.metrics.frame_rejected("bad_json");
+            tracing::warn!(%peer, transport = t.name(), reason = %e, "invalid JSON frame, closing");
+            out.close(CloseSpec::protocol(&e, 1002));
+        }
+        ReadError::Io(e) => {
+            tracing::debug!(%peer, transport = t.name(), error = %e, "read failed");
+            out.close(CloseSpec::silent(&e));
+        }
+    }
+}
+
+fn refuse_auth(ctx: &Ctx, out: &Outbound, metric: &str, reason: &str, peer: SocketAddr) {
+    ctx.metrics.auth_failed(metric);
+    tracing::info!(%peer, reason, "auth refused");
+    out.close(CloseSpec::policy(reason));
+}
+
+enum First {
+    Frame(Frame),
+    Done,
+}
+
+async fn first_frame<R: FrameReader>(
+    ctx: &Arc<Ctx>,
+    reader: &mut R,
+    out: &Outbound,
+    peer: SocketAddr,
+    t: Transport,
+) -> First {
+    let hs = Duration::from_millis(ctx.cfg.session.handshake_timeout_ms);
+    let r = tokio::select! {
+        _ = ctx.shutdown.cancelled() => {
+            out.close(CloseSpec::shutdown());
+            return First::Done;
+        }
+        _ = out.closed() => return First::Done,
+        r = tokio::time::timeout(hs, reader.next()) => r,
+    };
+    match r {
+        Err(_) => {
+            refuse_auth(ctx, out, "timeout", "auth timeout", peer);
+            First::Done
+        }
+        Ok(None) => {
+            out.close(CloseSpec::silent("client closed"));
+            First::Done
+        }
+        Ok(Some(Err(e))) => {
+            reject_read(ctx, out, e, peer, t);
+            First::Done
+        }
+        Ok(Some(Ok(f))) => First::Frame(f),
+    }
+}
+
+/// Runs one connection: admission, auth, the frame loop, and cleanup.
+/// The writer task for `out` is already running; this returns once the session is over.
+pub(crate) async fn drive<R: FrameReader>(
+    ctx: Arc<Ctx>,
+    mut reader: R,
+    out: Arc<Outbound>,
+    peer: SocketAddr,
+    t: Transport,
+) {
+    if ctx.shutdown.is_cancelled() {
+        ctx.metrics.conn_refused.inc();
+        out.close(CloseSpec::shutdown());
+        return;
+    }
+    let Some(_guard) = ConnGuard::admit(&ctx, t) else {
+        ctx.metrics.conn_refused.inc();
+        tracing::warn!(%peer, "max_connections reached, refusing connection");
+        out.close(CloseSpec::reason("too many connections", 1013));
+        return;
+    };
+    let First::Frame(auth) = first_frame(&ctx, &mut reader, &out, peer, t).await else {
+        return;
+    };
+    if auth.op != op::AUTH {
+        let reason = format!("first frame must be op 7 Auth, got op {}", auth.op);
+        refuse_auth(&ctx, &out, "not_auth", &reason, peer);
+        return;
+    }
+    let body: AuthBody = match serde_json::from_slice(&auth.body) {
+        Ok(b) => b,
+        Err(e) => {
+            refuse_auth(&ctx, &out, "bad_body", &format!("bad auth body: {e}"), peer);
+            return;
+        }
+    };
+    let req = ConnectRequest {
+        server: ctx.cfg.server_id.clone(),
+        auth: body,
+        remote_ip: peer.ip().to_string(),
+    };
+    let timeout = ctx.cfg.rpc_timeout();
+    let reply = ctx
+        .logic
+        .call(|c| async move { c.connect(rim_runtime::rpc::context(timeout), req).await })
+        .await;
+    let reply = match reply {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            refuse_auth(&ctx, &out, "refused", &e.to_string(), peer);
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "logic unreachable during auth");
+            refuse_auth(&ctx, &out, "logic_unavailable", "logic unavailable", peer);
+            return;
+        }
+    };
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    let session = Arc::new(Session::new(
+        id,
+        reply.mid,
+        reply.key.clone(),
+        peer,
+        out.clone(),
+        &reply.accepts,
+    ));
+    if let Some(old) = ctx.buckets.insert(session.clone()) {
+        tracing::info!(key = %old.key, "same key authenticated again, replacing older session");
+        old.out.close(CloseSpec::reason("replaced", 1000));
+    }
+    if let Some(room) = reply.room.clone() {
+        ctx.join_room(&session, room).await;
+    }
+    let body = AuthReplyBody {
+        mid: reply.mid,
+        key: reply.key.clone(),
+        room_id: reply
+            .room
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default(),
+        heartbeat: reply.heartbeat_secs,
+    };
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    session.out.offer(
+        Out::Reply(Frame::new(op::AUTH_REPLY, auth.seq, body)),
+        &ctx.metrics,
+    );
+    tracing::debug!(%peer, mid = reply.mid, key = %reply.key, "session authenticated");
+
+    let hb = u64::from(reply.heartbeat_secs.max(1));
+    let idle = Duration::from_secs(hb * u64::from(ctx.cfg.session.heartbeat_misses));
+    let renew_every = Duration::from_millis(ctx.cfg.session.renew_session_ms);
+    let mut last_renew = Instant::now();
+    loop {
+        let r = tokio::select! {
+            biased;
+            _ = out.closed() => break,
+            _ = ctx.shutdown.cancelled() => {
+                out.close(CloseSpec::shutdown());
+                break;
+            }
+            r = tokio::time::timeout(idle, reader.next()) => r,
+        };
+        match r {
+            Err(_) => {
+                ctx.metrics.heartbeat_timeouts.inc();
+                tracing::info!(%peer, key = %session.key, "heartbeat timeout");
+                out.close(CloseSpec::reason("heartbeat timeout", 1000));
+                break;
+            }
+            Ok(None) => {
+                out.close(CloseSpec::silent("client closed"));
+                break;
+            }
+            Ok(Some(Err(e))) => {
+                reject_read(&ctx, &out, e, peer, t);
+                break;
+            }
+            Ok(Some(Ok(f))) => {
+                if f.op == op::HEARTBEAT && last_renew.elapsed() >= renew_every {
+                    last_renew = Instant::now();
+                    ctx.session_heartbeat(&session);
+                }
+                handle_frame(&ctx, &session, f).await;
+            }
+        }
+    }
+    ctx.end_session(&session);
+}
+
+fn error_body(msg: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "error": msg })).unwrap_or_default()
+}
+
+async fn handle_frame(ctx: &Arc<Ctx>, s: &Arc<Session>, f: Frame) {
+    let reply = |op: i32, body: Vec<u8>| Out::Reply(Frame::new(op, f.seq, body));
+    let out = match f.op {
+        op::HEARTBEAT => {
+            let n = ctx.online_count(s.room().as_ref());
+            reply(op::HEARTBEAT_REPLY, n.to_be_bytes().to_vec())
+        }
+        op::CHANGE_ROOM => {
+            let text = String::from_utf8_lossy(&f.body);
+            let text = text.trim();
+            if text.is_empty() {
+                ctx.leave_room(s);
+                Out::Reply(Frame::new(op::CHANGE_ROOM_REPLY, f.seq, f.body.clone()))
+            } else {
+                match RoomId::parse(text) {
+                    Ok(room) => {
+                        ctx.change_room(s, room).await;
+                        Out::Reply(Frame::new(op::CHANGE_ROOM_REPLY, f.seq, f.body.clone()))
+                    }
+                    Err(e) => {
+                        let msg = format!("bad room id: {e}");
+                        tracing::info!(peer = %s.peer, key = %s.key, reason = %msg, "change room refused");
+                        reply(op::CHANGE_ROOM_REPLY, error_body(&msg))
+                    }
+                }
+            }
+        }
+        op::SUB | op::UNSUB => {
+            let reply_op = if f.op == op::SUB {
+                op::SUB_REPLY
+            } else {
+                op::UNSUB_REPLY
+            };
+            match op::parse_op_list(&f.body) {
+                Ok(ops) => {
+                    s.set_accepts(&ops, f.op == op::SUB);
+                    Out::Reply(Frame::new(reply_op, f.seq, f.body.clone()))
+                }
+                Err(e) => {
+                    let msg = format!("bad op list: {e}");
+                    tracing::info!(peer = %s.peer, key = %s.key, reason = %msg, "sub/unsub refused");
+                    reply(reply_op, error_body(&msg))
+                }
+            }
+        }
+        op::SEND_MSG => reply(
+            op::SEND_MSG_REPLY,
+            br#"{"code":-501,"message":"upstream messages not enabled yet"}"#.to_vec(),
+        ),
+        other => {
+            tracing::debug!(peer = %s.peer, op = other, name = op::name(other), "ignoring client op");
+            return;
+        }
+    };
+    s.out.offer(out, &ctx.metrics);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::writer::EncodedPush;
+
+    fn pid(partition: u16, ms: u64, seq: u64) -> PushId {
+        PushId { partition, ms, seq }
+    }
+
+    fn session(queue: usize) -> (Arc<Session>, mpsc::Receiver<Out>) {
+        let (out, rx) = Outbound::new(queue);
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        (
+            Arc::new(Session::new(1, 7, "k".into(), peer, out, &[1000])),
+            rx,
+        )
+    }
+
+    #[test]
+    fn dedupe_marks_are_per_partition_high_water() {
+        let (s, _rx) = session(4);
+        assert!(s.mark(pid(1, 10, 0)));
+        assert!(!s.mark(pid(1, 10, 0)));
+        assert!(!s.mark(pid(1, 9, 5)));
+        assert!(s.mark(pid(1, 10, 1)));
+        assert!(s.mark(pid(2, 1, 0)), "other partition is independent");
+        assert!(!s.mark(pid(2, 1, 0)));
+    }
+
+    #[test]
+    fn op_filter_follows_sub_and_unsub() {
+        let (s, _rx) = session(4);
+        assert!(s.accepts(1000));
+        assert!(!s.accepts(1001));
+        s.set_accepts(&[1001, 1002], true);
+        assert!(s.accepts(1001));
+        s.set_accepts(&[1000], false);
+        assert!(!s.accepts(1000));
+    }
+
+    #[test]
+    fn full_queue_marks_slow_consumer_once() {
+        let (s, _rx) = session(1);
+        let m = Metrics::default();
+        let p = Arc::new(EncodedPush::new(1000, b"x"));
+        assert_eq!(s.out.offer(Out::Push(p.clone()), &m), Offer::Queued);
+        assert_eq!(s.out.offer(Out::Push(p.clone()), &m), Offer::Slow);
+        assert_eq!(s.out.offer(Out::Push(p), &m), Offer::Closed);
+        assert_eq!(m.slow_consumer_closed.get(), 1);
+        assert!(s.out.is_closing());
+        assert_eq!(s.out.spec(), Some(CloseSpec::slow()));
+        assert!(!s.out.close(CloseSpec::shutdown()), "first close wins");
+    }
+}

@@ -1,0 +1,416 @@
+//! The outbound half of a connection: one writer task per connection drains the session's
+//! bounded queue in batches and writes them in the transport's shape (plain frames on TCP, op 9
+//! wrapped pushes on WebSocket, JSON text in JSON mode), then performs the close the session asked
+//! for (op 6 reason, WebSocket close code).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bytes::{Bytes, BytesMut};
+use futures::SinkExt;
+use futures::stream::SplitSink;
+use rim_proto::frame::{Frame, HEADER_LEN, wrap_raw};
+use rim_proto::json::encode_server;
+use rim_proto::msg::DisconnectBody;
+use rim_proto::op;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+
+use crate::session::{CloseSpec, Outbound};
+
+/// Most queue items written in one batch, so one busy session cannot hog its writer forever.
+const MAX_BATCH: usize = 256;
+
+/// A push encoded once per delivery and shared (by `Arc`) by every recipient's queue.
+#[derive(Debug)]
+pub struct EncodedPush {
+    /// Op of the push.
+    pub op: i32,
+    /// The whole plain frame (header + body), as TCP clients get it.
+    pub frame: Bytes,
+    json: OnceLock<String>,
+    ws_single: OnceLock<Bytes>,
+}
+
+impl EncodedPush {
+    /// Encodes a push frame (seq 0) once.
+    pub fn new(op: i32, body: &[u8]) -> Self {
+        EncodedPush {
+            op,
+            frame: Frame::new(op, 0, Bytes::copy_from_slice(body)).to_bytes(),
+            json: OnceLock::new(),
+            ws_single: OnceLock::new(),
+        }
+    }
+
+    /// The push's body.
+    pub fn body(&self) -> &[u8] {
+        self.frame.get(HEADER_LEN..).unwrap_or_default()
+    }
+
+    /// JSON-mode text `{"op":..,"seq":0,"body":..}`, built on first use and then shared.
+    pub fn json_text(&self) -> &str {
+        self.json.get_or_init(|| {
+            let mut s = String::with_capacity(self.frame.len() + 32);
+            encode_server(&mut s, self.op, 0, self.body());
+            s
+        })
+    }
+
+    /// The op 9 message carrying only this push, built on first use and then shared.
+    pub fn ws_single(&self) -> Bytes {
+        self.ws_single.get_or_init(|| wrap_raw(&self.frame)).clone()
+    }
+}
+
+/// One item of a session's outbound queue.
+#[derive(Debug, Clone)]
+pub enum Out {
+    /// A reply to a client frame (op 3, 5, 8, 13, 15, 17): written as a plain frame.
+    Reply(Frame),
+    /// A push shared with other sessions.
+    Push(Arc<EncodedPush>),
+}
+
+/// TCP: every item as a plain frame, all in one buffer (one write, one flush).
+pub fn tcp_bytes(batch: &[Out]) -> Bytes {
+    let mut b = BytesMut::new();
+    for o in batch {
+        match o {
+            Out::Reply(f) => f.encode(&mut b),
+            Out::Push(p) => b.extend_from_slice(&p.frame),
+        }
+    }
+    b.freeze()
+}
+
+/// WebSocket binary mode: each reply its own message; each run of consecutive pushes one op 9 message.
+pub fn ws_binary_messages(batch: &[Out]) -> Vec<Bytes> {
+    let mut msgs = Vec::new();
+    let mut run: Vec<&Arc<EncodedPush>> = Vec::new();
+    let flush = |run: &mut Vec<&Arc<EncodedPush>>, msgs: &mut Vec<Bytes>| match run.len() {
+        0 => {}
+        1 => {
+            msgs.push(run[0].ws_single());
+            run.clear();
+        }
+        _ => {
+            let mut inner = BytesMut::with_capacity(run.iter().map(|p| p.frame.len()).sum());
+            for p in run.iter() {
+                inner.extend_from_slice(&p.frame);
+            }
+            msgs.push(wrap_raw(&inner));
+            run.clear();
+        }
+    };
+    for o in batch {
+        match o {
+            Out::Push(p) => run.push(p),
+            Out::Reply(f) => {
+                flush(&mut run, &mut msgs);
+                msgs.push(f.to_bytes());
+            }
+        }
+    }
+    flush(&mut run, &mut msgs);
+    msgs
+}
+
+/// JSON text of a reply; heartbeat replies carry `{"online":N}` instead of the 4-byte count.
+pub fn reply_json(f: &Frame) -> String {
+    let mut s = String::new();
+    if f.op == op::HEARTBEAT_REPLY {
+        let n = <[u8; 4]>::try_from(&f.body[..]).map_or(0, i32::from_be_bytes);
+        encode_server(
+            &mut s,
+            f.op,
+            f.seq,
+            format!("{{\"online\":{n}}}").as_bytes(),
+        );
+    } else {
+        encode_server(&mut s, f.op, f.seq, &f.body);
+    }
+    s
+}
+
+/// WebSocket JSON mode: each reply one object; each run of pushes one object or an array.
+pub fn ws_json_messages(batch: &[Out]) -> Vec<String> {
+    let mut msgs = Vec::new();
+    let mut run: Vec<&Arc<EncodedPush>> = Vec::new();
+    let flush = |run: &mut Vec<&Arc<EncodedPush>>, msgs: &mut Vec<String>| match run.len() {
+        0 => {}
+        1 => {
+            msgs.push(run[0].json_text().to_string());
+            run.clear();
+        }
+        _ => {
+            let mut s = String::from("[");
+            for (i, p) in run.iter().enumerate() {
+                if i > 0 {
+                    s.push(',');
+                }
+                s.push_str(p.json_text());
+            }
+            s.push(']');
+            msgs.push(s);
+            run.clear();
+        }
+    };
+    for o in batch {
+        match o {
+            Out::Push(p) => run.push(p),
+            Out::Reply(f) => {
+                flush(&mut run, &mut msgs);
+                msgs.push(reply_json(f));
+            }
+        }
+    }
+    flush(&mut run, &mut msgs);
+    msgs
+}
+
+/// Where a writer writes.
+pub enum WriterSink {
+    /// Raw TCP.
+    Tcp(OwnedWriteHalf),
+    /// WebSocket; `json` is set by the reader when the first message opened JSON mode.
+    Ws {
+        /// The sending half of the socket.
+        sink: SplitSink<WebSocket, Message>,
+        /// JSON mode flag, decided by the first client message.
+        json: Arc<AtomicBool>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error("write failed: {0}")]
+    Io(String),
+    #[error("write timed out")]
+    Timeout,
+}
+
+impl WriterSink {
+    async fn write_batch(&mut self, batch: &[Out]) -> Result<(), String> {
+        match self {
+            WriterSink::Tcp(w) => {
+                let b = tcp_bytes(batch);
+                w.write_all(&b).await.map_err(|e| e.to_string())?;
+                w.flush().await.map_err(|e| e.to_string())
+            }
+            WriterSink::Ws { sink, json } => {
+                if json.load(Ordering::Acquire) {
+                    for m in ws_json_messages(batch) {
+                        sink.feed(Message::Text(m.into()))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                } else {
+                    for m in ws_binary_messages(batch) {
+                        sink.feed(Message::Binary(m))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                sink.flush().await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    async fn finish(&mut self, spec: &CloseSpec) -> Result<(), String> {
+        match self {
+            WriterSink::Tcp(w) => {
+                if spec.op6 {
+                    let f = Frame::new(
+                        op::DISCONNECT_REPLY,
+                        0,
+                        DisconnectBody::to_json(&spec.reason),
+                    );
+                    w.write_all(&f.to_bytes())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                w.flush().await.map_err(|e| e.to_string())?;
+                w.shutdown().await.map_err(|e| e.to_string())
+            }
+            WriterSink::Ws { sink, json } => {
+                if spec.op6 && spec.op6_on_ws {
+                    let body = DisconnectBody::to_json(&spec.reason);
+                    let msg = if json.load(Ordering::Acquire) {
+                        let mut s = String::new();
+                        encode_server(&mut s, op::DISCONNECT_REPLY, 0, &body);
+                        Message::Text(s.into())
+                    } else {
+                        Message::Binary(Frame::new(op::DISCONNECT_REPLY, 0, body).to_bytes())
+                    };
+                    sink.feed(msg).await.map_err(|e| e.to_string())?;
+                }
+                let close = CloseFrame {
+                    code: spec.ws_code,
+                    reason: close_reason(&spec.reason).into(),
+                };
+                sink.send(Message::Close(Some(close)))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = sink.close().await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A WebSocket close reason must fit in 123 bytes; cut at a char boundary.
+fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
+}
+
+async fn timed<F: Future<Output = Result<(), String>>>(
+    t: Duration,
+    f: F,
+) -> Result<(), WriteError> {
+    match tokio::time::timeout(t, f).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(WriteError::Io(e)),
+        Err(_) => Err(WriteError::Timeout),
+    }
+}
+
+fn drain_ready(rx: &mut mpsc::Receiver<Out>, batch: &mut Vec<Out>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(o) => batch.push(o),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Runs until the session is closed (or the socket fails): writes batches, then the close.
+pub async fn run(
+    mut sink: WriterSink,
+    mut rx: mpsc::Receiver<Out>,
+    out: Arc<Outbound>,
+    write_timeout: Duration,
+) {
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = out.closed() => break,
+            item = rx.recv() => match item {
+                Some(o) => batch.push(o),
+                None => break,
+            },
+        }
+        drain_ready(&mut rx, &mut batch);
+        if let Err(e) = timed(write_timeout, sink.write_batch(&batch)).await {
+            tracing::debug!(error = %e, "session write failed");
+            out.close(CloseSpec::silent(&e.to_string()));
+            return;
+        }
+        batch.clear();
+    }
+    let spec = out.spec().unwrap_or_else(|| CloseSpec::silent("closed"));
+    if spec.drain {
+        // Replies and pushes already queued still go out before the close (shutdown, kick).
+        drain_ready(&mut rx, &mut batch);
+        if !batch.is_empty()
+            && timed(write_timeout, sink.write_batch(&batch))
+                .await
+                .is_err()
+        {
+            return;
+        }
+    }
+    if let Err(e) = timed(write_timeout, sink.finish(&spec)).await {
+        tracing::debug!(error = %e, "session close write failed");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_is_encoded_once_and_shared() {
+        let p = Arc::new(EncodedPush::new(1000, br#"{"a":1}"#));
+        assert_eq!(p.body(), br#"{"a":1}"#);
+        let a = p.json_text().as_ptr();
+        let b = p.json_text().as_ptr();
+        assert_eq!(a, b, "JSON text built once");
+        assert_eq!(p.json_text(), r#"{"op":1000,"seq":0,"body":{"a":1}}"#);
+        // Bytes clones share the allocation.
+        assert_eq!(p.ws_single().as_ptr(), p.ws_single().as_ptr());
+        let out1 = Out::Push(p.clone());
+        let Out::Push(q) = out1.clone() else {
+            unreachable!()
+        };
+        assert_eq!(q.frame.as_ptr(), p.frame.as_ptr());
+    }
+
+    #[test]
+    fn ws_batches_wrap_pushes_in_op9_and_keep_replies_plain() {
+        let p1 = Arc::new(EncodedPush::new(1000, b"one"));
+        let p2 = Arc::new(EncodedPush::new(1001, b"two"));
+        let reply = Frame::new(op::HEARTBEAT_REPLY, 7, 5i32.to_be_bytes().to_vec());
+        let batch = vec![
+            Out::Push(p1.clone()),
+            Out::Push(p2.clone()),
+            Out::Reply(reply.clone()),
+            Out::Push(p1.clone()),
+        ];
+        let msgs = ws_binary_messages(&batch);
+        assert_eq!(msgs.len(), 3);
+        let raw = Frame::decode_message(msgs[0].clone(), 1 << 20).unwrap();
+        assert_eq!(raw.op, op::RAW);
+        let inner = Frame::split_batch(raw.body, 1 << 20).unwrap();
+        assert_eq!(
+            inner
+                .iter()
+                .map(|f| (f.op, &f.body[..]))
+                .collect::<Vec<_>>(),
+            vec![(1000, &b"one"[..]), (1001, &b"two"[..])]
+        );
+        assert_eq!(Frame::decode_message(msgs[1].clone(), 64).unwrap(), reply);
+        let single = Frame::decode_message(msgs[2].clone(), 1 << 20).unwrap();
+        assert_eq!(single.op, op::RAW);
+
+        let tcp = tcp_bytes(&batch);
+        let mut codec = rim_proto::FrameCodec::new(1 << 20);
+        let mut buf = BytesMut::from(&tcp[..]);
+        let mut ops = Vec::new();
+        while let Some(f) = tokio_util::codec::Decoder::decode(&mut codec, &mut buf).unwrap() {
+            ops.push(f.op);
+        }
+        assert_eq!(ops, vec![1000, 1001, 3, 1000]);
+    }
+
+    #[test]
+    fn json_batches_are_arrays_and_heartbeat_says_online() {
+        let p1 = Arc::new(EncodedPush::new(1000, br#"{"x":1}"#));
+        let p2 = Arc::new(EncodedPush::new(1000, b"plain"));
+        let reply = Frame::new(op::HEARTBEAT_REPLY, 2, 9i32.to_be_bytes().to_vec());
+        let msgs = ws_json_messages(&[Out::Reply(reply), Out::Push(p1), Out::Push(p2)]);
+        assert_eq!(msgs[0], r#"{"op":3,"seq":2,"body":{"online":9}}"#);
+        let v: serde_json::Value = serde_json::from_str(&msgs[1]).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([{"op":1000,"seq":0,"body":{"x":1}},{"op":1000,"seq":0,"body":"plain"}])
+        );
+    }
+
+    #[test]
+    fn close_reasons_fit_websocket_limit() {
+        let long = "é".repeat(100);
+        let r = close_reason(&long);
+        assert!(r.len() <= 123);
+        assert!(long.starts_with(&r));
+    }
+}

@@ -1,0 +1,767 @@
+//! End-to-end tests of the comet against a fake logic (a tarpc `LogicRpc` server recording calls),
+//! driven by raw TCP frame clients, WebSocket clients and a `CometRpc` client playing job.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use rim_comet::{Config, Listeners};
+use rim_proto::FrameCodec;
+use rim_proto::frame::Frame;
+use rim_proto::msg::AuthBody;
+use rim_proto::op;
+use rim_proto::room::RoomId;
+use rim_proto::rpc::{
+    CometRpcClient, ConnectReply, ConnectRequest, DeliverReport, DeliverTarget, Delivery,
+    LogicError, LogicRpc, NodeInfo, OnlineCounts, OnlineReport, PushAccepted, PushId, SessionRef,
+};
+use tarpc::context::Context;
+use tarpc::server::Channel;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+// ---------- fake logic ----------
+
+#[derive(Clone)]
+struct FakeLogic {
+    events: mpsc::UnboundedSender<String>,
+    next: Arc<AtomicU64>,
+    heartbeat_secs: u32,
+    renews: Arc<Mutex<Vec<(NodeInfo, OnlineReport)>>>,
+}
+
+impl LogicRpc for FakeLogic {
+    async fn connect(self, _: Context, req: ConnectRequest) -> Result<ConnectReply, LogicError> {
+        if req.auth.token == "deny" {
+            return Err(LogicError::Unauthorized("bad token".into()));
+        }
+        let key = if req.auth.key.is_empty() {
+            format!("k{}", self.next.fetch_add(1, Ordering::Relaxed))
+        } else {
+            req.auth.key.clone()
+        };
+        let room = if req.auth.room_id.is_empty() {
+            None
+        } else {
+            Some(
+                RoomId::parse(&req.auth.room_id)
+                    .map_err(|e| LogicError::BadRequest(e.to_string()))?,
+            )
+        };
+        let _ = self.events.send(format!("connect {key}"));
+        Ok(ConnectReply {
+            mid: req.auth.mid,
+            key,
+            room,
+            accepts: req.auth.accepts,
+            heartbeat_secs: self.heartbeat_secs,
+            replaced_elsewhere: false,
+        })
+    }
+    async fn disconnect(self, _: Context, s: SessionRef) -> Result<(), LogicError> {
+        let _ = self.events.send(format!("disconnect {}", s.key));
+        Ok(())
+    }
+    async fn heartbeat(self, _: Context, s: SessionRef) -> Result<(), LogicError> {
+        let _ = self.events.send(format!("heartbeat {}", s.key));
+        Ok(())
+    }
+    async fn room_joined(
+        self,
+        _: Context,
+        _server: String,
+        room: RoomId,
+    ) -> Result<(), LogicError> {
+        let _ = self.events.send(format!("room_joined {room}"));
+        Ok(())
+    }
+    async fn renew_node(
+        self,
+        _: Context,
+        node: NodeInfo,
+        online: OnlineReport,
+    ) -> Result<OnlineCounts, LogicError> {
+        self.renews.lock().push((node, online.clone()));
+        let _ = self.events.send("renew".into());
+        Ok(OnlineCounts {
+            rooms: online
+                .rooms
+                .into_iter()
+                .map(|(r, n)| (r, u64::from(n) + 100))
+                .collect(),
+        })
+    }
+    async fn unregister_node(self, _: Context, server: String) -> Result<(), LogicError> {
+        let _ = self.events.send(format!("unregister {server}"));
+        Ok(())
+    }
+    async fn push_keys(
+        self,
+        _: Context,
+        _: i32,
+        _: Vec<String>,
+        _: Bytes,
+    ) -> Result<PushAccepted, LogicError> {
+        Err(LogicError::Internal("not in fake".into()))
+    }
+    async fn push_mids(
+        self,
+        _: Context,
+        _: i32,
+        _: Vec<i64>,
+        _: Bytes,
+    ) -> Result<PushAccepted, LogicError> {
+        Err(LogicError::Internal("not in fake".into()))
+    }
+    async fn push_room(
+        self,
+        _: Context,
+        _: i32,
+        _: RoomId,
+        _: Bytes,
+    ) -> Result<PushAccepted, LogicError> {
+        Err(LogicError::Internal("not in fake".into()))
+    }
+    async fn push_all(
+        self,
+        _: Context,
+        _: i32,
+        _: u32,
+        _: Bytes,
+    ) -> Result<PushAccepted, LogicError> {
+        Err(LogicError::Internal("not in fake".into()))
+    }
+}
+
+struct Harness {
+    http: SocketAddr,
+    tcp: SocketAddr,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<Result<(), rim_comet::CometError>>,
+    events: mpsc::UnboundedReceiver<String>,
+    renews: Arc<Mutex<Vec<(NodeInfo, OnlineReport)>>>,
+    job: CometRpcClient,
+    next_push: u64,
+}
+
+async fn start(tweak: impl FnOnce(&mut Config)) -> Harness {
+    start_with(30, tweak).await
+}
+
+async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) -> Harness {
+    let (tx, events) = mpsc::unbounded_channel();
+    let renews = Arc::new(Mutex::new(Vec::new()));
+    let fake = FakeLogic {
+        events: tx,
+        next: Arc::new(AtomicU64::new(1)),
+        heartbeat_secs,
+        renews: renews.clone(),
+    };
+    let logic_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let logic_addr = logic_l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = logic_l.accept().await {
+            let f = fake.clone();
+            tokio::spawn(
+                tarpc::server::BaseChannel::with_defaults(rim_proto::rpc::transport(s))
+                    .execute(f.serve())
+                    .for_each(|fut| async {
+                        tokio::spawn(fut);
+                    }),
+            );
+        }
+    });
+    let mut cfg = Config {
+        server_id: "comet-test".into(),
+        ..Config::default()
+    };
+    cfg.logic.addrs = vec![logic_addr.to_string()];
+    cfg.shutdown_grace_ms = 2000;
+    tweak(&mut cfg);
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (http_a, tcp_a, rpc_a) = (
+        http.local_addr().unwrap(),
+        tcp.local_addr().unwrap(),
+        rpc.local_addr().unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let done = tokio::spawn(rim_comet::run(
+        Listeners {
+            http,
+            tcp: Some(tcp),
+            rpc,
+        },
+        cfg,
+        shutdown.clone(),
+    ));
+    let stream = TcpStream::connect(rpc_a).await.unwrap();
+    let job = CometRpcClient::new(
+        tarpc::client::Config::default(),
+        rim_proto::rpc::transport(stream),
+    )
+    .spawn();
+    let mut h = Harness {
+        http: http_a,
+        tcp: tcp_a,
+        shutdown,
+        done,
+        events,
+        renews,
+        job,
+        next_push: 1,
+    };
+    h.expect_event("renew").await;
+    h
+}
+
+impl Harness {
+    async fn expect_event(&mut self, want: &str) {
+        let r = tokio::time::timeout(WAIT, async {
+            while let Some(e) = self.events.recv().await {
+                if e == want {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "no logic event {want:?}");
+    }
+
+    fn push_id(&mut self) -> PushId {
+        self.next_push += 1;
+        PushId {
+            partition: 1,
+            ms: 1000,
+            seq: self.next_push,
+        }
+    }
+
+    async fn deliver(&self, items: Vec<Delivery>) -> DeliverReport {
+        let mut ctx = tarpc::context::current();
+        ctx.deadline = std::time::Instant::now() + WAIT;
+        self.job.deliver(ctx, items).await.unwrap()
+    }
+
+    async fn push(&mut self, op: i32, body: &str, target: DeliverTarget) -> DeliverReport {
+        let id = self.push_id();
+        self.deliver(vec![Delivery {
+            id,
+            op,
+            body: Bytes::from(body.to_string()),
+            target,
+        }])
+        .await
+    }
+
+    async fn http_get(&self, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(self.http).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(WAIT, s.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        out
+    }
+}
+
+fn auth_frame(mid: i64, key: &str, room: &str, accepts: &[i32]) -> Frame {
+    let body = AuthBody {
+        mid,
+        key: key.into(),
+        room_id: room.into(),
+        platform: "test".into(),
+        accepts: accepts.to_vec(),
+        token: String::new(),
+    };
+    Frame::new(op::AUTH, 1, serde_json::to_vec(&body).unwrap())
+}
+
+// ---------- TCP client ----------
+
+struct Tcp(Framed<TcpStream, FrameCodec>);
+
+impl Tcp {
+    async fn connect(h: &Harness) -> Tcp {
+        Tcp(Framed::new(
+            TcpStream::connect(h.tcp).await.unwrap(),
+            FrameCodec::new(1 << 20),
+        ))
+    }
+    async fn send(&mut self, f: Frame) {
+        self.0.send(f).await.unwrap();
+    }
+    async fn recv(&mut self) -> Option<Frame> {
+        tokio::time::timeout(WAIT, self.0.next())
+            .await
+            .expect("tcp recv timed out")
+            .map(|r| r.unwrap())
+    }
+    async fn auth(h: &Harness, key: &str, room: &str, accepts: &[i32]) -> Tcp {
+        let mut c = Tcp::connect(h).await;
+        c.send(auth_frame(7, key, room, accepts)).await;
+        let r = c.recv().await.unwrap();
+        assert_eq!((r.op, r.seq), (op::AUTH_REPLY, 1), "{r:?}");
+        c
+    }
+}
+
+fn reason(f: &Frame) -> String {
+    assert_eq!(f.op, op::DISCONNECT_REPLY, "{f:?}");
+    let v: serde_json::Value = serde_json::from_slice(&f.body).unwrap();
+    v["reason"].as_str().unwrap().to_string()
+}
+
+// ---------- WebSocket client ----------
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn ws_connect(h: &Harness) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/sub", h.http))
+        .await
+        .unwrap();
+    ws
+}
+
+async fn ws_recv(ws: &mut Ws) -> Message {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("ws recv timed out")
+            .unwrap()
+            .unwrap();
+        if !matches!(m, Message::Ping(_) | Message::Pong(_)) {
+            return m;
+        }
+    }
+}
+
+async fn ws_frame(ws: &mut Ws) -> Frame {
+    match ws_recv(ws).await {
+        Message::Binary(b) => Frame::decode_message(b, 1 << 20).unwrap(),
+        other => panic!("expected binary, got {other:?}"),
+    }
+}
+
+async fn ws_close_code(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match ws_recv(ws).await {
+            Message::Close(Some(c)) => return (u16::from(c.code), c.reason.to_string()),
+            Message::Close(None) => return (1005, String::new()),
+            _ => continue,
+        }
+    }
+}
+
+// ---------- tests ----------
+
+#[tokio::test]
+async fn tcp_auth_heartbeat_filter_dedupe_and_room() {
+    let mut h = start(|_| {}).await;
+    let mut c = Tcp::auth(&h, "a", "live://1", &[1000]).await;
+    // room_joined reached logic before the AuthReply.
+    h.expect_event("room_joined live://1").await;
+
+    c.send(Frame {
+        ver: 0,
+        ..Frame::new(op::HEARTBEAT, 5, Bytes::new())
+    })
+    .await;
+    let hb = c.recv().await.unwrap();
+    assert_eq!(
+        (hb.op, hb.seq, &hb.body[..]),
+        (op::HEARTBEAT_REPLY, 5, &1i32.to_be_bytes()[..])
+    );
+
+    let id = h.push_id();
+    let item = Delivery {
+        id,
+        op: 1000,
+        body: Bytes::from_static(b"hello"),
+        target: DeliverTarget::Keys(vec!["a".into(), "nobody".into()]),
+    };
+    let r = h.deliver(vec![item.clone()]).await;
+    assert_eq!((r.queued, r.missing, r.duplicates), (1, 1, 0));
+    let p = c.recv().await.unwrap();
+    assert_eq!((p.op, &p.body[..]), (1000, &b"hello"[..]));
+
+    // Same push id again: suppressed.
+    let r = h.deliver(vec![item]).await;
+    assert_eq!((r.queued, r.duplicates), (0, 1));
+
+    // Op not accepted: skipped; after Sub it is delivered.
+    let r = h
+        .push(1001, "x", DeliverTarget::Keys(vec!["a".into()]))
+        .await;
+    assert_eq!(r.queued, 0);
+    c.send(Frame::new(op::SUB, 9, Bytes::from_static(b"1001")))
+        .await;
+    let s = c.recv().await.unwrap();
+    assert_eq!((s.op, s.seq, &s.body[..]), (op::SUB_REPLY, 9, &b"1001"[..]));
+    let r = h
+        .push(
+            1001,
+            "y",
+            DeliverTarget::Room(RoomId::parse("live://1").unwrap()),
+        )
+        .await;
+    assert_eq!(r.queued, 1);
+    let p = c.recv().await.unwrap();
+    assert_eq!((p.op, &p.body[..]), (1001, &b"y"[..]));
+
+    // Unsub; All reaches only accepting sessions.
+    c.send(Frame::new(op::UNSUB, 10, Bytes::from_static(b"1001")))
+        .await;
+    assert_eq!(c.recv().await.unwrap().op, op::UNSUB_REPLY);
+    let r = h.push(1001, "z", DeliverTarget::All { speed: 0 }).await;
+    assert_eq!(r.queued, 0);
+    let r = h.push(1000, "all", DeliverTarget::All { speed: 0 }).await;
+    assert_eq!(r.queued, 1);
+    assert_eq!(&c.recv().await.unwrap().body[..], b"all");
+
+    // SendMsg is answered, not fatal.
+    c.send(Frame::new(op::SEND_MSG, 11, Bytes::from_static(b"{}")))
+        .await;
+    let m = c.recv().await.unwrap();
+    assert_eq!((m.op, m.seq), (op::SEND_MSG_REPLY, 11));
+    assert!(String::from_utf8_lossy(&m.body).contains("-501"));
+
+    // Client leaves: logic hears about it.
+    drop(c);
+    h.expect_event("disconnect a").await;
+}
+
+#[tokio::test]
+async fn change_room_success_and_refusal_keep_session() {
+    let mut h = start(|_| {}).await;
+    let mut c = Tcp::auth(&h, "cr", "", &[1000]).await;
+    c.send(Frame::new(
+        op::CHANGE_ROOM,
+        3,
+        Bytes::from_static(b"bad room"),
+    ))
+    .await;
+    let r = c.recv().await.unwrap();
+    assert_eq!((r.op, r.seq), (op::CHANGE_ROOM_REPLY, 3));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("bad room id"),
+        "{r:?}"
+    );
+    c.send(Frame::new(op::SUB, 4, Bytes::from_static(b"1000,x")))
+        .await;
+    let r = c.recv().await.unwrap();
+    assert_eq!(r.op, op::SUB_REPLY);
+    assert!(String::from_utf8_lossy(&r.body).contains("error"));
+
+    c.send(Frame::new(
+        op::CHANGE_ROOM,
+        4,
+        Bytes::from_static(b"chat://9"),
+    ))
+    .await;
+    let r = c.recv().await.unwrap();
+    assert_eq!(
+        (r.op, &r.body[..]),
+        (op::CHANGE_ROOM_REPLY, &b"chat://9"[..])
+    );
+    h.expect_event("room_joined chat://9").await;
+    let room = RoomId::parse("chat://9").unwrap();
+    let rep = h
+        .push(1000, "in room", DeliverTarget::Room(room.clone()))
+        .await;
+    assert_eq!(rep.queued, 1);
+    assert_eq!(&c.recv().await.unwrap().body[..], b"in room");
+
+    // Leave with an empty body.
+    c.send(Frame::new(op::CHANGE_ROOM, 5, Bytes::new())).await;
+    assert_eq!(c.recv().await.unwrap().op, op::CHANGE_ROOM_REPLY);
+    let rep = h.push(1000, "gone", DeliverTarget::Room(room)).await;
+    assert_eq!(rep.queued, 0);
+}
+
+#[tokio::test]
+async fn ws_binary_auth_heartbeat_and_op9_pushes() {
+    let mut h = start(|_| {}).await;
+    let mut ws = ws_connect(&h).await;
+    ws.send(Message::binary(
+        auth_frame(3, "w", "live://2", &[1000]).to_bytes(),
+    ))
+    .await
+    .unwrap();
+    let a = ws_frame(&mut ws).await;
+    assert_eq!(a.op, op::AUTH_REPLY);
+    let body: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(body["key"], "w");
+    assert_eq!(body["room_id"], "live://2");
+    ws.send(Message::binary(
+        Frame::new(op::HEARTBEAT, 2, Bytes::new()).to_bytes(),
+    ))
+    .await
+    .unwrap();
+    let hb = ws_frame(&mut ws).await;
+    assert_eq!((hb.op, hb.seq), (op::HEARTBEAT_REPLY, 2));
+
+    let room = RoomId::parse("live://2").unwrap();
+    let items = (0..3)
+        .map(|i| Delivery {
+            id: h.push_id(),
+            op: 1000,
+            body: Bytes::from(format!("m{i}")),
+            target: DeliverTarget::Room(room.clone()),
+        })
+        .collect::<Vec<_>>();
+    let r = h.deliver(items).await;
+    assert_eq!(r.queued, 3);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let raw = ws_frame(&mut ws).await;
+        assert_eq!(raw.op, op::RAW);
+        for f in Frame::split_batch(raw.body, 1 << 20).unwrap() {
+            got.push(String::from_utf8(f.body.to_vec()).unwrap());
+        }
+    }
+    assert_eq!(got, vec!["m0", "m1", "m2"], "order kept");
+
+    // A binary frame inside a text message is accepted too.
+    let text = String::from_utf8(
+        Frame::new(op::HEARTBEAT, 3, Bytes::new())
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    ws.send(Message::text(text)).await.unwrap();
+    assert_eq!(ws_frame(&mut ws).await.op, op::HEARTBEAT_REPLY);
+}
+
+#[tokio::test]
+async fn ws_json_mode() {
+    let mut h = start(|_| {}).await;
+    let mut ws = ws_connect(&h).await;
+    ws.send(Message::text(r#"{"ver":1,"op":7,"seq":1,"body":{"mid":5,"key":"j","room_id":"live://3","accepts":[1000]}}"#))
+        .await
+        .unwrap();
+    let text = |m: Message| -> serde_json::Value {
+        match m {
+            Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+            other => panic!("expected text, got {other:?}"),
+        }
+    };
+    let a = text(ws_recv(&mut ws).await);
+    assert_eq!((a["op"].as_i64(), a["seq"].as_i64()), (Some(8), Some(1)));
+    assert_eq!(a["body"]["key"], "j");
+    ws.send(Message::text(r#"{"op":2,"seq":2}"#)).await.unwrap();
+    let hb = text(ws_recv(&mut ws).await);
+    assert_eq!(hb, serde_json::json!({"op":3,"seq":2,"body":{"online":1}}));
+    h.push(
+        1000,
+        r#"{"hello":"json"}"#,
+        DeliverTarget::Keys(vec!["j".into()]),
+    )
+    .await;
+    let p = text(ws_recv(&mut ws).await);
+    assert_eq!(
+        p,
+        serde_json::json!({"op":1000,"seq":0,"body":{"hello":"json"}})
+    );
+    ws.send(Message::text(r#"{"op":12,"seq":3,"body":"live://4"}"#))
+        .await
+        .unwrap();
+    let cr = text(ws_recv(&mut ws).await);
+    assert_eq!(cr, serde_json::json!({"op":13,"seq":3,"body":"live://4"}));
+    // Not a JSON frame: protocol error.
+    ws.send(Message::text(r#"{"op":"x"}"#)).await.unwrap();
+    assert_eq!(ws_close_code(&mut ws).await.0, 1002);
+}
+
+#[tokio::test]
+async fn first_frame_must_be_auth() {
+    let h = start(|_| {}).await;
+    let mut c = Tcp::connect(&h).await;
+    c.send(Frame::new(op::HEARTBEAT, 1, Bytes::new())).await;
+    assert!(reason(&c.recv().await.unwrap()).contains("op 7"));
+    assert!(c.recv().await.is_none(), "closed after op 6");
+
+    let mut ws = ws_connect(&h).await;
+    ws.send(Message::binary(
+        Frame::new(op::HEARTBEAT, 1, Bytes::new()).to_bytes(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ws_frame(&mut ws).await.op, op::DISCONNECT_REPLY);
+    assert_eq!(ws_close_code(&mut ws).await.0, 1008);
+}
+
+#[tokio::test]
+async fn bad_auth_body_and_refusal() {
+    let h = start(|_| {}).await;
+    let mut c = Tcp::connect(&h).await;
+    c.send(Frame::new(op::AUTH, 1, Bytes::from_static(b"{not json")))
+        .await;
+    assert!(reason(&c.recv().await.unwrap()).starts_with("bad auth body: "));
+    assert!(c.recv().await.is_none());
+
+    let mut c = Tcp::connect(&h).await;
+    c.send(Frame::new(
+        op::AUTH,
+        1,
+        Bytes::from_static(br#"{"mid":1,"token":"deny"}"#),
+    ))
+    .await;
+    assert!(reason(&c.recv().await.unwrap()).contains("unauthorized"));
+    assert!(c.recv().await.is_none());
+    let m = h.http_get("/metrics").await;
+    assert!(
+        m.contains(r#"rim_comet_auth_failures_total{reason="bad_body"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"rim_comet_auth_failures_total{reason="refused"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_frames_close_with_1002_and_1009() {
+    let h = start(|c| c.session.max_body = 128).await;
+    let mut ws = ws_connect(&h).await;
+    let mut bad = Frame::new(op::AUTH, 1, Bytes::from_static(b"{}"))
+        .to_bytes()
+        .to_vec();
+    bad[4..6].copy_from_slice(&12i16.to_be_bytes());
+    ws.send(Message::binary(bad)).await.unwrap();
+    let (code, why) = ws_close_code(&mut ws).await;
+    assert_eq!(code, 1002);
+    assert!(why.contains("headerLen"), "{why}");
+
+    let mut ws = ws_connect(&h).await;
+    ws.send(Message::binary(
+        Frame::new(op::AUTH, 1, vec![b' '; 129]).to_bytes(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ws_close_code(&mut ws).await.0, 1009);
+
+    // TCP: op 6 with the reason, then the close.
+    let mut c = Tcp::connect(&h).await;
+    c.send(Frame::new(op::AUTH, 1, vec![b' '; 129])).await;
+    assert!(reason(&c.recv().await.unwrap()).contains("exceeds"));
+    assert!(c.recv().await.is_none());
+
+    // Other clients are still served.
+    let _ok = Tcp::auth(&h, "still", "", &[]).await;
+}
+
+#[tokio::test]
+async fn auth_timeout_closes() {
+    let h = start(|c| c.session.handshake_timeout_ms = 150).await;
+    let mut c = Tcp::connect(&h).await;
+    assert_eq!(reason(&c.recv().await.unwrap()), "auth timeout");
+    let mut ws = ws_connect(&h).await;
+    assert_eq!(
+        ws_close_code(&mut ws).await,
+        (1008, "auth timeout".to_string())
+    );
+}
+
+#[tokio::test]
+async fn heartbeat_silence_closes_and_unregisters() {
+    let mut h = start_with(1, |c| c.session.heartbeat_misses = 1).await;
+    let mut c = Tcp::auth(&h, "quiet", "", &[]).await;
+    assert_eq!(reason(&c.recv().await.unwrap()), "heartbeat timeout");
+    h.expect_event("disconnect quiet").await;
+}
+
+#[tokio::test]
+async fn same_key_replaces_and_kick_closes() {
+    let mut h = start(|_| {}).await;
+    let mut old = Tcp::auth(&h, "dup", "", &[1000]).await;
+    let mut new = Tcp::auth(&h, "dup", "", &[1000]).await;
+    assert_eq!(reason(&old.recv().await.unwrap()), "replaced");
+    let r = h
+        .push(1000, "to new", DeliverTarget::Keys(vec!["dup".into()]))
+        .await;
+    assert_eq!(r.queued, 1);
+    assert_eq!(&new.recv().await.unwrap().body[..], b"to new");
+
+    let r = h
+        .push(1000, "", DeliverTarget::Kick(vec!["dup".into()]))
+        .await;
+    assert_eq!(r.missing, 0);
+    assert_eq!(reason(&new.recv().await.unwrap()), "replaced");
+    h.expect_event("disconnect dup").await;
+}
+
+#[tokio::test]
+async fn slow_consumer_is_disconnected_and_counted() {
+    let mut h = start(|c| c.session.outbound_queue = 2).await;
+    let mut c = Tcp::auth(&h, "slow", "", &[1000]).await;
+    // One batch of many pushes: the queue of 2 overflows before the writer can drain it.
+    let body = "x".repeat(1000);
+    let items = (0..50)
+        .map(|_| Delivery {
+            id: h.push_id(),
+            op: 1000,
+            body: Bytes::from(body.clone()),
+            target: DeliverTarget::Keys(vec!["slow".into()]),
+        })
+        .collect();
+    let r = h.deliver(items).await;
+    assert_eq!(r.slow_closed, 1, "{r:?}");
+    // The client, reading now, sees op 6 "slow consumer" (queued pushes are not flushed first).
+    let mut saw = false;
+    while let Some(f) = c.recv().await {
+        if f.op == op::DISCONNECT_REPLY {
+            assert_eq!(reason(&f), "slow consumer");
+            saw = true;
+        }
+    }
+    assert!(saw);
+    let m = h.http_get("/metrics").await;
+    assert!(m.contains("rim_comet_slow_consumer_closed_total 1"), "{m}");
+}
+
+#[tokio::test]
+async fn readyz_advertises_and_shutdown_drains() {
+    let mut h = start(|_| {}).await;
+    assert!(h.http_get("/readyz").await.starts_with("HTTP/1.1 200"));
+    {
+        let renews = h.renews.lock();
+        let node = &renews[0].0;
+        assert_eq!(node.server, "comet-test");
+        assert_eq!(node.tcp_addr, h.tcp.to_string());
+        assert_eq!(node.ws_addr, h.http.to_string());
+    }
+    let mut c = Tcp::auth(&h, "bye", "", &[]).await;
+    let mut ws = ws_connect(&h).await;
+    ws.send(Message::binary(auth_frame(1, "bye-ws", "", &[]).to_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(ws_frame(&mut ws).await.op, op::AUTH_REPLY);
+    h.shutdown.cancel();
+    assert_eq!(reason(&c.recv().await.unwrap()), "server shutting down");
+    assert_eq!(ws_frame(&mut ws).await.op, op::DISCONNECT_REPLY);
+    assert_eq!(ws_close_code(&mut ws).await.0, 1001);
+    h.expect_event("unregister comet-test").await;
+    tokio::time::timeout(WAIT, &mut h.done)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
