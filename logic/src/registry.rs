@@ -327,7 +327,13 @@ impl App {
         if !reported.is_empty() {
             let fields: Vec<(&str, u64)> = reported.iter().map(|(r, c)| (r.as_str(), *c)).collect();
             pipe.hset_multiple(&rooms_key, &fields).ignore();
-            pipe.cmd("PEXPIRE").arg(&rooms_key).arg(ttl_ms).ignore();
+            // Outlive the registration: the reaper (every ttl/3 after expiry) reads this hash to
+            // remove the node from each room's index. The TTL only guards against a leak if no
+            // logic ever reaps; online counts already ignore expired nodes.
+            pipe.cmd("PEXPIRE")
+                .arg(&rooms_key)
+                .arg(ttl_ms.saturating_mul(4))
+                .ignore();
         }
         for room in old.iter().filter(|r| !reported.contains_key(*r)) {
             pipe.srem(keys::room_nodes(room), &server).ignore();

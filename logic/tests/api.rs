@@ -636,8 +636,13 @@ async fn renewals_feed_online_and_the_reaper_removes_dead_comets() {
     let check = eventually("dead comet reaped", || {
         let mut c = redis.connection();
         async move {
+            // Every end state of the purge: the session may also lapse by TTL before the purge runs.
             !c.exists::<_, bool>(keys::session("kd")).unwrap()
                 && !c.hexists::<_, _, bool>(keys::NODES, "dead").unwrap()
+                && !c.exists::<_, bool>(keys::node_sessions("dead")).unwrap()
+                && !c
+                    .sismember::<_, _, bool>(keys::room_nodes("live://2"), "dead")
+                    .unwrap()
         }
     });
     tokio::select! {
