@@ -262,23 +262,24 @@ impl Partition {
         let ids: Vec<String> = raw.iter().map(|e| e.id.clone()).collect();
         let entries = self.decode(raw);
 
-        // A comet named by a push but unknown to the cache may have registered a moment ago.
-        let named = route::named_servers(&entries);
+        let Some(rooms) = self.room_members(&entries, stop).await else {
+            return false;
+        };
+        // A comet named by a push or listed in a room's index but unknown to the cache may have
+        // registered a moment ago: look again before treating it as gone.
+        let mut named = route::named_servers(&entries);
+        named.extend(rooms.values().flatten().cloned());
         if named.iter().any(|s| self.ctx.registry.link(s).is_none()) {
             let mut redis = self.ctx.redis.clone();
-            let max_age = self.ctx.cfg.refresh_every().min(Duration::from_millis(100));
             if let Err(e) = self
                 .ctx
                 .registry
-                .refresh_if_older(&mut redis, max_age)
+                .refresh_since(&mut redis, std::time::Instant::now())
                 .await
             {
                 self.redis_failed("registry refresh", &e);
             }
         }
-        let Some(rooms) = self.room_members(&entries, stop).await else {
-            return false;
-        };
         let live = self.ctx.registry.live();
         let plan = route::plan(&entries, &live, &rooms);
         for d in &plan.dropped {

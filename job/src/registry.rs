@@ -66,18 +66,16 @@ impl Registry {
             .map(|n| n.link.clone())
     }
 
-    /// Refreshes unless the cache is younger than `max_age`.
-    pub async fn refresh_if_older(
+    /// Re-reads the registry unless a read that started at or after `needed_at` already
+    /// happened. Callers that miss a comet pass the moment they noticed: a burst of misses costs
+    /// one round trip, and a read older than the miss is never trusted to call a comet gone.
+    pub async fn refresh_since(
         &self,
         redis: &mut ConnectionManager,
-        max_age: Duration,
+        needed_at: Instant,
     ) -> redis::RedisResult<()> {
         let _guard = self.refresh_lock.lock().await;
-        let fresh = self
-            .refreshed
-            .read()
-            .is_some_and(|at| at.elapsed() < max_age);
-        if fresh {
+        if self.refreshed.read().is_some_and(|at| at >= needed_at) {
             return Ok(());
         }
         self.refresh_locked(redis).await
