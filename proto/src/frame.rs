@@ -358,12 +358,7 @@ mod tests {
             let _ = Frame::split_batch(Bytes::from(bytes.clone()), 64);
             let mut codec = FrameCodec::new(64);
             let mut buf = BytesMut::from(&bytes[..]);
-            loop {
-                match codec.decode_eof(&mut buf) {
-                    Ok(Some(_)) => continue,
-                    _ => break,
-                }
-            }
+            while let Ok(Some(_)) = codec.decode_eof(&mut buf) {}
         }
     }
 

@@ -25,11 +25,17 @@ pub struct ApiResponse {
 impl ApiResponse {
     /// `code` of the envelope.
     pub fn code(&self) -> i64 {
-        self.body.get("code").and_then(Value::as_i64).unwrap_or(i64::MIN)
+        self.body
+            .get("code")
+            .and_then(Value::as_i64)
+            .unwrap_or(i64::MIN)
     }
     /// `message` of the envelope.
     pub fn message(&self) -> &str {
-        self.body.get("message").and_then(Value::as_str).unwrap_or("")
+        self.body
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("")
     }
     /// `data` of the envelope.
     pub fn data(&self) -> &Value {
@@ -47,7 +53,11 @@ impl ApiResponse {
 impl Api {
     /// API at `http://addr`.
     pub fn new(addr: std::net::SocketAddr) -> Api {
-        Api { base: format!("http://{addr}"), http: reqwest::Client::new(), secret: None }
+        Api {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            secret: None,
+        }
     }
 
     /// Sends `Authorization: Bearer <secret>` on every call.
@@ -57,8 +67,15 @@ impl Api {
     }
 
     /// POST `path?query` with a raw body.
-    pub async fn post(&self, path_and_query: &str, body: impl Into<reqwest::Body>) -> anyhow::Result<ApiResponse> {
-        let mut req = self.http.post(format!("{}{}", self.base, path_and_query)).body(body);
+    pub async fn post(
+        &self,
+        path_and_query: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> anyhow::Result<ApiResponse> {
+        let mut req = self
+            .http
+            .post(format!("{}{}", self.base, path_and_query))
+            .body(body);
         if let Some(s) = &self.secret {
             req = req.bearer_auth(s);
         }
@@ -77,32 +94,75 @@ impl Api {
     async fn finish(resp: reqwest::Response) -> anyhow::Result<ApiResponse> {
         let status = resp.status().as_u16();
         let text = resp.text().await?;
-        let body = serde_json::from_str(&text).map_err(|_| anyhow!("non-JSON response {status}: {text}"))?;
+        let body = serde_json::from_str(&text)
+            .map_err(|_| anyhow!("non-JSON response {status}: {text}"))?;
         Ok(ApiResponse { status, body })
     }
 
     /// Push to users; returns the envelope's data.
     pub async fn push_mids(&self, op: i32, mids: &[i64], body: &[u8]) -> anyhow::Result<Value> {
         let q: Vec<String> = mids.iter().map(|m| format!("mids={m}")).collect();
-        Ok(self.post(&format!("/goim/push/mids?operation={op}&{}", q.join("&")), body.to_vec()).await?.ok()?.data().clone())
+        Ok(self
+            .post(
+                &format!("/goim/push/mids?operation={op}&{}", q.join("&")),
+                body.to_vec(),
+            )
+            .await?
+            .ok()?
+            .data()
+            .clone())
     }
 
     /// Push to sessions.
     pub async fn push_keys(&self, op: i32, keys: &[&str], body: &[u8]) -> anyhow::Result<Value> {
-        let q: Vec<String> =
-            keys.iter().map(|k| format!("keys={}", form_urlencoded::byte_serialize(k.as_bytes()).collect::<String>())).collect();
-        Ok(self.post(&format!("/goim/push/keys?operation={op}&{}", q.join("&")), body.to_vec()).await?.ok()?.data().clone())
+        let q: Vec<String> = keys
+            .iter()
+            .map(|k| {
+                format!(
+                    "keys={}",
+                    form_urlencoded::byte_serialize(k.as_bytes()).collect::<String>()
+                )
+            })
+            .collect();
+        Ok(self
+            .post(
+                &format!("/goim/push/keys?operation={op}&{}", q.join("&")),
+                body.to_vec(),
+            )
+            .await?
+            .ok()?
+            .data()
+            .clone())
     }
 
     /// Push to room `ty://room`.
-    pub async fn push_room(&self, op: i32, ty: &str, room: &str, body: &[u8]) -> anyhow::Result<Value> {
+    pub async fn push_room(
+        &self,
+        op: i32,
+        ty: &str,
+        room: &str,
+        body: &[u8],
+    ) -> anyhow::Result<Value> {
         let room = form_urlencoded::byte_serialize(room.as_bytes()).collect::<String>();
-        Ok(self.post(&format!("/goim/push/room?operation={op}&type={ty}&room={room}"), body.to_vec()).await?.ok()?.data().clone())
+        Ok(self
+            .post(
+                &format!("/goim/push/room?operation={op}&type={ty}&room={room}"),
+                body.to_vec(),
+            )
+            .await?
+            .ok()?
+            .data()
+            .clone())
     }
 
     /// Push to everyone.
     pub async fn push_all(&self, op: i32, body: &[u8]) -> anyhow::Result<Value> {
-        Ok(self.post(&format!("/goim/push/all?operation={op}"), body.to_vec()).await?.ok()?.data().clone())
+        Ok(self
+            .post(&format!("/goim/push/all?operation={op}"), body.to_vec())
+            .await?
+            .ok()?
+            .data()
+            .clone())
     }
 }
 
@@ -132,15 +192,24 @@ pub fn streams_drained(conn: &mut redis::Connection) -> anyhow::Result<bool> {
     for stream in streams {
         let info: std::collections::HashMap<String, redis::Value> =
             redis::cmd("XINFO").arg("STREAM").arg(&stream).query(conn)?;
-        let last: String = info.get("last-generated-id").map(|v| redis::from_redis_value(v.clone())).transpose()?.unwrap_or_default();
-        let groups: Vec<redis::Value> = redis::cmd("XINFO").arg("GROUPS").arg(&stream).query(conn)?;
+        let last: String = info
+            .get("last-generated-id")
+            .map(|v| redis::from_redis_value(v.clone()))
+            .transpose()?
+            .unwrap_or_default();
+        let groups: Vec<redis::Value> =
+            redis::cmd("XINFO").arg("GROUPS").arg(&stream).query(conn)?;
         if groups.is_empty() {
             return Ok(false);
         }
         for g in groups {
             let map: std::collections::HashMap<String, redis::Value> = redis::from_redis_value(g)?;
-            let pending = map.get("pending").and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok());
-            let delivered = map.get("last-delivered-id").and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
+            let pending = map
+                .get("pending")
+                .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok());
+            let delivered = map
+                .get("last-delivered-id")
+                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
             if pending != Some(0) || delivered.as_deref() != Some(last.as_str()) {
                 return Ok(false);
             }

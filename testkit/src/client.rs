@@ -80,7 +80,9 @@ impl Client {
     pub async fn open(transport: Transport, addr: SocketAddr) -> anyhow::Result<Client> {
         let conn = match transport {
             Transport::Tcp => {
-                let stream = TcpStream::connect(addr).await.with_context(|| format!("tcp connect {addr}"))?;
+                let stream = TcpStream::connect(addr)
+                    .await
+                    .with_context(|| format!("tcp connect {addr}"))?;
                 Conn::Tcp(Framed::new(stream, FrameCodec::new(CLIENT_MAX_BODY)))
             }
             Transport::WsBinary | Transport::WsJson => {
@@ -102,7 +104,11 @@ impl Client {
     }
 
     /// Opens and authenticates; fails unless the server answers op 8.
-    pub async fn connect(transport: Transport, addr: SocketAddr, auth: &AuthBody) -> anyhow::Result<Client> {
+    pub async fn connect(
+        transport: Transport,
+        addr: SocketAddr,
+        auth: &AuthBody,
+    ) -> anyhow::Result<Client> {
         let mut c = Client::open(transport, addr).await?;
         c.auth(auth).await?;
         Ok(c)
@@ -126,7 +132,8 @@ impl Client {
         if reply.frame.seq != seq {
             bail!("auth reply seq {} != {}", reply.frame.seq, seq);
         }
-        let parsed: AuthReplyBody = serde_json::from_slice(&reply.frame.body).context("auth reply body")?;
+        let parsed: AuthReplyBody =
+            serde_json::from_slice(&reply.frame.body).context("auth reply body")?;
         self.session = Some(parsed.clone());
         Ok(parsed)
     }
@@ -148,10 +155,17 @@ impl Client {
                     Ok(v) if v.is_object() || v.is_array() => v,
                     _ => Value::String(String::from_utf8_lossy(&f.body).into_owned()),
                 };
-                let text = serde_json::json!({"ver": f.ver, "op": f.op, "seq": f.seq, "body": body}).to_string();
-                ws.send(Message::text(text)).await.map_err(|e| anyhow!("ws send: {e}"))
+                let text =
+                    serde_json::json!({"ver": f.ver, "op": f.op, "seq": f.seq, "body": body})
+                        .to_string();
+                ws.send(Message::text(text))
+                    .await
+                    .map_err(|e| anyhow!("ws send: {e}"))
             }
-            (Conn::Ws(ws), _) => ws.send(Message::binary(f.to_bytes())).await.map_err(|e| anyhow!("ws send: {e}")),
+            (Conn::Ws(ws), _) => ws
+                .send(Message::binary(f.to_bytes()))
+                .await
+                .map_err(|e| anyhow!("ws send: {e}")),
         }
     }
 
@@ -165,14 +179,20 @@ impl Client {
                 stream.flush().await?;
                 Ok(())
             }
-            Conn::Ws(ws) => ws.send(Message::binary(bytes)).await.map_err(|e| anyhow!("ws send: {e}")),
+            Conn::Ws(ws) => ws
+                .send(Message::binary(bytes))
+                .await
+                .map_err(|e| anyhow!("ws send: {e}")),
         }
     }
 
     /// Sends a text WebSocket message as is.
     pub async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
         match &mut self.conn {
-            Conn::Ws(ws) => ws.send(Message::text(text)).await.map_err(|e| anyhow!("ws send: {e}")),
+            Conn::Ws(ws) => ws
+                .send(Message::text(text))
+                .await
+                .map_err(|e| anyhow!("ws send: {e}")),
             Conn::Tcp(_) => bail!("text messages need a WebSocket"),
         }
     }
@@ -192,7 +212,11 @@ impl Client {
     /// this session before the heartbeat was answered.
     pub async fn pushes_before_heartbeat(&mut self) -> anyhow::Result<Vec<Received>> {
         let seq = self.send_op(op::HEARTBEAT, Bytes::new()).await?;
-        let mut pushes: Vec<Received> = self.inbox.drain(..).filter(|r| r.frame.op >= op::APP_MIN).collect();
+        let mut pushes: Vec<Received> = self
+            .inbox
+            .drain(..)
+            .filter(|r| r.frame.op >= op::APP_MIN)
+            .collect();
         loop {
             let r = self.recv_any().await?;
             if r.frame.op == op::HEARTBEAT_REPLY && r.frame.seq == seq {
@@ -206,12 +230,14 @@ impl Client {
 
     /// Next frame of the given op; frames of other ops are kept for later reads.
     pub async fn recv_op(&mut self, want: i32) -> anyhow::Result<Received> {
-        self.recv_matching(|r| r.frame.op == want, crate::WAIT).await
+        self.recv_matching(|r| r.frame.op == want, crate::WAIT)
+            .await
     }
 
     /// Next push (op ≥ 1000); other frames are kept.
     pub async fn recv_push(&mut self) -> anyhow::Result<Received> {
-        self.recv_matching(|r| r.frame.op >= op::APP_MIN, crate::WAIT).await
+        self.recv_matching(|r| r.frame.op >= op::APP_MIN, crate::WAIT)
+            .await
     }
 
     /// Next frame satisfying `pred` within `wait`; others stay queued in order.
@@ -243,7 +269,9 @@ impl Client {
         if let Some(r) = self.inbox.pop_front() {
             return Ok(r);
         }
-        tokio::time::timeout(crate::WAIT, self.read_one()).await.map_err(|_| anyhow!("timed out waiting for a frame"))?
+        tokio::time::timeout(crate::WAIT, self.read_one())
+            .await
+            .map_err(|_| anyhow!("timed out waiting for a frame"))?
     }
 
     /// Reads until the server closes the connection; returns how (and the op 6 reason, if any).
@@ -269,7 +297,11 @@ impl Client {
     }
 
     fn closed(&self, code: Option<u16>, reason: String) -> Closed {
-        Closed { code, reason, disconnect_reason: self.last_disconnect.clone() }
+        Closed {
+            code,
+            reason,
+            disconnect_reason: self.last_disconnect.clone(),
+        }
     }
 
     /// Closes the connection from the client side.
@@ -299,9 +331,15 @@ impl Client {
                     }
                     self.inbox.extend(frames);
                 }
-                Ok(None) => bail!("connection closed (disconnect reason: {:?})", self.last_disconnect),
+                Ok(None) => bail!(
+                    "connection closed (disconnect reason: {:?})",
+                    self.last_disconnect
+                ),
                 Err(ReadEnd::Close(code, reason)) => {
-                    bail!("connection closed: code {code:?} {reason:?} (disconnect reason: {:?})", self.last_disconnect)
+                    bail!(
+                        "connection closed: code {code:?} {reason:?} (disconnect reason: {:?})",
+                        self.last_disconnect
+                    )
                 }
                 Err(ReadEnd::Error(e)) => bail!("read failed: {e}"),
             }
@@ -315,7 +353,11 @@ impl Client {
                 None => Ok(None),
                 Some(Ok(frame)) => {
                     self.messages_received += 1;
-                    Ok(Some(vec![Received { frame, in_raw: false, json_body: None }]))
+                    Ok(Some(vec![Received {
+                        frame,
+                        in_raw: false,
+                        json_body: None,
+                    }]))
                 }
                 Some(Err(e)) => Err(ReadEnd::Error(e.to_string())),
             },
@@ -328,15 +370,21 @@ impl Client {
                 match msg {
                     Message::Binary(b) => {
                         self.messages_received += 1;
-                        return decode_binary(b).map(Some).map_err(|e| ReadEnd::Error(e.to_string()));
+                        return decode_binary(b)
+                            .map(Some)
+                            .map_err(|e| ReadEnd::Error(e.to_string()));
                     }
                     Message::Text(t) => {
                         self.messages_received += 1;
-                        return decode_json(t.as_str()).map(Some).map_err(|e| ReadEnd::Error(e.to_string()));
+                        return decode_json(t.as_str())
+                            .map(Some)
+                            .map_err(|e| ReadEnd::Error(e.to_string()));
                     }
                     Message::Close(frame) => {
                         let (code, reason) = match frame {
-                            Some(CloseFrame { code, reason }) => (Some(u16::from(code)), reason.to_string()),
+                            Some(CloseFrame { code, reason }) => {
+                                (Some(u16::from(code)), reason.to_string())
+                            }
                             None => (None, String::new()),
                         };
                         return Err(ReadEnd::Close(code, reason));
@@ -358,10 +406,18 @@ fn decode_binary(b: Bytes) -> anyhow::Result<Vec<Received>> {
     if f.op == op::RAW {
         Ok(Frame::split_batch(f.body, CLIENT_MAX_BODY)?
             .into_iter()
-            .map(|frame| Received { frame, in_raw: true, json_body: None })
+            .map(|frame| Received {
+                frame,
+                in_raw: true,
+                json_body: None,
+            })
             .collect())
     } else {
-        Ok(vec![Received { frame: f, in_raw: false, json_body: None }])
+        Ok(vec![Received {
+            frame: f,
+            in_raw: false,
+            json_body: None,
+        }])
     }
 }
 
@@ -374,7 +430,10 @@ fn decode_json(text: &str) -> anyhow::Result<Vec<Received>> {
     items
         .into_iter()
         .map(|item| {
-            let op = item.get("op").and_then(Value::as_i64).ok_or_else(|| anyhow!("no op in {item}"))? as i32;
+            let op = item
+                .get("op")
+                .and_then(Value::as_i64)
+                .ok_or_else(|| anyhow!("no op in {item}"))? as i32;
             let seq = item.get("seq").and_then(Value::as_i64).unwrap_or(0) as i32;
             let body_v = item.get("body").cloned().unwrap_or(Value::Null);
             let body = match &body_v {
@@ -382,7 +441,11 @@ fn decode_json(text: &str) -> anyhow::Result<Vec<Received>> {
                 Value::Null => Bytes::new(),
                 other => Bytes::from(other.to_string()),
             };
-            Ok(Received { frame: Frame::new(op, seq, body), in_raw: false, json_body: Some(body_v) })
+            Ok(Received {
+                frame: Frame::new(op, seq, body),
+                in_raw: false,
+                json_body: Some(body_v),
+            })
         })
         .collect()
 }
@@ -397,9 +460,15 @@ fn disconnect_reason(r: &Received) -> String {
 /// Online count of a heartbeat reply, in either mode.
 pub fn online_of(r: &Received) -> anyhow::Result<i32> {
     if let Some(v) = &r.json_body {
-        return v.get("online").and_then(Value::as_i64).map(|n| n as i32).ok_or_else(|| anyhow!("no online in {v}"));
+        return v
+            .get("online")
+            .and_then(Value::as_i64)
+            .map(|n| n as i32)
+            .ok_or_else(|| anyhow!("no online in {v}"));
     }
-    let b: [u8; 4] = r.frame.body[..].try_into().map_err(|_| anyhow!("heartbeat reply body is {} bytes", r.frame.body.len()))?;
+    let b: [u8; 4] = r.frame.body[..]
+        .try_into()
+        .map_err(|_| anyhow!("heartbeat reply body is {} bytes", r.frame.body.len()))?;
     Ok(i32::from_be_bytes(b))
 }
 

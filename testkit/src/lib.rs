@@ -3,8 +3,8 @@
 //! mode ([`client`]). It depends on no tier, so tiers can use it in their own tests.
 #![forbid(unsafe_code)]
 
-pub mod client;
 pub mod api;
+pub mod client;
 pub mod redis;
 
 /// Default time a test waits for an event before failing.

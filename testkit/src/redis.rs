@@ -19,8 +19,15 @@ impl RedisServer {
 
     /// Starts `redis-server`, with `appendonly` persistence when asked (restart tests).
     pub fn start_with(appendonly: bool) -> RedisServer {
-        let dir = tempfile::Builder::new().prefix("rim-redis-").tempdir().expect("tempdir");
-        let mut server = RedisServer { dir, child: None, appendonly };
+        let dir = tempfile::Builder::new()
+            .prefix("rim-redis-")
+            .tempdir()
+            .expect("tempdir");
+        let mut server = RedisServer {
+            dir,
+            child: None,
+            appendonly,
+        };
         server.spawn();
         server
     }
@@ -69,7 +76,9 @@ impl RedisServer {
 
     /// A synchronous connection, for test assertions on Redis state.
     pub fn connection(&self) -> ::redis::Connection {
-        ::redis::Client::open(self.url()).and_then(|c| c.get_connection()).expect("connect to test redis")
+        ::redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .expect("connect to test redis")
     }
 }
 
@@ -77,13 +86,17 @@ fn wait_until_ready(sock: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if sock.exists()
-            && let Ok(mut conn) =
-                ::redis::Client::open(format!("redis+unix://{}", sock.display())).and_then(|c| c.get_connection())
+            && let Ok(mut conn) = ::redis::Client::open(format!("redis+unix://{}", sock.display()))
+                .and_then(|c| c.get_connection())
             && ::redis::cmd("PING").query::<String>(&mut conn).is_ok()
         {
             return;
         }
-        assert!(Instant::now() < deadline, "redis-server did not come up on {}", sock.display());
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not come up on {}",
+            sock.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -2,6 +2,7 @@
 //! `config/` with ports and Redis changed by environment variables, pushed to over HTTP.
 //!
 //! Needs `cargo build --bins` first (scripts/test.sh does it).
+#![allow(clippy::unwrap_used)]
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -14,7 +15,10 @@ use rim_testkit::client::{Client, Transport};
 use rim_testkit::redis::RedisServer;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn binary(name: &str) -> PathBuf {
@@ -22,12 +26,18 @@ fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --bins` first (scripts/test.sh does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first (scripts/test.sh does)",
+        path.display()
+    );
     path
 }
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
 }
 
 /// A child process killed on drop (so a failing test leaves nothing behind).
@@ -39,16 +49,26 @@ struct Proc {
 impl Proc {
     fn spawn(name: &'static str, bin: &str, config: &str, env: &[(&str, String)]) -> Proc {
         let mut cmd = Command::new(binary(bin));
-        cmd.arg("--config").arg(repo().join("config").join(config)).stdout(Stdio::null()).stderr(Stdio::inherit());
+        cmd.arg("--config")
+            .arg(repo().join("config").join(config))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
         cmd.env("RUST_LOG", "warn");
-        Proc { name, child: cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}")) }
+        Proc {
+            name,
+            child: cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}")),
+        }
     }
 
     fn sigterm(&self) {
-        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
         assert!(status.success(), "kill -TERM {}", self.name);
     }
 
@@ -58,7 +78,11 @@ impl Proc {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "{} did not exit within {within:?}", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {within:?}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -95,12 +119,18 @@ async fn three_binaries_from_example_configs_deliver_http_pushes() {
         "job",
         "rim-job",
         "job.toml",
-        &[("RIM_JOB__REDIS__URL", redis.url()), ("RIM_JOB__LISTEN__HTTP", free_addr().to_string())],
+        &[
+            ("RIM_JOB__REDIS__URL", redis.url()),
+            ("RIM_JOB__LISTEN__HTTP", free_addr().to_string()),
+        ],
     );
     let mut comets = Vec::new();
     let mut addrs = Vec::new();
     for i in 1..=2 {
-        let a = CometAddrs { http: free_addr(), tcp: free_addr() };
+        let a = CometAddrs {
+            http: free_addr(),
+            tcp: free_addr(),
+        };
         comets.push(Proc::spawn(
             "comet",
             "rim-comet",
@@ -135,15 +165,21 @@ async fn three_binaries_from_example_configs_deliver_http_pushes() {
         platform: "test".into(),
         ..Default::default()
     };
-    let mut c1 = Client::connect(Transport::Tcp, addrs[0].tcp, &auth(1)).await.unwrap();
-    let mut c2 = Client::connect(Transport::WsBinary, addrs[1].http, &auth(2)).await.unwrap();
+    let mut c1 = Client::connect(Transport::Tcp, addrs[0].tcp, &auth(1))
+        .await
+        .unwrap();
+    let mut c2 = Client::connect(Transport::WsBinary, addrs[1].http, &auth(2))
+        .await
+        .unwrap();
 
     let data = api.push_mids(1000, &[2], b"hello-2").await.unwrap();
     assert_eq!(data["sessions"], 1);
     let r = c2.recv_push().await.unwrap();
     assert_eq!(&r.frame.body[..], b"hello-2");
 
-    api.push_room(1000, "live", "proc", b"room-hello").await.unwrap();
+    api.push_room(1000, "live", "proc", b"room-hello")
+        .await
+        .unwrap();
     for c in [&mut c1, &mut c2] {
         let r = c.recv_push().await.unwrap();
         assert_eq!(&r.frame.body[..], b"room-hello");
@@ -152,29 +188,55 @@ async fn three_binaries_from_example_configs_deliver_http_pushes() {
     // SIGTERM: a comet tells its clients before it goes, and every tier exits cleanly.
     comets[0].sigterm();
     let closed = c1.expect_closed().await.unwrap();
-    assert!(closed.disconnect_reason.is_some(), "op 6 before the close: {closed:?}");
+    assert!(
+        closed.disconnect_reason.is_some(),
+        "op 6 before the close: {closed:?}"
+    );
     for p in comets.iter_mut() {
         p.sigterm();
-        assert!(p.wait_exit(Duration::from_secs(20)).success(), "comet exits 0");
+        assert!(
+            p.wait_exit(Duration::from_secs(20)).success(),
+            "comet exits 0"
+        );
     }
     job.sigterm();
-    assert!(job.wait_exit(Duration::from_secs(20)).success(), "job exits 0");
+    assert!(
+        job.wait_exit(Duration::from_secs(20)).success(),
+        "job exits 0"
+    );
     logic.sigterm();
-    assert!(logic.wait_exit(Duration::from_secs(20)).success(), "logic exits 0");
+    assert!(
+        logic.wait_exit(Duration::from_secs(20)).success(),
+        "logic exits 0"
+    );
 }
 
 #[test]
 fn example_configs_validate_and_bad_config_exits_64_naming_the_field() {
-    for (bin, cfg) in [("rim-comet", "comet.toml"), ("rim-logic", "logic.toml"), ("rim-job", "job.toml")] {
+    for (bin, cfg) in [
+        ("rim-comet", "comet.toml"),
+        ("rim-logic", "logic.toml"),
+        ("rim-job", "job.toml"),
+    ] {
         let out = Command::new(binary(bin))
             .arg("--config")
             .arg(repo().join("config").join(cfg))
             .arg("--check")
             .output()
             .expect("run");
-        assert!(out.status.success(), "{bin} --check {cfg}: {}", String::from_utf8_lossy(&out.stderr));
-        let help = Command::new(binary(bin)).arg("--help").output().expect("run");
-        assert!(help.status.success() && String::from_utf8_lossy(&help.stdout).contains("--config"), "{bin} --help");
+        assert!(
+            out.status.success(),
+            "{bin} --check {cfg}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let help = Command::new(binary(bin))
+            .arg("--help")
+            .output()
+            .expect("run");
+        assert!(
+            help.status.success() && String::from_utf8_lossy(&help.stdout).contains("--config"),
+            "{bin} --help"
+        );
     }
 
     let out = Command::new(binary("rim-comet"))
@@ -184,7 +246,11 @@ fn example_configs_validate_and_bad_config_exits_64_naming_the_field() {
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("server_id"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("server_id"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = Command::new(binary("rim-logic"))
         .arg("--config")
@@ -193,8 +259,16 @@ fn example_configs_validate_and_bad_config_exits_64_naming_the_field() {
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("body_limit"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("body_limit"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    let out = Command::new(binary("rim-job")).arg("--config").arg("/nonexistent/job.toml").output().expect("run");
+    let out = Command::new(binary("rim-job"))
+        .arg("--config")
+        .arg("/nonexistent/job.toml")
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(64), "missing config file");
 }

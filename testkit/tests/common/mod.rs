@@ -1,7 +1,7 @@
 //! A whole rim cluster in one test process: a real redis-server, one logic, one job worker and
 //! N comets, each started through its library `run` on 127.0.0.1:0 listeners and wired only
 //! through those listeners and Redis.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -34,17 +34,25 @@ impl CometNode {
     }
 }
 
+/// Adjusts comet `i`'s config before it starts.
+pub type CometTweak = Box<dyn FnMut(usize, &mut rim_comet::Config)>;
+
 /// Knobs a test may turn before the cluster starts.
 pub struct Options {
     pub comets: usize,
     pub logic: Box<dyn FnMut(&mut rim_logic::Config)>,
     pub job: Box<dyn FnMut(&mut rim_job::Config)>,
-    pub comet: Box<dyn FnMut(usize, &mut rim_comet::Config)>,
+    pub comet: CometTweak,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { comets: 2, logic: Box::new(|_| {}), job: Box::new(|_| {}), comet: Box::new(|_, _| {}) }
+        Options {
+            comets: 2,
+            logic: Box::new(|_| {}),
+            job: Box::new(|_| {}),
+            comet: Box::new(|_, _| {}),
+        }
     }
 }
 
@@ -110,7 +118,15 @@ impl Cluster {
         for i in 0..opts.comets {
             comets.push(start_comet(i, logic_rpc, &mut opts.comet).await);
         }
-        let cluster = Cluster { redis, logic_http, logic_rpc, api: Api::new(logic_http), comets, tiers, handles };
+        let cluster = Cluster {
+            redis,
+            logic_http,
+            logic_rpc,
+            api: Api::new(logic_http),
+            comets,
+            tiers,
+            handles,
+        };
         cluster.wait_live_nodes(opts.comets).await;
         cluster
     }
@@ -131,7 +147,14 @@ impl Cluster {
     }
 
     /// Connects and authenticates a client to comet `node`.
-    pub async fn client(&self, node: usize, transport: Transport, mid: i64, room: &str, accepts: &[i32]) -> Client {
+    pub async fn client(
+        &self,
+        node: usize,
+        transport: Transport,
+        mid: i64,
+        room: &str,
+        accepts: &[i32],
+    ) -> Client {
         let auth = AuthBody {
             mid,
             room_id: room.to_string(),
@@ -139,7 +162,9 @@ impl Cluster {
             accepts: accepts.to_vec(),
             ..Default::default()
         };
-        Client::connect(transport, self.comets[node].addr(transport), &auth).await.expect("client connects")
+        Client::connect(transport, self.comets[node].addr(transport), &auth)
+            .await
+            .expect("client connects")
     }
 
     /// Waits until every accepted push has been confirmed by the comets it was routed to.
@@ -153,33 +178,36 @@ impl Cluster {
         .expect("streams drain");
     }
 
-    /// Stops every tier and waits for each `run` to return.
+    /// Stops every tier in the order an operator would (comets first, so they unregister while
+    /// logic is up; then job; then logic) and waits for each `run` to return.
     pub async fn stop(mut self) {
-        for c in &self.comets {
-            c.shutdown.cancel();
-        }
-        self.tiers.cancel();
         for c in &mut self.comets {
+            c.shutdown.cancel();
             if let Some(h) = c.handle.take() {
-                tokio::time::timeout(Duration::from_secs(20), h).await.expect("comet stops").expect("comet task");
+                tokio::time::timeout(Duration::from_secs(20), h)
+                    .await
+                    .expect("comet stops")
+                    .expect("comet task");
             }
         }
+        self.tiers.cancel();
         for h in self.handles.drain(..) {
-            tokio::time::timeout(Duration::from_secs(20), h).await.expect("tier stops").expect("tier task");
+            tokio::time::timeout(Duration::from_secs(20), h)
+                .await
+                .expect("tier stops")
+                .expect("tier task");
         }
     }
 }
 
-async fn start_comet(
-    i: usize,
-    logic_rpc: SocketAddr,
-    tweak: &mut Box<dyn FnMut(usize, &mut rim_comet::Config)>,
-) -> CometNode {
+async fn start_comet(i: usize, logic_rpc: SocketAddr, tweak: &mut CometTweak) -> CometNode {
     let (http_l, http) = bind().await;
     let (tcp_l, tcp) = bind().await;
     let (rpc_l, rpc) = bind().await;
-    let mut cfg = rim_comet::Config::default();
-    cfg.server_id = format!("comet-{}", i + 1);
+    let mut cfg = rim_comet::Config {
+        server_id: format!("comet-{}", i + 1),
+        ..Default::default()
+    };
     cfg.logic.addrs = vec![logic_rpc.to_string()];
     cfg.renew.interval_ms = 200;
     tweak(i, &mut cfg);
@@ -187,10 +215,21 @@ async fn start_comet(
     let token = shutdown.clone();
     let server_id = cfg.server_id.clone();
     let handle = tokio::spawn(async move {
-        let listeners = rim_comet::Listeners { http: http_l, tcp: Some(tcp_l), rpc: rpc_l };
+        let listeners = rim_comet::Listeners {
+            http: http_l,
+            tcp: Some(tcp_l),
+            rpc: rpc_l,
+        };
         if let Err(e) = rim_comet::run(listeners, cfg, token).await {
             panic!("comet failed: {e}");
         }
     });
-    CometNode { server_id, http, tcp, rpc, shutdown, handle: Some(handle) }
+    CometNode {
+        server_id,
+        http,
+        tcp,
+        rpc,
+        shutdown,
+        handle: Some(handle),
+    }
 }
