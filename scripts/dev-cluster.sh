@@ -39,8 +39,11 @@ pids=()
 cleanup() {
   trap - INT TERM EXIT
   echo; echo "stopping cluster"
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  # Reverse start order: comets drain and unregister while logic is still up.
+  for ((i=${#pids[@]}-1; i>=0; i--)); do
+    kill -TERM "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
 }
 trap cleanup INT TERM EXIT
 

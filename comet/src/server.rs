@@ -164,12 +164,32 @@ impl OpsSource for Ops {
     }
 }
 
-fn advertised(configured: &str, bound: Option<SocketAddr>) -> String {
+/// The address published for a listener: the configured one, else the bound one. A wildcard
+/// bind (0.0.0.0 / ::) is no address a peer can dial, so it is published as `domain:port`, or as
+/// loopback (with a warning) when no domain is configured.
+fn advertised(field: &str, configured: &str, domain: &str, bound: Option<SocketAddr>) -> String {
     if !configured.is_empty() {
-        configured.to_string()
-    } else {
-        bound.map(|a| a.to_string()).unwrap_or_default()
+        return configured.to_string();
     }
+    let Some(bound) = bound else {
+        return String::new();
+    };
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    if !domain.is_empty() {
+        return format!("{domain}:{}", bound.port());
+    }
+    let loopback = SocketAddr::new(
+        if bound.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        },
+        bound.port(),
+    );
+    tracing::warn!(%bound, advertised = %loopback, "listener bound to a wildcard address; set {field} or advertise.domain so other hosts can reach it");
+    loopback.to_string()
 }
 
 /// See [`crate::run`].
@@ -188,10 +208,25 @@ pub(crate) async fn run(
     };
     let node = NodeInfo {
         server: config.server_id.clone(),
-        rpc_addr: advertised(&config.advertise.rpc_addr, Some(rpc_addr)),
+        rpc_addr: advertised(
+            "advertise.rpc_addr",
+            &config.advertise.rpc_addr,
+            &config.advertise.domain,
+            Some(rpc_addr),
+        ),
         domain: config.advertise.domain.clone(),
-        tcp_addr: advertised(&config.advertise.tcp_addr, tcp_addr),
-        ws_addr: advertised(&config.advertise.ws_addr, Some(http_addr)),
+        tcp_addr: advertised(
+            "advertise.tcp_addr",
+            &config.advertise.tcp_addr,
+            &config.advertise.domain,
+            tcp_addr,
+        ),
+        ws_addr: advertised(
+            "advertise.ws_addr",
+            &config.advertise.ws_addr,
+            &config.advertise.domain,
+            Some(http_addr),
+        ),
         wss_addr: String::new(),
         connections: 0,
         ips: 0,
@@ -297,4 +332,28 @@ pub(crate) async fn run(
     }
     tracing::info!(drained, "comet stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised;
+
+    #[test]
+    fn wildcard_binds_are_published_as_a_dialable_address() {
+        let any = Some("0.0.0.0:3101".parse().unwrap());
+        assert_eq!(advertised("f", "", "", any), "127.0.0.1:3101");
+        assert_eq!(
+            advertised("f", "", "push.example.com", any),
+            "push.example.com:3101"
+        );
+        assert_eq!(
+            advertised("f", "10.0.0.1:9", "push.example.com", any),
+            "10.0.0.1:9"
+        );
+        assert_eq!(
+            advertised("f", "", "", Some("127.0.0.2:5".parse().unwrap())),
+            "127.0.0.2:5"
+        );
+        assert_eq!(advertised("f", "", "", None), "");
+    }
 }
