@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 /// Whole comet configuration.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Unique id of this node in the cluster (required).
     pub server_id: String,
@@ -36,7 +36,7 @@ pub struct Config {
 
 /// Listen addresses.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Listen {
     /// WebSocket (`/sub`) and ops routes.
     pub http: String,
@@ -48,7 +48,7 @@ pub struct Listen {
 
 /// Addresses and placement data published in `NodeInfo`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Advertise {
     /// Where job reaches `CometRpc`.
     pub rpc_addr: String,
@@ -64,7 +64,7 @@ pub struct Advertise {
 
 /// Logic link.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Logic {
     /// Logic RPC addresses, tried in turn.
     pub addrs: Vec<String>,
@@ -76,7 +76,7 @@ pub struct Logic {
 
 /// Client session settings.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SessionConfig {
     /// Time allowed between accept and the Auth frame.
     pub handshake_timeout_ms: u64,
@@ -96,7 +96,7 @@ pub struct SessionConfig {
 
 /// Bucket sharding.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct BucketConfig {
     /// Number of shards sessions are spread over by key hash.
     pub count: usize,
@@ -104,7 +104,7 @@ pub struct BucketConfig {
 
 /// Node renewal.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Renew {
     /// Period of `renew_node` calls.
     pub interval_ms: u64,
