@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use rim_runtime::settings::{SettingsError, Validate, socket_addr};
+use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
 use serde::Deserialize;
 
 /// Whole comet configuration.
@@ -182,14 +182,6 @@ impl Default for BucketConfig {
 impl Default for Renew {
     fn default() -> Self {
         Renew { interval_ms: 5000 }
-    }
-}
-
-fn positive(field: &str, v: u64) -> Result<(), SettingsError> {
-    if v == 0 {
-        Err(SettingsError::invalid(field, "must be greater than 0"))
-    } else {
-        Ok(())
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use rim_proto::room::RoomId;
-use rim_proto::rpc::{CometRpc, LogicRpcClient, NodeInfo};
+use rim_proto::rpc::{CometRpc, LogicError as LogicRpcError, LogicRpcClient, NodeInfo, SessionRef};
 use rim_runtime::ops::OpsSource;
 use rim_runtime::rpc::Link;
 use tarpc::server::Channel;
@@ -99,21 +99,8 @@ impl Ctx {
 
     /// Renews the session's registration at logic in the background.
     pub fn session_heartbeat(&self, s: &Session) {
-        let sref = s.session_ref(&self.cfg.server_id);
-        let logic = self.logic.clone();
-        let timeout = self.cfg.rpc_timeout();
-        self.tracker.spawn(async move {
-            let key = sref.key.clone();
-            let r = logic
-                .call(
-                    |c| async move { c.heartbeat(rim_runtime::rpc::context(timeout), sref).await },
-                )
-                .await;
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(%key, error = %e, "session heartbeat refused"),
-                Err(e) => tracing::warn!(%key, error = %e, "session heartbeat failed"),
-            }
+        self.tell_logic("session heartbeat", s, |c, ctx, sref| async move {
+            c.heartbeat(ctx, sref).await
         });
     }
 
@@ -124,20 +111,31 @@ impl Ctx {
             // Replaced by a newer session with the same key: its registration is the new one's.
             return;
         }
+        self.tell_logic("disconnect", s, |c, ctx, sref| async move {
+            c.disconnect(ctx, sref).await
+        });
+    }
+
+    /// Sends a session notice to logic without holding up the session; failures are logged
+    /// (a lapsed registration is repaired by the next heartbeat or expires by TTL).
+    fn tell_logic<F, Fut>(&self, what: &'static str, s: &Session, call: F)
+    where
+        F: FnOnce(LogicRpcClient, tarpc::context::Context, SessionRef) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<Result<(), LogicRpcError>, tarpc::client::RpcError>>
+            + Send,
+    {
         let sref = s.session_ref(&self.cfg.server_id);
         let logic = self.logic.clone();
         let timeout = self.cfg.rpc_timeout();
         self.tracker.spawn(async move {
             let key = sref.key.clone();
-            let r = logic
-                .call(
-                    |c| async move { c.disconnect(rim_runtime::rpc::context(timeout), sref).await },
-                )
-                .await;
-            match r {
+            match logic
+                .call(|c| call(c, rim_runtime::rpc::context(timeout), sref))
+                .await
+            {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(%key, error = %e, "disconnect refused"),
-                Err(e) => tracing::warn!(%key, error = %e, "disconnect failed"),
+                Ok(Err(e)) => tracing::warn!(%key, error = %e, "{what} refused"),
+                Err(e) => tracing::warn!(%key, error = %e, "{what} failed"),
             }
         });
     }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use rim_runtime::settings::{SettingsError, Validate, socket_addr};
+use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
 use serde::Deserialize;
 
 /// Complete job configuration.
@@ -173,31 +173,11 @@ impl Validate for Config {
                 "must not contain whitespace",
             ));
         }
-        if self.stream.partitions == 0 {
-            return Err(SettingsError::invalid(
-                "stream.partitions",
-                "must be at least 1",
-            ));
-        }
-        if self.stream.batch_max == 0 {
-            return Err(SettingsError::invalid(
-                "stream.batch_max",
-                "must be at least 1",
-            ));
-        }
-        if self.stream.block_ms == 0 {
-            // BLOCK 0 means "forever" to Redis: the task could not notice shutdown or lease loss.
-            return Err(SettingsError::invalid(
-                "stream.block_ms",
-                "must be at least 1",
-            ));
-        }
-        if self.lease.renew_ms == 0 {
-            return Err(SettingsError::invalid(
-                "lease.renew_ms",
-                "must be at least 1",
-            ));
-        }
+        positive("stream.partitions", self.stream.partitions as u64)?;
+        positive("stream.batch_max", self.stream.batch_max as u64)?;
+        // BLOCK 0 means "forever" to Redis: the task could not notice shutdown or lease loss.
+        positive("stream.block_ms", self.stream.block_ms)?;
+        positive("lease.renew_ms", self.lease.renew_ms)?;
         if self.lease.ttl_ms < self.lease.renew_ms.saturating_mul(2) {
             // One missed renewal must not already cost the lease.
             return Err(SettingsError::invalid(
@@ -205,30 +185,15 @@ impl Validate for Config {
                 "must be at least twice lease.renew_ms",
             ));
         }
-        if self.delivery.rpc_timeout_ms == 0 {
-            return Err(SettingsError::invalid(
-                "delivery.rpc_timeout_ms",
-                "must be at least 1",
-            ));
-        }
-        if self.delivery.retry_base_ms == 0 {
-            return Err(SettingsError::invalid(
-                "delivery.retry_base_ms",
-                "must be at least 1",
-            ));
-        }
+        positive("delivery.rpc_timeout_ms", self.delivery.rpc_timeout_ms)?;
+        positive("delivery.retry_base_ms", self.delivery.retry_base_ms)?;
         if self.delivery.retry_max_ms < self.delivery.retry_base_ms {
             return Err(SettingsError::invalid(
                 "delivery.retry_max_ms",
                 "must be at least delivery.retry_base_ms",
             ));
         }
-        if self.registry.refresh_ms == 0 {
-            return Err(SettingsError::invalid(
-                "registry.refresh_ms",
-                "must be at least 1",
-            ));
-        }
+        positive("registry.refresh_ms", self.registry.refresh_ms)?;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use rim_runtime::settings::{SettingsError, Validate, socket_addr};
+use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
 use serde::Deserialize;
 
 /// Dotted fields that take comma-separated lists from the environment (none today).
@@ -236,27 +236,14 @@ impl Validate for Config {
                 ),
             ));
         }
-        if self.redis.timeout_ms == 0 {
-            return Err(SettingsError::invalid("redis.timeout_ms", "must be > 0"));
-        }
-        if self.push.body_limit == 0 {
-            return Err(SettingsError::invalid("push.body_limit", "must be > 0"));
-        }
-        if self.push.max_targets == 0 {
-            return Err(SettingsError::invalid("push.max_targets", "must be > 0"));
-        }
-        if self.session.heartbeat_secs == 0 {
-            return Err(SettingsError::invalid(
-                "session.heartbeat_secs",
-                "must be > 0",
-            ));
-        }
-        if self.session.heartbeat_misses == 0 {
-            return Err(SettingsError::invalid(
-                "session.heartbeat_misses",
-                "must be > 0",
-            ));
-        }
+        positive("redis.timeout_ms", self.redis.timeout_ms)?;
+        positive("push.body_limit", self.push.body_limit as u64)?;
+        positive("push.max_targets", self.push.max_targets as u64)?;
+        positive("session.heartbeat_secs", self.session.heartbeat_secs as u64)?;
+        positive(
+            "session.heartbeat_misses",
+            self.session.heartbeat_misses as u64,
+        )?;
         if self.node.ttl_ms < 100 {
             return Err(SettingsError::invalid("node.ttl_ms", "must be >= 100"));
         }
@@ -273,9 +260,7 @@ impl Validate for Config {
                 "must be >= 0",
             ));
         }
-        if self.stream.partitions == 0 {
-            return Err(SettingsError::invalid("stream.partitions", "must be > 0"));
-        }
+        positive("stream.partitions", self.stream.partitions as u64)?;
         if self.log_level.trim().is_empty() {
             return Err(SettingsError::invalid("log_level", "must not be empty"));
         }

@@ -71,6 +71,14 @@ pub fn load<T: DeserializeOwned + Validate>(
     Ok(cfg)
 }
 
+/// Fails unless `value` is at least 1 (counts, sizes, durations in ms), naming the field.
+pub fn positive(field: &str, value: impl Into<u64>) -> Result<(), SettingsError> {
+    if value.into() == 0 {
+        return Err(SettingsError::invalid(field, "must be at least 1"));
+    }
+    Ok(())
+}
+
 /// Parses a `host:port` listen address, naming the field on error.
 pub fn socket_addr(field: &str, value: &str) -> Result<std::net::SocketAddr, SettingsError> {
     value
