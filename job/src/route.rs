@@ -61,6 +61,7 @@ pub fn plan(
                         op: job.op,
                         body: job.body.clone(),
                         target,
+                        exclude: job.exclude.clone(),
                     });
             } else {
                 out.dropped.push(Dropped {

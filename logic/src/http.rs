@@ -61,6 +61,8 @@ impl From<RpcError> for ApiError {
             RpcError::Unauthorized(m) => ApiError::new(StatusCode::UNAUTHORIZED, m),
             RpcError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
             RpcError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m),
+            RpcError::Forbidden(m) => ApiError::new(StatusCode::FORBIDDEN, m),
+            RpcError::Offline(m) => ApiError::new(StatusCode::NOT_FOUND, m),
         }
     }
 }

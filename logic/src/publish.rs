@@ -71,6 +71,7 @@ impl App {
                 body: body.clone(),
                 route,
                 accepted_ms,
+                exclude: None,
             };
             pipe.cmd("XADD")
                 .arg(keys::push_stream(p))
@@ -253,6 +254,7 @@ impl App {
                 keys: vec![key.to_string()],
             }),
             accepted_ms: rim_runtime::unix_ms(),
+            exclude: None,
         };
         pipe.cmd("XADD")
             .arg(keys::push_stream(job::mid_partition(

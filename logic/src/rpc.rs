@@ -86,4 +86,24 @@ impl LogicRpc for LogicServer {
     ) -> Result<PushAccepted, RpcError> {
         self.0.push_all(op, speed, body).await
     }
+
+    async fn send_msg(
+        self,
+        _: Context,
+        _req: rim_proto::rpc::SendMsgRequest,
+    ) -> Result<PushAccepted, RpcError> {
+        Err(RpcError::Internal(
+            "upstream messages not implemented yet".into(),
+        ))
+    }
+
+    async fn room_changed(
+        self,
+        _: Context,
+        _session: rim_proto::rpc::SessionRef,
+        _from: Option<rim_proto::room::RoomId>,
+        _to: Option<rim_proto::room::RoomId>,
+    ) -> Result<(), RpcError> {
+        Ok(())
+    }
 }

@@ -26,6 +26,9 @@ pub struct PushJob {
     pub route: Route,
     /// When logic accepted it (unix ms).
     pub accepted_ms: u64,
+    /// Session key that must not receive it (the sender of a room message).
+    #[serde(default)]
+    pub exclude: Option<String>,
 }
 
 /// Recipients of a push.
@@ -111,6 +114,7 @@ mod tests {
                 keys: vec!["k".into()],
             }]),
             accepted_ms: 5,
+            exclude: Some("sender".into()),
         };
         assert_eq!(PushJob::decode(&job.encode()).unwrap(), job);
         let room = PushJob {

@@ -29,7 +29,8 @@ pub fn mid_sessions(mid: i64) -> String {
     format!("rim:mid:{mid}")
 }
 
-/// Hash describing one session: `mid`, `server`, `platform`, `since` (unix ms). TTL renewed by heartbeats.
+/// Hash describing one session: `mid`, `server`, `platform`, `since` (unix ms), `room` (current
+/// room, absent when none). TTL renewed by heartbeats.
 pub fn session(key: &str) -> String {
     format!("rim:key:{key}")
 }
@@ -48,3 +49,12 @@ pub fn node_rooms(server: &str) -> String {
 pub fn room_nodes(room: &str) -> String {
     format!("rim:room:{room}")
 }
+
+/// Hash: mid → number of that user's sessions in the room (member listing; a user is a member
+/// while the count is positive).
+pub fn room_members(room: &str) -> String {
+    format!("rim:room:{room}:members")
+}
+
+/// Hash: mid → display name, registered by the demo's dev sign-in (shown in member listings).
+pub const USER_NAMES: &str = "rim:user:names";

@@ -68,6 +68,26 @@ pub struct SendMsgBody {
     pub data: serde_json::Value,
 }
 
+/// What a recipient of an upstream message receives as the push body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatBody {
+    /// Sender's mid, from its authenticated session (never from the frame).
+    pub from: i64,
+    /// The sender's payload, untouched.
+    pub data: serde_json::Value,
+}
+
+/// Body of op 18 RoomEvent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomEventBody {
+    /// `join` (the user's first session entered the room) or `leave` (its last one left).
+    pub event: String,
+    /// The user.
+    pub mid: i64,
+    /// The room.
+    pub room: String,
+}
+
 /// Body of op 5 SendMsgReply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendMsgReplyBody {

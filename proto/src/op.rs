@@ -36,6 +36,9 @@ pub const SUB_REPLY: i32 = 15;
 pub const UNSUB: i32 = 16;
 /// Reply to [`UNSUB`].
 pub const UNSUB_REPLY: i32 = 17;
+/// rim extension, server → client: a member joined or left the session's room
+/// (body [`crate::msg::RoomEventBody`]). Sent only for room types configured for it.
+pub const ROOM_EVENT: i32 = 18;
 /// Lowest op an application may push with.
 pub const APP_MIN: i32 = 1000;
 
@@ -60,9 +63,15 @@ pub fn name(op: i32) -> &'static str {
         SUB_REPLY => "SubReply",
         UNSUB => "Unsub",
         UNSUB_REPLY => "UnsubReply",
+        ROOM_EVENT => "RoomEvent",
         op if op >= APP_MIN => "App",
         _ => "Unknown",
     }
+}
+
+/// Whether a pushed op is a system push every recipient gets, whatever ops it accepted.
+pub fn is_system_push(op: i32) -> bool {
+    op == ROOM_EVENT
 }
 
 /// Parses a Sub/Unsub body: comma-separated ops, blanks around commas allowed.

@@ -51,6 +51,50 @@ pub enum LogicError {
     /// Anything else.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The send policy does not allow this (e.g. posting to a room the sender is not in).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The target user has no session online.
+    #[error("offline: {0}")]
+    Offline(String),
+}
+
+impl LogicError {
+    /// The negative code clients and the HTTP API see for this error.
+    pub fn code(&self) -> i32 {
+        match self {
+            LogicError::BadRequest(_) => -400,
+            LogicError::Unauthorized(_) => -401,
+            LogicError::Forbidden(_) => -403,
+            LogicError::Offline(_) => -404,
+            LogicError::Unavailable(_) => -503,
+            LogicError::Internal(_) => -500,
+        }
+    }
+}
+
+/// Where an upstream message goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SendTarget {
+    /// Everyone in this room (on every comet).
+    Room(RoomId),
+    /// Every session of this user.
+    Mid(i64),
+}
+
+/// An upstream message (op 4) forwarded by the comet with the sender's authenticated identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendMsgRequest {
+    /// The sending session (server, mid, key) as authenticated.
+    pub sender: SessionRef,
+    /// The sender's current room, if any (the send policy checks room posts against it).
+    pub sender_room: Option<RoomId>,
+    /// Recipients.
+    pub target: SendTarget,
+    /// Op recipients receive it with (≥ 1000).
+    pub op: i32,
+    /// The payload as JSON text (kept as text: the RPC codec is positional MessagePack).
+    pub data_json: String,
 }
 
 /// A comet asks logic to authenticate a new session.
@@ -166,6 +210,14 @@ pub trait LogicRpc {
     async fn push_room(op: i32, room: RoomId, body: Bytes) -> Result<PushAccepted, LogicError>;
     /// Push to everyone; `speed` > 0 paces it per comet (sessions per second).
     async fn push_all(op: i32, speed: u32, body: Bytes) -> Result<PushAccepted, LogicError>;
+    /// Accepts an upstream message under the send policy; returns its message id.
+    async fn send_msg(req: SendMsgRequest) -> Result<PushAccepted, LogicError>;
+    /// A session moved between rooms (ChangeRoom): keeps member listings and presence events right.
+    async fn room_changed(
+        session: SessionRef,
+        from: Option<RoomId>,
+        to: Option<RoomId>,
+    ) -> Result<(), LogicError>;
 }
 
 /// Position of a push in its partition stream: the unit of ordering and duplicate suppression.
@@ -223,6 +275,8 @@ pub struct Delivery {
     pub body: Bytes,
     /// Recipients on this comet.
     pub target: DeliverTarget,
+    /// Session key that must not receive it (the sender of a room message).
+    pub exclude: Option<String>,
 }
 
 /// What a comet did with a delivery batch. Returning it is the comet's confirmation.
