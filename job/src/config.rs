@@ -21,6 +21,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// Push stream consumption.
     pub stream: StreamConfig,
+    /// Room message batching.
+    pub room_batch: RoomBatchConfig,
     /// Partition leases.
     pub lease: LeaseConfig,
     /// Delivery to comets.
@@ -63,6 +65,27 @@ pub struct StreamConfig {
     pub block_ms: u64,
 }
 
+/// Room message batching: a batch that holds room pushes waits a little for more, so a burst of
+/// room messages reaches each comet in one RPC and each member in one WebSocket message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomBatchConfig {
+    /// Stop waiting once one room has this many messages in the batch.
+    pub max: usize,
+    /// Longest wait for more messages after the first room push, in milliseconds (0 = no waiting:
+    /// only what is already queued is batched).
+    pub linger_ms: u64,
+}
+
+impl Default for RoomBatchConfig {
+    fn default() -> Self {
+        RoomBatchConfig {
+            max: 64,
+            linger_ms: 10,
+        }
+    }
+}
+
 /// Partition leases.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -98,6 +121,7 @@ impl Default for Config {
         Config {
             worker_id: String::new(),
             listen: ListenConfig::default(),
+            room_batch: RoomBatchConfig::default(),
             redis: RedisConfig::default(),
             stream: StreamConfig::default(),
             lease: LeaseConfig::default(),
@@ -175,6 +199,7 @@ impl Validate for Config {
         }
         positive("stream.partitions", self.stream.partitions as u64)?;
         positive("stream.batch_max", self.stream.batch_max as u64)?;
+        positive("room_batch.max", self.room_batch.max as u64)?;
         // BLOCK 0 means "forever" to Redis: the task could not notice shutdown or lease loss.
         positive("stream.block_ms", self.stream.block_ms)?;
         positive("lease.renew_ms", self.lease.renew_ms)?;
@@ -199,6 +224,9 @@ impl Validate for Config {
 }
 
 impl Config {
+    pub(crate) fn room_linger(&self) -> Duration {
+        Duration::from_millis(self.room_batch.linger_ms)
+    }
     pub(crate) fn block(&self) -> Duration {
         Duration::from_millis(self.stream.block_ms)
     }

@@ -216,6 +216,13 @@ impl Partition {
 
     /// `XREADGROUP GROUP rim-job <me> COUNT batch_max BLOCK block_ms STREAMS stream >`.
     async fn read_new(&mut self) -> RedisResult<Vec<StreamId>> {
+        let (count, block) = (self.ctx.cfg.stream.batch_max, self.ctx.cfg.block());
+        self.read_group(count, block).await
+    }
+
+    /// `XREADGROUP GROUP rim-job <me> COUNT count BLOCK block STREAMS stream >` on the
+    /// dedicated connection (no response timeout: the reply may legitimately take `block`).
+    async fn read_group(&mut self, count: usize, block: Duration) -> RedisResult<Vec<StreamId>> {
         let conn = match self.blocking.as_mut() {
             Some(c) => c,
             None => {
@@ -230,15 +237,15 @@ impl Partition {
                 self.blocking.insert(conn)
             }
         };
-        let block = self.ctx.cfg.block();
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(keys::PUSH_GROUP)
             .arg(&self.ctx.worker_id)
             .arg("COUNT")
-            .arg(self.ctx.cfg.stream.batch_max)
+            .arg(count)
             .arg("BLOCK")
-            .arg(block.as_millis() as u64)
+            // BLOCK 0 would wait forever; a linger that rounds to 0 ms waits 1 ms instead.
+            .arg((block.as_millis() as u64).max(1))
             .arg("STREAMS")
             .arg(&self.stream)
             .arg(">");
@@ -257,10 +264,11 @@ impl Partition {
     /// Delivers one batch and acknowledges it. Returns false when stopped before the batch
     /// could be confirmed (nothing acknowledged, the caller must end).
     async fn process(&mut self, raw: Vec<StreamId>, stop: &CancellationToken) -> bool {
+        self.ctx.metrics.entries.add(raw.len() as u64);
+        let mut ids: Vec<String> = raw.iter().map(|e| e.id.clone()).collect();
+        let mut entries = self.decode(raw);
+        self.linger_for_rooms(&mut ids, &mut entries, stop).await;
         let metrics = &self.ctx.metrics;
-        metrics.entries.add(raw.len() as u64);
-        let ids: Vec<String> = raw.iter().map(|e| e.id.clone()).collect();
-        let entries = self.decode(raw);
 
         let Some(rooms) = self.room_members(&entries, stop).await else {
             return false;
@@ -309,6 +317,47 @@ impl Partition {
 
     /// Decodes entries; undecodable ones are logged and counted here and simply left out (they
     /// are acknowledged with their batch, so they can never become deliverable).
+    /// When the batch holds room pushes, reads on for up to `room_batch.linger_ms` (until one room
+    /// has `room_batch.max` messages or the batch is full), so a burst of room messages goes to
+    /// each comet as one RPC and to each member as one WebSocket message. Stream order is kept:
+    /// later entries are only appended. Read errors end the wait; the next read retries them.
+    async fn linger_for_rooms(
+        &mut self,
+        ids: &mut Vec<String>,
+        entries: &mut Vec<Entry>,
+        stop: &CancellationToken,
+    ) {
+        let linger = self.ctx.cfg.room_linger();
+        let (room_max, batch_max) = (self.ctx.cfg.room_batch.max, self.ctx.cfg.stream.batch_max);
+        if linger.is_zero() || !entries.iter().any(route::is_room) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        while ids.len() < batch_max && route::largest_room_run(entries) < room_max {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() || stop.is_cancelled() {
+                return;
+            }
+            let more = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.read_group(batch_max - ids.len(), left) => r,
+            };
+            match more {
+                Ok(raw) if !raw.is_empty() => {
+                    self.ctx.metrics.entries.add(raw.len() as u64);
+                    ids.extend(raw.iter().map(|e| e.id.clone()));
+                    entries.extend(self.decode(raw));
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    self.redis_failed("XREADGROUP (room batch)", &e);
+                    self.blocking = None;
+                    return;
+                }
+            }
+        }
+    }
+
     fn decode(&self, raw: Vec<StreamId>) -> Vec<Entry> {
         let mut out = Vec::with_capacity(raw.len());
         for entry in raw {

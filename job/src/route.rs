@@ -109,6 +109,22 @@ pub fn rooms_of(entries: &[Entry]) -> BTreeSet<String> {
         .collect()
 }
 
+/// Whether an entry is a room push.
+pub fn is_room(e: &Entry) -> bool {
+    matches!(e.job.route, Route::Room(_))
+}
+
+/// The most messages any single room has in these entries.
+pub fn largest_room_run(entries: &[Entry]) -> usize {
+    let mut per_room: HashMap<&str, usize> = HashMap::new();
+    for e in entries {
+        if let Route::Room(room) = &e.job.route {
+            *per_room.entry(room.as_str()).or_default() += 1;
+        }
+    }
+    per_room.into_values().max().unwrap_or(0)
+}
+
 /// Servers addressed by name (sessions, kicks) in `entries`.
 pub fn named_servers(entries: &[Entry]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -144,6 +160,7 @@ mod tests {
                 body: Bytes::from(format!("b{seq}")),
                 route,
                 accepted_ms: 1,
+                exclude: None,
             },
         }
     }

@@ -160,6 +160,7 @@ fn job(msg: &str, route: Route) -> PushJob {
         body: Bytes::from(format!("body-{msg}")),
         route,
         accepted_ms: rim_runtime::unix_ms(),
+        exclude: None,
     }
 }
 
@@ -452,4 +453,36 @@ async fn partition_count_mismatch_is_a_start_error() {
         .unwrap()
         .unwrap_err();
     assert!(err.to_string().contains("stream.partitions"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_bursts_are_batched_into_one_rpc_in_order() {
+    let redis = RedisServer::start();
+    let a = start_comet(&redis, "a").await;
+    let mut conn = redis.connection();
+    let _: () = conn.sadd(keys::room_nodes("live://b"), "a").unwrap();
+    let mut cfg = config(&redis, "w1");
+    cfg.room_batch.max = 5;
+    cfg.room_batch.linger_ms = 1000;
+    let job_tier = start_job(cfg).await;
+    let room = Route::Room(RoomId::parse("live://b").unwrap());
+
+    // Five room messages: however the reads fall, the batch waits for more until the room has
+    // five, then goes out as one deliver call, in stream order.
+    for i in 0..5 {
+        xadd(&mut conn, 1, &job(&format!("m{i}"), room.clone()));
+    }
+    wait_for("five delivered", || a.delivered().len() == 5).await;
+    assert_eq!(a.attempts.load(Ordering::SeqCst), 1, "one RPC for the burst");
+    let bodies: Vec<_> = a.delivered().iter().map(|d| d.body.clone()).collect();
+    let want: Vec<_> = (0..5).map(|i| job(&format!("m{i}"), room.clone()).body).collect();
+    assert_eq!(bodies, want);
+
+    // Fewer than `max`: flushed when the linger ends, still as one call.
+    xadd(&mut conn, 1, &job("m5", room.clone()));
+    xadd(&mut conn, 1, &job("m6", room.clone()));
+    wait_for("seven delivered", || a.delivered().len() == 7).await;
+    assert_eq!(a.attempts.load(Ordering::SeqCst), 2);
+    wait_for("pending drained", || pending(&mut conn, 1) == 0).await;
+    job_tier.shutdown().await;
 }
