@@ -69,10 +69,9 @@ pub fn encode_server(out: &mut String, op: i32, seq: i32, body: &[u8]) {
     use std::fmt::Write;
     let _ = write!(out, "{{\"op\":{op},\"seq\":{seq},\"body\":");
     match std::str::from_utf8(body) {
-        Ok(text)
-            if !text.trim().is_empty()
-                && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() =>
-        {
+        // Parsed into a `Value`, not skipped: a skip accepts numbers like 1e999999 that strict
+        // clients then refuse, so those go out as strings. Runs once per push (encode-once).
+        Ok(text) if !text.trim().is_empty() && serde_json::from_str::<Value>(text).is_ok() => {
             out.push_str(text.trim())
         }
         Ok(text) => out.push_str(&Value::String(text.to_string()).to_string()),
@@ -144,6 +143,14 @@ mod tests {
             encode_server_frame(&Frame::new(13, 2, &b""[..])),
             r#"{"op":13,"seq":2,"body":""}"#
         );
+        // A number no strict parser can hold is sent as a string (found by fuzzing).
+        let v: Value = serde_json::from_str(&encode_server_frame(&Frame::new(
+            1000,
+            0,
+            &b"10e2220500"[..],
+        )))
+        .unwrap();
+        assert_eq!(v["body"], Value::String("10e2220500".into()));
         let batch = encode_server_batch([(1000, 0, &b"1"[..]), (1001, 0, &b"x"[..])]);
         let v: Value = serde_json::from_str(&batch).unwrap();
         assert_eq!(
