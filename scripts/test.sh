@@ -36,3 +36,11 @@ echo "== cargo build --bins (the process tests run the real binaries)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked -- "${filter[@]}"
+
+# Coverage-guided fuzzing, briefly: on in CI (CI=true), or with RIM_FUZZ_SECS=N locally.
+# Property tests (in the suite above) always run; scripts/fuzz.sh alone runs longer sessions.
+fuzz_secs=${RIM_FUZZ_SECS:-}
+if [ -z "$fuzz_secs" ] && [ "${CI:-}" = true ]; then fuzz_secs=10; fi
+if [ -n "$fuzz_secs" ] && [ ${#filter[@]} -eq 0 ]; then
+  scripts/fuzz.sh "$fuzz_secs"
+fi
