@@ -92,6 +92,10 @@ pub struct SessionConfig {
     pub renew_session_ms: u64,
     /// A single socket write taking longer than this closes the session.
     pub write_timeout_ms: u64,
+    /// Upstream messages (op 4) a session may send per second, sustained.
+    pub send_rate_per_sec: u32,
+    /// Upstream messages a session may send at once before the rate applies.
+    pub send_burst: u32,
 }
 
 /// Bucket sharding.
@@ -169,6 +173,8 @@ impl Default for SessionConfig {
             heartbeat_misses: 5,
             renew_session_ms: 60_000,
             write_timeout_ms: 10_000,
+            send_rate_per_sec: 20,
+            send_burst: 40,
         }
     }
 }
@@ -224,6 +230,11 @@ impl Validate for Config {
             u64::from(self.session.heartbeat_misses),
         )?;
         positive("session.write_timeout_ms", self.session.write_timeout_ms)?;
+        positive(
+            "session.send_rate_per_sec",
+            u64::from(self.session.send_rate_per_sec),
+        )?;
+        positive("session.send_burst", u64::from(self.session.send_burst))?;
         positive("bucket.count", self.bucket.count as u64)?;
         positive("renew.interval_ms", self.renew.interval_ms)?;
         Ok(())
@@ -257,6 +268,14 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .starts_with("bucket.count")
+        );
+        let mut bad = c.clone();
+        bad.session.send_burst = 0;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("session.send_burst")
         );
     }
 }

@@ -6,7 +6,9 @@
 //! * `session`: the per-connection protocol driver and the shared session handle.
 //! * `bucket`, `room`: sharded session registry and room presence.
 //! * `ws`, `tcp`: transports; `writer`: batching outbound writer.
-//! * `deliver`: `CometRpc`; `renew`: node renewal; `server`: wiring and drain.
+//! * `deliver`: `CometRpc` (room runs batched per member); `renew`: node renewal; `server`:
+//!   wiring and drain.
+//! * `upstream`: op 4 SendMsg (rate limit, validation, forwarding to logic).
 #![forbid(unsafe_code)]
 
 pub mod bucket;
@@ -18,6 +20,7 @@ pub mod room;
 mod server;
 pub mod session;
 mod tcp;
+pub mod upstream;
 pub mod writer;
 mod ws;
 

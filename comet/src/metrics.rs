@@ -14,6 +14,10 @@ pub const AUTH_REASONS: [&str; 5] = [
 /// Why a client frame was rejected (label values of `rim_comet_frames_rejected_total`).
 pub const FRAME_REASONS: [&str; 4] = ["malformed", "too_big", "bad_json", "io"];
 
+/// Codes a refused upstream message (op 5) can carry (label values of
+/// `rim_comet_upstream_refused_total`); codes outside this list count as `-500`.
+pub const SEND_CODES: [&str; 7] = ["-400", "-401", "-403", "-404", "-429", "-500", "-503"];
+
 /// Per-instance metrics of one comet.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -39,6 +43,10 @@ pub struct Metrics {
     pub renewals: Counter,
     /// Failed node renewals.
     pub renew_failures: Counter,
+    /// Upstream messages (op 4) logic accepted.
+    pub upstream_sent: Counter,
+    /// Upstream messages refused, indexed like [`SEND_CODES`].
+    pub upstream_refused: [Counter; 7],
 }
 
 impl Metrics {
@@ -56,6 +64,18 @@ impl Metrics {
         }
     }
 
+    /// Counts a refused upstream message by its reply code.
+    pub fn upstream_refused(&self, code: i32) {
+        let label = code.to_string();
+        let i = SEND_CODES
+            .iter()
+            .position(|c| *c == label)
+            .or_else(|| SEND_CODES.iter().position(|c| *c == "-500"));
+        if let Some(i) = i {
+            self.upstream_refused[i].inc();
+        }
+    }
+
     /// Prometheus text.
     pub fn render(&self) -> String {
         let auth: Vec<(&str, u64)> = AUTH_REASONS
@@ -66,6 +86,11 @@ impl Metrics {
         let frames: Vec<(&str, u64)> = FRAME_REASONS
             .iter()
             .zip(&self.frames_rejected)
+            .map(|(r, c)| (*r, c.get()))
+            .collect();
+        let refused: Vec<(&str, u64)> = SEND_CODES
+            .iter()
+            .zip(&self.upstream_refused)
             .map(|(r, c)| (*r, c.get()))
             .collect();
         let mut e = Exposition::new();
@@ -125,6 +150,17 @@ impl Metrics {
             "rim_comet_renew_failures_total",
             "Failed node renewals.",
             self.renew_failures.get(),
+        )
+        .counter(
+            "rim_comet_upstream_sent_total",
+            "Upstream messages (op 4) accepted by logic.",
+            self.upstream_sent.get(),
+        )
+        .labeled_counter(
+            "rim_comet_upstream_refused_total",
+            "Upstream messages refused, by op 5 code.",
+            "code",
+            &refused,
         );
         e.finish()
     }

@@ -45,7 +45,8 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     /// Joins `room`; a room's first member here is announced to logic before this returns.
-    pub async fn join_room(&self, s: &Arc<Session>, room: RoomId) {
+    /// False when the session is no longer registered (replaced meanwhile) and did not join.
+    pub async fn join_room(&self, s: &Arc<Session>, room: RoomId) -> bool {
         let _presence = self.rooms.presence.lock().await;
         if self.buckets.room_len(&room) == 0 {
             let timeout = self.cfg.rpc_timeout();
@@ -67,6 +68,9 @@ impl Ctx {
         }
         if self.buckets.join(&room, s) {
             s.set_room(Some(room));
+            true
+        } else {
+            false
         }
     }
 
@@ -78,13 +82,42 @@ impl Ctx {
         }
     }
 
-    /// Moves the session to `room`.
-    pub async fn change_room(&self, s: &Arc<Session>, room: RoomId) {
-        if s.room().as_ref() == Some(&room) {
+    /// Moves the session to `to` (`None` = out of any room) for ChangeRoom, then tells logic
+    /// (`room_changed`) and waits for it, so member listings and presence events are right by
+    /// the time the client sees op 13. Nothing happens when the room does not change.
+    pub async fn change_room(&self, s: &Arc<Session>, to: Option<RoomId>) {
+        let from = s.room();
+        if from == to {
             return;
         }
         self.leave_room(s);
-        self.join_room(s, room).await;
+        if let Some(room) = to.clone() {
+            self.join_room(s, room).await;
+        }
+        if self.buckets.get(&s.key).is_none_or(|cur| cur.id != s.id) {
+            // Replaced by a newer session with the same key: the key's membership is the new
+            // session's business now, so logic must not hear about this one.
+            return;
+        }
+        let sref = s.session_ref(&self.cfg.server_id);
+        let timeout = self.cfg.rpc_timeout();
+        let (f, t) = (from.clone(), to.clone());
+        let res = self
+            .logic
+            .call(|c| async move {
+                c.room_changed(rim_runtime::rpc::context(timeout), sref, f, t)
+                    .await
+            })
+            .await;
+        match res {
+            Ok(Ok(())) => {}
+            // The move stands on this comet; logic's listing catches up at the next change or
+            // disconnect. The client still gets its reply.
+            Ok(Err(e)) => {
+                tracing::warn!(key = %s.key, ?from, ?to, error = %e, "room_changed refused")
+            }
+            Err(e) => tracing::warn!(key = %s.key, ?from, ?to, error = %e, "room_changed failed"),
+        }
     }
 
     /// Online count for a heartbeat reply: cluster-wide when known, else local; 0 without room.

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::server::Ctx;
+use crate::upstream::TokenBucket;
 use crate::writer::Out;
 
 /// How a session is closed: the op 6 reason, the WebSocket close code, what still goes out.
@@ -490,6 +491,12 @@ pub(crate) async fn drive<R: FrameReader>(
     let idle = Duration::from_secs(hb * u64::from(ctx.cfg.session.heartbeat_misses));
     let renew_every = Duration::from_millis(ctx.cfg.session.renew_session_ms);
     let mut last_renew = Instant::now();
+    // Lives with the read loop (one task per session), so no lock is needed.
+    let mut send_limit = TokenBucket::new(
+        ctx.cfg.session.send_rate_per_sec,
+        ctx.cfg.session.send_burst,
+        Instant::now(),
+    );
     loop {
         let r = tokio::select! {
             biased;
@@ -520,7 +527,7 @@ pub(crate) async fn drive<R: FrameReader>(
                     last_renew = Instant::now();
                     ctx.session_heartbeat(&session);
                 }
-                handle_frame(&ctx, &session, f).await;
+                handle_frame(&ctx, &session, f, &mut send_limit).await;
             }
         }
     }
@@ -531,7 +538,7 @@ fn error_body(msg: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "error": msg })).unwrap_or_default()
 }
 
-async fn handle_frame(ctx: &Arc<Ctx>, s: &Arc<Session>, f: Frame) {
+async fn handle_frame(ctx: &Arc<Ctx>, s: &Arc<Session>, f: Frame, send_limit: &mut TokenBucket) {
     let reply = |op: i32, body: Vec<u8>| Out::Reply(Frame::new(op, f.seq, body));
     let out = match f.op {
         op::HEARTBEAT => {
@@ -541,20 +548,21 @@ async fn handle_frame(ctx: &Arc<Ctx>, s: &Arc<Session>, f: Frame) {
         op::CHANGE_ROOM => {
             let text = String::from_utf8_lossy(&f.body);
             let text = text.trim();
-            if text.is_empty() {
-                ctx.leave_room(s);
-                Out::Reply(Frame::new(op::CHANGE_ROOM_REPLY, f.seq, f.body.clone()))
+            let to = if text.is_empty() {
+                Ok(None)
             } else {
-                match RoomId::parse(text) {
-                    Ok(room) => {
-                        ctx.change_room(s, room).await;
-                        Out::Reply(Frame::new(op::CHANGE_ROOM_REPLY, f.seq, f.body.clone()))
-                    }
-                    Err(e) => {
-                        let msg = format!("bad room id: {e}");
-                        tracing::info!(peer = %s.peer, key = %s.key, reason = %msg, "change room refused");
-                        reply(op::CHANGE_ROOM_REPLY, error_body(&msg))
-                    }
+                RoomId::parse(text).map(Some)
+            };
+            match to {
+                Ok(to) => {
+                    // Awaited before replying: logic's membership is updated once op 13 is seen.
+                    ctx.change_room(s, to).await;
+                    Out::Reply(Frame::new(op::CHANGE_ROOM_REPLY, f.seq, f.body.clone()))
+                }
+                Err(e) => {
+                    let msg = format!("bad room id: {e}");
+                    tracing::info!(peer = %s.peer, key = %s.key, reason = %msg, "change room refused");
+                    reply(op::CHANGE_ROOM_REPLY, error_body(&msg))
                 }
             }
         }
@@ -576,10 +584,13 @@ async fn handle_frame(ctx: &Arc<Ctx>, s: &Arc<Session>, f: Frame) {
                 }
             }
         }
-        op::SEND_MSG => reply(
-            op::SEND_MSG_REPLY,
-            br#"{"code":-501,"message":"upstream messages not enabled yet"}"#.to_vec(),
-        ),
+        op::SEND_MSG => {
+            let body = crate::upstream::handle(ctx, s, &f.body, send_limit).await;
+            reply(
+                op::SEND_MSG_REPLY,
+                serde_json::to_vec(&body).unwrap_or_default(),
+            )
+        }
         other => {
             tracing::debug!(peer = %s.peer, op = other, name = op::name(other), "ignoring client op");
             return;

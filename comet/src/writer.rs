@@ -2,12 +2,16 @@
 //! bounded queue in batches and writes them in the transport's shape (plain frames on TCP, op 9
 //! wrapped pushes on WebSocket, JSON text in JSON mode), then performs the close the session asked
 //! for (op 6 reason, WebSocket close code).
+//!
+//! A queue item is never split or merged with another [`Out::Batch`]: a batch (a run of room
+//! pushes delivered together) is exactly one WebSocket message, so clients see the grouping job
+//! chose and every member shares the same encoded bytes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::{Bytes, BytesMut};
 use futures::SinkExt;
 use futures::stream::SplitSink;
@@ -66,6 +70,81 @@ impl EncodedPush {
     }
 }
 
+/// Several pushes that go out as one unit: one op 9 WebSocket message, one JSON array, or the
+/// frames back to back in one TCP write. Each encoding is built on first use and then shared by
+/// every session holding the batch (the writer tasks of a room's members).
+#[derive(Debug)]
+pub struct EncodedBatch {
+    pushes: Vec<Arc<EncodedPush>>,
+    frames: OnceLock<Bytes>,
+    ws: OnceLock<Bytes>,
+    // Kept as the WebSocket text payload type itself so members share one allocation.
+    json: OnceLock<Utf8Bytes>,
+}
+
+impl EncodedBatch {
+    /// A batch of `pushes`, in order (encodings are built lazily, once).
+    pub fn new(pushes: Vec<Arc<EncodedPush>>) -> Self {
+        EncodedBatch {
+            pushes,
+            frames: OnceLock::new(),
+            ws: OnceLock::new(),
+            json: OnceLock::new(),
+        }
+    }
+
+    /// The pushes, in order.
+    pub fn pushes(&self) -> &[Arc<EncodedPush>] {
+        &self.pushes
+    }
+
+    /// Number of pushes.
+    pub fn len(&self) -> usize {
+        self.pushes.len()
+    }
+
+    /// Whether the batch holds no push.
+    pub fn is_empty(&self) -> bool {
+        self.pushes.is_empty()
+    }
+
+    /// Every push's plain frame back to back (TCP, and the body of the op 9 message).
+    pub fn frames(&self) -> Bytes {
+        self.frames
+            .get_or_init(|| {
+                let mut b =
+                    BytesMut::with_capacity(self.pushes.iter().map(|p| p.frame.len()).sum());
+                for p in &self.pushes {
+                    b.extend_from_slice(&p.frame);
+                }
+                b.freeze()
+            })
+            .clone()
+    }
+
+    /// The op 9 message wrapping every push frame.
+    pub fn ws(&self) -> Bytes {
+        self.ws.get_or_init(|| wrap_raw(&self.frames())).clone()
+    }
+
+    /// JSON-mode text: an array of the pushes' objects (a cheap clone of shared bytes).
+    pub fn json_text(&self) -> Utf8Bytes {
+        self.json
+            .get_or_init(|| {
+                let mut s = String::from("[");
+                for (i, p) in self.pushes.iter().enumerate() {
+                    if i > 0 {
+                        s.push(',');
+                    }
+                    s.push_str(p.json_text());
+                }
+                s.push(']');
+                Utf8Bytes::from(s)
+            })
+            .clone()
+    }
+}
+
 /// One item of a session's outbound queue.
 #[derive(Debug, Clone)]
 pub enum Out {
@@ -73,6 +152,8 @@ pub enum Out {
     Reply(Frame),
     /// A push shared with other sessions.
     Push(Arc<EncodedPush>),
+    /// Several pushes written as one message (a run of room pushes), possibly shared.
+    Batch(Arc<EncodedBatch>),
 }
 
 /// TCP: every item as a plain frame, all in one buffer (one write, one flush).
@@ -82,12 +163,14 @@ pub fn tcp_bytes(batch: &[Out]) -> Bytes {
         match o {
             Out::Reply(f) => f.encode(&mut b),
             Out::Push(p) => b.extend_from_slice(&p.frame),
+            Out::Batch(batch) => b.extend_from_slice(&batch.frames()),
         }
     }
     b.freeze()
 }
 
-/// WebSocket binary mode: each reply its own message; each run of consecutive pushes one op 9 message.
+/// WebSocket binary mode: each reply its own message; each run of consecutive single pushes one
+/// op 9 message; each batch exactly one op 9 message of its own (never merged or split).
 pub fn ws_binary_messages(batch: &[Out]) -> Vec<Bytes> {
     let mut msgs = Vec::new();
     let mut run: Vec<&Arc<EncodedPush>> = Vec::new();
@@ -113,6 +196,10 @@ pub fn ws_binary_messages(batch: &[Out]) -> Vec<Bytes> {
                 flush(&mut run, &mut msgs);
                 msgs.push(f.to_bytes());
             }
+            Out::Batch(b) => {
+                flush(&mut run, &mut msgs);
+                msgs.push(b.ws());
+            }
         }
     }
     flush(&mut run, &mut msgs);
@@ -136,14 +223,15 @@ pub fn reply_json(f: &Frame) -> String {
     s
 }
 
-/// WebSocket JSON mode: each reply one object; each run of pushes one object or an array.
-pub fn ws_json_messages(batch: &[Out]) -> Vec<String> {
+/// WebSocket JSON mode: each reply one object; each run of single pushes one object or an array;
+/// each batch exactly one array of its own.
+pub fn ws_json_messages(batch: &[Out]) -> Vec<Utf8Bytes> {
     let mut msgs = Vec::new();
     let mut run: Vec<&Arc<EncodedPush>> = Vec::new();
-    let flush = |run: &mut Vec<&Arc<EncodedPush>>, msgs: &mut Vec<String>| match run.len() {
+    let flush = |run: &mut Vec<&Arc<EncodedPush>>, msgs: &mut Vec<Utf8Bytes>| match run.len() {
         0 => {}
         1 => {
-            msgs.push(run[0].json_text().to_string());
+            msgs.push(run[0].json_text().into());
             run.clear();
         }
         _ => {
@@ -155,7 +243,7 @@ pub fn ws_json_messages(batch: &[Out]) -> Vec<String> {
                 s.push_str(p.json_text());
             }
             s.push(']');
-            msgs.push(s);
+            msgs.push(s.into());
             run.clear();
         }
     };
@@ -164,7 +252,11 @@ pub fn ws_json_messages(batch: &[Out]) -> Vec<String> {
             Out::Push(p) => run.push(p),
             Out::Reply(f) => {
                 flush(&mut run, &mut msgs);
-                msgs.push(reply_json(f));
+                msgs.push(reply_json(f).into());
+            }
+            Out::Batch(b) => {
+                flush(&mut run, &mut msgs);
+                msgs.push(b.json_text());
             }
         }
     }
@@ -204,7 +296,7 @@ impl WriterSink {
             WriterSink::Ws { sink, json } => {
                 if json.load(Ordering::Acquire) {
                     for m in ws_json_messages(batch) {
-                        sink.feed(Message::Text(m.into()))
+                        sink.feed(Message::Text(m))
                             .await
                             .map_err(|e| e.to_string())?;
                     }
@@ -404,6 +496,47 @@ mod tests {
             v,
             serde_json::json!([{"op":1000,"seq":0,"body":{"x":1}},{"op":1000,"seq":0,"body":"plain"}])
         );
+    }
+
+    #[test]
+    fn a_batch_is_exactly_one_message_never_merged_with_neighbours() {
+        let p1 = Arc::new(EncodedPush::new(1000, b"a"));
+        let p2 = Arc::new(EncodedPush::new(1000, b"b"));
+        let p3 = Arc::new(EncodedPush::new(1000, b"c"));
+        let batch = Arc::new(EncodedBatch::new(vec![p2.clone(), p3.clone()]));
+        let items = vec![
+            Out::Push(p1.clone()),
+            Out::Batch(batch.clone()),
+            Out::Push(p1.clone()),
+        ];
+        let msgs = ws_binary_messages(&items);
+        assert_eq!(msgs.len(), 3, "single, batch, single");
+        assert_eq!(
+            msgs[1].as_ptr(),
+            batch.ws().as_ptr(),
+            "shared bytes, not re-wrapped"
+        );
+        let raw = Frame::decode_message(msgs[1].clone(), 1 << 20).unwrap();
+        let inner = Frame::split_batch(raw.body, 1 << 20).unwrap();
+        assert_eq!(
+            inner.iter().map(|f| &f.body[..]).collect::<Vec<_>>(),
+            vec![&b"b"[..], &b"c"[..]]
+        );
+
+        let json = ws_json_messages(&items);
+        assert_eq!(json.len(), 3);
+        assert_eq!(
+            json[1],
+            r#"[{"op":1000,"seq":0,"body":"b"},{"op":1000,"seq":0,"body":"c"}]"#
+        );
+        assert_eq!(json[1].as_ptr(), batch.json_text().as_ptr(), "shared text");
+
+        let tcp = tcp_bytes(&items);
+        let want: Vec<u8> = [&p1.frame, &p2.frame, &p3.frame, &p1.frame]
+            .iter()
+            .flat_map(|b| b.iter().copied())
+            .collect();
+        assert_eq!(&tcp[..], &want[..]);
     }
 
     #[test]

@@ -18,7 +18,8 @@ use rim_proto::op;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{
     CometRpcClient, ConnectReply, ConnectRequest, DeliverReport, DeliverTarget, Delivery,
-    LogicError, LogicRpc, NodeInfo, OnlineCounts, OnlineReport, PushAccepted, PushId, SessionRef,
+    LogicError, LogicRpc, NodeInfo, OnlineCounts, OnlineReport, PushAccepted, PushId,
+    SendMsgRequest, SendTarget, SessionRef,
 };
 use tarpc::context::Context;
 use tarpc::server::Channel;
@@ -38,6 +39,12 @@ struct FakeLogic {
     next: Arc<AtomicU64>,
     heartbeat_secs: u32,
     renews: Arc<Mutex<Vec<(NodeInfo, OnlineReport)>>>,
+    sends: Arc<Mutex<Vec<SendMsgRequest>>>,
+}
+
+fn room_name(r: &Option<RoomId>) -> String {
+    r.as_ref()
+        .map_or_else(|| "-".to_string(), |r| r.to_string())
 }
 
 impl LogicRpc for FakeLogic {
@@ -141,6 +148,42 @@ impl LogicRpc for FakeLogic {
     ) -> Result<PushAccepted, LogicError> {
         Err(LogicError::Internal("not in fake".into()))
     }
+    /// Mid targets pick the outcome: 403 forbidden, 404 offline, 503 never answers (timeout).
+    async fn send_msg(self, _: Context, req: SendMsgRequest) -> Result<PushAccepted, LogicError> {
+        match req.target {
+            SendTarget::Mid(403) => return Err(LogicError::Forbidden("not allowed".into())),
+            SendTarget::Mid(404) => return Err(LogicError::Offline("mid 404".into())),
+            SendTarget::Mid(503) => {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+            _ => {}
+        }
+        self.sends.lock().push(req);
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let _ = self.events.send("send_msg".into());
+        Ok(PushAccepted {
+            id: format!("msg-{n}"),
+            sessions: 1,
+        })
+    }
+    /// Slow on purpose: the event is recorded only after a delay, so a comet that replied op 13
+    /// without awaiting this would be caught.
+    async fn room_changed(
+        self,
+        _: Context,
+        s: SessionRef,
+        from: Option<RoomId>,
+        to: Option<RoomId>,
+    ) -> Result<(), LogicError> {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let _ = self.events.send(format!(
+            "room_changed {} {} {}",
+            s.key,
+            room_name(&from),
+            room_name(&to)
+        ));
+        Ok(())
+    }
 }
 
 struct Harness {
@@ -150,6 +193,7 @@ struct Harness {
     done: tokio::task::JoinHandle<Result<(), rim_comet::CometError>>,
     events: mpsc::UnboundedReceiver<String>,
     renews: Arc<Mutex<Vec<(NodeInfo, OnlineReport)>>>,
+    sends: Arc<Mutex<Vec<SendMsgRequest>>>,
     job: CometRpcClient,
     next_push: u64,
 }
@@ -161,11 +205,13 @@ async fn start(tweak: impl FnOnce(&mut Config)) -> Harness {
 async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) -> Harness {
     let (tx, events) = mpsc::unbounded_channel();
     let renews = Arc::new(Mutex::new(Vec::new()));
+    let sends = Arc::new(Mutex::new(Vec::new()));
     let fake = FakeLogic {
         events: tx,
         next: Arc::new(AtomicU64::new(1)),
         heartbeat_secs,
         renews: renews.clone(),
+        sends: sends.clone(),
     };
     let logic_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let logic_addr = logic_l.local_addr().unwrap();
@@ -219,6 +265,7 @@ async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) -> Har
         done,
         events,
         renews,
+        sends,
         job,
         next_push: 1,
     };
@@ -261,6 +308,7 @@ impl Harness {
             op,
             body: Bytes::from(body.to_string()),
             target,
+            exclude: None,
         }])
         .await
     }
@@ -396,6 +444,7 @@ async fn tcp_auth_heartbeat_filter_dedupe_and_room() {
         op: 1000,
         body: Bytes::from_static(b"hello"),
         target: DeliverTarget::Keys(vec!["a".into(), "nobody".into()]),
+        exclude: None,
     };
     let r = h.deliver(vec![item.clone()]).await;
     assert_eq!((r.queued, r.missing, r.duplicates), (1, 1, 0));
@@ -436,12 +485,12 @@ async fn tcp_auth_heartbeat_filter_dedupe_and_room() {
     assert_eq!(r.queued, 1);
     assert_eq!(&c.recv().await.unwrap().body[..], b"all");
 
-    // SendMsg is answered, not fatal.
+    // A bad SendMsg is answered, not fatal.
     c.send(Frame::new(op::SEND_MSG, 11, Bytes::from_static(b"{}")))
         .await;
     let m = c.recv().await.unwrap();
     assert_eq!((m.op, m.seq), (op::SEND_MSG_REPLY, 11));
-    assert!(String::from_utf8_lossy(&m.body).contains("-501"));
+    assert!(String::from_utf8_lossy(&m.body).contains("-400"));
 
     // Client leaves: logic hears about it.
     drop(c);
@@ -525,6 +574,7 @@ async fn ws_binary_auth_heartbeat_and_op9_pushes() {
             op: 1000,
             body: Bytes::from(format!("m{i}")),
             target: DeliverTarget::Room(room.clone()),
+            exclude: None,
         })
         .collect::<Vec<_>>();
     let r = h.deliver(items).await;
@@ -720,6 +770,7 @@ async fn slow_consumer_is_disconnected_and_counted() {
             op: 1000,
             body: Bytes::from(body.clone()),
             target: DeliverTarget::Keys(vec!["slow".into()]),
+            exclude: None,
         })
         .collect();
     let r = h.deliver(items).await;
@@ -764,4 +815,423 @@ async fn readyz_advertises_and_shutdown_drains() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+// ---------- upstream messages, exclusion, system pushes, room runs, membership ----------
+
+impl Harness {
+    /// Logic events recorded so far, without waiting.
+    fn events_now(&mut self) -> Vec<String> {
+        let mut v = Vec::new();
+        while let Ok(e) = self.events.try_recv() {
+            v.push(e);
+        }
+        v
+    }
+
+    fn room_item(&mut self, room: &RoomId, op: i32, body: &str) -> Delivery {
+        Delivery {
+            id: self.push_id(),
+            op,
+            body: Bytes::from(body.to_string()),
+            target: DeliverTarget::Room(room.clone()),
+            exclude: None,
+        }
+    }
+}
+
+fn send_frame(seq: i32, body: &str) -> Frame {
+    Frame::new(op::SEND_MSG, seq, Bytes::from(body.to_string()))
+}
+
+/// The op 5 body, checking the op and the echoed seq.
+fn send_reply(f: &Frame, seq: i32) -> serde_json::Value {
+    assert_eq!((f.op, f.seq), (op::SEND_MSG_REPLY, seq), "{f:?}");
+    serde_json::from_slice(&f.body).unwrap()
+}
+
+async fn heartbeat_ok(c: &mut Tcp, seq: i32) {
+    c.send(Frame::new(op::HEARTBEAT, seq, Bytes::new())).await;
+    let f = c.recv().await.unwrap();
+    assert_eq!((f.op, f.seq), (op::HEARTBEAT_REPLY, seq), "{f:?}");
+}
+
+fn text_json(m: Message) -> serde_json::Value {
+    match m {
+        Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn send_msg_is_forwarded_with_the_session_identity_not_the_body_claims() {
+    let h = start(|_| {}).await;
+    let mut c = Tcp::auth(&h, "snd", "live://5", &[1000]).await;
+    c.send(send_frame(
+        21,
+        r#"{"room":"live://5","op":1000,"data":{"t":"hi"},"from":999,"mid_from":1234,"key":"evil"}"#,
+    ))
+    .await;
+    let r = send_reply(&c.recv().await.unwrap(), 21);
+    assert_eq!(r["code"], 0, "{r}");
+    assert!(r["id"].as_str().unwrap().starts_with("msg-"), "{r}");
+    assert!(r.get("message").is_none(), "{r}");
+    {
+        let sends = h.sends.lock();
+        assert_eq!(sends.len(), 1);
+        let req = &sends[0];
+        assert_eq!(
+            req.sender,
+            SessionRef {
+                server: "comet-test".into(),
+                mid: 7,
+                key: "snd".into()
+            }
+        );
+        assert_eq!(req.sender_room, Some(RoomId::parse("live://5").unwrap()));
+        assert_eq!(
+            req.target,
+            SendTarget::Room(RoomId::parse("live://5").unwrap())
+        );
+        assert_eq!(req.op, 1000);
+        assert_eq!(req.data_json, r#"{"t":"hi"}"#);
+    }
+
+    // JSON mode, to a mid, from a session without a room.
+    let mut ws = ws_connect(&h).await;
+    ws.send(Message::text(
+        r#"{"ver":1,"op":7,"seq":1,"body":{"mid":42,"key":"jsnd","accepts":[1000]}}"#,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(text_json(ws_recv(&mut ws).await)["op"], 8);
+    ws.send(Message::text(
+        r#"{"op":4,"seq":3,"body":{"mid":2,"op":1001,"data":"x","from":1}}"#,
+    ))
+    .await
+    .unwrap();
+    let r = text_json(ws_recv(&mut ws).await);
+    assert_eq!((r["op"].as_i64(), r["seq"].as_i64()), (Some(5), Some(3)));
+    assert_eq!(r["body"]["code"], 0, "{r}");
+    let sends = h.sends.lock();
+    let req = &sends[1];
+    assert_eq!((req.sender.mid, req.sender.key.as_str()), (42, "jsnd"));
+    assert_eq!(req.sender_room, None);
+    assert_eq!(req.target, SendTarget::Mid(2));
+    assert_eq!((req.op, req.data_json.as_str()), (1001, r#""x""#));
+}
+
+#[tokio::test]
+async fn send_msg_validation_errors_answer_400_and_keep_the_session() {
+    let h = start(|_| {}).await;
+    let mut c = Tcp::auth(&h, "val", "live://5", &[1000]).await;
+    let cases = [
+        ("not json", "not JSON"),
+        (r#"{"op":1000,"data":1}"#, "exactly one of room and mid"),
+        (r#"{"room":"live://5","mid":3,"op":1000}"#, "not both"),
+        (r#"{"room":"live:/5","op":1000}"#, "bad room id"),
+        (r#"{"mid":3,"op":999}"#, "op must be >= 1000"),
+    ];
+    for (i, (body, want)) in cases.iter().enumerate() {
+        let seq = 30 + i as i32;
+        c.send(send_frame(seq, body)).await;
+        let r = send_reply(&c.recv().await.unwrap(), seq);
+        assert_eq!(r["code"], -400, "{body}: {r}");
+        let msg = r["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{body}: {msg}");
+        heartbeat_ok(&mut c, 100 + seq).await;
+    }
+    assert!(h.sends.lock().is_empty(), "nothing invalid reached logic");
+    let m = h.http_get("/metrics").await;
+    assert!(
+        m.contains(r#"rim_comet_upstream_refused_total{code="-400"} 5"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn send_msg_logic_errors_map_to_their_codes() {
+    // A short deadline so the fake's never-answering case reads as logic unavailable.
+    let h = start(|c| c.logic.rpc_timeout_ms = 500).await;
+    let mut c = Tcp::auth(&h, "err", "", &[1000]).await;
+    for (seq, mid, code, want) in [
+        (1, 403, -403, "forbidden: not allowed"),
+        (2, 404, -404, "offline: mid 404"),
+        (3, 503, -503, "logic unavailable"),
+    ] {
+        c.send(send_frame(seq, &format!(r#"{{"mid":{mid},"op":1000}}"#)))
+            .await;
+        let r = send_reply(&c.recv().await.unwrap(), seq);
+        assert_eq!(r["code"], code, "{r}");
+        assert_eq!(r["message"], want, "{r}");
+    }
+    heartbeat_ok(&mut c, 9).await;
+    c.send(send_frame(10, r#"{"mid":5,"op":1000}"#)).await;
+    assert_eq!(send_reply(&c.recv().await.unwrap(), 10)["code"], 0);
+    let m = h.http_get("/metrics").await;
+    for line in [
+        r#"rim_comet_upstream_refused_total{code="-403"} 1"#,
+        r#"rim_comet_upstream_refused_total{code="-404"} 1"#,
+        r#"rim_comet_upstream_refused_total{code="-503"} 1"#,
+        "rim_comet_upstream_sent_total 1",
+    ] {
+        assert!(m.contains(line), "{line} in {m}");
+    }
+}
+
+#[tokio::test]
+async fn send_msg_over_the_rate_limit_gets_429() {
+    let h = start(|c| {
+        c.session.send_rate_per_sec = 1;
+        c.session.send_burst = 2;
+    })
+    .await;
+    let mut c = Tcp::auth(&h, "fast", "", &[1000]).await;
+    let mut codes = Vec::new();
+    for seq in 1..=3 {
+        c.send(send_frame(seq, r#"{"mid":5,"op":1000}"#)).await;
+        let r = send_reply(&c.recv().await.unwrap(), seq);
+        if r["code"] == -429 {
+            assert!(
+                r["message"].as_str().unwrap().starts_with("rate limited: "),
+                "{r}"
+            );
+        }
+        codes.push(r["code"].as_i64().unwrap());
+    }
+    assert_eq!(codes, vec![0, 0, -429]);
+    assert_eq!(
+        h.sends.lock().len(),
+        2,
+        "the limited one never reached logic"
+    );
+    heartbeat_ok(&mut c, 4).await;
+    let m = h.http_get("/metrics").await;
+    assert!(
+        m.contains(r#"rim_comet_upstream_refused_total{code="-429"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn exclude_skips_the_sender_without_counting_it() {
+    let mut h = start(|_| {}).await;
+    let mut s1 = Tcp::auth(&h, "s1", "live://7", &[1000]).await;
+    let mut s2 = Tcp::auth(&h, "s2", "live://7", &[1000]).await;
+    let room = RoomId::parse("live://7").unwrap();
+    let mut item = h.room_item(&room, 1000, "from s1");
+    item.exclude = Some("s1".into());
+    let r = h.deliver(vec![item]).await;
+    assert_eq!((r.queued, r.missing, r.duplicates), (1, 0, 0), "{r:?}");
+    assert_eq!(&s2.recv().await.unwrap().body[..], b"from s1");
+
+    // Keys target too (a mid push to the sender's own sessions).
+    let id = h.push_id();
+    let r = h
+        .deliver(vec![Delivery {
+            id,
+            op: 1000,
+            body: Bytes::from_static(b"direct"),
+            target: DeliverTarget::Keys(vec!["s1".into(), "s2".into()]),
+            exclude: Some("s1".into()),
+        }])
+        .await;
+    assert_eq!((r.queued, r.missing, r.duplicates), (1, 0, 0), "{r:?}");
+    assert_eq!(&s2.recv().await.unwrap().body[..], b"direct");
+    // s1 got nothing: the next thing it reads is its heartbeat reply.
+    heartbeat_ok(&mut s1, 5).await;
+}
+
+#[tokio::test]
+async fn system_pushes_bypass_the_op_filter_but_not_dedupe() {
+    let mut h = start(|_| {}).await;
+    let mut c = Tcp::auth(&h, "sys", "live://8", &[1000]).await;
+    let room = RoomId::parse("live://8").unwrap();
+    let ev = h.room_item(
+        &room,
+        op::ROOM_EVENT,
+        r#"{"event":"join","mid":9,"room":"live://8"}"#,
+    );
+    let r = h.deliver(vec![ev.clone()]).await;
+    assert_eq!(r.queued, 1, "{r:?}");
+    let f = c.recv().await.unwrap();
+    assert_eq!(f.op, op::ROOM_EVENT);
+    let r = h.deliver(vec![ev]).await;
+    assert_eq!((r.queued, r.duplicates), (0, 1), "{r:?}");
+    let r = h.push(1001, "app", DeliverTarget::Room(room)).await;
+    assert_eq!(r.queued, 0, "ordinary ops still filtered");
+    heartbeat_ok(&mut c, 2).await;
+}
+
+#[tokio::test]
+async fn a_room_run_reaches_each_member_as_one_message() {
+    let mut h = start(|_| {}).await;
+    let room_s = "live://run";
+    let room = RoomId::parse(room_s).unwrap();
+
+    let mut wb = ws_connect(&h).await;
+    wb.send(Message::binary(
+        auth_frame(1, "wb", room_s, &[1000, 1001]).to_bytes(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ws_frame(&mut wb).await.op, op::AUTH_REPLY);
+    // Accepts only 1000: gets its subset.
+    let mut wp = ws_connect(&h).await;
+    wp.send(Message::binary(
+        auth_frame(2, "wp", room_s, &[1000]).to_bytes(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ws_frame(&mut wp).await.op, op::AUTH_REPLY);
+    let mut wj = ws_connect(&h).await;
+    wj.send(Message::text(format!(
+        r#"{{"op":7,"seq":1,"body":{{"mid":3,"key":"wj","room_id":"{room_s}","accepts":[1000,1001]}}}}"#
+    )))
+    .await
+    .unwrap();
+    assert_eq!(text_json(ws_recv(&mut wj).await)["op"], 8);
+    let mut tc = Tcp::auth(&h, "wt", room_s, &[1000, 1001]).await;
+
+    let ops = [1000, 1001, 1000, 1001, 1000];
+    let items: Vec<Delivery> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| h.room_item(&room, *op, &format!("m{i}")))
+        .collect();
+    let r = h.deliver(items).await;
+    assert_eq!(r.queued, 5 * 3 + 3, "{r:?}");
+
+    let bodies = |raw: Frame| -> Vec<(i32, String)> {
+        assert_eq!(raw.op, op::RAW);
+        Frame::split_batch(raw.body, 1 << 20)
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.op, String::from_utf8(f.body.to_vec()).unwrap()))
+            .collect()
+    };
+    let all: Vec<(i32, String)> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| (*op, format!("m{i}")))
+        .collect();
+    // WebSocket binary: exactly one message holding all five, in order...
+    assert_eq!(bodies(ws_frame(&mut wb).await), all);
+    // ...and nothing else before the heartbeat reply.
+    wb.send(Message::binary(
+        Frame::new(op::HEARTBEAT, 2, Bytes::new()).to_bytes(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ws_frame(&mut wb).await.op, op::HEARTBEAT_REPLY);
+
+    // Partial member: one message with just its ops, in order.
+    assert_eq!(
+        bodies(ws_frame(&mut wp).await),
+        vec![
+            (1000, "m0".to_string()),
+            (1000, "m2".to_string()),
+            (1000, "m4".to_string())
+        ]
+    );
+    wp.send(Message::binary(
+        Frame::new(op::HEARTBEAT, 2, Bytes::new()).to_bytes(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ws_frame(&mut wp).await.op, op::HEARTBEAT_REPLY);
+
+    // JSON: one array of five.
+    let v = text_json(ws_recv(&mut wj).await);
+    let arr = v.as_array().expect("an array");
+    let got: Vec<(i64, &str)> = arr
+        .iter()
+        .map(|o| (o["op"].as_i64().unwrap(), o["body"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1000, "m0"),
+            (1001, "m1"),
+            (1000, "m2"),
+            (1001, "m3"),
+            (1000, "m4")
+        ]
+    );
+    wj.send(Message::text(r#"{"op":2,"seq":2}"#)).await.unwrap();
+    assert_eq!(text_json(ws_recv(&mut wj).await)["op"], 3);
+
+    // TCP: five plain frames.
+    let mut tcp_got = Vec::new();
+    for _ in 0..5 {
+        let f = tc.recv().await.unwrap();
+        tcp_got.push((f.op, String::from_utf8(f.body.to_vec()).unwrap()));
+    }
+    assert_eq!(tcp_got, all);
+
+    // Order across runs and other targets: room, room, key, room.
+    let mut items = vec![
+        h.room_item(&room, 1000, "n0"),
+        h.room_item(&room, 1000, "n1"),
+    ];
+    let id = h.push_id();
+    items.push(Delivery {
+        id,
+        op: 1000,
+        body: Bytes::from_static(b"n2"),
+        target: DeliverTarget::Keys(vec!["wt".into()]),
+        exclude: None,
+    });
+    items.push(h.room_item(&room, 1000, "n3"));
+    h.deliver(items).await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(String::from_utf8(tc.recv().await.unwrap().body.to_vec()).unwrap());
+    }
+    assert_eq!(got, vec!["n0", "n1", "n2", "n3"]);
+}
+
+#[tokio::test]
+async fn change_room_reports_the_move_to_logic_before_replying() {
+    let mut h = start(|_| {}).await;
+    // Auth with a room: logic learns it through connect, not room_changed.
+    let mut c = Tcp::auth(&h, "mv", "chat://1", &[1000]).await;
+    h.expect_event("room_joined chat://1").await;
+
+    let mut change = async |h: &mut Harness, seq: i32, body: &'static [u8]| {
+        c.send(Frame::new(op::CHANGE_ROOM, seq, Bytes::from_static(body)))
+            .await;
+        let r = c.recv().await.unwrap();
+        assert_eq!(
+            (r.op, r.seq, &r.body[..]),
+            (op::CHANGE_ROOM_REPLY, seq, body)
+        );
+        h.events_now()
+            .into_iter()
+            .filter(|e| e.starts_with("room_changed"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        change(&mut h, 1, b"chat://2").await,
+        vec!["room_changed mv chat://1 chat://2"]
+    );
+    assert!(
+        change(&mut h, 2, b"chat://2").await.is_empty(),
+        "same room: no call"
+    );
+    assert_eq!(
+        change(&mut h, 3, b"").await,
+        vec!["room_changed mv chat://2 -"]
+    );
+    assert!(change(&mut h, 4, b"").await.is_empty(), "no room to leave");
+    assert_eq!(
+        change(&mut h, 5, b"chat://3").await,
+        vec!["room_changed mv - chat://3"]
+    );
+    // Nothing late shows up either.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !h.events_now().iter().any(|e| e.starts_with("room_changed")),
+        "no extra room_changed"
+    );
 }
