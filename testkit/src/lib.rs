@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod client;
+pub mod process;
 pub mod redis;
 
 /// Default time a test waits for an event before failing.

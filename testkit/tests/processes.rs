@@ -4,96 +4,15 @@
 //! Needs `cargo build --bins` first (scripts/test.sh does it).
 #![allow(clippy::unwrap_used)]
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
 
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::{Api, eventually};
 use rim_testkit::client::{Client, Transport};
+use rim_testkit::process::{Proc, binary, free_addr, repo};
 use rim_testkit::redis::RedisServer;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn binary(name: &str) -> PathBuf {
-    // The test executable lives in target/<profile>/deps/; the binaries one level up.
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --bins` first (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
-
-/// A child process killed on drop (so a failing test leaves nothing behind).
-struct Proc {
-    name: &'static str,
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, bin: &str, config: &str, env: &[(&str, String)]) -> Proc {
-        let mut cmd = Command::new(binary(bin));
-        cmd.arg("--config")
-            .arg(repo().join("config").join(config))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.env("RUST_LOG", "warn");
-        Proc {
-            name,
-            child: cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}")),
-        }
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -TERM {}", self.name);
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {within:?}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct CometAddrs {
     http: SocketAddr,
@@ -186,25 +105,25 @@ async fn three_binaries_from_example_configs_deliver_http_pushes() {
     }
 
     // SIGTERM: a comet tells its clients before it goes, and every tier exits cleanly.
-    comets[0].sigterm();
+    comets[0].signal("TERM");
     let closed = c1.expect_closed().await.unwrap();
     assert!(
         closed.disconnect_reason.is_some(),
         "op 6 before the close: {closed:?}"
     );
     for p in comets.iter_mut() {
-        p.sigterm();
+        p.signal("TERM");
         assert!(
             p.wait_exit(Duration::from_secs(20)).success(),
             "comet exits 0"
         );
     }
-    job.sigterm();
+    job.signal("TERM");
     assert!(
         job.wait_exit(Duration::from_secs(20)).success(),
         "job exits 0"
     );
-    logic.sigterm();
+    logic.signal("TERM");
     assert!(
         logic.wait_exit(Duration::from_secs(20)).success(),
         "logic exits 0"
