@@ -1,14 +1,19 @@
 //! Logic's configuration: listen addresses, Redis, push limits and secrets, session and node
-//! lifetimes, partition count. Every field has a default (dev defaults are marked in
-//! `config/logic.toml`); [`Validate`] names the first bad field.
+//! lifetimes, partition count, chat policy, bot webhook and demo. Every field has a default (dev
+//! defaults are marked in `config/logic.toml`); [`Validate`] names the first bad field.
 
 use std::time::Duration;
 
+use rim_proto::room::RoomId;
 use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
 use serde::Deserialize;
 
-/// Dotted fields that take comma-separated lists from the environment (none today).
-pub const LIST_KEYS: &[&str] = &[];
+/// Dotted fields that take comma-separated lists from the environment.
+pub const LIST_KEYS: &[&str] = &[
+    "chat.presence_room_types",
+    "webhook.room_types",
+    "webhook.mids",
+];
 
 /// The whole logic config.
 #[derive(Debug, Clone, Deserialize)]
@@ -28,6 +33,12 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Push streams.
     pub stream: StreamConfig,
+    /// Upstream messages (SendMsg): send policy, size limit, presence events.
+    pub chat: ChatConfig,
+    /// Bot webhook that upstream messages are forwarded to.
+    pub webhook: WebhookConfig,
+    /// Demo page and dev sign-in.
+    pub demo: DemoConfig,
     /// How long in-flight work may take to finish at shutdown (ms).
     pub shutdown_grace_ms: u64,
     /// Log filter used when `RUST_LOG` is unset.
@@ -46,6 +57,9 @@ impl Default for Config {
             node: NodeConfig::default(),
             auth: AuthConfig::default(),
             stream: StreamConfig::default(),
+            chat: ChatConfig::default(),
+            webhook: WebhookConfig::default(),
+            demo: DemoConfig::default(),
             shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_json: false,
@@ -211,6 +225,93 @@ impl Default for StreamConfig {
     }
 }
 
+/// Upstream message (SendMsg) policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Members may post to the room they are in (and only to that one).
+    pub room_post: bool,
+    /// Any user may message any mid directly.
+    pub direct: bool,
+    /// Room messages are also delivered back to the sending session.
+    pub echo_to_sender: bool,
+    /// Largest `data` payload (JSON text) in bytes.
+    pub max_data_bytes: usize,
+    /// Room types whose rooms get join/leave events (op 18). Empty = off: big rooms would drown.
+    pub presence_room_types: Vec<String>,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            room_post: true,
+            direct: true,
+            echo_to_sender: false,
+            max_data_bytes: 4096,
+            presence_room_types: Vec::new(),
+        }
+    }
+}
+
+/// The bot webhook: matching upstream messages are POSTed to `url` after they were queued.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://` URL to POST to; empty = off. (No TLS client is built in: put a local
+    /// TLS-terminating proxy in front of an https endpoint.)
+    pub url: String,
+    /// Messages to rooms of these types are forwarded.
+    pub room_types: Vec<String>,
+    /// Messages to these mids are forwarded.
+    pub mids: Vec<i64>,
+    /// Bound on one POST (ms).
+    pub timeout_ms: u64,
+    /// Extra attempts after a timeout, connection error or 5xx (exponential backoff).
+    pub retries: u32,
+    /// Forwards waiting for a worker; when full, new ones are dropped (counted).
+    pub queue: usize,
+    /// Concurrent POSTs.
+    pub concurrency: usize,
+    /// Mid the bot's replies are sent as.
+    pub bot_mid: i64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            url: String::new(),
+            room_types: Vec::new(),
+            mids: Vec::new(),
+            timeout_ms: 2_000,
+            retries: 2,
+            queue: 1_000,
+            concurrency: 4,
+            bot_mid: 0,
+        }
+    }
+}
+
+impl WebhookConfig {
+    /// Whether the webhook is configured at all.
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+}
+
+/// Demo page (`/`, `/assets/*`) and dev sign-in (`/rim/dev/login`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Serve them (dev default: on; anyone can mint a user and, with `auth.secret`, a token).
+    pub enabled: bool,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig { enabled: true }
+    }
+}
+
 impl Config {
     /// Shutdown grace as a duration.
     pub fn shutdown_grace(&self) -> Duration {
@@ -261,6 +362,36 @@ impl Validate for Config {
             ));
         }
         positive("stream.partitions", self.stream.partitions as u64)?;
+        positive("chat.max_data_bytes", self.chat.max_data_bytes as u64)?;
+        for ty in &self.chat.presence_room_types {
+            RoomId::check_type(ty)
+                .map_err(|e| SettingsError::invalid("chat.presence_room_types", e.to_string()))?;
+        }
+        let w = &self.webhook;
+        if w.enabled() {
+            match reqwest::Url::parse(&w.url) {
+                Ok(u) if u.scheme() == "http" && u.host_str().is_some() => {}
+                Ok(u) if u.scheme() == "https" => {
+                    return Err(SettingsError::invalid(
+                        "webhook.url",
+                        "https is not supported yet: point it at a local TLS-terminating proxy (http://)",
+                    ));
+                }
+                _ => {
+                    return Err(SettingsError::invalid(
+                        "webhook.url",
+                        format!("{:?} is not an http:// URL", w.url),
+                    ));
+                }
+            }
+        }
+        for ty in &w.room_types {
+            RoomId::check_type(ty)
+                .map_err(|e| SettingsError::invalid("webhook.room_types", e.to_string()))?;
+        }
+        positive("webhook.timeout_ms", w.timeout_ms)?;
+        positive("webhook.queue", w.queue as u64)?;
+        positive("webhook.concurrency", w.concurrency as u64)?;
         if self.log_level.trim().is_empty() {
             return Err(SettingsError::invalid("log_level", "must not be empty"));
         }
@@ -299,6 +430,23 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .starts_with("redis.url")
+        );
+        let mut c = Config::default();
+        c.webhook.url = "https://bot.example/hook".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("webhook.url")
+        );
+        c.webhook.url = "http://127.0.0.1:9/hook".into();
+        c.validate().expect("http webhook is valid");
+        c.chat.presence_room_types = vec!["bad type".into()];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("chat.presence_room_types")
         );
     }
 }

@@ -1,4 +1,5 @@
-//! The goim-compatible HTTP API: push, online and node routes, plus the shared ops routes.
+//! The goim-compatible HTTP API: push, online and node routes, plus the shared ops routes, and
+//! rim's own: room member and user session listings, the demo page and its dev sign-in.
 //!
 //! Every answer is the envelope `{"code","message","data"}` (data left out when empty) with a
 //! matching status. Query strings are parsed here (not by an extractor) so each error names the
@@ -9,7 +10,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, RawQuery, Request, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,11 +23,24 @@ use serde_json::{Value, json};
 
 use crate::App;
 use crate::auth::bearer_matches;
+use crate::directory::MembersCursor;
 use crate::metrics::Ops;
 use crate::store::StoreError;
 
 /// Most rooms `/goim/online/top` lists.
 const MAX_TOP: usize = 1000;
+/// Most members one `/rim/rooms/{room}/members` page lists.
+const MAX_MEMBERS_PAGE: usize = 1000;
+/// Longest dev sign-in name, in characters (after trimming).
+const MAX_NAME_CHARS: usize = 32;
+/// Lifetime of the token the dev sign-in issues.
+const DEV_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// The demo page and its scripts, embedded so the binary serves them with no files around.
+const INDEX_HTML: &str = include_str!("../assets/index.html");
+const RIM_CLIENT_JS: &str = include_str!("../assets/rim-client.js");
+const CHAT_JS: &str = include_str!("../assets/chat.js");
+const CHAT_CSS: &str = include_str!("../assets/chat.css");
 
 /// An error answer: status, envelope code and the message naming what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -384,6 +399,123 @@ async fn nodes_instances(State(app): AppState, headers: HeaderMap) -> Response {
     )
 }
 
+/// A path parameter, percent-decoded; a malformed one is a 400 naming it.
+fn path_param(p: Result<Path<String>, PathRejection>, name: &str) -> Result<String, ApiError> {
+    p.map(|Path(v)| v)
+        .map_err(|e| ApiError::bad(format!("{name}: {e}")))
+}
+
+async fn room_members(
+    State(app): AppState,
+    headers: HeaderMap,
+    room: Result<Path<String>, PathRejection>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    envelope(
+        async {
+            check_secret(&app, &headers, false)?;
+            let room = path_param(room, "room")?;
+            let room = RoomId::parse(&room).map_err(|e| ApiError::bad(format!("room: {e}")))?;
+            let q = Query::parse(raw.as_deref());
+            let cursor = match q.get("cursor") {
+                None => MembersCursor::parse("0"),
+                Some(c) => MembersCursor::parse(c),
+            }
+            .ok_or_else(|| ApiError::bad("cursor: not a cursor from a previous page"))?;
+            let limit = q.u32_or("limit", 100)? as usize;
+            if limit == 0 || limit > MAX_MEMBERS_PAGE {
+                return Err(ApiError::bad(format!(
+                    "limit: must be 1-{MAX_MEMBERS_PAGE}"
+                )));
+            }
+            Ok(app.room_members(room.as_str(), cursor, limit).await?)
+        }
+        .await,
+    )
+}
+
+async fn user_sessions(
+    State(app): AppState,
+    headers: HeaderMap,
+    mid: Result<Path<String>, PathRejection>,
+) -> Response {
+    envelope(
+        async {
+            check_secret(&app, &headers, false)?;
+            let raw = path_param(mid, "mid")?;
+            let mid: i64 = raw
+                .trim()
+                .parse()
+                .map_err(|_| ApiError::bad(format!("mid: {raw:?} is not an int64")))?;
+            Ok(app.user_sessions(mid).await?)
+        }
+        .await,
+    )
+}
+
+fn demo_off() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no such route (demo.enabled is false)",
+    )
+}
+
+async fn dev_login(State(app): AppState, RawQuery(raw): RawQuery) -> Response {
+    envelope(
+        async {
+            if !app.config.demo.enabled {
+                return Err(demo_off());
+            }
+            let q = Query::parse(raw.as_deref());
+            let name = q.get("name").unwrap_or_default().trim();
+            let chars = name.chars().count();
+            if chars == 0 || chars > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+                return Err(ApiError::bad(format!(
+                    "name: must be 1-{MAX_NAME_CHARS} characters (after trimming), without control characters"
+                )));
+            }
+            let mid = app.dev_sign_in(name).await?;
+            let secret = &app.config.auth.secret;
+            let token = if secret.is_empty() {
+                String::new()
+            } else {
+                crate::auth::issue_token(secret, mid, DEV_TOKEN_TTL)
+            };
+            Ok(json!({ "mid": mid, "name": name, "token": token }))
+        }
+        .await,
+    )
+}
+
+/// An embedded asset with its content type; `no-cache` so a rebuilt binary's page is picked up.
+fn asset(app: &App, content_type: &'static str, body: &'static str) -> Response {
+    if !app.config.demo.enabled {
+        return envelope(Err(demo_off()));
+    }
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn demo_index(State(app): AppState) -> Response {
+    asset(&app, "text/html; charset=utf-8", INDEX_HTML)
+}
+
+async fn demo_asset(State(app): AppState, name: Result<Path<String>, PathRejection>) -> Response {
+    let name = name.map(|Path(n)| n).unwrap_or_default();
+    match name.as_str() {
+        "rim-client.js" => asset(&app, "application/javascript; charset=utf-8", RIM_CLIENT_JS),
+        "chat.js" => asset(&app, "application/javascript; charset=utf-8", CHAT_JS),
+        "chat.css" => asset(&app, "text/css; charset=utf-8", CHAT_CSS),
+        _ => envelope(Err(ApiError::new(StatusCode::NOT_FOUND, "no such asset"))),
+    }
+}
+
 async fn count_responses(State(app): AppState, req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     app.metrics.http_response(resp.status().as_u16());
@@ -406,6 +538,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/goim/online/total", get(online_total))
         .route("/goim/nodes/weighted", get(nodes_weighted))
         .route("/goim/nodes/instances", get(nodes_instances))
+        .route("/rim/rooms/{room}/members", get(room_members))
+        .route("/rim/users/{mid}/sessions", get(user_sessions))
+        .route("/rim/dev/login", post(dev_login))
+        .route("/", get(demo_index))
+        .route("/assets/{name}", get(demo_asset))
         // Bodies are read by hand under push.body_limit (see read_body).
         .layer(DefaultBodyLimit::disable())
         .with_state(app.clone())

@@ -7,11 +7,16 @@
 //! * `publish`: pushes → partitioned stream entries.
 //! * `registry`: sessions and comets in Redis, the cached cluster view.
 //! * `online`: online counts and comet placement.
+//! * `chat`: upstream messages under the send policy, presence events.
+//! * `directory`: room member and user session listings, the demo's dev sign-in.
+//! * `webhook`: forwarding messages to a bot and publishing its replies.
 //! * `http`, `rpc`: the two front doors; `reaper`: removal of dead comets.
 #![forbid(unsafe_code)]
 
 pub mod auth;
+mod chat;
 pub mod config;
+mod directory;
 mod http;
 mod metrics;
 mod online;
@@ -20,6 +25,7 @@ mod reaper;
 mod registry;
 mod rpc;
 mod store;
+mod webhook;
 
 use std::sync::Arc;
 
@@ -69,6 +75,9 @@ pub enum LogicError {
         /// Found in Redis.
         existing: String,
     },
+    /// The webhook client could not be built.
+    #[error(transparent)]
+    Webhook(#[from] webhook::WebhookError),
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Http(#[from] std::io::Error),
@@ -80,6 +89,8 @@ pub(crate) struct App {
     pub(crate) store: Store,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) view: ViewCache,
+    /// The bot webhook's queue, when `[webhook]` is on.
+    pub(crate) webhook: Option<webhook::Webhook>,
 }
 
 /// Checks (or records, when first) the cluster's partition count.
@@ -134,13 +145,21 @@ pub async fn run(
             other => other,
         })?;
     let grace = config.shutdown_grace();
+    let (hook, hook_workers) = match webhook::setup(&config.webhook)? {
+        Some((h, w)) => (Some(h), Some(w)),
+        None => (None, None),
+    };
     let app = Arc::new(App {
         config,
         store,
         metrics: Arc::new(Metrics::default()),
         view: ViewCache::default(),
+        webhook: hook,
     });
     let tracker = TaskTracker::new();
+    if let Some(w) = hook_workers {
+        webhook::spawn(app.clone(), w, &tracker, shutdown.clone());
+    }
 
     tracker.spawn(reaper::run(app.clone(), shutdown.clone()));
 

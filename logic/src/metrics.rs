@@ -10,7 +10,7 @@ use rim_runtime::ops::OpsSource;
 use crate::store::Store;
 
 /// HTTP statuses counted individually; anything else lands in "other".
-const STATUSES: [u16; 7] = [200, 400, 401, 404, 405, 500, 503];
+const STATUSES: [u16; 8] = [200, 400, 401, 403, 404, 405, 500, 503];
 
 /// Every counter logic exports.
 #[derive(Debug, Default)]
@@ -37,7 +37,37 @@ pub struct Metrics {
     pub kicks: Counter,
     /// Expired comets removed by the reaper.
     pub nodes_reaped: Counter,
+    /// Upstream messages accepted, by target.
+    pub msgs_room: Counter,
+    /// See `msgs_room`.
+    pub msgs_mid: Counter,
+    /// Upstream messages refused, by reason (index into `REFUSALS`).
+    msgs_refused: [Counter; REFUSALS.len()],
+    /// Presence events (op 18) queued.
+    pub presence_events: Counter,
+    /// Presence events that could not be queued (Redis failed after the membership change).
+    pub presence_failed: Counter,
+    /// Webhook forwards queued for a worker.
+    pub webhook_queued: Counter,
+    /// Webhook forwards dropped because the queue was full.
+    pub webhook_dropped: Counter,
+    /// Webhook forwards that failed after all retries (or got a 4xx).
+    pub webhook_failures: Counter,
+    /// Webhook answers (or single replies in them) that could not be used.
+    pub webhook_bad_replies: Counter,
+    /// Bot replies queued as pushes.
+    pub webhook_replies: Counter,
 }
+
+/// Why an upstream message was refused (the `LogicError` variant), as metric labels.
+const REFUSALS: [&str; 6] = [
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "offline",
+    "unavailable",
+    "internal",
+];
 
 impl Metrics {
     /// Counts one HTTP response.
@@ -51,6 +81,22 @@ impl Metrics {
         }
     }
 
+    /// Counts one refused upstream message under its reason.
+    pub fn msg_refused(&self, e: &rim_proto::rpc::LogicError) {
+        use rim_proto::rpc::LogicError as E;
+        let idx = match e {
+            E::BadRequest(_) => 0,
+            E::Unauthorized(_) => 1,
+            E::Forbidden(_) => 2,
+            E::Offline(_) => 3,
+            E::Unavailable(_) => 4,
+            E::Internal(_) => 5,
+        };
+        if let Some(c) = self.msgs_refused.get(idx) {
+            c.inc();
+        }
+    }
+
     /// Prometheus text.
     pub fn render(&self) -> String {
         let statuses: Vec<String> = STATUSES.iter().map(|s| s.to_string()).collect();
@@ -60,6 +106,11 @@ impl Metrics {
             .map(|(s, c)| (s.as_str(), c.get()))
             .collect();
         http.push(("other", self.http[STATUSES.len()].get()));
+        let refused: Vec<(&str, u64)> = REFUSALS
+            .iter()
+            .zip(&self.msgs_refused)
+            .map(|(r, c)| (*r, c.get()))
+            .collect();
         Exposition::new()
             .labeled_counter(
                 "rim_logic_pushes_accepted_total",
@@ -107,6 +158,53 @@ impl Metrics {
                 "rim_logic_nodes_reaped_total",
                 "Expired comets removed.",
                 self.nodes_reaped.get(),
+            )
+            .labeled_counter(
+                "rim_logic_messages_accepted_total",
+                "Upstream messages (SendMsg) queued, by target.",
+                "target",
+                &[("room", self.msgs_room.get()), ("mid", self.msgs_mid.get())],
+            )
+            .labeled_counter(
+                "rim_logic_messages_refused_total",
+                "Upstream messages refused, by reason.",
+                "reason",
+                &refused,
+            )
+            .counter(
+                "rim_logic_presence_events_total",
+                "Room join/leave events (op 18) queued.",
+                self.presence_events.get(),
+            )
+            .counter(
+                "rim_logic_presence_failed_total",
+                "Room join/leave events that could not be queued.",
+                self.presence_failed.get(),
+            )
+            .counter(
+                "rim_logic_webhook_queued_total",
+                "Upstream messages handed to the webhook workers.",
+                self.webhook_queued.get(),
+            )
+            .counter(
+                "rim_logic_webhook_dropped_total",
+                "Upstream messages not forwarded because the webhook queue was full.",
+                self.webhook_dropped.get(),
+            )
+            .counter(
+                "rim_logic_webhook_failures_total",
+                "Webhook forwards that failed after all retries.",
+                self.webhook_failures.get(),
+            )
+            .counter(
+                "rim_logic_webhook_bad_replies_total",
+                "Webhook answers or replies that could not be used.",
+                self.webhook_bad_replies.get(),
+            )
+            .counter(
+                "rim_logic_webhook_replies_total",
+                "Bot replies queued as pushes.",
+                self.webhook_replies.get(),
             )
             .finish()
     }

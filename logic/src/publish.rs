@@ -16,7 +16,8 @@ use crate::store::StoreError;
 /// Partition → comet → keys, ordered so stream entries are written deterministically.
 type Grouped = BTreeMap<u16, BTreeMap<String, Vec<String>>>;
 
-fn new_msg_id() -> String {
+/// A fresh message id.
+pub(crate) fn new_msg_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
@@ -48,13 +49,15 @@ impl App {
         Ok(())
     }
 
-    /// Appends one job per `(partition, route)` atomically.
-    async fn xadd(
+    /// Appends one job per `(partition, route)` atomically; `exclude` names a session key that
+    /// must not receive it (the sender of a room message).
+    pub(crate) async fn xadd(
         &self,
         msg_id: &str,
         op: i32,
         body: &Bytes,
         entries: Vec<(u16, Route)>,
+        exclude: Option<&str>,
     ) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
@@ -71,7 +74,7 @@ impl App {
                 body: body.clone(),
                 route,
                 accepted_ms,
-                exclude: None,
+                exclude: exclude.map(str::to_string),
             };
             pipe.cmd("XADD")
                 .arg(keys::push_stream(p))
@@ -107,7 +110,7 @@ impl App {
                 (p, route)
             })
             .collect();
-        self.xadd(msg_id, op, body, entries).await?;
+        self.xadd(msg_id, op, body, entries, None).await?;
         Ok(sessions)
     }
 
@@ -156,6 +159,26 @@ impl App {
             .map_err(|e| self.refused(e))?;
         self.metrics.push_mids.inc();
         Ok(PushAccepted { id, sessions })
+    }
+
+    /// The online sessions of one user, grouped by comet (keys sorted): the `Sessions` route of
+    /// a push to that user.
+    pub(crate) async fn mid_route(&self, mid: i64) -> Result<Vec<ServerKeys>, StoreError> {
+        let sessions: HashMap<String, String> = self
+            .store
+            .cmd(redis::cmd("HGETALL").arg(keys::mid_sessions(mid)))
+            .await?;
+        let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (key, server) in sessions {
+            by_server.entry(server).or_default().push(key);
+        }
+        Ok(by_server
+            .into_iter()
+            .map(|(server, mut keys)| {
+                keys.sort();
+                ServerKeys { server, keys }
+            })
+            .collect())
     }
 
     /// Push to these sessions, each partitioned by its user's mid (so it orders with pushes by mid).
@@ -216,7 +239,7 @@ impl App {
         self.check_limits(1, &body, "room")?;
         let p = job::room_partition(&room, self.config.stream.partitions);
         let id = new_msg_id();
-        self.xadd(&id, op, &body, vec![(p, Route::Room(room))])
+        self.xadd(&id, op, &body, vec![(p, Route::Room(room))], None)
             .await
             .map_err(|e| self.refused(e))?;
         self.metrics.push_room.inc();
@@ -233,7 +256,7 @@ impl App {
         self.check_limits(1, &body, "all")?;
         let p = job::all_partition(self.config.stream.partitions);
         let id = new_msg_id();
-        self.xadd(&id, op, &body, vec![(p, Route::All { speed })])
+        self.xadd(&id, op, &body, vec![(p, Route::All { speed })], None)
             .await
             .map_err(|e| self.refused(e))?;
         self.metrics.push_all.inc();

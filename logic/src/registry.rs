@@ -2,6 +2,10 @@
 //! connect and dropped at disconnect, comets renewed with their room counts, expired or departed
 //! comets removed with everything they held. Also the cached cluster view the online API and
 //! `renew_node` read.
+//!
+//! Room member counts (`rim:room:{room}:members`) change only inside the scripts that write the
+//! session hash's `room` field (connect, room change, drop), so the two always agree and a count
+//! is exactly the number of that user's registered sessions in the room.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
@@ -23,23 +27,103 @@ const VIEW_TTL: Duration = Duration::from_secs(1);
 /// Keys removed per round trip when dropping a dead comet's sessions.
 const REAP_BATCH: usize = 512;
 
-/// Drops one session if it still belongs to `server` (a reconnect elsewhere must survive).
-/// KEYS[1] = session hash; ARGV = server, key, mid-hash key prefix.
+/// Lua helpers shared by the scripts that keep room member counts
+/// (`rim:room:{room}:members`, mid → sessions of that user in the room). Both return the new
+/// count; `mem_dec` returns -1 when there was nothing to decrement, so counts never go negative
+/// and a field reaching 0 is deleted (a user is a member while its field exists).
+const MEMBERS_LUA: &str = r#"
+local function mem_inc(pre, suf, room, mid)
+  return redis.call('HINCRBY', pre .. room .. suf, mid, 1)
+end
+local function mem_dec(pre, suf, room, mid)
+  local k = pre .. room .. suf
+  local n = tonumber(redis.call('HGET', k, mid) or '0')
+  if n <= 0 then
+    redis.call('HDEL', k, mid)
+    return -1
+  end
+  n = redis.call('HINCRBY', k, mid, -1)
+  if n <= 0 then redis.call('HDEL', k, mid); n = 0 end
+  return n
+end
+"#;
+
+/// Drops one session if it still belongs to `server` (a reconnect elsewhere must survive), and
+/// its membership in the room stored in its hash.
+/// KEYS[1] = session hash; ARGV = server, key, mid-hash key prefix, members prefix, members suffix.
+/// Returns {dropped 0/1, mid, room, that mid's sessions left in the room or -1}.
 static DROP_SESSION: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(&format!(
+        "{MEMBERS_LUA}{}",
         r#"
-local h = redis.call('HMGET', KEYS[1], 'server', 'mid')
+local h = redis.call('HMGET', KEYS[1], 'server', 'mid', 'room')
 if h[1] == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  local left = -1
   if h[2] then
     local mk = ARGV[3] .. h[2]
     if redis.call('HGET', mk, ARGV[2]) == ARGV[1] then redis.call('HDEL', mk, ARGV[2]) end
+    if h[3] then left = mem_dec(ARGV[4], ARGV[5], h[3], h[2]) end
   end
-  return 1
+  return {1, h[2] or '', h[3] or '', left}
 end
-return 0
-"#,
+return {0, '', '', -1}
+"#
+    ))
+});
+
+/// Writes a (new or replacing) session hash and moves its room membership: the replaced
+/// session's room loses one of the old mid's sessions, the new room gains one. Run with EVAL
+/// inside connect's MULTI so registration and counts commit together.
+/// KEYS[1] = session hash; ARGV = mid, server, platform, since, ttl secs, room ('' = none),
+/// members prefix, members suffix. Returns {old mid or '', old room or '', left or -1, joined or -1}.
+static CONNECT_SESSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{MEMBERS_LUA}{}",
+        r#"
+local old = redis.call('HMGET', KEYS[1], 'mid', 'room')
+local room = ARGV[6]
+local oldroom, left, joined = '', -1, -1
+if not (old[1] == ARGV[1] and old[2] == room) then
+  if old[1] and old[2] then
+    oldroom = old[2]
+    left = mem_dec(ARGV[7], ARGV[8], old[2], old[1])
+  end
+  if room ~= '' then joined = mem_inc(ARGV[7], ARGV[8], room, ARGV[1]) end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'mid', ARGV[1], 'server', ARGV[2], 'platform', ARGV[3], 'since', ARGV[4])
+if room ~= '' then redis.call('HSET', KEYS[1], 'room', room) end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return {old[1] or '', oldroom, left, joined}
+"#
     )
+});
+
+/// Moves a session between rooms (ChangeRoom), if it is still registered on the calling comet.
+/// The room it leaves is the one stored in its hash (what was counted), not the caller's claim.
+/// KEYS[1] = session hash; ARGV = server, new room ('' = none), members prefix, members suffix.
+/// Returns {applied 0/1, mid, old room, left or -1, joined or -1}.
+static ROOM_MOVE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{MEMBERS_LUA}{}",
+        r#"
+local h = redis.call('HMGET', KEYS[1], 'server', 'mid', 'room')
+if h[1] ~= ARGV[1] or not h[2] then return {0, '', '', -1, -1} end
+local from = h[3] or ''
+if from == ARGV[2] then return {1, h[2], from, -1, -1} end
+local left, joined = -1, -1
+if from ~= '' then
+  left = mem_dec(ARGV[3], ARGV[4], from, h[2])
+  redis.call('HDEL', KEYS[1], 'room')
+end
+if ARGV[2] ~= '' then
+  joined = mem_inc(ARGV[3], ARGV[4], ARGV[2], h[2])
+  redis.call('HSET', KEYS[1], 'room', ARGV[2])
+end
+return {1, h[2], from, left, joined}
+"#
+    ))
 });
 
 /// Renews a session, re-creating it if Redis lost it (restart), unless it moved to another comet.
@@ -82,6 +166,40 @@ return 0
 fn mid_prefix() -> String {
     let k = keys::mid_sessions(0);
     k.strip_suffix('0').unwrap_or(&k).to_string()
+}
+
+/// `rim:room:` and `:members`: the parts of [`keys::room_members`] around the room id, for the
+/// Lua scripts that derive a room's member hash.
+pub(crate) fn members_affixes() -> (String, String) {
+    const MARK: &str = "\u{1}";
+    let k = keys::room_members(MARK);
+    match k.split_once(MARK) {
+        Some((pre, suf)) => (pre.to_string(), suf.to_string()),
+        None => (k, String::new()),
+    }
+}
+
+/// A membership change reported by a script: the user left `left.0` (now `left.1` sessions
+/// there) and/or joined `joined.0` (now `joined.1`).
+#[derive(Debug, Default)]
+pub(crate) struct MemberChange {
+    /// The user.
+    pub mid: i64,
+    /// Room left and that user's sessions remaining in it.
+    pub left: Option<(String, i64)>,
+    /// Room joined and that user's sessions now in it.
+    pub joined: Option<(String, i64)>,
+}
+
+impl MemberChange {
+    fn new(mid: i64, left: (String, i64), joined: (String, i64)) -> MemberChange {
+        let keep = |(room, n): (String, i64)| (!room.is_empty() && n >= 0).then_some((room, n));
+        MemberChange {
+            mid,
+            left: keep(left),
+            joined: keep(joined),
+        }
+    }
 }
 
 fn unavailable(e: StoreError) -> RpcError {
@@ -202,22 +320,50 @@ impl App {
         }
         pipe.hset(&mkey, &key, &req.server).ignore();
         pipe.expire(&mkey, ttl).ignore();
-        pipe.cmd("DEL").arg(&skey).ignore();
-        pipe.hset_multiple(
-            &skey,
-            &[
-                ("mid", a.mid.to_string()),
-                ("server", req.server.clone()),
-                ("platform", a.platform.clone()),
-                ("since", rim_runtime::unix_ms().to_string()),
-            ],
-        )
-        .ignore();
-        pipe.expire(&skey, ttl).ignore();
         pipe.sadd(keys::node_sessions(&req.server), &key).ignore();
-        let _: () = self.store.pipe(&pipe).await.map_err(unavailable)?;
+        // The session hash and the room member counts last, in one script: it reads the
+        // replaced session's room inside the transaction, so a re-auth never double counts.
+        let (pre, suf) = members_affixes();
+        pipe.cmd("EVAL")
+            .arg(CONNECT_SESSION.as_str())
+            .arg(1)
+            .arg(&skey)
+            .arg(a.mid)
+            .arg(&req.server)
+            .arg(&a.platform)
+            .arg(rim_runtime::unix_ms())
+            .arg(ttl)
+            .arg(room.as_ref().map(RoomId::as_str).unwrap_or_default())
+            .arg(&pre)
+            .arg(&suf);
+        let out: Vec<(String, String, i64, i64)> =
+            self.store.pipe(&pipe).await.map_err(unavailable)?;
         if replaced_elsewhere {
             self.metrics.kicks.inc();
+        }
+        if let Some((old_mid, old_room, left, joined)) = out.into_iter().next() {
+            let new_room = room.as_ref().map(|r| r.as_str().to_string());
+            match old_mid.parse::<i64>() {
+                // The replaced session belonged to someone else: two users' presence changed.
+                Ok(om) if om != a.mid => {
+                    self.presence(MemberChange::new(om, (old_room, left), (String::new(), -1)))
+                        .await;
+                    self.presence(MemberChange::new(
+                        a.mid,
+                        (String::new(), -1),
+                        (new_room.unwrap_or_default(), joined),
+                    ))
+                    .await;
+                }
+                _ => {
+                    self.presence(MemberChange::new(
+                        a.mid,
+                        (old_room, left),
+                        (new_room.unwrap_or_default(), joined),
+                    ))
+                    .await;
+                }
+            }
         }
         tracing::debug!(mid = a.mid, %key, server = %req.server, ip = %req.remote_ip, "session registered");
         Ok(ConnectReply {
@@ -232,11 +378,7 @@ impl App {
 
     /// Removes a session if it is still registered on the calling comet.
     pub(crate) async fn disconnect(&self, s: SessionRef) -> Result<(), RpcError> {
-        let skey = keys::session(&s.key);
-        let prefix = mid_prefix();
-        let _: i64 = self
-            .store
-            .script(&DROP_SESSION, &[&skey], &[&s.server, &s.key, &prefix])
+        self.drop_session(&s.server, &s.key)
             .await
             .map_err(unavailable)?;
         // The session hash may already have expired; still clean the mid hash and node set.
@@ -253,6 +395,60 @@ impl App {
         pipe.srem(keys::node_sessions(&s.server), &s.key).ignore();
         let _: () = self.store.pipe(&pipe).await.map_err(unavailable)?;
         self.metrics.disconnects.inc();
+        Ok(())
+    }
+
+    /// Runs [`DROP_SESSION`] for `key` on `server` and publishes the presence change it caused.
+    /// Returns whether the session was dropped.
+    async fn drop_session(&self, server: &str, key: &str) -> Result<bool, StoreError> {
+        let skey = keys::session(key);
+        let prefix = mid_prefix();
+        let (pre, suf) = members_affixes();
+        let (dropped, mid, room, left): (i64, String, String, i64) = self
+            .store
+            .script(&DROP_SESSION, &[&skey], &[server, key, &prefix, &pre, &suf])
+            .await?;
+        if let Ok(mid) = mid.parse::<i64>() {
+            self.presence(MemberChange::new(mid, (room, left), (String::new(), -1)))
+                .await;
+        }
+        Ok(dropped == 1)
+    }
+
+    /// A session moved between rooms: moves its membership from the room stored in its hash to
+    /// `to` (ignored unless the session is registered on the calling comet).
+    pub(crate) async fn room_changed(
+        &self,
+        s: SessionRef,
+        from: Option<RoomId>,
+        to: Option<RoomId>,
+    ) -> Result<(), RpcError> {
+        let skey = keys::session(&s.key);
+        let (pre, suf) = members_affixes();
+        let to_s = to.as_ref().map(RoomId::as_str).unwrap_or_default();
+        let (applied, mid, old, left, joined): (i64, String, String, i64, i64) = self
+            .store
+            .script(&ROOM_MOVE, &[&skey], &[&s.server, to_s, &pre, &suf])
+            .await
+            .map_err(unavailable)?;
+        if applied == 0 {
+            tracing::debug!(key = %s.key, server = %s.server, "room change for a session not registered there: ignored");
+            return Ok(());
+        }
+        let claimed = from.as_ref().map(RoomId::as_str).unwrap_or_default();
+        if claimed != old {
+            // The stored room is what was counted, so it wins; a mismatch means a lost or
+            // reordered notice from the comet.
+            tracing::debug!(key = %s.key, stored = %old, claimed, "room change: stored room differs from the comet's");
+        }
+        if let Ok(mid) = mid.parse::<i64>() {
+            self.presence(MemberChange::new(
+                mid,
+                (old, left),
+                (to_s.to_string(), joined),
+            ))
+            .await;
+        }
         Ok(())
     }
 
@@ -386,7 +582,6 @@ impl App {
         let _: () = self.store.pipe(&pipe).await?;
 
         let nkey = keys::node_sessions(server);
-        let prefix = mid_prefix();
         let mut dropped = 0u64;
         loop {
             let batch: Vec<String> = self
@@ -398,12 +593,9 @@ impl App {
             }
             // One script call per key: sequential, but only the reaper and unregister pay it.
             for key in &batch {
-                let skey = keys::session(key);
-                let n: i64 = self
-                    .store
-                    .script(&DROP_SESSION, &[&skey], &[server, key, &prefix])
-                    .await?;
-                dropped += n as u64;
+                if self.drop_session(server, key).await? {
+                    dropped += 1;
+                }
             }
         }
         Ok(dropped)

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{
     ConnectReply, ConnectRequest, LogicError as RpcError, LogicRpc, NodeInfo, OnlineCounts,
-    OnlineReport, PushAccepted, SessionRef,
+    OnlineReport, PushAccepted, SendMsgRequest, SessionRef,
 };
 use tarpc::context::Context;
 
@@ -87,23 +87,17 @@ impl LogicRpc for LogicServer {
         self.0.push_all(op, speed, body).await
     }
 
-    async fn send_msg(
-        self,
-        _: Context,
-        _req: rim_proto::rpc::SendMsgRequest,
-    ) -> Result<PushAccepted, RpcError> {
-        Err(RpcError::Internal(
-            "upstream messages not implemented yet".into(),
-        ))
+    async fn send_msg(self, _: Context, req: SendMsgRequest) -> Result<PushAccepted, RpcError> {
+        self.0.send_msg(req).await
     }
 
     async fn room_changed(
         self,
         _: Context,
-        _session: rim_proto::rpc::SessionRef,
-        _from: Option<rim_proto::room::RoomId>,
-        _to: Option<rim_proto::room::RoomId>,
+        session: SessionRef,
+        from: Option<RoomId>,
+        to: Option<RoomId>,
     ) -> Result<(), RpcError> {
-        Ok(())
+        self.0.room_changed(session, from, to).await
     }
 }
