@@ -62,6 +62,8 @@ start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$RUN" --sa
 for _ in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
 export RIM_LOGIC__REDIS__URL=$REDIS_URL RIM_JOB__REDIS__URL=$REDIS_URL
+# The chat demo shows join/leave notices for chat:// rooms (off by default: big rooms drown in them).
+export RIM_LOGIC__CHAT__PRESENCE_ROOM_TYPES=${RIM_LOGIC__CHAT__PRESENCE_ROOM_TYPES:-chat}
 start logic "$BIN/rim-logic" --config config/logic.toml
 wait_http http://127.0.0.1:3111/readyz
 start job "$BIN/rim-job" --config config/job.toml
@@ -75,7 +77,8 @@ wait_http http://127.0.0.1:3202/healthz
 cat <<MSG
 
 rim dev cluster is up (Ctrl-C stops it):
-  chat demo / HTTP API   http://127.0.0.1:3111/
+  chat demo              http://127.0.0.1:3111/   (open it in two browser windows)
+  HTTP API               http://127.0.0.1:3111/goim/...
   comet-1                ws://127.0.0.1:3102/sub   tcp 127.0.0.1:3101
   comet-2                ws://127.0.0.1:3202/sub   tcp 127.0.0.1:3201
   redis                  $REDIS_URL

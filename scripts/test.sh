@@ -13,6 +13,10 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v cc >/dev/null || need_apt+=(build-essential)
+# The chat demo's browser test drives Debian's Chromium with playwright-core (no browser download).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   as_root apt-get update -qq
@@ -24,6 +28,11 @@ if ! command -v cargo >/dev/null; then
 fi
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+if [ ! -d testkit/browser/node_modules/playwright-core ]; then
+  echo "== npm ci (browser test client)"
+  (cd testkit/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 filter=()
 if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi

@@ -473,9 +473,15 @@ async fn room_bursts_are_batched_into_one_rpc_in_order() {
         xadd(&mut conn, 1, &job(&format!("m{i}"), room.clone()));
     }
     wait_for("five delivered", || a.delivered().len() == 5).await;
-    assert_eq!(a.attempts.load(Ordering::SeqCst), 1, "one RPC for the burst");
+    assert_eq!(
+        a.attempts.load(Ordering::SeqCst),
+        1,
+        "one RPC for the burst"
+    );
     let bodies: Vec<_> = a.delivered().iter().map(|d| d.body.clone()).collect();
-    let want: Vec<_> = (0..5).map(|i| job(&format!("m{i}"), room.clone()).body).collect();
+    let want: Vec<_> = (0..5)
+        .map(|i| job(&format!("m{i}"), room.clone()).body)
+        .collect();
     assert_eq!(bodies, want);
 
     // Fewer than `max`: flushed when the linger ends, still as one call.

@@ -11,11 +11,7 @@ use serde_json::{Value, json};
 use crate::App;
 use crate::store::StoreError;
 
-/// Hash: display name → mid, written by the dev sign-in (same name → same mid).
-// Lives here rather than in proto's key list because only the demo's sign-in uses it.
-pub(crate) const USER_MIDS: &str = "rim:user:mids";
-/// Counter the dev sign-in draws new mids from.
-pub(crate) const USER_NEXT_MID: &str = "rim:user:next_mid";
+pub(crate) use rim_proto::keys::{USER_MIDS, USER_NEXT_MID};
 /// First mid handed out, well above the small mids tests and tools like to use.
 pub(crate) const FIRST_DEMO_MID: i64 = 100_000;
 

@@ -58,3 +58,9 @@ pub fn room_members(room: &str) -> String {
 
 /// Hash: mid → display name, registered by the demo's dev sign-in (shown in member listings).
 pub const USER_NAMES: &str = "rim:user:names";
+
+/// Hash: display name → mid, for the demo's dev sign-in (the same name gets the same mid).
+pub const USER_MIDS: &str = "rim:user:mids";
+
+/// Counter the demo's dev sign-in allocates new mids from (starting at 100000, clear of test mids).
+pub const USER_NEXT_MID: &str = "rim:user:next_mid";

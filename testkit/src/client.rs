@@ -240,6 +240,22 @@ impl Client {
             .await
     }
 
+    /// Next push within `wait`: `Ok(None)` when none came, `Err` when the connection ended.
+    pub async fn next_push(&mut self, wait: Duration) -> anyhow::Result<Option<Received>> {
+        if let Some(pos) = self.inbox.iter().position(|r| r.frame.op >= op::APP_MIN) {
+            return Ok(self.inbox.remove(pos));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.read_one()).await {
+                Err(_) => return Ok(None),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(r)) if r.frame.op >= op::APP_MIN => return Ok(Some(r)),
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// Next frame satisfying `pred` within `wait`; others stay queued in order.
     pub async fn recv_matching(
         &mut self,

@@ -17,7 +17,8 @@ impl RedisServer {
         Self::start_with(false)
     }
 
-    /// Starts `redis-server`, with `appendonly` persistence when asked (restart tests).
+    /// Starts `redis-server`, with `appendonly` persistence (fsync on every write) when asked
+    /// (restart tests).
     pub fn start_with(appendonly: bool) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("rim-redis-")
@@ -39,6 +40,8 @@ impl RedisServer {
             .arg(&sock)
             .args(["--unixsocketperm", "700", "--save", ""])
             .args(["--appendonly", if self.appendonly { "yes" } else { "no" }])
+            // Every write on disk before Redis answers: an accepted push survives kill -9.
+            .args(["--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
