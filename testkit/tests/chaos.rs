@@ -44,7 +44,8 @@ impl CometProc {
 /// logic + job workers + comets as processes, tuned for fast failure detection.
 struct ProcCluster {
     redis: RedisServer,
-    logic: Proc,
+    /// Held so the process lives (and is killed) with the cluster.
+    _logic: Proc,
     logic_rpc: SocketAddr,
     api: Api,
     jobs: Vec<Proc>,
@@ -76,7 +77,7 @@ impl ProcCluster {
         let api = Api::new(http);
         let mut c = ProcCluster {
             redis,
-            logic,
+            _logic: logic,
             logic_rpc: rpc,
             api,
             jobs: Vec::new(),
@@ -316,10 +317,10 @@ async fn publish(
     let mids_path = format!("/goim/push/mids?operation={MID_OP}&{}", q.join("&"));
     let room_path = format!("/goim/push/room?operation={ROOM_OP}&type={ROOM_TYPE}&room={ROOM_ID}");
     for seq in 1..=count {
-        if seq == fault_at {
-            if let Some(f) = fault.take() {
-                let _ = f.send(());
-            }
+        if seq == fault_at
+            && let Some(f) = fault.take()
+        {
+            let _ = f.send(());
         }
         let started = Instant::now();
         let ok = matches!(api.post(&mids_path, format!("m{seq}")).await, Ok(r) if r.status == 200 && r.code() == 0);

@@ -1,0 +1,460 @@
+//! Real IM across two comets: room chat and direct messages sent by clients (op 4), the send
+//! policy, who-is-online listings, room batching, and the bot webhook.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::routing::post;
+use common::{Cluster, Options};
+use parking_lot::Mutex;
+use rim_proto::op;
+use rim_testkit::api::eventually;
+use rim_testkit::client::{Client, Received, Transport};
+use serde_json::{Value, json};
+
+const A: usize = 0;
+const B: usize = 1;
+
+/// Sends op 4 and returns the op 5 reply body.
+async fn send(c: &mut Client, msg: Value) -> Value {
+    let seq = c
+        .send_op(op::SEND_MSG, serde_json::to_vec(&msg).unwrap())
+        .await
+        .unwrap();
+    let r = c.recv_op(op::SEND_MSG_REPLY).await.unwrap();
+    assert_eq!(r.frame.seq, seq, "op 5 echoes the seq");
+    serde_json::from_slice(&r.frame.body).unwrap()
+}
+
+fn body(r: &Received) -> Value {
+    serde_json::from_slice(&r.frame.body).unwrap()
+}
+
+/// Nothing was queued for these clients (pushes confirmed everywhere, heartbeat answered first).
+async fn expect_nothing(cluster: &Cluster, clients: &mut [&mut Client]) {
+    cluster.wait_drained().await;
+    for c in clients.iter_mut() {
+        let pushes = c.pushes_before_heartbeat().await.unwrap();
+        assert!(
+            pushes.is_empty(),
+            "{} got unexpected pushes: {pushes:?}",
+            c.key()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_chat_direct_messages_and_the_send_policy_across_two_comets() {
+    let cluster = Cluster::start().await;
+    let room = "chat://r";
+    let mut alice = cluster
+        .client(A, Transport::WsBinary, 1, room, &[1000])
+        .await;
+    let mut alice_phone = cluster.client(B, Transport::Tcp, 1, "", &[1000]).await;
+    let mut bob = cluster.client(B, Transport::WsJson, 2, room, &[1000]).await;
+    let mut dave = cluster.client(A, Transport::Tcp, 4, room, &[1000]).await;
+    let mut carol = cluster
+        .client(A, Transport::Tcp, 3, "chat://other", &[1000])
+        .await;
+
+    // Room chat reaches every member on both comets, in send order, from the session's mid.
+    for i in 0..10 {
+        let reply = send(
+            &mut alice,
+            json!({"room": room, "op": 1000, "data": {"n": i}}),
+        )
+        .await;
+        assert_eq!(reply["code"], 0, "{reply}");
+        assert!(
+            reply["id"].as_str().is_some_and(|id| !id.is_empty()),
+            "{reply}"
+        );
+    }
+    for member in [&mut bob, &mut dave] {
+        for i in 0..10 {
+            let r = member.recv_push().await.unwrap();
+            assert_eq!(r.frame.op, 1000);
+            assert_eq!(body(&r), json!({"from": 1, "data": {"n": i}}));
+        }
+    }
+    // Not echoed to the sending session; not seen outside the room.
+    expect_nothing(&cluster, &mut [&mut alice, &mut carol, &mut alice_phone]).await;
+
+    // The other way, across comets.
+    assert_eq!(
+        send(
+            &mut bob,
+            json!({"room": room, "op": 1000, "data": "hi alice"})
+        )
+        .await["code"],
+        0
+    );
+    assert_eq!(
+        body(&alice.recv_push().await.unwrap()),
+        json!({"from": 2, "data": "hi alice"})
+    );
+    assert_eq!(
+        body(&dave.recv_push().await.unwrap()),
+        json!({"from": 2, "data": "hi alice"})
+    );
+
+    // A direct message reaches every session of the recipient, on both comets, and nobody else.
+    let reply = send(
+        &mut bob,
+        json!({"mid": 1, "op": 1000, "data": {"dm": "psst"}}),
+    )
+    .await;
+    assert_eq!(reply["code"], 0, "{reply}");
+    for s in [&mut alice, &mut alice_phone] {
+        assert_eq!(
+            body(&s.recv_push().await.unwrap()),
+            json!({"from": 2, "data": {"dm": "psst"}})
+        );
+    }
+    expect_nothing(&cluster, &mut [&mut bob, &mut carol, &mut dave]).await;
+
+    // Offline recipient: a code and a reason, not silence.
+    let reply = send(&mut bob, json!({"mid": 999, "op": 1000, "data": 1})).await;
+    assert_eq!(reply["code"], -404, "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("no session online"),
+        "{reply}"
+    );
+
+    // Spoofing: whatever the frame claims, recipients learn the session's mid.
+    let forged =
+        json!({"room": room, "op": 1000, "from": 99, "mid_from": 99, "data": {"from": 99}});
+    assert_eq!(send(&mut alice, forged).await["code"], 0);
+    assert_eq!(
+        body(&bob.recv_push().await.unwrap()),
+        json!({"from": 1, "data": {"from": 99}})
+    );
+    assert_eq!(
+        body(&dave.recv_push().await.unwrap()),
+        json!({"from": 1, "data": {"from": 99}})
+    );
+
+    // Policy: not a member of the room → refused with a reason; malformed → -400.
+    let reply = send(
+        &mut carol,
+        json!({"room": room, "op": 1000, "data": "let me in"}),
+    )
+    .await;
+    assert_eq!(reply["code"], -403, "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("not a member"),
+        "{reply}"
+    );
+    let reply = send(
+        &mut carol,
+        json!({"room": room, "mid": 1, "op": 1000, "data": 1}),
+    )
+    .await;
+    assert_eq!(reply["code"], -400, "{reply}");
+    let reply = send(&mut carol, json!({"mid": 1, "op": 7, "data": 1})).await;
+    assert_eq!(reply["code"], -400, "{reply}");
+    expect_nothing(&cluster, &mut [&mut alice, &mut bob, &mut dave]).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_messages_can_be_turned_off() {
+    let cluster = Cluster::start_with(Options {
+        logic: Box::new(|c| c.chat.direct = false),
+        ..Options::default()
+    })
+    .await;
+    let mut a = cluster.client(A, Transport::Tcp, 1, "", &[1000]).await;
+    let mut b = cluster.client(B, Transport::Tcp, 2, "", &[1000]).await;
+    let reply = send(&mut a, json!({"mid": 2, "op": 1000, "data": 1})).await;
+    assert_eq!(reply["code"], -403, "{reply}");
+    expect_nothing(&cluster, &mut [&mut b]).await;
+    cluster.stop().await;
+}
+
+/// Members of `room` as `(mid, sessions)`, sorted, and the count.
+async fn members(cluster: &Cluster, room: &str) -> (Vec<(i64, i64)>, i64) {
+    let enc: String = form_urlencoded::byte_serialize(room.as_bytes()).collect();
+    let r = cluster
+        .api
+        .get(&format!("/rim/rooms/{enc}/members?limit=100"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let mut m: Vec<(i64, i64)> = r.data()["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["mid"].as_i64().unwrap(), m["sessions"].as_i64().unwrap()))
+        .collect();
+    m.sort();
+    (m, r.data()["count"].as_i64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_and_session_listings_follow_joins_room_changes_and_leaves() {
+    let cluster = Cluster::start_with(Options {
+        logic: Box::new(|c| c.chat.presence_room_types = vec!["chat".into()]),
+        ..Options::default()
+    })
+    .await;
+    let room = "chat://lobby";
+    let mut a1 = cluster
+        .client(A, Transport::WsBinary, 1, room, &[1000])
+        .await;
+    assert_eq!(members(&cluster, room).await, (vec![(1, 1)], 1));
+    // Join events (op 18) go to the whole room, the joiner included.
+    let ev = a1.recv_op(op::ROOM_EVENT).await.unwrap();
+    assert_eq!(body(&ev), json!({"event": "join", "mid": 1, "room": room}));
+
+    // A second user joins on the other comet: listed, and a join event (op 18) reaches a1.
+    let b = cluster.client(B, Transport::Tcp, 2, room, &[1000]).await;
+    assert_eq!(members(&cluster, room).await, (vec![(1, 1), (2, 1)], 2));
+    let ev = a1.recv_op(op::ROOM_EVENT).await.unwrap();
+    assert_eq!(body(&ev), json!({"event": "join", "mid": 2, "room": room}));
+
+    // mid 1's second session moves in by ChangeRoom: one member with two sessions, no new event.
+    let mut a2 = cluster.client(B, Transport::WsJson, 1, "", &[1000]).await;
+    a2.send_op(op::CHANGE_ROOM, room.as_bytes().to_vec())
+        .await
+        .unwrap();
+    a2.recv_op(op::CHANGE_ROOM_REPLY).await.unwrap();
+    assert_eq!(members(&cluster, room).await, (vec![(1, 2), (2, 1)], 2));
+
+    let sessions = cluster
+        .api
+        .get("/rim/users/1/sessions")
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let mut comets: Vec<&str> = sessions
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["comet"].as_str().unwrap())
+        .collect();
+    comets.sort();
+    assert_eq!(comets, vec!["comet-1", "comet-2"], "{:?}", sessions.body);
+    assert!(
+        sessions
+            .data()
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["room"] == room),
+        "{:?}",
+        sessions.body
+    );
+
+    // Leaving: a2 changes to another room (mid 1 still a member through a1), then b disconnects.
+    a2.send_op(op::CHANGE_ROOM, &b"chat://elsewhere"[..])
+        .await
+        .unwrap();
+    a2.recv_op(op::CHANGE_ROOM_REPLY).await.unwrap();
+    assert_eq!(members(&cluster, room).await, (vec![(1, 1), (2, 1)], 2));
+    b.close().await;
+    let ev = a1.recv_op(op::ROOM_EVENT).await.unwrap();
+    assert_eq!(body(&ev), json!({"event": "leave", "mid": 2, "room": room}));
+    assert_eq!(members(&cluster, room).await, (vec![(1, 1)], 1));
+    assert_eq!(
+        members(&cluster, "chat://elsewhere").await,
+        (vec![(1, 1)], 1)
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_room_messages_arrives_complete_in_order_in_fewer_websocket_messages() {
+    let cluster = Cluster::start_with(Options {
+        // A long linger makes the batching visible however slowly this machine publishes.
+        job: Box::new(|c| c.room_batch.linger_ms = 500),
+        ..Options::default()
+    })
+    .await;
+    let mut ws = cluster
+        .client(A, Transport::WsBinary, 1, "live://burst", &[1000])
+        .await;
+    let mut json_client = cluster
+        .client(B, Transport::WsJson, 2, "live://burst", &[1000])
+        .await;
+    let mut sender = cluster
+        .client(B, Transport::Tcp, 3, "live://burst", &[1000])
+        .await;
+    let (ws_before, json_before) = (ws.messages_received, json_client.messages_received);
+
+    const N: usize = 30;
+    for i in 0..N {
+        let reply = send(
+            &mut sender,
+            json!({"room": "live://burst", "op": 1000, "data": i}),
+        )
+        .await;
+        assert_eq!(reply["code"], 0);
+    }
+    for c in [&mut ws, &mut json_client] {
+        for i in 0..N {
+            let r = c.recv_push().await.unwrap();
+            assert_eq!(
+                body(&r),
+                json!({"from": 3, "data": i}),
+                "complete and in order"
+            );
+        }
+    }
+    let ws_msgs = ws.messages_received - ws_before;
+    let json_msgs = json_client.messages_received - json_before;
+    assert!(
+        ws_msgs < N as u64,
+        "{N} pushes in {ws_msgs} WebSocket messages"
+    );
+    assert!(
+        json_msgs < N as u64,
+        "{N} pushes in {json_msgs} JSON messages"
+    );
+    cluster.stop().await;
+}
+
+/// A bot: records what it is sent and answers with `reply`, after `hold` is released.
+#[derive(Clone, Default)]
+struct Bot {
+    received: Arc<Mutex<Vec<Value>>>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+async fn start_bot(bot: Bot, hold: bool) -> SocketAddr {
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |Json(v): Json<Value>| {
+            let bot = bot.clone();
+            async move {
+                let room = v["room"].clone();
+                bot.received.lock().push(v);
+                if hold {
+                    bot.release.notified().await;
+                }
+                Json(json!({"replies": [{"room": room, "op": 1000, "data": {"text": "pong"}}]}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn with_webhook(addr: SocketAddr, timeout_ms: u64) -> Options {
+    Options {
+        logic: Box::new(move |c| {
+            c.webhook.url = format!("http://{addr}/hook");
+            c.webhook.room_types = vec!["bot".into()];
+            c.webhook.bot_mid = 42;
+            c.webhook.timeout_ms = timeout_ms;
+            c.webhook.retries = 0;
+        }),
+        ..Options::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_gets_room_messages_and_its_replies_reach_the_room() {
+    let bot = Bot::default();
+    let addr = start_bot(bot.clone(), false).await;
+    let cluster = Cluster::start_with(with_webhook(addr, 2000)).await;
+    let mut alice = cluster
+        .client(A, Transport::WsBinary, 1, "bot://help", &[1000])
+        .await;
+    let mut bob = cluster
+        .client(B, Transport::Tcp, 2, "bot://help", &[1000])
+        .await;
+
+    assert_eq!(
+        send(
+            &mut alice,
+            json!({"room": "bot://help", "op": 1000, "data": "ping"})
+        )
+        .await["code"],
+        0
+    );
+    assert_eq!(
+        body(&bob.recv_push().await.unwrap()),
+        json!({"from": 1, "data": "ping"})
+    );
+    // The bot's reply is pushed to the room as the bot's mid, to everyone including alice.
+    for c in [&mut alice, &mut bob] {
+        assert_eq!(
+            body(&c.recv_push().await.unwrap()),
+            json!({"from": 42, "data": {"text": "pong"}})
+        );
+    }
+    let got = bot.received.lock().clone();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (
+            got[0]["from"].clone(),
+            got[0]["room"].clone(),
+            got[0]["data"].clone()
+        ),
+        (json!(1), json!("bot://help"), json!("ping"))
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_hangs_does_not_delay_the_chat() {
+    let bot = Bot::default();
+    let addr = start_bot(bot.clone(), true).await;
+    let cluster = Cluster::start_with(with_webhook(addr, 30_000)).await;
+    let mut alice = cluster
+        .client(A, Transport::WsBinary, 1, "bot://slow", &[1000])
+        .await;
+    let mut bob = cluster
+        .client(B, Transport::Tcp, 2, "bot://slow", &[1000])
+        .await;
+
+    assert_eq!(
+        send(
+            &mut alice,
+            json!({"room": "bot://slow", "op": 1000, "data": "m1"})
+        )
+        .await["code"],
+        0
+    );
+    // The bot has the message and is still holding its answer...
+    let received = bot.received.clone();
+    eventually("the bot got the message", Duration::from_secs(10), || {
+        let n = received.lock().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await
+    .unwrap();
+    // ...while the chat goes on: this message and the next reach bob before the bot answers.
+    assert_eq!(
+        body(&bob.recv_push().await.unwrap()),
+        json!({"from": 1, "data": "m1"})
+    );
+    assert_eq!(
+        send(
+            &mut alice,
+            json!({"room": "bot://slow", "op": 1000, "data": "m2"})
+        )
+        .await["code"],
+        0
+    );
+    assert_eq!(
+        body(&bob.recv_push().await.unwrap()),
+        json!({"from": 1, "data": "m2"})
+    );
+    bot.release.notify_waiters();
+    cluster.stop().await;
+}
