@@ -245,3 +245,139 @@ async fn http_push_parameters_are_checked_and_named() {
     assert_eq!((r.status, r.code()), (200, 0), "{:?}", r.body);
     cluster.stop().await;
 }
+
+/// xorshift64*: a fixed-seed source of garbage, so a failure replays exactly.
+struct Garbage(u64);
+
+impl Garbage {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A malformed or hostile frame: random bytes, or a header lying about its length, op or size.
+    fn frame(&mut self) -> Vec<u8> {
+        let body_len = (self.next() % 64) as usize;
+        let body: Vec<u8> = (0..body_len).map(|_| self.next() as u8).collect();
+        match self.next() % 5 {
+            0 => body,
+            1 => raw_frame(self.next() as i32, 16, op::AUTH, &body),
+            2 => raw_frame(
+                16 + body_len as i32,
+                (self.next() % 40) as i16,
+                op::AUTH,
+                &body,
+            ),
+            3 => raw_frame(16 + body_len as i32, 16, (self.next() % 40) as i32, &body),
+            _ => raw_frame(16 + 5000, 16, op::SEND_MSG, &body),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_malformed_frames_while_legitimate_clients_keep_receiving() {
+    let cluster = Cluster::start_with(common::Options {
+        comets: 1,
+        ..Default::default()
+    })
+    .await;
+    let comet = &cluster.comets[0];
+    let mut ws = cluster
+        .client(0, Transport::WsBinary, 1, "live://flood", &[1000])
+        .await;
+    let mut tcp = cluster
+        .client(0, Transport::Tcp, 2, "live://flood", &[1000])
+        .await;
+    let mut json = cluster
+        .client(0, Transport::WsJson, 3, "live://flood", &[1000])
+        .await;
+
+    // Attackers: connections that open, spray garbage (binary and text) and get thrown out.
+    const CONNECTIONS: u64 = 400;
+    const FRAMES_PER_CONNECTION: u64 = 8;
+    let (http, tcp_addr) = (comet.http, comet.tcp);
+    let attack = tokio::spawn(async move {
+        let mut g = Garbage(0x9e37_79b9_7f4a_7c15);
+        let mut sent = 0u64;
+        for i in 0..CONNECTIONS {
+            let t = if i % 2 == 0 {
+                Transport::Tcp
+            } else {
+                Transport::WsBinary
+            };
+            let addr = if t == Transport::Tcp { tcp_addr } else { http };
+            let Ok(mut c) = Client::open(t, addr).await else {
+                continue;
+            };
+            for _ in 0..FRAMES_PER_CONNECTION {
+                let frame = g.frame();
+                let ok = if t == Transport::WsBinary && g.next() % 4 == 0 {
+                    c.send_text(&String::from_utf8_lossy(&frame)).await
+                } else {
+                    c.send_raw(frame).await
+                };
+                if ok.is_err() {
+                    break; // already thrown out: the next connection
+                }
+                sent += 1;
+            }
+            c.close().await;
+        }
+        sent
+    });
+
+    // Meanwhile the room keeps receiving, every push, in order, on every transport.
+    for i in 0..100 {
+        cluster
+            .api
+            .push_room(1000, "live", "flood", format!("n{i}").as_bytes())
+            .await
+            .unwrap();
+        for c in [&mut ws, &mut tcp, &mut json] {
+            let r = c.recv_push().await.unwrap();
+            assert_eq!(
+                r.frame.body,
+                format!("n{i}").as_bytes(),
+                "{:?}",
+                c.transport()
+            );
+        }
+    }
+    let sent = attack.await.unwrap();
+    assert!(
+        sent >= CONNECTIONS,
+        "garbage actually went out: {sent} frames"
+    );
+
+    // The comet counted what it refused and still serves new sessions.
+    let metrics = reqwest::get(format!("http://{}/metrics", comet.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rejected: u64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("rim_comet_frames_rejected_total")
+                || l.starts_with("rim_comet_auth_failures_total")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        rejected >= CONNECTIONS / 2,
+        "rejections counted: {rejected}\n{metrics}"
+    );
+    let mut late = cluster
+        .client(0, Transport::Tcp, 4, "live://flood", &[1000])
+        .await;
+    cluster
+        .api
+        .push_room(1000, "live", "flood", b"after")
+        .await
+        .unwrap();
+    assert_eq!(&late.recv_push().await.unwrap().frame.body[..], b"after");
+    cluster.stop().await;
+}
