@@ -313,7 +313,7 @@ async fn thousands_of_malformed_frames_while_legitimate_clients_keep_receiving()
             };
             for _ in 0..FRAMES_PER_CONNECTION {
                 let frame = g.frame();
-                let ok = if t == Transport::WsBinary && g.next() % 4 == 0 {
+                let ok = if t == Transport::WsBinary && g.next().is_multiple_of(4) {
                     c.send_text(&String::from_utf8_lossy(&frame)).await
                 } else {
                     c.send_raw(frame).await
