@@ -51,6 +51,9 @@ pub struct ApiError {
     pub code: i32,
     /// Names the parameter or condition at fault.
     pub message: String,
+    /// The request body was left unread, so the server will not keep the connection: say so
+    /// (`Connection: close`), or a client reusing it would see its next request fail.
+    pub body_unread: bool,
 }
 
 impl ApiError {
@@ -65,7 +68,14 @@ impl ApiError {
             status,
             code: -i32::from(status.as_u16()),
             message: message.into(),
+            body_unread: false,
         }
+    }
+
+    /// Marks the error as answered before the request body was read.
+    fn before_body(mut self) -> Self {
+        self.body_unread = true;
+        self
     }
 }
 
@@ -90,6 +100,7 @@ impl From<StoreError> for ApiError {
 
 /// The envelope for a result: `data` is left out when it is null.
 pub fn envelope(result: Result<Value, ApiError>) -> Response {
+    let close = result.as_ref().is_err_and(|e| e.body_unread);
     let (status, body) = match result {
         Ok(data) => {
             let mut body = json!({ "code": 0, "message": "ok" });
@@ -102,7 +113,14 @@ pub fn envelope(result: Result<Value, ApiError>) -> Response {
         }
         Err(e) => (e.status, json!({ "code": e.code, "message": e.message })),
     };
-    (status, axum::Json(body)).into_response()
+    let mut response = (status, axum::Json(body)).into_response();
+    if close {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// A parsed query string: every `name=value` pair in order (repeated names kept).
@@ -206,13 +224,14 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_big());
+        return Err(too_big().before_body());
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let is_limit = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if is_limit {
-            too_big()
+            // Reading stopped at the limit: the rest of the body is still on the connection.
+            too_big().before_body()
         } else {
             ApiError::bad(format!("body: could not be read: {e}"))
         }
@@ -244,7 +263,7 @@ fn check_secret(app: &App, headers: &HeaderMap, route_is_push: bool) -> Result<(
 /// request does not make us read 64 KiB).
 async fn push_prelude(app: &App, req: Request) -> Result<(Query, Bytes), ApiError> {
     let (parts, body) = req.into_parts();
-    check_secret(app, &parts.headers, true)?;
+    check_secret(app, &parts.headers, true).map_err(ApiError::before_body)?;
     let q = Query::parse(parts.uri.query());
     let body = read_body(&parts.headers, body, app.config.push.body_limit).await?;
     Ok((q, body))

@@ -319,6 +319,19 @@ async fn oversized_body_gets_a_400_envelope() {
         .post("/goim/push/all?operation=1000", vec![b'x'; 1024])
         .await;
     assert_eq!(status, 200);
+    // Refused before its body was read: the server will not reuse the connection and says so,
+    // so a keep-alive client does not send its next request into a closing socket.
+    let r = reqwest::Client::new()
+        .post(format!("{}/goim/push/all?operation=1000", logic.http))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     logic.stop().await;
 }
 
