@@ -51,6 +51,7 @@ struct ProcCluster {
     jobs: Vec<Proc>,
     comets: Vec<CometProc>,
     comet_env: Vec<(&'static str, String)>,
+    job_env: Vec<(&'static str, String)>,
 }
 
 impl ProcCluster {
@@ -58,6 +59,16 @@ impl ProcCluster {
         jobs: usize,
         comets: usize,
         comet_env: Vec<(&'static str, String)>,
+    ) -> ProcCluster {
+        Self::start_with(jobs, comets, comet_env, vec![]).await
+    }
+
+    /// Like `start`, with extra environment for the job workers too.
+    async fn start_with(
+        jobs: usize,
+        comets: usize,
+        comet_env: Vec<(&'static str, String)>,
+        job_env: Vec<(&'static str, String)>,
     ) -> ProcCluster {
         let redis = RedisServer::start_with(true);
         let http = free_addr();
@@ -83,6 +94,7 @@ impl ProcCluster {
             jobs: Vec::new(),
             comets: Vec::new(),
             comet_env,
+            job_env,
         };
         c.api_ready().await;
         for _ in 0..jobs {
@@ -128,7 +140,10 @@ impl ProcCluster {
                 ("RIM_JOB__DELIVERY__RETRY_BASE_MS", "20".into()),
                 ("RIM_JOB__DELIVERY__RETRY_MAX_MS", "200".into()),
                 ("RIM_JOB__STREAM__BLOCK_MS", "200".into()),
-            ],
+            ]
+            .into_iter()
+            .chain(self.job_env.iter().cloned())
+            .collect::<Vec<_>>(),
         ));
     }
 
@@ -687,7 +702,13 @@ async fn restart_redis_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_a_comet_and_a_job_worker_drains() {
-    let mut cluster = ProcCluster::start(2, 2, vec![]).await;
+    // A long lease TTL: partitions move to the other worker at once only if the drained
+    // worker really released them (otherwise they would sit idle for 30 s).
+    let long_lease = vec![
+        ("RIM_JOB__LEASE__TTL_MS", "30000".to_string()),
+        ("RIM_JOB__LEASE__RENEW_MS", "250".to_string()),
+    ];
+    let mut cluster = ProcCluster::start_with(2, 2, vec![], long_lease).await;
     let (stop_tx, stop) = watch::channel(false);
     let rs = recipients(&cluster, &stop).await;
     let mids: Vec<i64> = rs.iter().map(|r| r.mid).collect();
@@ -711,6 +732,20 @@ async fn sigterm_a_comet_and_a_job_worker_drains() {
     assert!(
         cluster.jobs[0].wait_exit(Duration::from_secs(15)).success(),
         "job exits 0 after draining"
+    );
+    let mut conn = cluster.redis.connection();
+    let held_by_leaver = (0..16u16)
+        .filter(|p| {
+            let holder: Option<String> = redis::cmd("GET")
+                .arg(rim_proto::keys::partition_lease(*p))
+                .query(&mut conn)
+                .unwrap();
+            holder.as_deref() == Some("job-1")
+        })
+        .count();
+    assert_eq!(
+        held_by_leaver, 0,
+        "a drained job worker releases its partitions"
     );
     for r in rs.iter().filter(|r| r.home == 0) {
         let s = r.seen.lock();
