@@ -32,7 +32,9 @@ use std::sync::Arc;
 use futures::StreamExt;
 use rim_proto::keys;
 use rim_proto::rpc::LogicRpc;
+use std::time::Duration;
 use tarpc::server::{BaseChannel, Channel};
+
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -94,6 +96,39 @@ pub(crate) struct App {
 }
 
 /// Checks (or records, when first) the cluster's partition count.
+/// Connects to Redis and checks the partition count, retrying with backoff while Redis is
+/// unreachable. `None` when shutdown came first; a partition mismatch is an error at once.
+async fn connect_redis(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<Store>, LogicError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let store = Store::connect(&config.redis.url, config.redis_timeout())
+                .await
+                .map_err(|e| LogicError::Redis {
+                    url: config.redis.url.clone(),
+                    reason: e.to_string(),
+                })?;
+            guard_partitions(&store, config.stream.partitions).await?;
+            Ok(store)
+        };
+        match attempt.await {
+            Ok(store) => return Ok(Some(store)),
+            Err(LogicError::Redis { reason, .. }) => {
+                tracing::warn!(url = %config.redis.url, error = %reason, retry_in = ?delay, "redis unreachable; waiting for it before serving");
+            }
+            Err(other) => return Err(other),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
 async fn guard_partitions(store: &Store, partitions: u16) -> Result<(), LogicError> {
     let redis_err = |e: store::StoreError| LogicError::Redis {
         url: String::new(),
@@ -129,21 +164,11 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), LogicError> {
-    let store = Store::connect(&config.redis.url, config.redis_timeout())
-        .await
-        .map_err(|e| LogicError::Redis {
-            url: config.redis.url.clone(),
-            reason: e.to_string(),
-        })?;
-    guard_partitions(&store, config.stream.partitions)
-        .await
-        .map_err(|e| match e {
-            LogicError::Redis { reason, .. } => LogicError::Redis {
-                url: config.redis.url.clone(),
-                reason,
-            },
-            other => other,
-        })?;
+    // Like job, logic waits for Redis rather than exiting when it starts first: an operator's
+    // start order (or a Redis restart under systemd) must not need a restart loop.
+    let Some(store) = connect_redis(&config, &shutdown).await? else {
+        return Ok(());
+    };
     let grace = config.shutdown_grace();
     let (hook, hook_workers) = match webhook::setup(&config.webhook)? {
         Some((h, w)) => (Some(h), Some(w)),

@@ -713,3 +713,45 @@ async fn partition_count_mismatch_refuses_to_start() {
         .unwrap_err();
     assert!(err.to_string().contains("stream.partitions"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_before_redis_and_serves_once_redis_is_up() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let mut config = Config::default();
+    config.redis.url = redis.url();
+    config.redis.timeout_ms = 300;
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(rim_logic::run(
+        Listeners { http, rpc },
+        config,
+        shutdown.clone(),
+    ));
+
+    // Redis comes up after logic: logic must still be there, waiting, and then serve.
+    redis.restart();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    eventually("logic ready after redis came up", || {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            client
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    })
+    .await;
+    assert!(
+        !task.is_finished(),
+        "logic kept running while redis was down"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
