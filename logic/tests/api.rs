@@ -2,7 +2,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,97 +11,13 @@ use rim_proto::job::{self, PushJob, Route, ServerKeys};
 use rim_proto::keys;
 use rim_proto::msg::AuthBody;
 use rim_proto::room::RoomId;
-use rim_proto::rpc::{
-    ConnectRequest, LogicError as RpcError, LogicRpcClient, NodeInfo, OnlineReport, SessionRef,
-};
+use rim_proto::rpc::{ConnectRequest, LogicError as RpcError, NodeInfo, OnlineReport, SessionRef};
 use rim_testkit::redis::RedisServer;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-struct Logic {
-    http: String,
-    rpc: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), rim_logic::LogicError>>,
-}
-
-impl Logic {
-    async fn start(redis: &RedisServer, tweak: impl FnOnce(&mut Config)) -> Logic {
-        let mut config = Config::default();
-        config.redis.url = redis.url();
-        config.redis.timeout_ms = 500;
-        config.shutdown_grace_ms = 2_000;
-        tweak(&mut config);
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let rpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (h, r) = (http.local_addr().unwrap(), rpc.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(rim_logic::run(
-            Listeners { http, rpc },
-            config,
-            shutdown.clone(),
-        ));
-        let logic = Logic {
-            http: format!("http://{h}"),
-            rpc: r,
-            shutdown,
-            task,
-        };
-        // Ready once /healthz answers (run connects to Redis before serving).
-        eventually("logic serving", || async {
-            reqwest::get(format!("{}/healthz", logic.http))
-                .await
-                .is_ok()
-        })
-        .await;
-        logic
-    }
-
-    async fn client(&self) -> LogicRpcClient {
-        let stream = tokio::net::TcpStream::connect(self.rpc).await.unwrap();
-        LogicRpcClient::new(Default::default(), rim_proto::rpc::transport(stream)).spawn()
-    }
-
-    async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .post(format!("{}{path}", self.http))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let r = reqwest::get(format!("{}{path}", self.http)).await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + rim_testkit::WAIT;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn ctx() -> tarpc::context::Context {
-    tarpc::context::current()
-}
+mod common;
+use common::{Logic, all_jobs, ctx, eventually, jobs};
 
 fn auth(mid: i64, key: &str) -> AuthBody {
     AuthBody {
@@ -123,24 +38,6 @@ fn connect_req(server: &str, auth: AuthBody) -> ConnectRequest {
 }
 
 /// Every job in partition `p`'s stream, in order.
-fn jobs(conn: &mut redis::Connection, p: u16) -> Vec<PushJob> {
-    let reply: redis::streams::StreamRangeReply = conn.xrange_all(keys::push_stream(p)).unwrap();
-    reply
-        .ids
-        .iter()
-        .map(|e| {
-            let raw: Vec<u8> = e.get(keys::JOB_FIELD).unwrap();
-            PushJob::decode(&raw).unwrap()
-        })
-        .collect()
-}
-
-fn all_jobs(conn: &mut redis::Connection) -> Vec<(u16, PushJob)> {
-    (0..job::DEFAULT_PARTITIONS)
-        .flat_map(|p| jobs(conn, p).into_iter().map(move |j| (p, j)))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_mids_publishes_one_entry_per_partition() {
     let redis = RedisServer::start();

@@ -4,14 +4,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::Commands;
-use rim_logic::{Config, Listeners};
-use rim_proto::job::{self, PushJob, Route, ServerKeys};
+use rim_proto::job::{self, Route, ServerKeys};
 use rim_proto::keys;
 use rim_proto::msg::AuthBody;
 use rim_proto::room::RoomId;
@@ -21,99 +19,9 @@ use rim_proto::rpc::{
 };
 use rim_testkit::redis::RedisServer;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-struct Logic {
-    http: String,
-    rpc: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), rim_logic::LogicError>>,
-}
-
-impl Logic {
-    async fn start(redis: &RedisServer, tweak: impl FnOnce(&mut Config)) -> Logic {
-        let mut config = Config::default();
-        config.redis.url = redis.url();
-        config.redis.timeout_ms = 500;
-        config.shutdown_grace_ms = 2_000;
-        tweak(&mut config);
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let rpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (h, r) = (http.local_addr().unwrap(), rpc.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(rim_logic::run(
-            Listeners { http, rpc },
-            config,
-            shutdown.clone(),
-        ));
-        let logic = Logic {
-            http: format!("http://{h}"),
-            rpc: r,
-            shutdown,
-            task,
-        };
-        eventually("logic serving", || async {
-            reqwest::get(format!("{}/healthz", logic.http))
-                .await
-                .is_ok()
-        })
-        .await;
-        logic
-    }
-
-    async fn client(&self) -> LogicRpcClient {
-        let stream = tokio::net::TcpStream::connect(self.rpc).await.unwrap();
-        LogicRpcClient::new(Default::default(), rim_proto::rpc::transport(stream)).spawn()
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let r = reqwest::get(format!("{}{path}", self.http)).await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    }
-
-    async fn post(&self, path: &str) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .post(format!("{}{path}", self.http))
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.http))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + rim_testkit::WAIT;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn ctx() -> tarpc::context::Context {
-    tarpc::context::current()
-}
+mod common;
+use common::{Logic, all_jobs, ctx, eventually};
 
 fn room(s: &str) -> RoomId {
     RoomId::parse(s).unwrap()
@@ -163,19 +71,6 @@ fn msg(
         op: 1000,
         data_json: data.into(),
     }
-}
-
-fn all_jobs(conn: &mut redis::Connection) -> Vec<(u16, PushJob)> {
-    let mut out = Vec::new();
-    for p in 0..job::DEFAULT_PARTITIONS {
-        let reply: redis::streams::StreamRangeReply =
-            conn.xrange_all(keys::push_stream(p)).unwrap();
-        for e in &reply.ids {
-            let raw: Vec<u8> = e.get(keys::JOB_FIELD).unwrap();
-            out.push((p, PushJob::decode(&raw).unwrap()));
-        }
-    }
-    out
 }
 
 /// Room event jobs (op 18) as (room, event, mid), in partition order.
@@ -871,22 +766,22 @@ async fn webhook_timeout_never_delays_send_and_counts_a_failure() {
 async fn dev_login_and_demo_page() {
     let redis = RedisServer::start();
     let logic = Logic::start(&redis, |c| c.auth.secret = "s".into()).await;
-    let (status, v) = logic.post("/rim/dev/login?name=%20alice%20").await;
+    let (status, v) = logic.post("/rim/dev/login?name=%20alice%20", "").await;
     assert_eq!(status, 200, "{v}");
     let mid = v["data"]["mid"].as_i64().unwrap();
     assert!(mid >= 100_000, "{v}");
     assert_eq!(v["data"]["name"], json!("alice"));
     let token = v["data"]["token"].as_str().unwrap();
     assert_eq!(rim_logic::auth::verify_token("s", mid, token), Ok(()));
-    let (_, again) = logic.post("/rim/dev/login?name=alice").await;
+    let (_, again) = logic.post("/rim/dev/login?name=alice", "").await;
     assert_eq!(again["data"]["mid"], json!(mid));
-    let (_, bob) = logic.post("/rim/dev/login?name=bob").await;
+    let (_, bob) = logic.post("/rim/dev/login?name=bob", "").await;
     assert_ne!(bob["data"]["mid"], json!(mid));
     let mut conn = redis.connection();
     let name: String = conn.hget(keys::USER_NAMES, mid).unwrap();
     assert_eq!(name, "alice");
     for bad in ["", "%20%20", &"x".repeat(33)] {
-        let (status, v) = logic.post(&format!("/rim/dev/login?name={bad}")).await;
+        let (status, v) = logic.post(&format!("/rim/dev/login?name={bad}"), "").await;
         assert_eq!(status, 400, "{bad:?}: {v}");
         assert!(v["message"].as_str().unwrap().starts_with("name: "), "{v}");
     }
@@ -923,14 +818,14 @@ async fn dev_login_and_demo_page() {
 
     // Without an auth secret the token is empty; with the demo off, 404s.
     let logic = Logic::start(&redis, |_| {}).await;
-    let (_, v) = logic.post("/rim/dev/login?name=alice").await;
+    let (_, v) = logic.post("/rim/dev/login?name=alice", "").await;
     assert_eq!(
         (v["data"]["mid"].clone(), v["data"]["token"].clone()),
         (json!(mid), json!(""))
     );
     logic.stop().await;
     let logic = Logic::start(&redis, |c| c.demo.enabled = false).await;
-    let (status, v) = logic.post("/rim/dev/login?name=alice").await;
+    let (status, v) = logic.post("/rim/dev/login?name=alice", "").await;
     assert_eq!((status, v["code"].clone()), (404, json!(-404)));
     let r = reqwest::get(format!("{}/", logic.http)).await.unwrap();
     assert_eq!(r.status().as_u16(), 404);
