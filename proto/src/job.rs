@@ -43,8 +43,17 @@ pub enum Route {
         /// Sessions per second per comet (0 = as fast as possible).
         speed: u32,
     },
-    /// Close a session that re-authenticated elsewhere with the same key.
-    Kick(ServerKeys),
+    /// Close the session a newer one with the same key replaced. `since_ms` identifies the old
+    /// session exactly (its registration time, as logic stamped it), so a late kick never closes
+    /// a session that reconnected to that comet afterwards.
+    Kick {
+        /// Comet holding the replaced session.
+        server: String,
+        /// Its key.
+        key: String,
+        /// Its `since` as registered (see [`crate::rpc::ConnectReply::since_ms`]).
+        since_ms: u64,
+    },
 }
 
 /// Session keys on one comet.

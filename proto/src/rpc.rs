@@ -123,6 +123,8 @@ pub struct ConnectReply {
     pub heartbeat_secs: u32,
     /// A session with this key was online on another comet and must be replaced (it is kicked through job).
     pub replaced_elsewhere: bool,
+    /// When logic registered this session (unix ms, logic's clock); the session's identity in kicks.
+    pub since_ms: u64,
 }
 
 /// Identifies one session to logic (disconnect, heartbeat).
@@ -260,8 +262,14 @@ pub enum DeliverTarget {
         /// Sessions per second (0 = as fast as possible).
         speed: u32,
     },
-    /// Close these sessions with op 6 (replaced by a newer session with the same key).
-    Kick(Vec<String>),
+    /// Close the session with this key with op 6 `replaced`, only if it is the one registered at
+    /// `since_ms` (a newer session with the same key must survive a late kick).
+    Kick {
+        /// Session key.
+        key: String,
+        /// The replaced session's `since` (from its [`ConnectReply::since_ms`]).
+        since_ms: u64,
+    },
 }
 
 /// One push for one comet.
