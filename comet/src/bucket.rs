@@ -55,27 +55,22 @@ pub struct Buckets {
     shards: Vec<Bucket>,
 }
 
-fn fnv1a(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 impl Buckets {
     /// `count` buckets (at least one).
     pub fn new(count: usize) -> Self {
         Buckets {
-            shards: (0..count.max(1)).map(|_| Bucket::default()).collect(),
+            shards: (0..count.clamp(1, usize::from(u16::MAX)))
+                .map(|_| Bucket::default())
+                .collect(),
         }
     }
 
     /// The bucket a key belongs to.
     pub fn bucket(&self, key: &str) -> &Bucket {
-        // len() >= 1, so the index is in range.
-        &self.shards[(fnv1a(key) % self.shards.len() as u64) as usize]
+        // The same FNV-1a hash as stream partitioning; `bucket.count` is validated to fit a u16
+        // (and `new` clamps it), so the shard index is always in range.
+        let n = u16::try_from(self.shards.len()).unwrap_or(u16::MAX);
+        &self.shards[usize::from(rim_proto::job::partition_of(key, n))]
     }
 
     /// Every bucket.
@@ -83,10 +78,16 @@ impl Buckets {
         &self.shards
     }
 
-    /// Registers a session; returns the session it replaced (same key), if any.
+    /// Registers a session; returns the session it replaced (same key), if any. The new session
+    /// inherits the old one's dedupe marks, so a replay of pushes the old one got is no
+    /// duplicate for the client that reconnected.
     pub fn insert(&self, s: Arc<Session>) -> Option<Arc<Session>> {
         let mut inner = self.bucket(&s.key).inner.lock();
-        let old = inner.sessions.insert(s.key.clone(), s);
+        let old = inner.sessions.insert(s.key.clone(), s.clone());
+        if let Some(old) = &old {
+            // Under the bucket lock: no delivery finds `old` by key or room from here on.
+            s.inherit_marks(old);
+        }
         if let Some(old) = &old
             && let Some(room) = old.room()
             && let Some(m) = inner.rooms.get_mut(&room)
@@ -204,7 +205,14 @@ mod tests {
 
         // Same key again: the old one is returned and drops out of the room.
         let a2 = sess(3, "a");
+        let pid = rim_proto::rpc::PushId {
+            partition: 2,
+            ms: 5,
+            seq: 0,
+        };
+        assert!(a.mark(pid));
         let old = b.insert(a2.clone()).unwrap();
+        assert!(!a2.mark(pid), "the successor inherits the dedupe marks");
         assert_eq!(old.id, 1);
         assert_eq!(b.room_len(&room), 1);
         assert!(

@@ -88,7 +88,8 @@ pub struct SessionConfig {
     pub max_connections: usize,
     /// Idle timeout = heartbeat interval (from logic) times this.
     pub heartbeat_misses: u32,
-    /// Minimum interval between `logic.heartbeat` calls of one session.
+    /// Minimum interval between `logic.heartbeat` calls of one session (any client frame
+    /// renews; the effective interval is at most the heartbeat interval logic announces).
     pub renew_session_ms: u64,
     /// A single socket write taking longer than this closes the session.
     pub write_timeout_ms: u64,
@@ -236,6 +237,12 @@ impl Validate for Config {
         )?;
         positive("session.send_burst", u64::from(self.session.send_burst))?;
         positive("bucket.count", self.bucket.count as u64)?;
+        if self.bucket.count > usize::from(u16::MAX) {
+            return Err(SettingsError::invalid(
+                "bucket.count",
+                "must be at most 65535",
+            ));
+        }
         positive("renew.interval_ms", self.renew.interval_ms)?;
         Ok(())
     }

@@ -7,6 +7,12 @@
 //! burst of room messages costs each member one write instead of one per message. The run's
 //! encodings are built once and shared by every member that takes all of it; a member that takes
 //! only part (op filter, exclusion, already seen) gets its own subset, still as one item.
+//!
+//! Paced broadcasts (`All { speed > 0 }`) are confirmed at once and walked later, one at a time,
+//! by a single paced worker per comet fed by a bounded queue. They take their own dedupe
+//! namespace ([`MarkSpace::Paced`]): pushes delivered meanwhile on the same partition must not
+//! make the walk refuse them as already seen. So paced broadcasts are ordered among themselves
+//! but not relative to other pushes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +21,11 @@ use rim_proto::op;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{CometRpc, DeliverReport, DeliverTarget, Delivery, PushId};
 use tarpc::context::Context;
+use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::server::Ctx;
-use crate::session::{CloseSpec, Offer, Session};
+use crate::session::{CloseSpec, MarkSpace, Offer, Session};
 use crate::writer::{EncodedBatch, EncodedPush, Out};
 
 /// The `CometRpc` implementation.
@@ -39,6 +46,7 @@ pub(crate) struct Prepared {
     id: PushId,
     push: Arc<EncodedPush>,
     exclude: Option<String>,
+    space: MarkSpace,
 }
 
 impl Prepared {
@@ -47,7 +55,13 @@ impl Prepared {
             id: item.id,
             push: Arc::new(EncodedPush::new(item.op, &item.body)),
             exclude: item.exclude.clone(),
+            space: MarkSpace::Immediate,
         }
+    }
+
+    /// Whether `s` has not had this push yet (and records it as had).
+    fn mark(&self, s: &Session) -> bool {
+        s.mark_in(self.space, self.id)
     }
 
     /// Whether `s` is addressed at all: not the excluded sender, and accepting the op (system
@@ -71,7 +85,12 @@ fn account(metrics: &Metrics, s: &Session, res: Offer, n: usize, report: &mut De
             report.slow_closed += 1;
             tracing::warn!(key = %s.key, peer = %s.peer, "slow consumer closed during delivery");
         }
-        Offer::Closed => {}
+        Offer::Closed => {
+            // Neither queued nor a slow close: the session was closing already (replaced, kicked,
+            // timed out). DeliverReport has no field for it, so it is counted here.
+            metrics.pushes_dropped_closing.add(n as u64);
+            tracing::debug!(key = %s.key, pushes = n, "push dropped: session closing");
+        }
     }
 }
 
@@ -80,7 +99,7 @@ fn offer(metrics: &Metrics, s: &Session, p: &Prepared, report: &mut DeliverRepor
     if !p.wanted_by(s) {
         return;
     }
-    if !s.mark(p.id) {
+    if !p.mark(s) {
         report.duplicates += 1;
         metrics.duplicates.inc();
         return;
@@ -116,7 +135,7 @@ impl Run {
             if !p.wanted_by(s) {
                 continue;
             }
-            if !s.mark(p.id) {
+            if !p.mark(s) {
                 report.duplicates += 1;
                 metrics.duplicates.inc();
                 continue;
@@ -212,43 +231,90 @@ fn deliver_one(ctx: &Arc<Ctx>, item: Delivery, report: &mut DeliverReport) {
             }
         }
         DeliverTarget::All { speed } => {
-            // Paced like goim: confirmed at once, delivered bucket by bucket in the background.
-            let c = ctx.clone();
-            ctx.tracker.spawn(async move {
-                let mut r = DeliverReport::default();
-                for b in c.buckets.all() {
-                    if c.shutdown.is_cancelled() {
-                        break;
+            // Paced like goim: confirmed at once, delivered bucket by bucket by the paced worker.
+            let job = PacedJob {
+                p: Prepared {
+                    space: MarkSpace::Paced,
+                    ..p
+                },
+                speed,
+            };
+            match ctx.paced.try_send(job) {
+                Ok(()) => {}
+                Err(
+                    mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job),
+                ) => {
+                    // Too many paced broadcasts waiting (or shutting down): deliver this one at
+                    // once, in order with the pushes around it, so in their namespace.
+                    m.paced_overflow.inc();
+                    tracing::info!(id = ?job.p.id, "paced queue full, broadcasting unpaced");
+                    let p = Prepared {
+                        space: MarkSpace::Immediate,
+                        ..job.p
+                    };
+                    for b in ctx.buckets.all() {
+                        b.for_each(|s| offer(m, s, &p, report));
                     }
-                    let n = b.len();
-                    b.for_each(|s| offer(&c.metrics, s, &p, &mut r));
-                    if n > 0 {
-                        let pause = Duration::from_secs_f64(n as f64 / f64::from(speed));
-                        tokio::select! {
-                            _ = c.shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(pause) => {}
-                        }
-                    }
-                }
-                tracing::debug!(
-                    id = ?p.id,
-                    queued = r.queued,
-                    duplicates = r.duplicates,
-                    "paced broadcast done"
-                );
-            });
-        }
-        DeliverTarget::Kick(keys) => {
-            for key in keys {
-                match ctx.buckets.get(&key) {
-                    Some(s) => {
-                        tracing::info!(%key, "kicked: replaced by a session elsewhere");
-                        s.out.close(CloseSpec::reason("replaced", 1000));
-                    }
-                    None => report.missing += 1,
                 }
             }
         }
+        DeliverTarget::Kick { key, since_ms } => match ctx.buckets.get(&key) {
+            Some(s) if s.since_ms == since_ms => {
+                tracing::info!(%key, since_ms, "kicked: replaced by a session elsewhere");
+                s.out.close(CloseSpec::reason("replaced", 1000));
+            }
+            Some(s) => {
+                // A late kick for an older session: this one registered afterwards and stays.
+                tracing::debug!(%key, since_ms, current = s.since_ms, "kick for an older session ignored");
+                report.missing += 1;
+            }
+            None => report.missing += 1,
+        },
+    }
+}
+
+/// Paced broadcasts waiting for the paced worker; when full, a broadcast is delivered unpaced.
+pub(crate) const PACED_QUEUE: usize = 16;
+
+/// One paced broadcast for the paced worker.
+pub(crate) struct PacedJob {
+    p: Prepared,
+    speed: u32,
+}
+
+/// Walks paced broadcasts one at a time, in the order they were delivered, at `speed` sessions
+/// per second (bucket by bucket), until shutdown.
+pub(crate) async fn paced_worker(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<PacedJob>) {
+    loop {
+        let job = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            job = rx.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let PacedJob { p, speed } = job;
+        let mut r = DeliverReport::default();
+        for b in ctx.buckets.all() {
+            if ctx.shutdown.is_cancelled() {
+                return;
+            }
+            let n = b.len();
+            b.for_each(|s| offer(&ctx.metrics, s, &p, &mut r));
+            if n > 0 {
+                let pause = Duration::from_secs_f64(n as f64 / f64::from(speed.max(1)));
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+        tracing::debug!(
+            id = ?p.id,
+            queued = r.queued,
+            duplicates = r.duplicates,
+            "paced broadcast done"
+        );
     }
 }
 
@@ -263,7 +329,6 @@ impl CometRpc for CometServer {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use tokio::sync::mpsc;
 
     use crate::session::Outbound;
 
@@ -351,6 +416,27 @@ mod tests {
         assert!(run.item_for(&a, &m, &mut rep).is_none());
         assert_eq!(rep.duplicates, 4);
         assert_eq!(m.duplicates.get(), 4);
+    }
+
+    #[test]
+    fn pushes_to_a_closing_session_are_counted_as_dropped() {
+        let room = RoomId::parse("live://1").unwrap();
+        let (a, _ra) = sess("a", &[1000]);
+        a.out.close(CloseSpec::reason("replaced", 1000));
+        let m = Metrics::default();
+        let mut rep = DeliverReport::default();
+        offer(
+            &m,
+            &a,
+            &Prepared::new(&item(1, 1000, &room, None)),
+            &mut rep,
+        );
+        assert_eq!((rep.queued, rep.slow_closed), (0, 0));
+        assert_eq!(m.pushes_dropped_closing.get(), 1);
+        assert!(
+            m.render()
+                .contains(r#"rim_comet_pushes_dropped_total{reason="closing"} 1"#)
+        );
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub struct Metrics {
     pub duplicates: Counter,
     /// Sessions closed because their outbound queue was full.
     pub slow_consumer_closed: Counter,
+    /// Pushes offered to a session that was already closing (`reason="closing"`).
+    pub pushes_dropped_closing: Counter,
+    /// Paced broadcasts delivered at once because the paced queue was full.
+    pub paced_overflow: Counter,
+    /// ChangeRoom, Sub and Unsub frames refused by the session's rate limit.
+    pub requests_rate_limited: Counter,
     /// Sessions closed after heartbeat silence.
     pub heartbeat_timeouts: Counter,
     /// Successful node renewals.
@@ -135,6 +141,22 @@ impl Metrics {
             "rim_comet_slow_consumer_closed_total",
             "Sessions closed because their outbound queue was full.",
             self.slow_consumer_closed.get(),
+        )
+        .labeled_counter(
+            "rim_comet_pushes_dropped_total",
+            "Pushes not queued to an addressed session, by reason (closing = the session was closing).",
+            "reason",
+            &[("closing", self.pushes_dropped_closing.get())],
+        )
+        .counter(
+            "rim_comet_paced_overflow_total",
+            "Paced broadcasts delivered unpaced because the paced queue was full.",
+            self.paced_overflow.get(),
+        )
+        .counter(
+            "rim_comet_requests_rate_limited_total",
+            "ChangeRoom, Sub and Unsub frames refused by the per-session rate limit.",
+            self.requests_rate_limited.get(),
         )
         .counter(
             "rim_comet_heartbeat_timeouts_total",

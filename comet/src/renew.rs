@@ -11,10 +11,23 @@ use crate::server::Ctx;
 
 /// One renewal. Failures are logged; the next tick retries and sessions keep working meanwhile.
 pub(crate) async fn renew_once(ctx: &Ctx) {
-    // The presence lock keeps a first join (and its room_joined) from falling between our
-    // snapshot and logic replacing the room list with it.
-    let _presence = ctx.rooms.presence.lock().await;
-    let (rooms, sessions, ips) = ctx.buckets.snapshot();
+    // Snapshot under the presence lock (never held across the RPC, see `room`): rooms being
+    // announced right now are included, counted as at least one member (logic drops rooms
+    // reported with 0), so this report cannot erase them.
+    let (rooms, sessions, ips, epoch) = {
+        let mut p = ctx.rooms.presence();
+        let (mut rooms, sessions, ips) = ctx.buckets.snapshot();
+        for room in p.joining.keys() {
+            let n = rooms.entry(room.clone()).or_insert(0);
+            *n = (*n).max(1);
+        }
+        p.epoch += 1;
+        p.renewing = true;
+        (rooms, sessions, ips, p.epoch)
+    };
+    // Whatever happens to this call (answer, error, cancelled at shutdown), joiners waiting for
+    // it are released.
+    let _done = RenewalDone { ctx, epoch };
     let mut node = ctx.node.clone();
     node.connections = sessions;
     node.ips = ips;
@@ -48,6 +61,18 @@ pub(crate) async fn renew_once(ctx: &Ctx) {
             ctx.logic_ok.store(false, Ordering::Release);
             tracing::warn!(error = %e, "renew_node failed, retrying next tick");
         }
+    }
+}
+
+/// Marks a renewal finished when dropped.
+struct RenewalDone<'a> {
+    ctx: &'a Ctx,
+    epoch: u64,
+}
+
+impl Drop for RenewalDone<'_> {
+    fn drop(&mut self) {
+        self.ctx.rooms.renewal_done(self.epoch);
     }
 }
 

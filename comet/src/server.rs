@@ -13,14 +13,16 @@ use rim_proto::rpc::{CometRpc, LogicError as LogicRpcError, LogicRpcClient, Node
 use rim_runtime::ops::OpsSource;
 use rim_runtime::rpc::Link;
 use tarpc::server::Channel;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bucket::Buckets;
 use crate::config::Config;
 use crate::deliver::CometServer;
+use crate::deliver::PacedJob;
 use crate::metrics::Metrics;
-use crate::room::Rooms;
+use crate::room::{Presence, Rooms};
 use crate::session::Session;
 use crate::{CometError, Listeners};
 
@@ -41,36 +43,95 @@ pub(crate) struct Ctx {
     pub logic_ok: AtomicBool,
     /// Addresses and placement data sent with each renewal.
     pub node: NodeInfo,
+    /// Queue of the paced broadcast worker (see `deliver`).
+    pub paced: mpsc::Sender<PacedJob>,
 }
 
 impl Ctx {
     /// Joins `room`; a room's first member here is announced to logic before this returns.
     /// False when the session is no longer registered (replaced meanwhile) and did not join.
+    ///
+    /// Only joiners of the same room wait for each other (see `room` for the ordering against
+    /// renewals); no comet-wide lock is held across the `room_joined` call.
     pub async fn join_room(&self, s: &Arc<Session>, room: RoomId) -> bool {
-        let _presence = self.rooms.presence.lock().await;
-        if self.buckets.room_len(&room) == 0 {
-            let timeout = self.cfg.rpc_timeout();
-            let server = self.cfg.server_id.clone();
-            let r = room.clone();
-            let res = self
-                .logic
-                .call(|c| async move {
-                    c.room_joined(rim_runtime::rpc::context(timeout), server, r)
-                        .await
-                })
-                .await;
-            match res {
-                Ok(Ok(())) => {}
-                // The session still joins: the next renewal reports the room anyway.
-                Ok(Err(e)) => tracing::warn!(%room, error = %e, "room_joined refused"),
-                Err(e) => tracing::warn!(%room, error = %e, "room_joined failed"),
+        loop {
+            // The lock guard must not live across an await (it is not Send), hence the block.
+            let step = {
+                let mut p = self.rooms.presence();
+                if let Some(w) = p.joining.get(&room) {
+                    // Someone is announcing this room: wait for it, then look again.
+                    Err(w.subscribe())
+                } else if self.buckets.room_len(&room) > 0 {
+                    // logic knows the room already. Joining in the same critical section as the
+                    // check keeps a renewal snapshot from seeing neither the old members nor us.
+                    return self.join_now(s, room);
+                } else {
+                    p.joining
+                        .insert(room.clone(), Arc::new(watch::Sender::new(false)));
+                    Ok(p.renewing.then_some(p.epoch))
+                }
+            };
+            let overlapped = match step {
+                Ok(overlapped) => overlapped,
+                Err(mut rx) => {
+                    // Err = the announcer went away (its guard removed the entry): look again.
+                    let _ = rx.wait_for(|done| *done).await;
+                    continue;
+                }
+            };
+            let guard = Announcing {
+                ctx: self,
+                room: &room,
+            };
+            self.announce(&room).await;
+            if let Some(epoch) = overlapped {
+                // A renewal snapshotted before this announcement started and may reach logic
+                // after it, erasing the room: wait for it to finish, then announce again.
+                let bound = self.cfg.rpc_timeout() * 2;
+                if tokio::time::timeout(bound, self.rooms.wait_renewal(epoch))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(%room, "renewal still unfinished; announcing the room again anyway");
+                }
+                self.announce(&room).await;
             }
+            // Join and end the announcement in one critical section: every snapshot from the
+            // announcement's start on includes the room (pending, then as a member).
+            let mut p = self.rooms.presence();
+            let joined = self.join_now(s, room.clone());
+            guard.finish(&mut p);
+            return joined;
         }
+    }
+
+    /// Adds `s` to `room` now (the room is known to logic).
+    fn join_now(&self, s: &Arc<Session>, room: RoomId) -> bool {
         if self.buckets.join(&room, s) {
             s.set_room(Some(room));
             true
         } else {
             false
+        }
+    }
+
+    /// Tells logic this comet has members in `room`.
+    async fn announce(&self, room: &RoomId) {
+        let timeout = self.cfg.rpc_timeout();
+        let server = self.cfg.server_id.clone();
+        let r = room.clone();
+        let res = self
+            .logic
+            .call(|c| async move {
+                c.room_joined(rim_runtime::rpc::context(timeout), server, r)
+                    .await
+            })
+            .await;
+        match res {
+            Ok(Ok(())) => {}
+            // The session still joins: the next renewal reports the room anyway.
+            Ok(Err(e)) => tracing::warn!(%room, error = %e, "room_joined refused"),
+            Err(e) => tracing::warn!(%room, error = %e, "room_joined failed"),
         }
     }
 
@@ -171,6 +232,33 @@ impl Ctx {
                 Err(e) => tracing::warn!(%key, error = %e, "{what} failed"),
             }
         });
+    }
+}
+
+/// A room announcement in flight; ends it (waking the room's waiters) when finished or dropped.
+struct Announcing<'a> {
+    ctx: &'a Ctx,
+    room: &'a RoomId,
+}
+
+impl Announcing<'_> {
+    /// Ends the announcement under an already held presence lock.
+    fn finish(self, p: &mut Presence) {
+        end_announcement(p, self.room);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Announcing<'_> {
+    /// Only reached when the joining task is cancelled mid-announcement.
+    fn drop(&mut self) {
+        end_announcement(&mut self.ctx.rooms.presence(), self.room);
+    }
+}
+
+fn end_announcement(p: &mut Presence, room: &RoomId) {
+    if let Some(w) = p.joining.remove(room) {
+        w.send_replace(true);
     }
 }
 
@@ -278,7 +366,9 @@ pub(crate) async fn run(
         },
     );
     let tracker = TaskTracker::new();
+    let (paced, paced_rx) = mpsc::channel(crate::deliver::PACED_QUEUE);
     let ctx = Arc::new(Ctx {
+        paced,
         buckets: Buckets::new(config.bucket.count),
         cfg: config,
         logic: Arc::new(logic),
@@ -306,6 +396,7 @@ pub(crate) async fn run(
         _ = shutdown.cancelled() => {}
     }
     tracker.spawn(crate::renew::run(ctx.clone()));
+    tracker.spawn(crate::deliver::paced_worker(ctx.clone(), paced_rx));
 
     let rpc_ctx = ctx.clone();
     tracker.spawn(rim_runtime::rpc::accept_loop(

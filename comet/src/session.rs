@@ -178,10 +178,41 @@ pub struct Session {
     pub peer: SocketAddr,
     /// Outbound queue.
     pub out: Arc<Outbound>,
+    /// When logic registered this session (its `ConnectReply::since_ms`): identifies it in kicks,
+    /// so a late kick for an older session with the same key leaves this one alone.
+    pub since_ms: u64,
     accepts: RwLock<HashSet<i32>>,
-    /// Highest push id delivered per partition (few partitions per session, so a small vec).
-    marks: Mutex<Vec<(u16, u64, u64)>>,
+    /// Highest push id delivered per dedupe namespace (see [`MarkSpace`]); a session sees few
+    /// partitions, so a small vec.
+    marks: Mutex<Vec<(u32, u64, u64)>>,
     room: Mutex<Option<RoomId>>,
+}
+
+/// Most ops one session may accept (Auth `accepts` plus Sub); a client cannot grow its filter
+/// set without bound.
+pub const MAX_ACCEPTS: usize = 256;
+
+/// Which high-water mark a push is checked against.
+///
+/// Paced broadcasts (`All { speed > 0 }`) reach sessions long after pushes that job sent later
+/// on the same partition, so they keep marks of their own: ordered among themselves (one paced
+/// worker per comet) and independent of everything delivered at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkSpace {
+    /// Everything delivered during the `deliver` call.
+    Immediate,
+    /// Paced broadcasts.
+    Paced,
+}
+
+impl MarkSpace {
+    /// The mark key: partitions are u16, so bit 16 keeps the two spaces apart for any partition.
+    fn key(self, partition: u16) -> u32 {
+        match self {
+            MarkSpace::Immediate => u32::from(partition),
+            MarkSpace::Paced => u32::from(partition) | 0x1_0000,
+        }
+    }
 }
 
 impl Session {
@@ -200,10 +231,17 @@ impl Session {
             key,
             peer,
             out,
-            accepts: RwLock::new(accepts.iter().copied().collect()),
+            since_ms: 0,
+            accepts: RwLock::new(accepts.iter().copied().take(MAX_ACCEPTS).collect()),
             marks: Mutex::new(Vec::new()),
             room: Mutex::new(None),
         }
+    }
+
+    /// Sets the registration time logic reported (see [`Session::since_ms`]).
+    pub fn with_since(mut self, since_ms: u64) -> Self {
+        self.since_ms = since_ms;
+        self
     }
 
     /// Whether a push with `op` goes to this session.
@@ -211,9 +249,19 @@ impl Session {
         self.accepts.read().contains(&op)
     }
 
-    /// Adds (Sub) or removes (Unsub) accepted ops.
-    pub fn set_accepts(&self, ops: &[i32], accept: bool) {
+    /// Adds (Sub) or removes (Unsub) accepted ops. A Sub that would leave more than
+    /// [`MAX_ACCEPTS`] ops changes nothing and is refused with the reason.
+    pub fn set_accepts(&self, ops: &[i32], accept: bool) -> Result<(), String> {
         let mut a = self.accepts.write();
+        if accept {
+            let new = ops
+                .iter()
+                .filter(|op| !a.contains(op))
+                .collect::<HashSet<_>>();
+            if a.len() + new.len() > MAX_ACCEPTS {
+                return Err(format!("too many ops: at most {MAX_ACCEPTS}"));
+            }
+        }
         for op in ops {
             if accept {
                 a.insert(*op);
@@ -221,12 +269,19 @@ impl Session {
                 a.remove(op);
             }
         }
+        Ok(())
     }
 
     /// Records `id` as delivered; false when it (or a later push of its partition) already was.
     pub fn mark(&self, id: PushId) -> bool {
+        self.mark_in(MarkSpace::Immediate, id)
+    }
+
+    /// [`Session::mark`] against the high-water marks of `space`.
+    pub fn mark_in(&self, space: MarkSpace, id: PushId) -> bool {
+        let key = space.key(id.partition);
         let mut marks = self.marks.lock();
-        match marks.iter_mut().find(|m| m.0 == id.partition) {
+        match marks.iter_mut().find(|m| m.0 == key) {
             Some(m) if (id.ms, id.seq) <= (m.1, m.2) => false,
             Some(m) => {
                 m.1 = id.ms;
@@ -234,8 +289,22 @@ impl Session {
                 true
             }
             None => {
-                marks.push((id.partition, id.ms, id.seq));
+                marks.push((key, id.ms, id.seq));
                 true
+            }
+        }
+    }
+
+    /// Takes over `old`'s high-water marks (a session replacing `old` with the same key on this
+    /// comet): a takeover replay of pushes `old` already got must not show the client duplicates.
+    pub fn inherit_marks(&self, old: &Session) {
+        let theirs = old.marks.lock().clone();
+        let mut mine = self.marks.lock();
+        for (key, ms, seq) in theirs {
+            match mine.iter_mut().find(|m| m.0 == key) {
+                Some(m) if (ms, seq) > (m.1, m.2) => (m.1, m.2) = (ms, seq),
+                Some(_) => {}
+                None => mine.push((key, ms, seq)),
             }
         }
     }
@@ -455,14 +524,24 @@ pub(crate) async fn drive<R: FrameReader>(
         }
     };
     let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
-    let session = Arc::new(Session::new(
-        id,
-        reply.mid,
-        reply.key.clone(),
-        peer,
-        out.clone(),
-        &reply.accepts,
-    ));
+    if reply.accepts.len() > MAX_ACCEPTS {
+        tracing::debug!(%peer, key = %reply.key, n = reply.accepts.len(), "auth accepts truncated to {MAX_ACCEPTS}");
+    }
+    let session = Arc::new(
+        Session::new(
+            id,
+            reply.mid,
+            reply.key.clone(),
+            peer,
+            out.clone(),
+            &reply.accepts,
+        )
+        .with_since(reply.since_ms),
+    );
+    if reply.replaced_elsewhere {
+        // The older session elsewhere is closed by a kick job logic queued; nothing to do here.
+        tracing::debug!(%peer, key = %reply.key, "session replaces one on another comet");
+    }
     if let Some(old) = ctx.buckets.insert(session.clone()) {
         tracing::info!(key = %old.key, "same key authenticated again, replacing older session");
         old.out.close(CloseSpec::reason("replaced", 1000));
@@ -485,18 +564,21 @@ pub(crate) async fn drive<R: FrameReader>(
         Out::Reply(Frame::new(op::AUTH_REPLY, auth.seq, body)),
         &ctx.metrics,
     );
-    tracing::debug!(%peer, mid = reply.mid, key = %reply.key, "session authenticated");
+    tracing::debug!(%peer, mid = reply.mid, key = %reply.key, since_ms = reply.since_ms, "session authenticated");
 
     let hb = u64::from(reply.heartbeat_secs.max(1));
     let idle = Duration::from_secs(hb * u64::from(ctx.cfg.session.heartbeat_misses));
-    let renew_every = Duration::from_millis(ctx.cfg.session.renew_session_ms);
+    let renew_every = renew_interval(ctx.cfg.session.renew_session_ms, reply.heartbeat_secs);
     let mut last_renew = Instant::now();
     // Lives with the read loop (one task per session), so no lock is needed.
-    let mut send_limit = TokenBucket::new(
-        ctx.cfg.session.send_rate_per_sec,
-        ctx.cfg.session.send_burst,
-        Instant::now(),
-    );
+    let mut st = FrameState {
+        limit: TokenBucket::new(
+            ctx.cfg.session.send_rate_per_sec,
+            ctx.cfg.session.send_burst,
+            Instant::now(),
+        ),
+        last_info: None,
+    };
     loop {
         let r = tokio::select! {
             biased;
@@ -523,22 +605,70 @@ pub(crate) async fn drive<R: FrameReader>(
                 break;
             }
             Ok(Some(Ok(f))) => {
-                if f.op == op::HEARTBEAT && last_renew.elapsed() >= renew_every {
+                // Any frame keeps the session alive (it resets the idle timer too), so any frame
+                // renews the registration; a client that only sends op 4 must not expire at logic.
+                if last_renew.elapsed() >= renew_every {
                     last_renew = Instant::now();
                     ctx.session_heartbeat(&session);
                 }
-                handle_frame(&ctx, &session, f, &mut send_limit).await;
+                handle_frame(&ctx, &session, f, &mut st).await;
             }
         }
     }
     ctx.end_session(&session);
 }
 
+/// How often a session's registration is renewed at logic at most. logic's TTL is
+/// `heartbeat_secs * (misses + 1)`, at least two heartbeat intervals, and a live client sends a
+/// frame at least every `heartbeat_secs * misses`; renewing at most every heartbeat interval (or
+/// `renew_session_ms` when shorter) therefore always lands within the TTL.
+pub(crate) fn renew_interval(renew_session_ms: u64, heartbeat_secs: u32) -> Duration {
+    let hb_ms = u64::from(heartbeat_secs.max(1)) * 1000;
+    Duration::from_millis(renew_session_ms.min(hb_ms))
+}
+
+/// Per-session state of the read loop: the rate limit shared by op 4, ChangeRoom, Sub and Unsub,
+/// and when a refusal was last logged at info.
+pub(crate) struct FrameState {
+    limit: TokenBucket,
+    last_info: Option<Instant>,
+}
+
+/// At most one info line per session per this; the rest of a session's refusals go to debug, so
+/// a client sending bad frames in a loop cannot flood the logs.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl FrameState {
+    /// Logs a refused request: at info at most once per [`REFUSAL_LOG_EVERY`], else at debug.
+    fn log_refusal(&mut self, s: &Session, what: &str, reason: &str) {
+        let now = Instant::now();
+        if self
+            .last_info
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY)
+        {
+            self.last_info = Some(now);
+            tracing::info!(peer = %s.peer, key = %s.key, reason, "{what} refused (further refusals of this session within a minute are logged at debug)");
+        } else {
+            tracing::debug!(peer = %s.peer, key = %s.key, reason, "{what} refused");
+        }
+    }
+
+    /// Takes a token for a ChangeRoom/Sub/Unsub; false (counted, logged) when over the limit.
+    fn admit(&mut self, ctx: &Ctx, s: &Session, what: &str) -> bool {
+        if self.limit.try_take(Instant::now()) {
+            return true;
+        }
+        ctx.metrics.requests_rate_limited.inc();
+        self.log_refusal(s, what, "rate limited");
+        false
+    }
+}
+
 fn error_body(msg: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "error": msg })).unwrap_or_default()
 }
 
-async fn handle_frame(ctx: &Arc<Ctx>, s: &Arc<Session>, f: Frame, send_limit: &mut TokenBucket) {
+async fn handle_frame(ctx: &Arc<Ctx>, s: &Arc<Session>, f: Frame, st: &mut FrameState) {
     let reply = |op: i32, body: Vec<u8>| Out::Reply(Frame::new(op, f.seq, body));
     let out = match f.op {
         op::HEARTBEAT => {
@@ -546,6 +676,13 @@ async fn handle_frame(ctx: &Arc<Ctx>, s: &Arc<Session>, f: Frame, send_limit: &m
             reply(op::HEARTBEAT_REPLY, n.to_be_bytes().to_vec())
         }
         op::CHANGE_ROOM => {
+            if !st.admit(ctx, s, "change room") {
+                s.out.offer(
+                    reply(op::CHANGE_ROOM_REPLY, error_body("rate limited")),
+                    &ctx.metrics,
+                );
+                return;
+            }
             let text = String::from_utf8_lossy(&f.body);
             let text = text.trim();
             let to = if text.is_empty() {
@@ -561,31 +698,40 @@ async fn handle_frame(ctx: &Arc<Ctx>, s: &Arc<Session>, f: Frame, send_limit: &m
                 }
                 Err(e) => {
                     let msg = format!("bad room id: {e}");
-                    tracing::info!(peer = %s.peer, key = %s.key, reason = %msg, "change room refused");
+                    st.log_refusal(s, "change room", &msg);
                     reply(op::CHANGE_ROOM_REPLY, error_body(&msg))
                 }
             }
         }
         op::SUB | op::UNSUB => {
-            let reply_op = if f.op == op::SUB {
-                op::SUB_REPLY
+            let (reply_op, what) = if f.op == op::SUB {
+                (op::SUB_REPLY, "sub")
             } else {
-                op::UNSUB_REPLY
+                (op::UNSUB_REPLY, "unsub")
             };
-            match op::parse_op_list(&f.body) {
-                Ok(ops) => {
-                    s.set_accepts(&ops, f.op == op::SUB);
-                    Out::Reply(Frame::new(reply_op, f.seq, f.body.clone()))
-                }
-                Err(e) => {
-                    let msg = format!("bad op list: {e}");
-                    tracing::info!(peer = %s.peer, key = %s.key, reason = %msg, "sub/unsub refused");
+            if !st.admit(ctx, s, what) {
+                s.out
+                    .offer(reply(reply_op, error_body("rate limited")), &ctx.metrics);
+                return;
+            }
+            let res = op::parse_op_list(&f.body)
+                .map_err(|e| format!("bad op list: {e}"))
+                .and_then(|ops| {
+                    if ops.len() > MAX_ACCEPTS {
+                        return Err(format!("too many ops: at most {MAX_ACCEPTS}"));
+                    }
+                    s.set_accepts(&ops, f.op == op::SUB)
+                });
+            match res {
+                Ok(()) => Out::Reply(Frame::new(reply_op, f.seq, f.body.clone())),
+                Err(msg) => {
+                    st.log_refusal(s, what, &msg);
                     reply(reply_op, error_body(&msg))
                 }
             }
         }
         op::SEND_MSG => {
-            let body = crate::upstream::handle(ctx, s, &f.body, send_limit).await;
+            let body = crate::upstream::handle(ctx, s, &f.body, &mut st.limit).await;
             reply(
                 op::SEND_MSG_REPLY,
                 serde_json::to_vec(&body).unwrap_or_default(),
@@ -634,10 +780,60 @@ mod tests {
         let (s, _rx) = session(4);
         assert!(s.accepts(1000));
         assert!(!s.accepts(1001));
-        s.set_accepts(&[1001, 1002], true);
+        s.set_accepts(&[1001, 1002], true).unwrap();
         assert!(s.accepts(1001));
-        s.set_accepts(&[1000], false);
+        s.set_accepts(&[1000], false).unwrap();
         assert!(!s.accepts(1000));
+    }
+
+    #[test]
+    fn accepted_ops_are_capped() {
+        let (s, _rx) = session(4);
+        let many: Vec<i32> = (2000..2000 + MAX_ACCEPTS as i32).collect();
+        let e = s.set_accepts(&many, true).unwrap_err();
+        assert_eq!(e, format!("too many ops: at most {MAX_ACCEPTS}"));
+        assert!(!s.accepts(2000), "a refused Sub changes nothing");
+        // 1000 is already accepted, so this fills the set exactly.
+        s.set_accepts(&many[..MAX_ACCEPTS - 1], true).unwrap();
+        s.set_accepts(&[1000], true).unwrap();
+        assert!(s.set_accepts(&[9999], true).is_err());
+        s.set_accepts(&[1000], false).unwrap();
+        s.set_accepts(&[9999], true).unwrap();
+    }
+
+    #[test]
+    fn paced_marks_are_a_namespace_of_their_own() {
+        let (s, _rx) = session(4);
+        assert!(s.mark(pid(1, 10, 5)));
+        // A paced broadcast sent earlier on the same partition still gets through.
+        assert!(s.mark_in(MarkSpace::Paced, pid(1, 10, 3)));
+        assert!(!s.mark_in(MarkSpace::Paced, pid(1, 10, 3)));
+        assert!(s.mark_in(MarkSpace::Paced, pid(1, 10, 4)));
+        assert!(!s.mark(pid(1, 10, 5)));
+        // Partition 0xffff does not collide with the paced space of any partition.
+        assert!(s.mark(pid(u16::MAX, 1, 0)));
+        assert!(s.mark_in(MarkSpace::Paced, pid(u16::MAX, 1, 0)));
+    }
+
+    #[test]
+    fn a_successor_inherits_marks() {
+        let (old, _r1) = session(4);
+        let (new, _r2) = session(4);
+        assert!(old.mark(pid(1, 10, 5)));
+        assert!(old.mark_in(MarkSpace::Paced, pid(1, 10, 2)));
+        assert!(new.mark(pid(2, 1, 1)));
+        new.inherit_marks(&old);
+        assert!(!new.mark(pid(1, 10, 5)), "replayed push is a duplicate");
+        assert!(!new.mark_in(MarkSpace::Paced, pid(1, 10, 2)));
+        assert!(!new.mark(pid(2, 1, 1)), "own marks kept");
+        assert!(new.mark(pid(1, 10, 6)));
+    }
+
+    #[test]
+    fn renewal_interval_fits_the_ttl() {
+        assert_eq!(renew_interval(60_000, 30), Duration::from_secs(30));
+        assert_eq!(renew_interval(10_000, 30), Duration::from_secs(10));
+        assert_eq!(renew_interval(60_000, 0), Duration::from_secs(1));
     }
 
     #[test]

@@ -40,6 +40,8 @@ struct FakeLogic {
     heartbeat_secs: u32,
     renews: Arc<Mutex<Vec<(NodeInfo, OnlineReport)>>>,
     sends: Arc<Mutex<Vec<SendMsgRequest>>>,
+    /// Key → the `since_ms` its latest connect was given (a counter, so each connect differs).
+    sinces: Arc<Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 fn room_name(r: &Option<RoomId>) -> String {
@@ -66,7 +68,10 @@ impl LogicRpc for FakeLogic {
             )
         };
         let _ = self.events.send(format!("connect {key}"));
+        let since_ms = 1_000_000 + self.next.fetch_add(1, Ordering::Relaxed);
+        self.sinces.lock().insert(key.clone(), since_ms);
         Ok(ConnectReply {
+            since_ms,
             mid: req.auth.mid,
             key,
             room,
@@ -89,6 +94,10 @@ impl LogicRpc for FakeLogic {
         _server: String,
         room: RoomId,
     ) -> Result<(), LogicError> {
+        if room.to_string().starts_with("slow://") {
+            // A slow announcement: joins of other rooms must not wait for it.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
         let _ = self.events.send(format!("room_joined {room}"));
         Ok(())
     }
@@ -194,6 +203,7 @@ struct Harness {
     events: mpsc::UnboundedReceiver<String>,
     renews: Arc<Mutex<Vec<(NodeInfo, OnlineReport)>>>,
     sends: Arc<Mutex<Vec<SendMsgRequest>>>,
+    sinces: Arc<Mutex<std::collections::HashMap<String, u64>>>,
     job: CometRpcClient,
     next_push: u64,
 }
@@ -206,7 +216,9 @@ async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) -> Har
     let (tx, events) = mpsc::unbounded_channel();
     let renews = Arc::new(Mutex::new(Vec::new()));
     let sends = Arc::new(Mutex::new(Vec::new()));
+    let sinces = Arc::new(Mutex::new(std::collections::HashMap::new()));
     let fake = FakeLogic {
+        sinces: sinces.clone(),
         events: tx,
         next: Arc::new(AtomicU64::new(1)),
         heartbeat_secs,
@@ -266,6 +278,7 @@ async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) -> Har
         events,
         renews,
         sends,
+        sinces,
         job,
         next_push: 1,
     };
@@ -284,6 +297,18 @@ impl Harness {
         })
         .await;
         assert!(r.is_ok(), "no logic event {want:?}");
+    }
+
+    /// The `since_ms` logic gave the latest connect with `key`.
+    fn since(&self, key: &str) -> u64 {
+        self.sinces.lock()[key]
+    }
+
+    fn kick(&self, key: &str, since_ms: u64) -> DeliverTarget {
+        DeliverTarget::Kick {
+            key: key.into(),
+            since_ms,
+        }
     }
 
     fn push_id(&mut self) -> PushId {
@@ -742,7 +767,10 @@ async fn heartbeat_silence_closes_and_unregisters() {
 async fn same_key_replaces_and_kick_closes() {
     let mut h = start(|_| {}).await;
     let mut old = Tcp::auth(&h, "dup", "", &[1000]).await;
+    let old_since = h.since("dup");
     let mut new = Tcp::auth(&h, "dup", "", &[1000]).await;
+    let new_since = h.since("dup");
+    assert_ne!(old_since, new_since);
     assert_eq!(reason(&old.recv().await.unwrap()), "replaced");
     let r = h
         .push(1000, "to new", DeliverTarget::Keys(vec!["dup".into()]))
@@ -750,12 +778,188 @@ async fn same_key_replaces_and_kick_closes() {
     assert_eq!(r.queued, 1);
     assert_eq!(&new.recv().await.unwrap().body[..], b"to new");
 
-    let r = h
-        .push(1000, "", DeliverTarget::Kick(vec!["dup".into()]))
-        .await;
+    // A kick naming the replaced session leaves its successor alone.
+    let r = h.push(1000, "", h.kick("dup", old_since)).await;
+    assert_eq!(r.missing, 1);
+    heartbeat_ok(&mut new, 3).await;
+
+    let r = h.push(1000, "", h.kick("dup", new_since)).await;
     assert_eq!(r.missing, 0);
     assert_eq!(reason(&new.recv().await.unwrap()), "replaced");
     h.expect_event("disconnect dup").await;
+}
+
+#[tokio::test]
+async fn a_late_kick_spares_a_session_that_reconnected_here() {
+    let mut h = start(|_| {}).await;
+    // A (since X) is replaced by a session on another comet: the kick {K, X} closes it.
+    let mut a = Tcp::auth(&h, "k", "", &[1000]).await;
+    let x = h.since("k");
+    let r = h.push(1000, "", h.kick("k", x)).await;
+    assert_eq!(r.missing, 0);
+    assert_eq!(reason(&a.recv().await.unwrap()), "replaced");
+    h.expect_event("disconnect k").await;
+
+    // The client comes back here (since Y); the same kick, replayed late, is ignored.
+    let mut b = Tcp::auth(&h, "k", "", &[1000]).await;
+    let y = h.since("k");
+    assert_ne!(x, y);
+    let r = h.push(1000, "", h.kick("k", x)).await;
+    assert_eq!(r.missing, 1);
+    let r = h
+        .push(1000, "still here", DeliverTarget::Keys(vec!["k".into()]))
+        .await;
+    assert_eq!(r.queued, 1);
+    assert_eq!(&b.recv().await.unwrap().body[..], b"still here");
+    heartbeat_ok(&mut b, 2).await;
+}
+
+#[tokio::test]
+async fn a_paced_broadcast_and_a_later_unpaced_one_both_reach_everyone() {
+    let h = start(|c| c.bucket.count = 4).await;
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(Tcp::auth(&h, &format!("p{i}"), "", &[1000]).await);
+    }
+    // Same partition, the paced one first: 4 sessions at 20/s take ~200 ms to walk, and the
+    // unpaced one is delivered at once meanwhile.
+    let paced = Delivery {
+        id: PushId {
+            partition: 3,
+            ms: 10,
+            seq: 1,
+        },
+        op: 1000,
+        body: Bytes::from_static(b"paced"),
+        target: DeliverTarget::All { speed: 20 },
+        exclude: None,
+    };
+    let now = Delivery {
+        id: PushId {
+            partition: 3,
+            ms: 10,
+            seq: 2,
+        },
+        body: Bytes::from_static(b"now"),
+        target: DeliverTarget::All { speed: 0 },
+        ..paced.clone()
+    };
+    h.deliver(vec![paced.clone()]).await;
+    let r = h.deliver(vec![now]).await;
+    assert_eq!(r.queued, 4);
+    for c in &mut clients {
+        let mut got = vec![c.recv().await.unwrap().body, c.recv().await.unwrap().body];
+        got.sort();
+        assert_eq!(
+            got,
+            vec![Bytes::from_static(b"now"), Bytes::from_static(b"paced")]
+        );
+    }
+    // A replay of the paced broadcast is suppressed by its own marks.
+    h.deliver(vec![paced]).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for c in &mut clients {
+        heartbeat_ok(c, 7).await;
+    }
+    let m = h.http_get("/metrics").await;
+    assert!(m.contains("rim_comet_push_duplicates_total 4"), "{m}");
+}
+
+#[tokio::test]
+async fn any_frame_renews_the_session_within_the_heartbeat_interval() {
+    // heartbeat 1 s, renew_session_ms 60 s: the renewal cadence is capped at the heartbeat.
+    let mut h = start_with(1, |c| c.session.heartbeat_misses = 5).await;
+    let mut c = Tcp::auth(&h, "busy", "", &[1000]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Not a heartbeat: a Sub renews too.
+    c.send(Frame::new(op::SUB, 2, Bytes::from_static(b"1001")))
+        .await;
+    assert_eq!(c.recv().await.unwrap().op, op::SUB_REPLY);
+    h.expect_event("heartbeat busy").await;
+}
+
+#[tokio::test]
+async fn room_changes_and_subs_are_rate_limited_and_op_lists_capped() {
+    let mut h = start(|c| {
+        c.session.send_rate_per_sec = 1;
+        c.session.send_burst = 3;
+    })
+    .await;
+    let mut c = Tcp::auth(&h, "rl", "", &[1000]).await;
+    let many: Vec<String> = (2000..2300).map(|o| o.to_string()).collect();
+    c.send(Frame::new(op::SUB, 1, Bytes::from(many.join(","))))
+        .await;
+    let f = c.recv().await.unwrap();
+    assert_eq!((f.op, f.seq), (op::SUB_REPLY, 1));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&f.body).unwrap()["error"],
+        "too many ops: at most 256"
+    );
+    c.send(Frame::new(
+        op::CHANGE_ROOM,
+        2,
+        Bytes::from_static(b"live://9"),
+    ))
+    .await;
+    assert_eq!(c.recv().await.unwrap().op, op::CHANGE_ROOM_REPLY);
+    h.expect_event("room_changed rl - live://9").await;
+    c.send(Frame::new(op::UNSUB, 3, Bytes::from_static(b"1000")))
+        .await;
+    let f = c.recv().await.unwrap();
+    assert_eq!((f.op, &f.body[..]), (op::UNSUB_REPLY, &b"1000"[..]));
+    // Burst of 3 used up: the next ChangeRoom and Sub are refused, the session stays.
+    for (o, reply_op) in [
+        (op::CHANGE_ROOM, op::CHANGE_ROOM_REPLY),
+        (op::SUB, op::SUB_REPLY),
+    ] {
+        c.send(Frame::new(o, 4, Bytes::from_static(b"live://8")))
+            .await;
+        let f = c.recv().await.unwrap();
+        assert_eq!((f.op, f.seq), (reply_op, 4));
+        assert_eq!(&f.body[..], br#"{"error":"rate limited"}"#);
+    }
+    heartbeat_ok(&mut c, 5).await;
+    let m = h.http_get("/metrics").await;
+    assert!(m.contains("rim_comet_requests_rate_limited_total 2"), "{m}");
+}
+
+#[tokio::test]
+async fn first_joins_of_different_rooms_do_not_wait_for_each_other() {
+    let mut h = start(|_| {}).await;
+    let addr = h.tcp;
+    // The announcement of slow://1 takes 1.5 s at logic.
+    let slow = tokio::spawn(async move {
+        let mut c = Tcp(Framed::new(
+            TcpStream::connect(addr).await.unwrap(),
+            FrameCodec::new(1 << 20),
+        ));
+        c.send(auth_frame(7, "s1", "slow://1", &[1000])).await;
+        let reply = c.recv().await.unwrap();
+        (c, reply)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = std::time::Instant::now();
+    let _fast = Tcp::auth(&h, "f1", "live://5", &[1000]).await;
+    assert!(
+        t0.elapsed() < Duration::from_millis(1000),
+        "a join of another room waited {:?}",
+        t0.elapsed()
+    );
+    // Another joiner of the slow room waits for its announcement: both are members afterwards.
+    let mut second = Tcp::auth(&h, "s2", "slow://1", &[1000]).await;
+    let (mut first, reply) = slow.await.unwrap();
+    assert_eq!(reply.op, op::AUTH_REPLY);
+    h.expect_event("room_joined slow://1").await;
+    let r = h
+        .push(
+            1000,
+            "r",
+            DeliverTarget::Room(RoomId::parse("slow://1").unwrap()),
+        )
+        .await;
+    assert_eq!(r.queued, 2);
+    assert_eq!(&first.recv().await.unwrap().body[..], b"r");
+    assert_eq!(&second.recv().await.unwrap().body[..], b"r");
 }
 
 #[tokio::test]
