@@ -111,11 +111,15 @@ impl Default for RedisConfig {
 pub struct PushConfig {
     /// Largest push body in bytes.
     pub body_limit: usize,
+    /// Longest a push body may take to arrive (ms); past it the request gets a 408, so a client
+    /// trickling bytes cannot hold a connection (or shutdown) indefinitely.
+    pub body_timeout_ms: u64,
     /// Most mids or keys in one push.
     pub max_targets: usize,
     /// Bearer secret required on push routes; empty = push routes open (dev only).
     pub secret: String,
-    /// Whether online and node routes stay open without the secret.
+    /// Whether online, node and room member routes stay open without the secret (the user
+    /// sessions route never does: it lists session keys).
     pub open_online: bool,
 }
 
@@ -123,6 +127,7 @@ impl Default for PushConfig {
     fn default() -> Self {
         PushConfig {
             body_limit: 65_536,
+            body_timeout_ms: 10_000,
             max_targets: 1_000,
             secret: String::new(),
             open_online: true,
@@ -339,6 +344,7 @@ impl Validate for Config {
         }
         positive("redis.timeout_ms", self.redis.timeout_ms)?;
         positive("push.body_limit", self.push.body_limit as u64)?;
+        positive("push.body_timeout_ms", self.push.body_timeout_ms)?;
         positive("push.max_targets", self.push.max_targets as u64)?;
         positive("session.heartbeat_secs", self.session.heartbeat_secs as u64)?;
         positive(

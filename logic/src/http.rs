@@ -4,7 +4,7 @@
 //! Every answer is the envelope `{"code","message","data"}` (data left out when empty) with a
 //! matching status. Query strings are parsed here (not by an extractor) so each error names the
 //! parameter at fault, and bodies are read under `push.body_limit` so an oversized push gets a
-//! 400 envelope rather than axum's plain-text 413.
+//! 400 envelope rather than axum's plain-text 413, and within `push.body_timeout_ms` (408).
 
 use std::sync::Arc;
 
@@ -216,8 +216,14 @@ fn check_max(name: &str, n: usize, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Reads the body under the limit, answering with the envelope rather than a bare 413.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads the body under the size limit and within `timeout`, answering with the envelope
+/// rather than a bare 413 (or waiting forever on a client that trickles bytes).
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ApiError> {
     let too_big = || ApiError::bad(format!("body exceeds push.body_limit of {limit} bytes"));
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -226,7 +232,20 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_big().before_body());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            // The rest of the body is still on the connection: it cannot be reused.
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "body: not received within push.body_timeout_ms of {} ms",
+                    timeout.as_millis()
+                ),
+            )
+            .before_body()
+        })?;
+    read.map_err(|e| {
         let is_limit = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if is_limit {
@@ -240,10 +259,20 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 
 type AppState = State<Arc<App>>;
 
+/// Which routes `push.open_online` leaves open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    /// Push routes, and routes that reveal session keys (a key is enough to push to a session
+    /// and was enough to claim it): the secret is required whenever it is set.
+    Always,
+    /// Online, node and member listings: open when `push.open_online`.
+    UnlessOpenOnline,
+}
+
 /// The push secret check (401 envelope when set and not presented).
-fn check_secret(app: &App, headers: &HeaderMap, route_is_push: bool) -> Result<(), ApiError> {
+fn check_secret(app: &App, headers: &HeaderMap, guard: Guard) -> Result<(), ApiError> {
     let secret = &app.config.push.secret;
-    if secret.is_empty() || (!route_is_push && app.config.push.open_online) {
+    if secret.is_empty() || (guard == Guard::UnlessOpenOnline && app.config.push.open_online) {
         return Ok(());
     }
     let given = headers
@@ -263,9 +292,10 @@ fn check_secret(app: &App, headers: &HeaderMap, route_is_push: bool) -> Result<(
 /// request does not make us read 64 KiB).
 async fn push_prelude(app: &App, req: Request) -> Result<(Query, Bytes), ApiError> {
     let (parts, body) = req.into_parts();
-    check_secret(app, &parts.headers, true).map_err(ApiError::before_body)?;
+    check_secret(app, &parts.headers, Guard::Always).map_err(ApiError::before_body)?;
     let q = Query::parse(parts.uri.query());
-    let body = read_body(&parts.headers, body, app.config.push.body_limit).await?;
+    let timeout = std::time::Duration::from_millis(app.config.push.body_timeout_ms);
+    let body = read_body(&parts.headers, body, app.config.push.body_limit, timeout).await?;
     Ok((q, body))
 }
 
@@ -339,7 +369,7 @@ async fn push_all(State(app): AppState, req: Request) -> Response {
 async fn online_top(State(app): AppState, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
     envelope(
         async {
-            check_secret(&app, &headers, false)?;
+            check_secret(&app, &headers, Guard::UnlessOpenOnline)?;
             let q = Query::parse(raw.as_deref());
             let ty = q.room_type()?;
             let limit = q.u32_or("limit", 10)? as usize;
@@ -361,7 +391,7 @@ async fn online_room(
 ) -> Response {
     envelope(
         async {
-            check_secret(&app, &headers, false)?;
+            check_secret(&app, &headers, Guard::UnlessOpenOnline)?;
             let q = Query::parse(raw.as_deref());
             let ty = q.room_type()?;
             let ids: Vec<String> = q
@@ -385,7 +415,7 @@ async fn online_room(
 async fn online_total(State(app): AppState, headers: HeaderMap) -> Response {
     envelope(
         async {
-            check_secret(&app, &headers, false)?;
+            check_secret(&app, &headers, Guard::UnlessOpenOnline)?;
             Ok(app.online_total().await?)
         }
         .await,
@@ -399,7 +429,7 @@ async fn nodes_weighted(
 ) -> Response {
     envelope(
         async {
-            check_secret(&app, &headers, false)?;
+            check_secret(&app, &headers, Guard::UnlessOpenOnline)?;
             let q = Query::parse(raw.as_deref());
             let platform = q.get("platform").unwrap_or_default();
             Ok(app.nodes_weighted(platform).await?)
@@ -411,7 +441,7 @@ async fn nodes_weighted(
 async fn nodes_instances(State(app): AppState, headers: HeaderMap) -> Response {
     envelope(
         async {
-            check_secret(&app, &headers, false)?;
+            check_secret(&app, &headers, Guard::UnlessOpenOnline)?;
             Ok(app.nodes_instances().await?)
         }
         .await,
@@ -432,7 +462,7 @@ async fn room_members(
 ) -> Response {
     envelope(
         async {
-            check_secret(&app, &headers, false)?;
+            check_secret(&app, &headers, Guard::UnlessOpenOnline)?;
             let room = path_param(room, "room")?;
             let room = RoomId::parse(&room).map_err(|e| ApiError::bad(format!("room: {e}")))?;
             let q = Query::parse(raw.as_deref());
@@ -460,7 +490,7 @@ async fn user_sessions(
 ) -> Response {
     envelope(
         async {
-            check_secret(&app, &headers, false)?;
+            check_secret(&app, &headers, Guard::Always)?;
             let raw = path_param(mid, "mid")?;
             let mid: i64 = raw
                 .trim()

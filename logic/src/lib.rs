@@ -27,6 +27,7 @@ mod rpc;
 mod store;
 mod webhook;
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -45,6 +46,10 @@ pub use http::{ApiError, Query};
 use metrics::Metrics;
 use registry::ViewCache;
 use store::Store;
+
+/// Most requests one `LogicRpc` connection may have running at once (a comet's sessions share
+/// its one connection, so this is generous; past it a request is answered with an error).
+const MAX_RPC_IN_FLIGHT_PER_CHANNEL: usize = 1_000;
 
 /// The two already-bound listeners logic serves on.
 #[derive(Debug)]
@@ -186,8 +191,6 @@ pub async fn run(
         webhook::spawn(app.clone(), w, &tracker, shutdown.clone());
     }
 
-    tracker.spawn(reaper::run(app.clone(), shutdown.clone()));
-
     if let (Ok(h), Ok(r)) = (listeners.http.local_addr(), listeners.rpc.local_addr()) {
         tracing::info!(http = %h, rpc = %r, "logic serving");
     }
@@ -198,17 +201,37 @@ pub async fn run(
         shutdown.clone(),
         tracker.clone(),
         move |stream| {
+            // One misbehaving peer must not queue unbounded work: requests past the limit on
+            // a channel are answered with an error instead of being run.
             BaseChannel::with_defaults(rim_proto::rpc::transport(stream))
+                .max_concurrent_requests(MAX_RPC_IN_FLIGHT_PER_CHANNEL)
                 .execute(server.clone().serve())
                 .for_each(|f| async {
                     tokio::spawn(f);
                 })
         },
     ));
+    // Started once RPC is being served; its first pass waits a node TTL (see reaper::run).
+    tracker.spawn(reaper::run(app.clone(), shutdown.clone()));
 
-    let result = axum::serve(listeners.http, http::router(app.clone()))
+    let serve = axum::serve(listeners.http, http::router(app.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+        .into_future();
+    let mut serve = std::pin::pin!(serve);
+    let result = tokio::select! {
+        r = &mut serve => r,
+        () = shutdown.cancelled() => {
+            // Graceful shutdown waits for every open request, and a client trickling a body
+            // (or never reading its answer) would hold SIGTERM forever: bound it by the grace.
+            match tokio::time::timeout(grace, &mut serve).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(?grace, "http requests still open after the grace period; closing them");
+                    Ok(())
+                }
+            }
+        }
+    };
     // The HTTP server returns once shutdown began (or on a fatal error): stop the rest too.
     shutdown.cancel();
     rim_runtime::shutdown::drain(&tracker, grace, "logic").await;

@@ -265,17 +265,26 @@ impl App {
 
     /// Queues a kick of `key` on `server` (it re-authenticated elsewhere) on `mid`'s partition,
     /// as a pipeline command, so it commits together with the new registration.
-    pub(crate) fn kick_cmd(&self, pipe: &mut redis::Pipeline, mid: i64, server: &str, key: &str) {
+    /// `since_ms` is the replaced session's registration time, which identifies it to the comet.
+    pub(crate) fn kick_cmd(
+        &self,
+        pipe: &mut redis::Pipeline,
+        mid: i64,
+        server: &str,
+        key: &str,
+        since_ms: u64,
+    ) {
         let job = PushJob {
             msg_id: new_msg_id(),
             op: rim_proto::op::DISCONNECT_REPLY,
             body: Bytes::from(rim_proto::msg::DisconnectBody::to_json(
                 "replaced by a newer session",
             )),
-            route: Route::Kick(ServerKeys {
+            route: Route::Kick {
                 server: server.to_string(),
-                keys: vec![key.to_string()],
-            }),
+                key: key.to_string(),
+                since_ms,
+            },
             accepted_ms: rim_runtime::unix_ms(),
             exclude: None,
         };

@@ -127,13 +127,19 @@ return {1, h[2], from, left, joined}
 });
 
 /// Renews a session, re-creating it if Redis lost it (restart), unless it moved to another comet.
-/// KEYS = session hash, mid hash, node keys set; ARGV = server, key, mid, ttl secs, now ms.
+///
+/// A re-created hash holds only what the heartbeat knows. It gets no `room`: the session is then
+/// not counted in any room's members (a Redis that lost the hash lost the member hashes too),
+/// and a hash without `room` is never decremented at disconnect, so counts stay consistent.
+/// Its `since` is `0`, meaning unknown: the session's real registration time is only known to
+/// the comet, and a made-up one would make a later kick name a session that never existed.
+/// KEYS = session hash, mid hash, node keys set; ARGV = server, key, mid, ttl secs.
 static HEARTBEAT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local s = redis.call('HGET', KEYS[1], 'server')
 if not s then
-  redis.call('HSET', KEYS[1], 'mid', ARGV[3], 'server', ARGV[1], 'platform', '', 'since', ARGV[5])
+  redis.call('HSET', KEYS[1], 'mid', ARGV[3], 'server', ARGV[1], 'platform', '', 'since', '0')
   s = ARGV[1]
 end
 if s ~= ARGV[1] then return 0 end
@@ -294,28 +300,41 @@ impl App {
             a.key.clone()
         };
         let skey = keys::session(&key);
-        let (old_server, old_mid): (Option<String>, Option<String>) = self
-            .store
-            .cmd(redis::cmd("HMGET").arg(&skey).arg("server").arg("mid"))
-            .await
-            .map_err(unavailable)?;
+        let (old_server, old_mid, old_since): (Option<String>, Option<String>, Option<String>) =
+            self.store
+                .cmd(
+                    redis::cmd("HMGET")
+                        .arg(&skey)
+                        .arg("server")
+                        .arg("mid")
+                        .arg("since"),
+                )
+                .await
+                .map_err(unavailable)?;
+        // A key registered to another user is not up for grabs: keys are listed by
+        // /rim/users/{mid}/sessions, and taking one over would kick its owner and route the
+        // owner's pushes by key to the taker. A free (lapsed or disconnected) key may be reused.
+        if let Some(om) = old_mid.as_deref()
+            && om.parse::<i64>().ok() != Some(a.mid)
+        {
+            return Err(RpcError::Unauthorized("key belongs to another user".into()));
+        }
         let ttl = self.session_ttl() as i64;
         let mkey = keys::mid_sessions(a.mid);
+        let since = rim_runtime::unix_ms();
         let mut pipe = redis::pipe();
         pipe.atomic();
-        // The same key held by another user before: drop it from that user's sessions.
-        if let Some(om) = old_mid.as_deref().and_then(|m| m.parse::<i64>().ok())
-            && om != a.mid
-        {
-            pipe.hdel(keys::mid_sessions(om), &key).ignore();
-        }
         let mut replaced_elsewhere = false;
         if let Some(old) = old_server.as_deref()
             && old != req.server
         {
             replaced_elsewhere = true;
             pipe.srem(keys::node_sessions(old), &key).ignore();
-            self.kick_cmd(&mut pipe, a.mid, old, &key);
+            // The kick names the replaced session by its `since`, so a late kick cannot close a
+            // session that reconnected to that comet afterwards. 0 = unknown (a hash re-created
+            // by a heartbeat after Redis lost it).
+            let old_since = old_since.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+            self.kick_cmd(&mut pipe, a.mid, old, &key, old_since);
             pipe.ignore();
         }
         pipe.hset(&mkey, &key, &req.server).ignore();
@@ -331,7 +350,7 @@ impl App {
             .arg(a.mid)
             .arg(&req.server)
             .arg(&a.platform)
-            .arg(rim_runtime::unix_ms())
+            .arg(since)
             .arg(ttl)
             .arg(room.as_ref().map(RoomId::as_str).unwrap_or_default())
             .arg(&pre)
@@ -344,7 +363,8 @@ impl App {
         if let Some((old_mid, old_room, left, joined)) = out.into_iter().next() {
             let new_room = room.as_ref().map(|r| r.as_str().to_string());
             match old_mid.parse::<i64>() {
-                // The replaced session belonged to someone else: two users' presence changed.
+                // The replaced session belonged to someone else (only if another user took the
+                // key between the check above and the transaction): two users' presence changed.
                 Ok(om) if om != a.mid => {
                     self.presence(MemberChange::new(om, (old_room, left), (String::new(), -1)))
                         .await;
@@ -373,6 +393,7 @@ impl App {
             accepts: a.accepts.clone(),
             heartbeat_secs: self.config.session.heartbeat_secs,
             replaced_elsewhere,
+            since_ms: since,
         })
     }
 
@@ -457,17 +478,13 @@ impl App {
         let skey = keys::session(&s.key);
         let mkey = keys::mid_sessions(s.mid);
         let nkey = keys::node_sessions(&s.server);
-        let (mid, ttl, now) = (
-            s.mid.to_string(),
-            self.session_ttl().to_string(),
-            rim_runtime::unix_ms().to_string(),
-        );
+        let (mid, ttl) = (s.mid.to_string(), self.session_ttl().to_string());
         let _: i64 = self
             .store
             .script(
                 &HEARTBEAT,
                 &[&skey, &mkey, &nkey],
-                &[&s.server, &s.key, &mid, &ttl, &now],
+                &[&s.server, &s.key, &mid, &ttl],
             )
             .await
             .map_err(unavailable)?;
@@ -475,16 +492,23 @@ impl App {
     }
 
     /// A comet has members in `room` from now on.
+    ///
+    /// The room is also recorded under the node (count 0 until the next renewal reports it), in
+    /// the same transaction: removal from the room index only ever looks at the node's room hash
+    /// (the next renewal SREMs rooms missing from its report, the reaper SREMs every room in
+    /// it), so a room joined and left within one renewal period would otherwise stay indexed.
     pub(crate) async fn room_joined(&self, server: String, room: RoomId) -> Result<(), RpcError> {
-        let _: () = self
-            .store
-            .cmd(
-                redis::cmd("SADD")
-                    .arg(keys::room_nodes(room.as_str()))
-                    .arg(&server),
-            )
-            .await
-            .map_err(unavailable)?;
+        let rooms_key = keys::node_rooms(&server);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.sadd(keys::room_nodes(room.as_str()), &server).ignore();
+        pipe.hset_nx(&rooms_key, room.as_str(), 0).ignore();
+        // Same lifetime as a renewal gives the hash (see renew_node).
+        pipe.cmd("PEXPIRE")
+            .arg(&rooms_key)
+            .arg(self.config.node.ttl_ms.saturating_mul(4))
+            .ignore();
+        let _: () = self.store.pipe(&pipe).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -501,6 +525,22 @@ impl App {
         node.renewed_ms = now;
         let json = serde_json::to_string(&node).map_err(|e| RpcError::Internal(e.to_string()))?;
         let server = node.server.clone();
+        // A comet restarted under the same server id before its registration lapsed: the
+        // previous incarnation's sessions and room entries are dead but would never be reaped
+        // (the id stays live). Purge them as the reaper would. The comet renews once before it
+        // serves any client, so none of the new incarnation's sessions exist yet.
+        let stored: Option<String> = self
+            .store
+            .cmd(redis::cmd("HGET").arg(keys::NODES).arg(&server))
+            .await
+            .map_err(unavailable)?;
+        let previous = stored.and_then(|j| serde_json::from_str::<NodeInfo>(&j).ok());
+        if let Some(prev) = previous
+            && prev.started_ms != node.started_ms
+        {
+            let sessions = self.purge_node(&server).await.map_err(unavailable)?;
+            tracing::info!(%server, previous_start = prev.started_ms, start = node.started_ms, sessions, "comet restarted: purged its previous incarnation");
+        }
         let rooms_key = keys::node_rooms(&server);
         let old: Vec<String> = self
             .store
@@ -696,7 +736,10 @@ impl App {
                 break;
             };
             let info: Option<String> = redis::from_redis_value(info).unwrap_or(None);
-            let rooms: HashMap<String, u64> = redis::from_redis_value(rooms).unwrap_or_default();
+            let mut rooms: HashMap<String, u64> =
+                redis::from_redis_value(rooms).unwrap_or_default();
+            // Rooms recorded by room_joined and not yet counted by a renewal hold 0.
+            rooms.retain(|_, n| *n > 0);
             // A node whose JSON is unreadable (foreign writer, older version) still counts by id.
             let info = info
                 .and_then(|j| serde_json::from_str::<NodeInfo>(&j).ok())

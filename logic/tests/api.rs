@@ -346,7 +346,17 @@ async fn sessions_follow_connect_heartbeat_disconnect() {
     assert_eq!(server, "c1");
     assert!(conn.ttl::<_, i64>(keys::session("k1")).unwrap() > 0);
 
-    // Same key on another comet: replaced, kick queued for the old comet.
+    // The heartbeat could not know the session's registration time: it says "unknown".
+    let since: String = conn.hget(keys::session("k1"), "since").unwrap();
+    assert_eq!(since, "0");
+    assert!(
+        !conn
+            .hexists::<_, _, bool>(keys::session("k1"), "room")
+            .unwrap()
+    );
+
+    // Same key on another comet: replaced, kick queued for the old comet naming the replaced
+    // session by its since (here the unknown 0 the heartbeat wrote).
     let reply = rpc
         .connect(ctx(), connect_req("c2", auth(5, "k1")))
         .await
@@ -356,11 +366,37 @@ async fn sessions_follow_connect_heartbeat_disconnect() {
     let kick = jobs(&mut conn, job::mid_partition(5, 16)).pop().unwrap();
     assert_eq!(
         kick.route,
-        Route::Kick(ServerKeys {
+        Route::Kick {
             server: "c1".into(),
-            keys: vec!["k1".into()]
-        })
+            key: "k1".into(),
+            since_ms: 0,
+        }
     );
+    // The reply's since is the one registered, and the next replacement's kick names it.
+    let since: String = conn.hget(keys::session("k1"), "since").unwrap();
+    assert_eq!(since, reply.since_ms.to_string());
+    assert!(reply.since_ms > 0);
+    let c2_since = reply.since_ms;
+    let reply = rpc
+        .connect(ctx(), connect_req("c3", auth(5, "k1")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(reply.replaced_elsewhere && reply.since_ms >= c2_since);
+    let kick = jobs(&mut conn, job::mid_partition(5, 16)).pop().unwrap();
+    assert_eq!(
+        kick.route,
+        Route::Kick {
+            server: "c2".into(),
+            key: "k1".into(),
+            since_ms: c2_since,
+        }
+    );
+    // Back to c2 for the rest of the test.
+    rpc.connect(ctx(), connect_req("c2", auth(5, "k1")))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         !conn
             .sismember::<_, _, bool>(keys::node_sessions("c1"), "k1")
@@ -393,7 +429,7 @@ async fn sessions_follow_connect_heartbeat_disconnect() {
             .unwrap()
     );
 
-    // room_joined indexes the comet for room pushes.
+    // room_joined indexes the comet for room pushes, and records the room under the node.
     rpc.room_joined(ctx(), "c2".into(), RoomId::parse("live://9").unwrap())
         .await
         .unwrap()
@@ -402,6 +438,98 @@ async fn sessions_follow_connect_heartbeat_disconnect() {
         conn.sismember::<_, _, bool>(keys::room_nodes("live://9"), "c2")
             .unwrap()
     );
+    let n: u64 = conn.hget(keys::node_rooms("c2"), "live://9").unwrap();
+    assert_eq!(n, 0);
+    logic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_registered_to_another_user_is_refused() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |_| {}).await;
+    let rpc = logic.client().await;
+    let mut conn = redis.connection();
+    rpc.connect(ctx(), connect_req("c1", auth(1, "victim")))
+        .await
+        .unwrap()
+        .unwrap();
+    let before = all_jobs(&mut conn).len();
+
+    // Another user presenting the key (on another comet or the same one) is refused; nothing
+    // about the owner's session changes and no kick is queued.
+    for server in ["c2", "c1"] {
+        let err = rpc
+            .connect(ctx(), connect_req(server, auth(2, "victim")))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            RpcError::Unauthorized("key belongs to another user".into())
+        );
+    }
+    let sess: HashMap<String, String> = conn.hgetall(keys::session("victim")).unwrap();
+    assert_eq!((sess["mid"].as_str(), sess["server"].as_str()), ("1", "c1"));
+    let owner: String = conn.hget(keys::mid_sessions(1), "victim").unwrap();
+    assert_eq!(owner, "c1");
+    assert!(
+        !conn
+            .hexists::<_, _, bool>(keys::mid_sessions(2), "victim")
+            .unwrap()
+    );
+    assert_eq!(all_jobs(&mut conn).len(), before);
+    // A push to the key still goes to its owner's comet.
+    let (_, v) = logic
+        .post("/goim/push/keys?operation=1000&keys=victim", "x")
+        .await;
+    assert_eq!(v["data"]["sessions"], json!(1), "{v}");
+    // The owner itself may re-authenticate with its key.
+    rpc.connect(ctx(), connect_req("c2", auth(1, "victim")))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Once the owner disconnected the key is free to reuse.
+    rpc.disconnect(
+        ctx(),
+        SessionRef {
+            server: "c2".into(),
+            mid: 1,
+            key: "victim".into(),
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    rpc.connect(ctx(), connect_req("c2", auth(2, "victim")))
+        .await
+        .unwrap()
+        .unwrap();
+    logic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_listing_requires_the_secret_even_with_open_online() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |c| {
+        c.push.secret = "hush".into();
+        c.push.open_online = true;
+    })
+    .await;
+    let (status, v) = logic.get("/rim/users/3/sessions").await;
+    assert_eq!((status, v["code"].clone()), (401, json!(-401)), "{v}");
+    let r = reqwest::Client::new()
+        .get(format!("{}/rim/users/3/sessions", logic.http))
+        .header("Authorization", "Bearer hush")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // The other listings stay open under open_online (they reveal no session keys).
+    let (status, _) = logic.get("/rim/rooms/chat%3A%2F%2Fx/members").await;
+    assert_eq!(status, 200);
+    let (status, _) = logic.get("/goim/online/total").await;
+    assert_eq!(status, 200);
     logic.stop().await;
 }
 
@@ -651,4 +779,231 @@ async fn starts_before_redis_and_serves_once_redis_is_up() {
     );
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_joined_and_left_between_renewals_leaves_the_index() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |c| c.node.ttl_ms = 600).await;
+    let rpc = logic.client().await;
+    let mut conn = redis.connection();
+    let r = || RoomId::parse("live://5").unwrap();
+
+    // Joined after a renewal, left before the next: the next renewal removes the entry.
+    rpc.renew_node(ctx(), node("n1", 0, 1), report(&[]))
+        .await
+        .unwrap()
+        .unwrap();
+    rpc.room_joined(ctx(), "n1".into(), r())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        conn.sismember::<_, _, bool>(keys::room_nodes("live://5"), "n1")
+            .unwrap()
+    );
+    // Not counted as a member anywhere until a renewal reports one.
+    let (_, top) = logic.get("/goim/online/top?type=live&limit=10").await;
+    assert_eq!(top["data"], json!([]), "{top}");
+    rpc.renew_node(ctx(), node("n1", 0, 1), report(&[]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !conn
+            .sismember::<_, _, bool>(keys::room_nodes("live://5"), "n1")
+            .unwrap()
+    );
+
+    // Joined and the comet died before renewing again: the reaper removes the entry.
+    rpc.room_joined(ctx(), "n1".into(), r())
+        .await
+        .unwrap()
+        .unwrap();
+    eventually("room entry of the dead comet reaped", || {
+        let mut c = redis.connection();
+        async move {
+            !c.sismember::<_, _, bool>(keys::room_nodes("live://5"), "n1")
+                .unwrap()
+                && !c.exists::<_, bool>(keys::node_rooms("n1")).unwrap()
+        }
+    })
+    .await;
+    logic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comet_restarted_under_its_id_has_its_old_sessions_purged() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |_| {}).await;
+    let rpc = logic.client().await;
+    let mut conn = redis.connection();
+    let incarnation = |started_ms| NodeInfo {
+        started_ms,
+        ..node("c1", 1, 1)
+    };
+
+    rpc.renew_node(ctx(), incarnation(1_000), report(&[("live://1", 1)]))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut a = auth(4, "old");
+    a.room_id = "chat://r".into();
+    rpc.connect(ctx(), connect_req("c1", a))
+        .await
+        .unwrap()
+        .unwrap();
+    // Renewals of the same incarnation keep its sessions.
+    rpc.renew_node(ctx(), incarnation(1_000), report(&[("live://1", 1)]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(conn.exists::<_, bool>(keys::session("old")).unwrap());
+
+    // Restarted before the registration lapsed: the first renewal of the new incarnation
+    // purges the old one's sessions, memberships and room entries, then registers.
+    rpc.renew_node(ctx(), incarnation(2_000), report(&[]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!conn.exists::<_, bool>(keys::session("old")).unwrap());
+    assert!(
+        !conn
+            .hexists::<_, _, bool>(keys::mid_sessions(4), "old")
+            .unwrap()
+    );
+    assert!(!conn.exists::<_, bool>(keys::node_sessions("c1")).unwrap());
+    assert!(
+        !conn
+            .exists::<_, bool>(keys::room_members("chat://r"))
+            .unwrap()
+    );
+    assert!(
+        !conn
+            .sismember::<_, _, bool>(keys::room_nodes("live://1"), "c1")
+            .unwrap()
+    );
+    let info: String = conn.hget(keys::NODES, "c1").unwrap();
+    let info: NodeInfo = serde_json::from_str(&info).unwrap();
+    assert_eq!(info.started_ms, 2_000);
+
+    // The new incarnation's sessions survive its later renewals.
+    rpc.connect(ctx(), connect_req("c1", auth(4, "new")))
+        .await
+        .unwrap()
+        .unwrap();
+    rpc.renew_node(ctx(), incarnation(2_000), report(&[]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(conn.exists::<_, bool>(keys::session("new")).unwrap());
+    logic.stop().await;
+}
+
+/// Registers `server` with one session `key` directly in Redis, its registration already lapsed
+/// (as a logic outage longer than the TTL leaves it).
+fn lapsed_node(conn: &mut redis::Connection, server: &str, key: &str) {
+    let info = serde_json::to_string(&node(server, 1, 1)).unwrap();
+    let _: () = conn.hset(keys::NODES, server, info).unwrap();
+    let _: () = conn.zadd(keys::NODES_EXPIRY, server, 1).unwrap();
+    let _: () = conn.sadd(keys::node_sessions(server), key).unwrap();
+    let _: () = conn
+        .hset_multiple(
+            keys::session(key),
+            &[("mid", "6"), ("server", server), ("since", "1")],
+        )
+        .unwrap();
+    let _: () = conn.hset(keys::mid_sessions(6), key, server).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_waits_a_node_ttl_after_start() {
+    let redis = RedisServer::start();
+    let mut conn = redis.connection();
+    lapsed_node(&mut conn, "alive", "ka");
+    lapsed_node(&mut conn, "dead", "kd");
+    let logic = Logic::start(&redis, |c| c.node.ttl_ms = 1_500).await;
+    let rpc = logic.client().await;
+    // The live comet renews within its renewal interval of logic coming back (not at once:
+    // a reaper passing straight away would have reaped it by then).
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rpc.renew_node(ctx(), node("alive", 1, 1), report(&[]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_millis(1_000));
+    let renew = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = rpc
+                .renew_node(ctx(), node("alive", 1, 1), report(&[]))
+                .await;
+        }
+    };
+    let check = eventually("lapsed comet reaped", || {
+        let mut c = redis.connection();
+        async move { !c.exists::<_, bool>(keys::session("kd")).unwrap() }
+    });
+    tokio::select! {
+        _ = renew => unreachable!(),
+        _ = check => {}
+    }
+    assert!(conn.exists::<_, bool>(keys::session("ka")).unwrap());
+    assert!(conn.hexists::<_, _, bool>(keys::NODES, "alive").unwrap());
+    logic.stop().await;
+}
+
+/// Sends a push request declaring `declared` body bytes and sends only a few; returns the raw
+/// socket and when the headers went out.
+async fn trickle(logic: &Logic, declared: usize) -> (tokio::net::TcpStream, Instant) {
+    use tokio::io::AsyncWriteExt;
+    let addr = logic.http.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /goim/push/all?operation=1000 HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\nabc"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    (s, Instant::now())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_times_out_with_a_408_envelope() {
+    use tokio::io::AsyncReadExt;
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |c| c.push.body_timeout_ms = 300).await;
+    let (mut s, sent) = trickle(&logic, 100).await;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.contains("body: not received within push.body_timeout_ms of 300 ms"),
+        "{text}"
+    );
+    assert!(sent.elapsed() >= Duration::from_millis(300));
+    logic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_by_the_grace_despite_an_open_request() {
+    let redis = RedisServer::start();
+    // The body timeout is far longer than the grace: only the grace can end the request.
+    let logic = Logic::start(&redis, |c| {
+        c.push.body_timeout_ms = 60_000;
+        c.shutdown_grace_ms = 500;
+    })
+    .await;
+    let (_s, _) = trickle(&logic, 100).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    logic.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }

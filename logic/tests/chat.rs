@@ -354,16 +354,36 @@ async fn member_index_follows_connect_room_change_disconnect_and_reaper() {
     connect(&rpc, "c2", 1, "k1", c).await;
     assert_eq!(members(&mut conn, a), HashMap::from([(2, 1)]));
     assert_eq!(members(&mut conn, c), HashMap::from([(1, 1)]));
-    // The same key taken by another user: the old user's membership goes with it.
-    connect(&rpc, "c2", 9, "k1", c).await;
-    assert_eq!(members(&mut conn, c), HashMap::from([(9, 1)]));
+    // The same key claimed by another user: refused, the owner's membership untouched.
+    let err = rpc
+        .connect(
+            ctx(),
+            ConnectRequest {
+                server: "c2".into(),
+                auth: AuthBody {
+                    mid: 9,
+                    key: "k1".into(),
+                    room_id: c.into(),
+                    ..AuthBody::default()
+                },
+                remote_ip: "127.0.0.1".into(),
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        RpcError::Unauthorized("key belongs to another user".into())
+    );
+    assert_eq!(members(&mut conn, c), HashMap::from([(1, 1)]));
 
     // Disconnect, twice (the second finds nothing): never negative.
-    rpc.disconnect(ctx(), sref("c2", 9, "k1"))
+    rpc.disconnect(ctx(), sref("c2", 1, "k1"))
         .await
         .unwrap()
         .unwrap();
-    rpc.disconnect(ctx(), sref("c2", 9, "k1"))
+    rpc.disconnect(ctx(), sref("c2", 1, "k1"))
         .await
         .unwrap()
         .unwrap();
