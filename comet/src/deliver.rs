@@ -259,7 +259,9 @@ fn deliver_one(ctx: &Arc<Ctx>, item: Delivery, report: &mut DeliverReport) {
             }
         }
         DeliverTarget::Kick { key, since_ms } => match ctx.buckets.get(&key) {
-            Some(s) if s.since_ms == since_ms => {
+            // since 0 = logic no longer knew when the replaced session registered (its record
+            // was re-created after Redis lost it): the key is all there is to go by.
+            Some(s) if since_ms == 0 || s.since_ms == since_ms => {
                 tracing::info!(%key, since_ms, "kicked: replaced by a session elsewhere");
                 s.out.close(CloseSpec::reason("replaced", 1000));
             }
