@@ -63,6 +63,10 @@ pub struct StreamConfig {
     pub batch_max: usize,
     /// How long one `XREADGROUP` blocks waiting for new entries, in milliseconds.
     pub block_ms: u64,
+    /// How often an idle partition checks for entries pending for this worker that it is not
+    /// delivering (a read whose reply was lost unnoticed), in milliseconds; found ones are
+    /// replayed before newer entries.
+    pub pending_check_ms: u64,
 }
 
 /// Room message batching: a batch that holds room pushes waits a little for more, so a burst of
@@ -106,6 +110,10 @@ pub struct DeliveryConfig {
     pub retry_base_ms: u64,
     /// Largest retry delay, in milliseconds.
     pub retry_max_ms: u64,
+    /// A comet that keeps failing this long without one success (while registered) is given up:
+    /// its share of the batch is dropped and counted, and the batch acknowledged, so one
+    /// unreachable comet cannot stall the partitions. In milliseconds.
+    pub give_up_ms: u64,
 }
 
 /// Comet registry cache.
@@ -156,6 +164,7 @@ impl Default for StreamConfig {
             partitions: rim_proto::job::DEFAULT_PARTITIONS,
             batch_max: 256,
             block_ms: 1000,
+            pending_check_ms: 5000,
         }
     }
 }
@@ -175,6 +184,7 @@ impl Default for DeliveryConfig {
             rpc_timeout_ms: 5000,
             retry_base_ms: 50,
             retry_max_ms: 2000,
+            give_up_ms: 30_000,
         }
     }
 }
@@ -202,6 +212,7 @@ impl Validate for Config {
         positive("room_batch.max", self.room_batch.max as u64)?;
         // BLOCK 0 means "forever" to Redis: the task could not notice shutdown or lease loss.
         positive("stream.block_ms", self.stream.block_ms)?;
+        positive("stream.pending_check_ms", self.stream.pending_check_ms)?;
         positive("lease.renew_ms", self.lease.renew_ms)?;
         if self.lease.ttl_ms < self.lease.renew_ms.saturating_mul(2) {
             // One missed renewal must not already cost the lease.
@@ -218,6 +229,7 @@ impl Validate for Config {
                 "must be at least delivery.retry_base_ms",
             ));
         }
+        positive("delivery.give_up_ms", self.delivery.give_up_ms)?;
         positive("registry.refresh_ms", self.registry.refresh_ms)?;
         Ok(())
     }
@@ -230,11 +242,19 @@ impl Config {
     pub(crate) fn block(&self) -> Duration {
         Duration::from_millis(self.stream.block_ms)
     }
-    pub(crate) fn lease_ttl(&self) -> Duration {
-        Duration::from_millis(self.lease.ttl_ms)
-    }
     pub(crate) fn renew_every(&self) -> Duration {
         Duration::from_millis(self.lease.renew_ms)
+    }
+    /// How long a lease may go unconfirmed before its partition is stopped: one renewal period
+    /// short of the TTL, so this worker stops before the lease can expire and be taken.
+    pub(crate) fn fence_after(&self) -> Duration {
+        Duration::from_millis(self.lease.ttl_ms.saturating_sub(self.lease.renew_ms))
+    }
+    pub(crate) fn pending_check(&self) -> Duration {
+        Duration::from_millis(self.stream.pending_check_ms)
+    }
+    pub(crate) fn give_up(&self) -> Duration {
+        Duration::from_millis(self.delivery.give_up_ms)
     }
     pub(crate) fn rpc_timeout(&self) -> Duration {
         Duration::from_millis(self.delivery.rpc_timeout_ms)

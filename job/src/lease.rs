@@ -2,7 +2,7 @@
 //!
 //! Every `lease.renew_ms` the manager renews this worker in `rim:jobs`, expires dead workers,
 //! computes the fair share `ceil(partitions / live workers)`, renews the leases it holds (a lease
-//! found taken, or not renewed for a whole TTL, stops that partition at once), releases extra
+//! found taken, or not confirmed for `ttl - renew_ms`, stops that partition at once), releases extra
 //! partitions gracefully when workers joined, and takes free ones up to its share, starting at a
 //! worker-specific offset so workers do not all race for partition 0.
 
@@ -50,7 +50,8 @@ struct Held {
     stop: CancellationToken,
     lost: CancellationToken,
     task: JoinHandle<()>,
-    /// Last time the lease was confirmed ours.
+    /// When the last renewal that Redis confirmed was sent: the lease is ours until at least this
+    /// plus the TTL (the time the reply arrived would overstate it).
     renewed: Instant,
     /// Being released (rebalance or shutdown): no longer counted in the share.
     releasing: bool,
@@ -70,9 +71,17 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken, tracker: Tas
     let mut tick = tokio::time::interval(ctx.cfg.renew_every());
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut draining = false;
+    let fence_after = ctx.cfg.fence_after();
     loop {
+        // Wake up for the earliest fencing deadline too, not only at the next tick.
+        let next_fence = held
+            .values()
+            .filter(|h| !h.lost.is_cancelled())
+            .map(|h| h.renewed + fence_after)
+            .min();
         tokio::select! {
             _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(next_fence.unwrap_or_else(Instant::now)), if next_fence.is_some() => {}
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
                 for h in held.values_mut() {
@@ -86,9 +95,29 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken, tracker: Tas
         if draining && held.is_empty() {
             break;
         }
-        if let Err(e) = round(&ctx, &mut held, draining, &done_tx, &tracker).await {
-            ctx.metrics.redis_errors.inc();
-            tracing::warn!(error = %e, "lease round failed; retrying at the next tick");
+        fence(&ctx, &mut held);
+        // Bounded by the earliest fencing deadline, so a hung Redis cannot hold fencing back. A
+        // round cut short may have taken a lease without starting its task; that lease just
+        // expires after one TTL.
+        let bound = held
+            .values()
+            .filter(|h| !h.lost.is_cancelled())
+            .map(|h| (h.renewed + fence_after).saturating_duration_since(Instant::now()))
+            .min()
+            .unwrap_or(fence_after)
+            .max(std::time::Duration::from_millis(1));
+        match tokio::time::timeout(bound, round(&ctx, &mut held, draining, &done_tx, &tracker))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                ctx.metrics.redis_errors.inc();
+                tracing::warn!(error = %e, "lease round failed; retrying at the next tick");
+            }
+            Err(_) => {
+                ctx.metrics.redis_errors.inc();
+                tracing::warn!(?bound, "lease round overdue; retrying at the next tick");
+            }
         }
         fence(&ctx, &mut held);
     }
@@ -103,16 +132,18 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken, tracker: Tas
     }
 }
 
-/// Stops partitions whose lease could not be confirmed for a whole TTL (Redis unreachable):
-/// another worker may own them by now.
+/// Stops partitions whose lease was not confirmed for `ttl - renew_ms` (Redis unreachable or
+/// slow): stopping a renewal period before the lease can expire means this worker is gone from
+/// the partition before another can take it over.
 fn fence(ctx: &Ctx, held: &mut BTreeMap<u16, Held>) {
-    let ttl = ctx.cfg.lease_ttl();
+    let after = ctx.cfg.fence_after();
     for (p, h) in held.iter_mut() {
-        if !h.lost.is_cancelled() && h.renewed.elapsed() >= ttl {
+        if !h.lost.is_cancelled() && h.renewed.elapsed() >= after {
             ctx.metrics.leases_lost.inc();
             tracing::warn!(
                 partition = *p,
-                "lease not renewed for a whole ttl; stopping partition"
+                unconfirmed_for = ?h.renewed.elapsed(),
+                "lease renewal not confirmed for ttl - renew_ms; stopping partition"
             );
             h.lost.cancel();
         }
@@ -152,6 +183,9 @@ async fn round(
         if h.lost.is_cancelled() {
             continue;
         }
+        // Taken before sending: the new expiry counts from when Redis ran the renewal, which is
+        // no earlier than this.
+        let sent = Instant::now();
         let ours: i64 = renew
             .key(keys::partition_lease(*p))
             .arg(&ctx.worker_id)
@@ -159,7 +193,7 @@ async fn round(
             .invoke_async(&mut redis)
             .await?;
         if ours == 1 {
-            h.renewed = Instant::now();
+            h.renewed = sent;
         } else if !h.task.is_finished() {
             ctx.metrics.leases_lost.inc();
             tracing::warn!(
@@ -205,6 +239,7 @@ async fn round(
         if held.contains_key(&p) {
             continue;
         }
+        let sent = Instant::now();
         let got: Option<String> = redis::cmd("SET")
             .arg(keys::partition_lease(p))
             .arg(&ctx.worker_id)
@@ -231,7 +266,7 @@ async fn round(
                 stop,
                 lost,
                 task,
-                renewed: Instant::now(),
+                renewed: sent,
                 releasing: false,
             },
         );

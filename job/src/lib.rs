@@ -67,6 +67,11 @@ pub(crate) struct Ctx {
     pub(crate) redis: ConnectionManager,
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Comet → when its current run of failed deliveries began (removed on its next success).
+    /// Shared by all partitions, so once a comet has failed for `delivery.give_up_ms` every
+    /// batch gives it up after one more failed attempt instead of waiting the whole time again.
+    pub(crate) failing_since:
+        parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 struct Ops {
@@ -220,6 +225,7 @@ pub async fn run(
         redis: redis.clone(),
         registry: registry.clone(),
         metrics,
+        failing_since: parking_lot::Mutex::new(std::collections::HashMap::new()),
     });
 
     // The registry must stay fresh while partitions drain, so it stops after the lease manager.

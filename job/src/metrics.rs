@@ -1,6 +1,10 @@
 //! The job worker's counters and gauges (one set per instance), rendered as Prometheus text.
 
 use rim_proto::rpc::DeliverReport;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use parking_lot::Mutex;
 use rim_runtime::metrics::{Counter, Exposition, Gauge};
 
 /// Figures of one job worker.
@@ -22,6 +26,12 @@ pub struct Metrics {
     pub dropped_comet_gone: Counter,
     /// Stream entries dropped because they could not be decoded.
     pub dropped_undecodable: Counter,
+    /// Deliveries dropped because their comet kept failing for `delivery.give_up_ms`.
+    pub dropped_comet_unreachable: Counter,
+    /// Pending entries found trimmed away before delivery (`XAUTOCLAIM`'s deleted ids): should stay 0.
+    pub dropped_trimmed: Counter,
+    /// Entries left in each held partition's stream as of its last trim (`XLEN`), by partition.
+    pub backlog: Mutex<BTreeMap<u16, u64>>,
     /// Partition leases held now.
     pub partitions_held: Gauge,
     /// Leases found taken by someone else at renewal.
@@ -49,6 +59,21 @@ impl Metrics {
 
     /// Prometheus text.
     pub fn render(&self) -> String {
+        let mut text = self.render_flat();
+        // `Exposition` has no labeled gauge; the per-partition samples are written by hand.
+        let backlog = self.backlog.lock();
+        let name = "rim_job_partition_backlog";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Entries left in a held partition's stream (XLEN after its last trim).\n# TYPE {name} gauge"
+        );
+        for (p, n) in backlog.iter() {
+            let _ = writeln!(text, "{name}{{partition=\"{p}\"}} {n}");
+        }
+        text
+    }
+
+    fn render_flat(&self) -> String {
         Exposition::new()
             .counter(
                 "rim_job_entries_total",
@@ -87,6 +112,8 @@ impl Metrics {
                 &[
                     ("comet_gone", self.dropped_comet_gone.get()),
                     ("undecodable", self.dropped_undecodable.get()),
+                    ("comet_unreachable", self.dropped_comet_unreachable.get()),
+                    ("trimmed", self.dropped_trimmed.get()),
                 ],
             )
             .gauge(

@@ -1,8 +1,18 @@
 //! One partition's consumer: replays the group's pending entries, then reads new ones, delivers
-//! each batch to its comets and acknowledges it once every comet confirmed.
+//! each batch to its comets and acknowledges it once every comet confirmed (or was given up).
 //!
 //! A task runs only while this worker holds the partition's lease, so it is the partition's only
-//! reader and batches are delivered strictly in stream order. Three ways out:
+//! reader and batches are delivered strictly in stream order.
+//!
+//! A read can succeed on Redis while its reply is lost (timeout, reset, restart between execution
+//! and reply): its entries are then pending for this worker without it knowing them. So:
+//! * any read error sends the task back to the replay phase (pending entries first, in ID order,
+//!   before reading `>` again), and so does finding entries still pending after a batch was
+//!   acknowledged, or (checked every `stream.pending_check_ms` while idle) stale ones;
+//! * trimming never goes past the oldest pending entry, so unacknowledged entries survive until
+//!   replayed; `XAUTOCLAIM` reporting deleted ones is counted (`dropped_total{reason="trimmed"}`).
+//!
+//! Three ways out:
 //! * `lost` (lease taken over or not renewable): the task is dropped at once, acknowledging
 //!   nothing more; the new owner replays whatever is pending.
 //! * `stop` (shutdown or rebalancing): the current batch is finished (retries to failing comets
@@ -34,6 +44,38 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
+/// `XACK` the batch (ARGV[3..]), then `XTRIM MINID` to the lower of ARGV[2] (the entry after the
+/// batch; empty = no trim) and the oldest entry still pending, so an entry that was read but not
+/// acknowledged (a lost read reply) is never trimmed away. One atomic step, one round trip.
+/// Returns `{pending count, oldest pending id or nil, XLEN after the trim}`.
+const ACK_LUA: &str = r"
+local stream, group, trim_to = KEYS[1], ARGV[1], ARGV[2]
+local i = 3
+while i <= #ARGV do
+  local j = math.min(i + 999, #ARGV)
+  redis.call('XACK', stream, group, unpack(ARGV, i, j))
+  i = j + 1
+end
+local p = redis.call('XPENDING', stream, group)
+local oldest = p[2]
+-- Stream ids are decimal 'ms-seq' without leading zeros: compare parts by length, then text
+-- (exact for any u64, unlike Lua numbers).
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+if oldest and trim_to ~= '' and before(oldest, trim_to) then
+  trim_to = oldest
+end
+if trim_to ~= '' then
+  redis.call('XTRIM', stream, 'MINID', trim_to)
+end
+return {p[1], oldest, redis.call('XLEN', stream)}";
+
 /// Redis retry delays: short first, so a blip costs little; capped, so a long outage is polled gently.
 fn redis_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(50), Duration::from_secs(2))
@@ -46,6 +88,8 @@ enum Outcome {
     Confirmed,
     /// The comet left the registry: its items were dropped (and counted).
     Gone,
+    /// The comet kept failing for `delivery.give_up_ms`: its items were dropped (and counted).
+    GaveUp,
     /// Stop was requested while retrying: the batch must not be acknowledged.
     Abandoned,
 }
@@ -66,6 +110,9 @@ pub(crate) async fn run(
         ctx: ctx.clone(),
         partition,
         blocking: None,
+        replay: true,
+        stray_pending: false,
+        ack_script: redis::Script::new(ACK_LUA),
     };
     let finished = tokio::select! {
         biased;
@@ -82,6 +129,7 @@ pub(crate) async fn run(
         );
     }
     ctx.metrics.partitions_held.dec();
+    ctx.metrics.backlog.lock().remove(&partition);
     let _ = done.send(partition);
 }
 
@@ -92,6 +140,12 @@ struct Partition {
     /// Connection for `XREADGROUP … BLOCK`, without a response timeout (the client's default
     /// 500 ms would cut every block short). Re-created after any error.
     blocking: Option<MultiplexedConnection>,
+    /// Pending entries must be replayed before reading `>` again: set at start and whenever a
+    /// read may have run on Redis without its reply reaching us.
+    replay: bool,
+    /// The last acknowledgement found entries still pending although no batch is in flight.
+    stray_pending: bool,
+    ack_script: redis::Script,
 }
 
 /// Sleeps `delay` unless `stop` fires first; returns whether to carry on.
@@ -105,62 +159,84 @@ async fn pause(stop: &CancellationToken, delay: Duration) -> bool {
 impl Partition {
     async fn consume(&mut self, stop: &CancellationToken) {
         let mut bo = redis_backoff();
-        // Replay what is pending in the group first (a dead owner's or our own unconfirmed
-        // entries), in ID order, so order survives takeover.
-        let mut cursor = "0-0".to_string();
         let mut group_ok = false;
+        let check_every = self.ctx.cfg.pending_check();
+        let mut next_check = tokio::time::Instant::now() + check_every;
+        // `self.replay` starts true: a dead owner's or our own unconfirmed entries go first, in
+        // ID order, so order survives takeover.
         loop {
             if stop.is_cancelled() {
                 return;
             }
-            let claimed = match self.ensure_group(&mut group_ok).await {
-                Ok(()) => self.autoclaim(&cursor).await,
-                Err(e) => Err(e),
-            };
-            match claimed {
-                Ok(reply) => {
-                    bo.reset();
-                    if !reply.claimed.is_empty() && !self.process(reply.claimed, stop).await {
-                        return;
-                    }
-                    if reply.next_stream_id == "0-0" {
-                        break;
-                    }
-                    cursor = reply.next_stream_id;
+            if let Err(e) = self.ensure_group(&mut group_ok).await {
+                self.redis_failed("XGROUP CREATE", &e);
+                if !pause(stop, bo.next_delay()).await {
+                    return;
                 }
-                Err(e) => {
-                    self.redis_failed("XAUTOCLAIM", &e);
-                    group_ok = false;
-                    if !pause(stop, bo.next_delay()).await {
-                        return;
+                continue;
+            }
+            if self.replay {
+                match self.replay_pending(stop).await {
+                    Ok(true) => {
+                        bo.reset();
+                        self.replay = false;
+                        next_check = tokio::time::Instant::now() + check_every;
                     }
+                    Ok(false) => return,
+                    Err(e) => {
+                        self.redis_failed("XAUTOCLAIM", &e);
+                        group_ok = false;
+                        if !pause(stop, bo.next_delay()).await {
+                            return;
+                        }
+                    }
+                }
+                continue;
+            }
+            if tokio::time::Instant::now() >= next_check {
+                next_check = tokio::time::Instant::now() + check_every;
+                // A lost read reply normally surfaces as an error; this catches one that did not.
+                match self.stale_pending().await {
+                    Ok(true) => {
+                        tracing::warn!(
+                            partition = self.partition,
+                            "found stale pending entries this worker is not delivering; replaying them first"
+                        );
+                        self.replay = true;
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => self.redis_failed("XPENDING", &e),
                 }
             }
-        }
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            let read = match self.ensure_group(&mut group_ok).await {
-                Ok(()) => {
-                    tokio::select! {
-                        // Entries this read was delivering stay pending for the next owner.
-                        _ = stop.cancelled() => return,
-                        r = self.read_new() => r,
-                    }
-                }
-                Err(e) => Err(e),
+            let read = tokio::select! {
+                // Entries this read was delivering stay pending for the next owner.
+                _ = stop.cancelled() => return,
+                r = self.read_new() => r,
             };
             match read {
                 Ok(entries) => {
                     bo.reset();
-                    if !entries.is_empty() && !self.process(entries, stop).await {
+                    if entries.is_empty() {
+                        continue;
+                    }
+                    if !self.process(entries, true, stop).await {
                         return;
+                    }
+                    if self.stray_pending && !self.replay {
+                        // Nothing is in flight, so these were read without us seeing the reply.
+                        tracing::warn!(
+                            partition = self.partition,
+                            "entries still pending after acknowledging the batch; replaying them before newer ones"
+                        );
+                        self.replay = true;
                     }
                 }
                 Err(e) => {
                     self.redis_failed("XREADGROUP", &e);
                     self.blocking = None;
+                    // The read may have run with its reply lost: its entries are pending for us.
+                    self.replay = true;
                     // The stream or group may have vanished (e.g. Redis restarted empty).
                     group_ok = false;
                     if !pause(stop, bo.next_delay()).await {
@@ -169,6 +245,57 @@ impl Partition {
                 }
             }
         }
+    }
+
+    /// Claims and delivers every pending entry of the group, in ID order, batch by batch
+    /// (`XAUTOCLAIM` from 0-0 with min-idle 0: this task is the partition's only reader, so
+    /// whatever is pending is a dead owner's or was read by us without the reply arriving).
+    /// `Ok(false)` when stopped before finishing; errors restart the replay from the beginning.
+    async fn replay_pending(&mut self, stop: &CancellationToken) -> RedisResult<bool> {
+        let mut cursor = "0-0".to_string();
+        loop {
+            if stop.is_cancelled() {
+                return Ok(false);
+            }
+            let reply = self.autoclaim(&cursor).await?;
+            if !reply.deleted_ids.is_empty() {
+                self.ctx
+                    .metrics
+                    .dropped_trimmed
+                    .add(reply.deleted_ids.len() as u64);
+                tracing::warn!(
+                    partition = self.partition,
+                    count = reply.deleted_ids.len(),
+                    first = ?reply.deleted_ids.first(),
+                    "pending entries were trimmed before delivery; they are lost"
+                );
+            }
+            if !reply.claimed.is_empty() && !self.process(reply.claimed, false, stop).await {
+                return Ok(false);
+            }
+            if reply.next_stream_id == "0-0" {
+                return Ok(true);
+            }
+            cursor = reply.next_stream_id;
+        }
+    }
+
+    /// Whether the group has an entry pending longer than the RPC timeout while this task has no
+    /// batch in flight: one read without its reply reaching us.
+    async fn stale_pending(&self) -> RedisResult<bool> {
+        let mut redis = self.ctx.redis.clone();
+        let idle = self.ctx.cfg.delivery.rpc_timeout_ms;
+        let found: Vec<Value> = redis::cmd("XPENDING")
+            .arg(&self.stream)
+            .arg(keys::PUSH_GROUP)
+            .arg("IDLE")
+            .arg(idle)
+            .arg("-")
+            .arg("+")
+            .arg(1)
+            .query_async(&mut redis)
+            .await?;
+        Ok(!found.is_empty())
     }
 
     fn redis_failed(&self, what: &str, e: &redis::RedisError) {
@@ -262,12 +389,21 @@ impl Partition {
     }
 
     /// Delivers one batch and acknowledges it. Returns false when stopped before the batch
-    /// could be confirmed (nothing acknowledged, the caller must end).
-    async fn process(&mut self, raw: Vec<StreamId>, stop: &CancellationToken) -> bool {
+    /// could be confirmed (nothing acknowledged, the caller must end). `linger` allows reading on
+    /// for room batching; replayed batches must not, since newer entries must wait until every
+    /// pending one is delivered.
+    async fn process(
+        &mut self,
+        raw: Vec<StreamId>,
+        linger: bool,
+        stop: &CancellationToken,
+    ) -> bool {
         self.ctx.metrics.entries.add(raw.len() as u64);
         let mut ids: Vec<String> = raw.iter().map(|e| e.id.clone()).collect();
         let mut entries = self.decode(raw);
-        self.linger_for_rooms(&mut ids, &mut entries, stop).await;
+        if linger {
+            self.linger_for_rooms(&mut ids, &mut entries, stop).await;
+        }
         let metrics = &self.ctx.metrics;
 
         let Some(rooms) = self.room_members(&entries, stop).await else {
@@ -320,7 +456,8 @@ impl Partition {
     /// When the batch holds room pushes, reads on for up to `room_batch.linger_ms` (until one room
     /// has `room_batch.max` messages or the batch is full), so a burst of room messages goes to
     /// each comet as one RPC and to each member as one WebSocket message. Stream order is kept:
-    /// later entries are only appended. Read errors end the wait; the next read retries them.
+    /// later entries are only appended. A read error ends the wait and requests a replay: the
+    /// failed read may have taken entries whose reply was lost (the trim keeps them).
     async fn linger_for_rooms(
         &mut self,
         ids: &mut Vec<String>,
@@ -352,6 +489,7 @@ impl Partition {
                 Err(e) => {
                     self.redis_failed("XREADGROUP (room batch)", &e);
                     self.blocking = None;
+                    self.replay = true;
                     return;
                 }
             }
@@ -417,7 +555,9 @@ impl Partition {
     }
 
     /// One comet's share of a batch: one `deliver` call, retried with backoff (same items, same
-    /// order) until it answers, leaves the registry, or `stop` fires.
+    /// order) until it answers, leaves the registry, has failed for `delivery.give_up_ms` without
+    /// a success (a registered comet job cannot reach must not stall the partition forever), or
+    /// `stop` fires.
     async fn deliver(
         &self,
         server: String,
@@ -426,10 +566,12 @@ impl Partition {
     ) -> Outcome {
         let ctx = &self.ctx;
         let timeout = ctx.cfg.rpc_timeout();
+        let give_up = ctx.cfg.give_up();
         let mut bo = Backoff::new(ctx.cfg.retry_base(), ctx.cfg.retry_max());
         let mut attempt = 0u32;
         loop {
             let Some(link) = ctx.registry.link(&server) else {
+                ctx.failing_since.lock().remove(&server);
                 ctx.metrics.dropped_comet_gone.add(items.len() as u64);
                 tracing::warn!(
                     partition = self.partition,
@@ -444,6 +586,7 @@ impl Partition {
                 ctx.metrics.rpc_retries.inc();
             }
             attempt += 1;
+            let started = std::time::Instant::now();
             let batch = items.clone();
             let call = link.call(|client| async move {
                 client
@@ -454,6 +597,7 @@ impl Partition {
             let result = tokio::time::timeout(timeout * 2 + Duration::from_secs(1), call).await;
             let error = match result {
                 Ok(Ok(report)) => {
+                    ctx.failing_since.lock().remove(&server);
                     ctx.metrics.deliveries.add(items.len() as u64);
                     ctx.metrics.add_report(&report);
                     return Outcome::Confirmed;
@@ -462,6 +606,27 @@ impl Partition {
                 Err(_) => "deliver call overdue".to_string(),
             };
             ctx.metrics.rpc_failures.inc();
+            let failing_since = *ctx
+                .failing_since
+                .lock()
+                .entry(server.clone())
+                .or_insert(started);
+            let failing_for = failing_since.elapsed();
+            if failing_for >= give_up {
+                ctx.metrics
+                    .dropped_comet_unreachable
+                    .add(items.len() as u64);
+                tracing::error!(
+                    partition = self.partition,
+                    %server,
+                    items = items.len(),
+                    first = ?items.first().map(|d| d.id),
+                    ?failing_for,
+                    %error,
+                    "comet unreachable for delivery.give_up_ms; its deliveries in this batch are dropped"
+                );
+                return Outcome::GaveUp;
+            }
             let delay = bo.next_delay();
             tracing::warn!(partition = self.partition, %server, attempt, ?delay, %error, "deliver failed; will retry");
             if !pause(stop, delay).await {
@@ -470,38 +635,40 @@ impl Partition {
         }
     }
 
-    /// `XACK` the batch and trim the stream below the next entry, atomically. Returns false if
-    /// stopped before it succeeded (the entries are then redelivered by the next owner; comets
-    /// drop the duplicates).
-    async fn ack(&self, ids: &[String], stop: &CancellationToken) -> bool {
+    /// `XACK` the batch and trim the stream below the next entry and below the oldest entry
+    /// still pending, atomically ([`ACK_LUA`]). Notes in `stray_pending` whether entries are still
+    /// pending afterwards. Returns false if stopped before it succeeded (the entries are then
+    /// redelivered by the next owner; comets drop the duplicates).
+    async fn ack(&mut self, ids: &[String], stop: &CancellationToken) -> bool {
+        // This task works in ID order, so every entry below the one after this batch was read;
+        // those still pending bound the trim instead. Exact MINID (not `~`) keeps the stream's
+        // length equal to the backlog.
         let trim_to = ids
             .last()
             .and_then(|id| PushId::from_stream_id(self.partition, id))
-            .map(|last| format!("{}-{}", last.ms, last.seq.saturating_add(1)));
+            .map(|last| format!("{}-{}", last.ms, last.seq.saturating_add(1)))
+            .unwrap_or_default();
         let mut bo = redis_backoff();
         loop {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            pipe.cmd("XACK")
-                .arg(&self.stream)
-                .arg(keys::PUSH_GROUP)
-                .arg(ids)
-                .ignore();
-            // Safe: this task is the partition's only consumer and works in ID order, so every
-            // entry below the one after this batch is acknowledged; unread entries are newer.
-            // Exact MINID (not `~`) keeps the stream's length equal to the backlog.
-            if let Some(min) = &trim_to {
-                pipe.cmd("XTRIM")
-                    .arg(&self.stream)
-                    .arg("MINID")
-                    .arg(min)
-                    .ignore();
-            }
+            let mut invocation = self.ack_script.key(&self.stream);
+            invocation.arg(keys::PUSH_GROUP).arg(&trim_to).arg(ids);
             let mut redis = self.ctx.redis.clone();
-            match pipe.query_async::<()>(&mut redis).await {
-                Ok(()) => {
+            let r: RedisResult<(u64, Option<String>, u64)> =
+                invocation.invoke_async(&mut redis).await;
+            match r {
+                Ok((pending, oldest, len)) => {
                     self.ctx.metrics.acked.add(ids.len() as u64);
                     self.ctx.metrics.batches.inc();
+                    self.ctx.metrics.backlog.lock().insert(self.partition, len);
+                    self.stray_pending = pending > 0;
+                    if pending > 0 {
+                        tracing::debug!(
+                            partition = self.partition,
+                            pending,
+                            ?oldest,
+                            "entries still pending after ack"
+                        );
+                    }
                     return true;
                 }
                 Err(e) => {

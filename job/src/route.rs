@@ -77,7 +77,18 @@ pub fn plan(
                     push(&sk.server, DeliverTarget::Keys(sk.keys.clone()), true);
                 }
             }
-            Route::Kick(sk) => push(&sk.server, DeliverTarget::Kick(sk.keys.clone()), true),
+            Route::Kick {
+                server,
+                key,
+                since_ms,
+            } => push(
+                server,
+                DeliverTarget::Kick {
+                    key: key.clone(),
+                    since_ms: *since_ms,
+                },
+                true,
+            ),
             Route::Room(room) => {
                 // A set has no duplicates, but be robust against a caller passing some.
                 let servers: BTreeSet<&String> = rooms
@@ -131,8 +142,8 @@ pub fn named_servers(entries: &[Entry]) -> BTreeSet<String> {
     for e in entries {
         match &e.job.route {
             Route::Sessions(list) => out.extend(list.iter().map(|sk| sk.server.clone())),
-            Route::Kick(sk) => {
-                out.insert(sk.server.clone());
+            Route::Kick { server, .. } => {
+                out.insert(server.clone());
             }
             _ => {}
         }
@@ -180,7 +191,14 @@ mod tests {
     fn sessions_and_kicks_keep_stream_order_per_comet() {
         let entries = vec![
             entry(0, Route::Sessions(vec![sk("a", &["k1"]), sk("b", &["k2"])])),
-            entry(1, Route::Kick(sk("a", &["k1"]))),
+            entry(
+                1,
+                Route::Kick {
+                    server: "a".into(),
+                    key: "k1".into(),
+                    since_ms: 42,
+                },
+            ),
             entry(2, Route::Sessions(vec![sk("b", &["k3", "k4"])])),
         ];
         let p = plan(&entries, &live(&["a", "b"]), &HashMap::new());
@@ -188,7 +206,13 @@ mod tests {
         let a = &p.per_comet["a"];
         assert_eq!(a.iter().map(|d| d.id.seq).collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(a[0].target, DeliverTarget::Keys(vec!["k1".into()]));
-        assert_eq!(a[1].target, DeliverTarget::Kick(vec!["k1".into()]));
+        assert_eq!(
+            a[1].target,
+            DeliverTarget::Kick {
+                key: "k1".into(),
+                since_ms: 42
+            }
+        );
         let b = &p.per_comet["b"];
         assert_eq!(b.iter().map(|d| d.id.seq).collect::<Vec<_>>(), vec![0, 2]);
         assert_eq!(
@@ -243,5 +267,30 @@ mod tests {
         assert_eq!(p.dropped.len(), 1);
         assert!(p.dropped[0].addressed);
         assert_eq!(named_servers(&entries), live(&["gone"]));
+    }
+
+    #[test]
+    fn kicks_go_to_the_named_comet_only_and_count_as_addressed() {
+        let entries = vec![entry(
+            0,
+            Route::Kick {
+                server: "old".into(),
+                key: "k".into(),
+                since_ms: 7,
+            },
+        )];
+        assert_eq!(named_servers(&entries), live(&["old"]));
+        let p = plan(&entries, &live(&["a", "old"]), &HashMap::new());
+        assert_eq!(p.per_comet.len(), 1);
+        assert_eq!(
+            p.per_comet["old"][0].target,
+            DeliverTarget::Kick {
+                key: "k".into(),
+                since_ms: 7
+            }
+        );
+        let p = plan(&entries, &live(&["a"]), &HashMap::new());
+        assert!(p.per_comet.is_empty());
+        assert!(p.dropped[0].addressed);
     }
 }

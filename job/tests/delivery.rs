@@ -492,3 +492,194 @@ async fn room_bursts_are_batched_into_one_rpc_in_order() {
     wait_for("pending drained", || pending(&mut conn, 1) == 0).await;
     job_tier.shutdown().await;
 }
+
+fn stream_ids(conn: &mut redis::Connection, partition: u16) -> u64 {
+    conn.xlen(keys::push_stream(partition)).unwrap()
+}
+
+fn create_group(conn: &mut redis::Connection, partition: u16) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(keys::push_stream(partition))
+        .arg(keys::PUSH_GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(conn)
+        .unwrap();
+}
+
+/// `XREADGROUP GROUP rim-job <consumer> COUNT n STREAMS stream >` as the worker would send it:
+/// the entries become pending for that worker although it never sees the reply.
+fn read_as(conn: &mut redis::Connection, partition: u16, consumer: &str, n: usize) -> usize {
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(keys::PUSH_GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(n)
+        .arg("STREAMS")
+        .arg(keys::push_stream(partition))
+        .arg(">")
+        .query(conn)
+        .unwrap();
+    reply.keys.iter().map(|k| k.ids.len()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_read_without_the_worker_seeing_the_reply_are_replayed_in_order_and_not_trimmed() {
+    let redis = RedisServer::start();
+    let comet = start_comet(&redis, "c1").await;
+    comet.failing.store(true, Ordering::SeqCst);
+    let job_tier = start_job(config(&redis, "w-lost")).await;
+    let mut conn = redis.connection();
+
+    // The worker holds E0 in a batch it keeps retrying, so it is not reading meanwhile.
+    let mut ids = vec![xadd(&mut conn, 2, &job("e0", to("c1", "k")))];
+    wait_for("first attempt", || {
+        comet.attempts.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    ids.push(xadd(&mut conn, 2, &job("e1", to("c1", "k"))));
+    ids.push(xadd(&mut conn, 2, &job("e2", to("c1", "k"))));
+    // A read of the worker's whose reply was lost: E1, E2 are pending for it, unseen.
+    assert_eq!(read_as(&mut conn, 2, "w-lost", 2), 2);
+    ids.push(xadd(&mut conn, 2, &job("e3", to("c1", "k"))));
+    ids.push(xadd(&mut conn, 2, &job("e4", to("c1", "k"))));
+
+    comet.failing.store(false, Ordering::SeqCst);
+    wait_for("all five delivered", || comet.delivered().len() >= 5).await;
+    wait_for("pending drained", || pending(&mut conn, 2) == 0).await;
+    let want: Vec<PushId> = ids
+        .iter()
+        .map(|id| PushId::from_stream_id(2, id).unwrap())
+        .collect();
+    let got: Vec<PushId> = comet.delivered().iter().map(|d| d.id).collect();
+    assert_eq!(got, want, "replayed entries go before newer ones");
+    wait_for("stream trimmed", || stream_ids(&mut conn, 2) == 0).await;
+    let metrics = job_tier.get("/metrics").await;
+    assert!(
+        metrics.contains("rim_job_dropped_total{reason=\"trimmed\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rim_job_partition_backlog{partition=\"2\"} 0"),
+        "{metrics}"
+    );
+    job_tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_partition_replays_stale_pending_entries_it_never_saw() {
+    let redis = RedisServer::start();
+    let comet = start_comet(&redis, "c1").await;
+    let mut conn = redis.connection();
+    create_group(&mut conn, 3);
+    let mut cfg = config(&redis, "w-idle");
+    cfg.stream.pending_check_ms = 100;
+    let job_tier = start_job(cfg).await;
+    wait_for("lease on partition 3", || {
+        conn.get::<_, Option<String>>(keys::partition_lease(3))
+            .unwrap()
+            .as_deref()
+            == Some("w-idle")
+    })
+    .await;
+    // Give the start-up replay time to finish, so the entries below are not simply claimed by it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Added and read for the worker in one transaction: its blocked read never sees them.
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for i in 0..2 {
+        pipe.xadd(
+            keys::push_stream(3),
+            "*",
+            &[(
+                keys::JOB_FIELD,
+                job(&format!("s{i}"), to("c1", "k")).encode(),
+            )],
+        );
+    }
+    pipe.cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(keys::PUSH_GROUP)
+        .arg("w-idle")
+        .arg("COUNT")
+        .arg(2)
+        .arg("STREAMS")
+        .arg(keys::push_stream(3))
+        .arg(">")
+        .ignore();
+    let (s0, s1): (String, String) = pipe.query(&mut conn).unwrap();
+    assert_eq!(pending(&mut conn, 3), 2);
+
+    wait_for("stale entries replayed", || comet.delivered().len() >= 2).await;
+    let s2 = xadd(&mut conn, 3, &job("s2", to("c1", "k")));
+    wait_for("newer entry delivered", || comet.delivered().len() >= 3).await;
+    let want: Vec<PushId> = [s0, s1, s2]
+        .iter()
+        .map(|id| PushId::from_stream_id(3, id).unwrap())
+        .collect();
+    let got: Vec<PushId> = comet.delivered().iter().map(|d| d.id).collect();
+    assert_eq!(got, want);
+    wait_for("pending drained", || pending(&mut conn, 3) == 0).await;
+    wait_for("stream trimmed", || stream_ids(&mut conn, 3) == 0).await;
+    job_tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_but_unreachable_comet_is_given_up_after_give_up_ms() {
+    let redis = RedisServer::start();
+    let c1 = start_comet(&redis, "c1").await;
+    let mut conn = redis.connection();
+    // Registered and renewing, but nothing listens at its address.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let info = NodeInfo {
+        server: "unreachable".into(),
+        rpc_addr: closed,
+        ..NodeInfo::default()
+    };
+    let _: () = conn
+        .hset(
+            keys::NODES,
+            "unreachable",
+            serde_json::to_string(&info).unwrap(),
+        )
+        .unwrap();
+    let expiry = rim_runtime::unix_ms() + 600_000;
+    let _: () = conn
+        .zadd(keys::NODES_EXPIRY, "unreachable", expiry)
+        .unwrap();
+    let mut cfg = config(&redis, "w1");
+    cfg.delivery.give_up_ms = 500;
+    let job_tier = start_job(cfg).await;
+
+    xadd(&mut conn, 0, &job("lost", to("unreachable", "k")));
+    let after = xadd(&mut conn, 0, &job("after", to("c1", "k")));
+    // c1's share goes out at once (comets of a batch are served concurrently); the batch is
+    // acknowledged only once the unreachable comet is given up.
+    wait_for("the push behind it delivered", || c1.delivered().len() == 1).await;
+    assert_eq!(
+        c1.delivered()[0].id,
+        PushId::from_stream_id(0, &after).unwrap()
+    );
+    wait_for("pending drained", || pending(&mut conn, 0) == 0).await;
+    let dropped = "rim_job_dropped_total{reason=\"comet_unreachable\"}";
+    let metrics = job_tier.get("/metrics").await;
+    assert!(metrics.contains(&format!("{dropped} 1")), "{metrics}");
+
+    // Still failing without a success since: the next batch gives it up too.
+    xadd(&mut conn, 0, &job("lost2", to("unreachable", "k")));
+    xadd(&mut conn, 0, &job("after2", to("c1", "k")));
+    wait_for("second push behind it delivered", || {
+        c1.delivered().len() == 2
+    })
+    .await;
+    wait_for("pending drained", || pending(&mut conn, 0) == 0).await;
+    let metrics = job_tier.get("/metrics").await;
+    assert!(metrics.contains(&format!("{dropped} 2")), "{metrics}");
+    job_tier.shutdown().await;
+}
