@@ -421,10 +421,25 @@ pub(crate) async fn run(
     let app =
         crate::ws::router(ctx.clone()).merge(rim_runtime::ops::router(Arc::new(Ops(ctx.clone()))));
     let stop = shutdown.clone();
+    let max_sessions = ctx.cfg.session.max_connections;
+    let cfg_http_cap = max_sessions.saturating_add(max_sessions / 10 + 64);
+    let handshake = Duration::from_millis(ctx.cfg.session.handshake_timeout_ms);
     tracker.spawn(async move {
-        let r = axum::serve(
+        // Sockets that have not upgraded yet are bounded here (sessions are bounded by
+        // session.max_connections once they exist): a little headroom over the session cap, and
+        // the handshake timeout to send a request at all. After that the session's own timers
+        // (auth, heartbeat) govern, so no read-idle limit.
+        let http = rim_runtime::listener::GuardedListener::new(
             listeners.http,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            rim_runtime::listener::Limits {
+                max_connections: cfg_http_cap,
+                first_bytes: handshake,
+                read_idle: None,
+            },
+        );
+        let r = axum::serve(
+            http,
+            app.into_make_service_with_connect_info::<rim_runtime::listener::PeerAddr>(),
         )
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use futures::stream::SplitStream;
 use rim_proto::frame::Frame;
 use rim_proto::json::{JsonFrameError, decode_client, looks_like_json};
+use rim_runtime::listener::PeerAddr;
 
 use crate::server::Ctx;
 use crate::session::{FrameReader, Outbound, ReadError, Transport, drive};
@@ -28,7 +29,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
 
 async fn upgrade(
     State(ctx): State<Arc<Ctx>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     ws: WebSocketUpgrade,
 ) -> Response {
     // Leave room above the frame limit so oversize frames reach our check and get close 1009.

@@ -211,7 +211,16 @@ pub async fn run(
     let app = rim_runtime::ops::router(ops);
     let http_stop = shutdown.clone();
     tracker.spawn(async move {
-        let serve = axum::serve(listeners.http, app)
+        // Ops routes only (probes and scrapes): a small cap and short idle limits suffice.
+        let http = rim_runtime::listener::GuardedListener::new(
+            listeners.http,
+            rim_runtime::listener::Limits {
+                max_connections: 64,
+                first_bytes: std::time::Duration::from_secs(10),
+                read_idle: Some(std::time::Duration::from_secs(60)),
+            },
+        );
+        let serve = axum::serve(http, app)
             .with_graceful_shutdown(async move { http_stop.cancelled().await });
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "ops http server failed");

@@ -75,6 +75,11 @@ pub struct Listen {
     pub http: String,
     /// `LogicRpc` (comets and backends).
     pub rpc: String,
+    /// Most HTTP connections open at once; beyond it new ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// An HTTP connection that sends nothing for this long (no first request, or idle between
+    /// keep-alive requests) is closed, in milliseconds.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for Listen {
@@ -82,6 +87,8 @@ impl Default for Listen {
         Listen {
             http: "0.0.0.0:3111".into(),
             rpc: "127.0.0.1:3119".into(),
+            max_connections: 10_000,
+            idle_timeout_ms: 60_000,
         }
     }
 }
@@ -333,6 +340,8 @@ impl Validate for Config {
     fn validate(&self) -> Result<(), SettingsError> {
         socket_addr("listen.http", &self.listen.http)?;
         socket_addr("listen.rpc", &self.listen.rpc)?;
+        positive("listen.max_connections", self.listen.max_connections as u64)?;
+        positive("listen.idle_timeout_ms", self.listen.idle_timeout_ms)?;
         if redis::Client::open(self.redis.url.as_str()).is_err() {
             return Err(SettingsError::invalid(
                 "redis.url",

@@ -214,7 +214,16 @@ pub async fn run(
     // Started once RPC is being served; its first pass waits a node TTL (see reaper::run).
     tracker.spawn(reaper::run(app.clone(), shutdown.clone()));
 
-    let serve = axum::serve(listeners.http, http::router(app.clone()))
+    let idle = Duration::from_millis(app.config.listen.idle_timeout_ms);
+    let http_listener = rim_runtime::listener::GuardedListener::new(
+        listeners.http,
+        rim_runtime::listener::Limits {
+            max_connections: app.config.listen.max_connections,
+            first_bytes: idle,
+            read_idle: Some(idle),
+        },
+    );
+    let serve = axum::serve(http_listener, http::router(app.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .into_future();
     let mut serve = std::pin::pin!(serve);

@@ -4,6 +4,7 @@
 //! [`metrics`]), and tarpc serving and reconnecting client links ([`rpc`]).
 #![forbid(unsafe_code)]
 
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod ops;

@@ -381,3 +381,27 @@ async fn thousands_of_malformed_frames_while_legitimate_clients_keep_receiving()
     assert_eq!(&late.recv_push().await.unwrap().frame.body[..], b"after");
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_never_sends_a_request_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let cluster = Cluster::start_with(common::Options {
+        comets: 1,
+        comet: Box::new(|_, c| c.session.handshake_timeout_ms = 200),
+        ..Default::default()
+    })
+    .await;
+    // Connected to the WebSocket port, silent: before the fix it held a socket forever.
+    let mut silent = tokio::net::TcpStream::connect(cluster.comets[0].http)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(rim_testkit::WAIT, silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the comet closed the silent socket: {read:?}"
+    );
+    let mut healthy = cluster.client(0, Transport::WsBinary, 1, "", &[1000]).await;
+    still_serving(&cluster, &mut healthy, "after-silent-socket").await;
+    cluster.stop().await;
+}
