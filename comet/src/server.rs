@@ -193,7 +193,8 @@ impl Ctx {
 
     /// Renews the session's registration at logic in the background.
     pub fn session_heartbeat(&self, s: &Session) {
-        self.tell_logic("session heartbeat", s, |c, ctx, sref| async move {
+        // One try: the next client activity renews again.
+        self.tell_logic("session heartbeat", s, 1, |c, ctx, sref| async move {
             c.heartbeat(ctx, sref).await
         });
     }
@@ -205,31 +206,51 @@ impl Ctx {
             // Replaced by a newer session with the same key: its registration is the new one's.
             return;
         }
-        self.tell_logic("disconnect", s, |c, ctx, sref| async move {
+        self.tell_logic("disconnect", s, 3, |c, ctx, sref| async move {
             c.disconnect(ctx, sref).await
         });
     }
 
-    /// Sends a session notice to logic without holding up the session; failures are logged
-    /// (a lapsed registration is repaired by the next heartbeat or expires by TTL).
-    fn tell_logic<F, Fut>(&self, what: &'static str, s: &Session, call: F)
+    /// Sends a session notice to logic without holding up the session. A transport failure is
+    /// retried `attempts - 1` times with growing pauses (a disconnect lost to a logic blip would
+    /// leave the session registered until its TTL); a refusal is final. Failures are logged.
+    fn tell_logic<F, Fut>(&self, what: &'static str, s: &Session, attempts: u32, call: F)
     where
-        F: FnOnce(LogicRpcClient, tarpc::context::Context, SessionRef) -> Fut + Send + 'static,
+        F: Fn(LogicRpcClient, tarpc::context::Context, SessionRef) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<Result<(), LogicRpcError>, tarpc::client::RpcError>>
             + Send,
     {
         let sref = s.session_ref(&self.cfg.server_id);
         let logic = self.logic.clone();
         let timeout = self.cfg.rpc_timeout();
+        let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
             let key = sref.key.clone();
-            match logic
-                .call(|c| call(c, rim_runtime::rpc::context(timeout), sref))
-                .await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(%key, error = %e, "{what} refused"),
-                Err(e) => tracing::warn!(%key, error = %e, "{what} failed"),
+            let mut pause = Duration::from_millis(200);
+            for attempt in 1..=attempts.max(1) {
+                let sref = sref.clone();
+                match logic
+                    .call(|c| call(c, rim_runtime::rpc::context(timeout), sref))
+                    .await
+                {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%key, error = %e, "{what} refused");
+                        return;
+                    }
+                    Err(e) if attempt == attempts.max(1) => {
+                        tracing::warn!(%key, error = %e, attempts, "{what} failed; giving up");
+                    }
+                    Err(e) => {
+                        tracing::debug!(%key, error = %e, attempt, "{what} failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            // Draining: one last try now rather than outliving the grace.
+                            _ = shutdown.cancelled() => {}
+                        }
+                        pause *= 4;
+                    }
+                }
             }
         });
     }

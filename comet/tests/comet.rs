@@ -42,6 +42,8 @@ struct FakeLogic {
     sends: Arc<Mutex<Vec<SendMsgRequest>>>,
     /// Key → the `since_ms` its latest connect was given (a counter, so each connect differs).
     sinces: Arc<Mutex<std::collections::HashMap<String, u64>>>,
+    /// Keys starting `hang-once` whose first disconnect already hung (past the comet's deadline).
+    hung: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 fn room_name(r: &Option<RoomId>) -> String {
@@ -81,6 +83,10 @@ impl LogicRpc for FakeLogic {
         })
     }
     async fn disconnect(self, _: Context, s: SessionRef) -> Result<(), LogicError> {
+        if s.key.starts_with("hang-once") && self.hung.lock().insert(s.key.clone()) {
+            // A logic blip: this call never answers, the comet's deadline must fire.
+            std::future::pending::<()>().await;
+        }
         let _ = self.events.send(format!("disconnect {}", s.key));
         Ok(())
     }
@@ -218,6 +224,7 @@ async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) -> Har
     let sends = Arc::new(Mutex::new(Vec::new()));
     let sinces = Arc::new(Mutex::new(std::collections::HashMap::new()));
     let fake = FakeLogic {
+        hung: Arc::default(),
         sinces: sinces.clone(),
         events: tx,
         next: Arc::new(AtomicU64::new(1)),
@@ -1438,4 +1445,13 @@ async fn change_room_reports_the_move_to_logic_before_replying() {
         !h.events_now().iter().any(|e| e.starts_with("room_changed")),
         "no extra room_changed"
     );
+}
+
+#[tokio::test]
+async fn a_disconnect_lost_to_a_logic_blip_is_retried() {
+    let mut h = start(|c| c.logic.rpc_timeout_ms = 200).await;
+    let c = Tcp::auth(&h, "hang-once-k", "", &[1000]).await;
+    drop(c);
+    // The first disconnect call hangs past its deadline; the retry lands.
+    h.expect_event("disconnect hang-once-k").await;
 }
