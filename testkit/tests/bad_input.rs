@@ -177,60 +177,32 @@ async fn http_push_parameters_are_checked_and_named() {
         ..Default::default()
     })
     .await;
-    let api = &cluster.api;
-
-    let r = api.post("/goim/push/mids?mids=1", "x").await.unwrap();
-    assert_eq!((r.status, r.code()), (400, -400), "{:?}", r.body);
-    assert!(r.message().contains("operation"), "{:?}", r.body);
-
-    let r = api
-        .post("/goim/push/mids?operation=1000&mids=12x", "x")
-        .await
-        .unwrap();
-    assert_eq!((r.status, r.code()), (400, -400));
-    assert!(
-        r.message().contains("mids") && r.message().contains("12x"),
-        "{:?}",
-        r.body
-    );
-
-    let r = api
-        .post("/goim/push/mids?operation=abc&mids=1", "x")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 400);
-    assert!(r.message().contains("operation"), "{:?}", r.body);
-
-    let r = api
-        .post("/goim/push/mids?operation=1000", "x")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 400);
-    assert!(r.message().contains("mids"), "{:?}", r.body);
-
-    let r = api
-        .post("/goim/push/keys?operation=1000", "x")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 400);
-    assert!(r.message().contains("keys"), "{:?}", r.body);
-
-    let r = api
-        .post("/goim/push/room?operation=1000&type=live", "x")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 400);
-    assert!(r.message().contains("room"), "{:?}", r.body);
-
-    let r = api
-        .post("/goim/push/room?operation=1000&type=li%20ve&room=1", "x")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 400);
-    assert!(r.message().contains("type"), "{:?}", r.body);
+    // (request, words the 400's message must contain)
+    let cases: &[(&str, &[&str])] = &[
+        ("/goim/push/mids?mids=1", &["operation"]),
+        ("/goim/push/mids?operation=1000&mids=12x", &["mids", "12x"]),
+        ("/goim/push/mids?operation=abc&mids=1", &["operation"]),
+        ("/goim/push/mids?operation=1000", &["mids"]),
+        ("/goim/push/keys?operation=1000", &["keys"]),
+        ("/goim/push/room?operation=1000&type=live", &["room"]),
+        (
+            "/goim/push/room?operation=1000&type=li%20ve&room=1",
+            &["type"],
+        ),
+    ];
+    for (path, words) in cases {
+        let r = cluster.api.post(path, "x").await.unwrap();
+        assert_eq!((r.status, r.code()), (400, -400), "{path}: {:?}", r.body);
+        assert!(
+            words.iter().all(|w| r.message().contains(w)),
+            "{path}: {:?} should name {words:?}",
+            r.body
+        );
+    }
 
     let big = vec![b'x'; 64 * 1024 + 1];
-    let r = api
+    let r = cluster
+        .api
         .post("/goim/push/all?operation=1000", big)
         .await
         .unwrap();
@@ -238,7 +210,8 @@ async fn http_push_parameters_are_checked_and_named() {
     assert!(r.message().contains("65536"), "{:?}", r.body);
 
     // The API still works after all that.
-    let r = api
+    let r = cluster
+        .api
         .post("/goim/push/all?operation=1000", "fine")
         .await
         .unwrap();
