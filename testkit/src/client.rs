@@ -56,6 +56,15 @@ pub struct Closed {
     pub disconnect_reason: Option<String>,
 }
 
+impl Closed {
+    /// Whether the op 6 reason received before the close mentions `what`.
+    pub fn said(&self, what: &str) -> bool {
+        self.disconnect_reason
+            .as_deref()
+            .is_some_and(|r| r.contains(what))
+    }
+}
+
 enum Conn {
     Tcp(Framed<TcpStream, FrameCodec>),
     Ws(Box<WebSocketStream<MaybeTlsStream<TcpStream>>>),
