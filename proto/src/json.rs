@@ -109,6 +109,62 @@ pub fn encode_server_batch<'a>(frames: impl IntoIterator<Item = (i32, i32, &'a [
     out
 }
 
+/// One client JSON message for a frame (what a browser sends): a body that is a JSON object or
+/// array is embedded as JSON, anything else as a string (so `"live://1"` and `"1000,1001"` arrive
+/// as the same bytes a binary frame would carry).
+pub fn encode_client(f: &Frame) -> String {
+    let body = match serde_json::from_slice::<Value>(&f.body) {
+        Ok(v) if v.is_object() || v.is_array() => v,
+        _ => Value::String(String::from_utf8_lossy(&f.body).into_owned()),
+    };
+    serde_json::json!({"ver": f.ver, "op": f.op, "seq": f.seq, "body": body}).to_string()
+}
+
+/// One frame of a server JSON message, as a client decodes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerJsonFrame {
+    /// The frame; its body is the string's bytes for a string `body`, else the value's JSON text.
+    pub frame: Frame,
+    /// The `body` value as sent.
+    pub body: Value,
+}
+
+/// Decodes a server JSON message: one object, or an array of them (a batch).
+pub fn decode_server(text: &str) -> Result<Vec<ServerJsonFrame>, JsonFrameError> {
+    #[derive(Deserialize)]
+    struct ServerMessage {
+        op: i32,
+        #[serde(default)]
+        seq: i32,
+        #[serde(default)]
+        body: Value,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<ServerMessage>),
+        One(ServerMessage),
+    }
+    let items = match serde_json::from_str::<OneOrMany>(text)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::One(m) => vec![m],
+    };
+    Ok(items
+        .into_iter()
+        .map(|m| {
+            let body = match &m.body {
+                Value::String(s) => Bytes::from(s.clone()),
+                Value::Null => Bytes::new(),
+                other => Bytes::from(other.to_string()),
+            };
+            ServerJsonFrame {
+                frame: Frame::new(m.op, m.seq, body),
+                body: m.body,
+            }
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +213,26 @@ mod tests {
             v,
             serde_json::json!([{"op":1000,"seq":0,"body":1},{"op":1001,"seq":0,"body":"x"}])
         );
+    }
+
+    #[test]
+    fn client_encoding_and_server_decoding_round_trip() {
+        let auth = Frame::new(7, 1, &br#"{"mid":5}"#[..]);
+        let back = decode_client(&encode_client(&auth), 4096).unwrap();
+        assert_eq!(back, auth);
+        let room = Frame::new(12, 2, &b"live://1"[..]);
+        assert_eq!(decode_client(&encode_client(&room), 4096).unwrap(), room);
+
+        let one = decode_server(&encode_server_frame(&Frame::new(1000, 0, &b"{\"a\":1}"[..]))).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(&one[0].frame.body[..], br#"{"a":1}"#);
+        assert_eq!(one[0].body, serde_json::json!({"a":1}));
+        let batch =
+            decode_server(&encode_server_batch([(1000, 0, &b"x"[..]), (1001, 3, &b"2"[..])])).unwrap();
+        assert_eq!(
+            batch.iter().map(|f| (f.frame.op, f.frame.seq, f.frame.body.clone())).collect::<Vec<_>>(),
+            vec![(1000, 0, Bytes::from("x")), (1001, 3, Bytes::from("2"))]
+        );
+        assert!(decode_server("{\"seq\":1}").is_err(), "op is required");
     }
 }

@@ -1,13 +1,14 @@
 //! Process plumbing shared by rim's three binaries, so each tier's `main.rs` stays thin and every
 //! tier behaves the same to an operator: config loading and validation ([`settings`]), logging
 //! ([`logging`]), shutdown ([`shutdown`]), the ops HTTP routes and Prometheus text ([`ops`],
-//! [`metrics`]), and tarpc serving and reconnecting client links ([`rpc`]).
+//! [`metrics`], [`process`]), and tarpc serving and reconnecting client links ([`rpc`]).
 #![forbid(unsafe_code)]
 
 pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod ops;
+pub mod process;
 pub mod rpc;
 pub mod settings;
 pub mod shutdown;

@@ -66,6 +66,11 @@ impl Exposition {
         self.sample(name, help, "gauge", &[], value as f64)
     }
 
+    /// Adds a sample with a fractional value (`kind` is `counter` or `gauge`).
+    pub fn gauge_f64(&mut self, name: &str, help: &str, kind: &str, value: f64) -> &mut Self {
+        self.sample(name, help, kind, &[], value)
+    }
+
     /// Adds a counter with one label, one sample per `(label value, count)`.
     pub fn labeled_counter(
         &mut self,

@@ -37,9 +37,15 @@ async fn readyz(State(source): State<Arc<dyn OpsSource>>) -> Response {
 }
 
 async fn metrics(State(source): State<Arc<dyn OpsSource>>) -> Response {
+    let mut text = source.metrics();
+    if let Some(p) = crate::process::ProcessStats::read() {
+        let mut e = crate::metrics::Exposition::new();
+        p.render(&mut e);
+        text.push_str(&e.finish());
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        source.metrics(),
+        text,
     )
         .into_response()
 }
