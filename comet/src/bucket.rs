@@ -177,7 +177,7 @@ mod tests {
     use crate::session::Outbound;
 
     fn sess(id: u64, key: &str) -> Arc<Session> {
-        let (out, _rx) = Outbound::new(4);
+        let out = Outbound::new(4);
         Arc::new(Session::new(
             id,
             1,

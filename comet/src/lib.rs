@@ -5,7 +5,8 @@
 //! * [`config`]: configuration and validation.
 //! * `session`: the per-connection protocol driver and the shared session handle.
 //! * `bucket`, `room`: sharded session registry and room presence.
-//! * `ws`, `tcp`: transports; `writer`: batching outbound writer.
+//! * `ws`, `tcp`: transports, each a `Connection` driven by one task per session; `outbound`:
+//!   a session's queue and close request; `writer`: encode-once push shapes per transport.
 //! * `deliver`: `CometRpc` (room runs batched per member); `renew`: node renewal; `server`:
 //!   wiring and drain.
 //! * `upstream`: op 4 SendMsg (rate limit, validation, forwarding to logic).
@@ -15,6 +16,7 @@ pub mod bucket;
 pub mod config;
 mod deliver;
 pub mod metrics;
+pub mod outbound;
 mod renew;
 pub mod room;
 mod server;

@@ -14,156 +14,12 @@ use rim_proto::msg::{AuthBody, AuthReplyBody};
 use rim_proto::op;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{ConnectRequest, PushId, SessionRef};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
 use crate::server::Ctx;
 use crate::upstream::TokenBucket;
 use crate::writer::Out;
 
-/// How a session is closed: the op 6 reason, the WebSocket close code, what still goes out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseSpec {
-    /// Reason text (op 6 body and WebSocket close reason).
-    pub reason: String,
-    /// WebSocket close code.
-    pub ws_code: u16,
-    /// Send op 6 before closing (TCP always does when set).
-    pub op6: bool,
-    /// Send op 6 on WebSocket too (frame errors use the close code alone).
-    pub op6_on_ws: bool,
-    /// Write what is already queued before closing.
-    pub drain: bool,
-}
-
-impl CloseSpec {
-    /// Op 6 with `reason`, queued items first, then close with `ws_code`.
-    pub fn reason(reason: &str, ws_code: u16) -> Self {
-        CloseSpec {
-            reason: reason.to_string(),
-            ws_code,
-            op6: true,
-            op6_on_ws: true,
-            drain: true,
-        }
-    }
-
-    /// Policy refusal (auth problems): op 6 then WebSocket 1008.
-    pub fn policy(reason: &str) -> Self {
-        Self::reason(reason, 1008)
-    }
-
-    /// A malformed client frame: TCP gets op 6, WebSocket the close code (1002/1009) and reason.
-    pub fn protocol(reason: &str, ws_code: u16) -> Self {
-        CloseSpec {
-            op6_on_ws: false,
-            ..Self::reason(reason, ws_code)
-        }
-    }
-
-    /// Queue overflow: nothing queued is written, op 6 `slow consumer`.
-    pub fn slow() -> Self {
-        CloseSpec {
-            drain: false,
-            ..Self::reason("slow consumer", 1008)
-        }
-    }
-
-    /// Graceful drain of the node: op 6, WebSocket 1001 going away.
-    pub fn shutdown() -> Self {
-        Self::reason("server shutting down", 1001)
-    }
-
-    /// No op 6 (the client went away or the socket failed).
-    pub fn silent(reason: &str) -> Self {
-        CloseSpec {
-            op6: false,
-            op6_on_ws: false,
-            drain: false,
-            ..Self::reason(reason, 1000)
-        }
-    }
-}
-
-/// Result of offering an item to a session's queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Offer {
-    /// Queued.
-    Queued,
-    /// The queue was full: the session is now closing as a slow consumer.
-    Slow,
-    /// The session is already closing.
-    Closed,
-}
-
-/// Producer side of a connection's outbound queue plus its close signal.
-#[derive(Debug)]
-pub struct Outbound {
-    tx: mpsc::Sender<Out>,
-    closed: CancellationToken,
-    spec: Mutex<Option<CloseSpec>>,
-}
-
-impl Outbound {
-    /// A queue of `capacity` items and its receiver (for the writer task).
-    pub fn new(capacity: usize) -> (Arc<Self>, mpsc::Receiver<Out>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        (
-            Arc::new(Outbound {
-                tx,
-                closed: CancellationToken::new(),
-                spec: Mutex::new(None),
-            }),
-            rx,
-        )
-    }
-
-    /// Queues without waiting; a full queue closes the session as a slow consumer (counted once).
-    pub fn offer(&self, item: Out, metrics: &Metrics) -> Offer {
-        if self.is_closing() {
-            return Offer::Closed;
-        }
-        match self.tx.try_send(item) {
-            Ok(()) => Offer::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.close(CloseSpec::slow()) {
-                    metrics.slow_consumer_closed.inc();
-                    tracing::warn!("outbound queue full, closing slow consumer");
-                }
-                Offer::Slow
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Closed,
-        }
-    }
-
-    /// Asks the writer to close the session; the first close wins. Returns whether this one did.
-    pub fn close(&self, spec: CloseSpec) -> bool {
-        let mut cur = self.spec.lock();
-        if cur.is_some() {
-            return false;
-        }
-        *cur = Some(spec);
-        drop(cur);
-        self.closed.cancel();
-        true
-    }
-
-    /// Whether a close was requested.
-    pub fn is_closing(&self) -> bool {
-        self.closed.is_cancelled()
-    }
-
-    /// Resolves once a close was requested.
-    pub async fn closed(&self) {
-        self.closed.cancelled().await
-    }
-
-    /// The close that was requested, if any.
-    pub fn spec(&self) -> Option<CloseSpec> {
-        self.spec.lock().clone()
-    }
-}
+pub use crate::outbound::{CloseSpec, Offer, Outbound};
 
 /// The shared handle of an authenticated session.
 #[derive(Debug)]
@@ -339,10 +195,16 @@ pub enum ReadError {
     Io(String),
 }
 
-/// The inbound half of a transport: yields client frames; `None` when the client closed.
-pub trait FrameReader: Send {
-    /// The next frame.
+/// One client connection as the session driver sees it: frames in, queued items out, then the
+/// close. A single task owns it, so reads and writes need neither split halves nor a second task.
+pub trait Connection: Send {
+    /// The next client frame; `None` when the client closed. Cancel-safe: the driver polls it
+    /// in `select!` against the outbound queue and the deadlines.
     fn next(&mut self) -> impl Future<Output = Option<Result<Frame, ReadError>>> + Send;
+    /// Writes a batch of queued items in the transport's shape.
+    fn write(&mut self, batch: &[Out]) -> impl Future<Output = Result<(), String>> + Send;
+    /// Sends what `spec` asks for (op 6, close frame) and shuts the connection.
+    fn finish(&mut self, spec: &CloseSpec) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// Which transport a connection came in on (metrics, logs).
@@ -428,77 +290,84 @@ fn refuse_auth(ctx: &Ctx, out: &Outbound, metric: &str, reason: &str, peer: Sock
     out.close(CloseSpec::policy(reason));
 }
 
-enum First {
-    Frame(Frame),
-    Done,
+/// Runs one connection from accept to close, in the caller's task: admission, auth, the frame
+/// loop (reading frames and writing what is queued for the session), cleanup, and the close.
+pub(crate) async fn drive<C: Connection>(ctx: Arc<Ctx>, mut conn: C, peer: SocketAddr, t: Transport) {
+    let out = Outbound::new(ctx.cfg.session.outbound_queue);
+    let wt = Duration::from_millis(ctx.cfg.session.write_timeout_ms);
+    let guard = if ctx.shutdown.is_cancelled() {
+        ctx.metrics.conn_refused.inc();
+        out.close(CloseSpec::shutdown());
+        None
+    } else {
+        let g = ConnGuard::admit(&ctx, t);
+        if g.is_none() {
+            ctx.metrics.conn_refused.inc();
+            tracing::warn!(%peer, "max_connections reached, refusing connection");
+            out.close(CloseSpec::reason("too many connections", 1013));
+        }
+        g
+    };
+    if guard.is_some() {
+        // Boxed: the auth phase (logic's connect, the room join) is the largest state of the
+        // driver and runs once; the task keeps only the small steady state for its lifetime.
+        if let Some(a) = Box::pin(authenticate(&ctx, &mut conn, &out, peer, t)).await {
+            serve(&ctx, &mut conn, &a, peer, t, wt).await;
+            ctx.end_session(&a.session);
+        }
+    }
+    // Boxed like the other rare or bulky phases, so an idle session's task holds only the
+    // frame loop's state (see docs/benchmarks.md, S1).
+    Box::pin(close(&mut conn, &out, wt)).await;
+    drop(guard);
 }
 
-async fn first_frame<R: FrameReader>(
+/// An authenticated session and the heartbeat interval logic gave it.
+struct Authed {
+    session: Arc<Session>,
+    heartbeat_secs: u32,
+}
+
+async fn authenticate<C: Connection>(
     ctx: &Arc<Ctx>,
-    reader: &mut R,
-    out: &Outbound,
+    conn: &mut C,
+    out: &Arc<Outbound>,
     peer: SocketAddr,
     t: Transport,
-) -> First {
+) -> Option<Authed> {
     let hs = Duration::from_millis(ctx.cfg.session.handshake_timeout_ms);
-    let r = tokio::select! {
+    let first = tokio::select! {
         _ = ctx.shutdown.cancelled() => {
             out.close(CloseSpec::shutdown());
-            return First::Done;
+            return None;
         }
-        _ = out.closed() => return First::Done,
-        r = tokio::time::timeout(hs, reader.next()) => r,
+        r = tokio::time::timeout(hs, conn.next()) => r,
     };
-    match r {
+    let auth = match first {
         Err(_) => {
             refuse_auth(ctx, out, "timeout", "auth timeout", peer);
-            First::Done
+            return None;
         }
         Ok(None) => {
             out.close(CloseSpec::silent("client closed"));
-            First::Done
+            return None;
         }
         Ok(Some(Err(e))) => {
             reject_read(ctx, out, e, peer, t);
-            First::Done
+            return None;
         }
-        Ok(Some(Ok(f))) => First::Frame(f),
-    }
-}
-
-/// Runs one connection: admission, auth, the frame loop, and cleanup.
-/// The writer task for `out` is already running; this returns once the session is over.
-pub(crate) async fn drive<R: FrameReader>(
-    ctx: Arc<Ctx>,
-    mut reader: R,
-    out: Arc<Outbound>,
-    peer: SocketAddr,
-    t: Transport,
-) {
-    if ctx.shutdown.is_cancelled() {
-        ctx.metrics.conn_refused.inc();
-        out.close(CloseSpec::shutdown());
-        return;
-    }
-    let Some(_guard) = ConnGuard::admit(&ctx, t) else {
-        ctx.metrics.conn_refused.inc();
-        tracing::warn!(%peer, "max_connections reached, refusing connection");
-        out.close(CloseSpec::reason("too many connections", 1013));
-        return;
-    };
-    let First::Frame(auth) = first_frame(&ctx, &mut reader, &out, peer, t).await else {
-        return;
+        Ok(Some(Ok(f))) => f,
     };
     if auth.op != op::AUTH {
         let reason = format!("first frame must be op 7 Auth, got op {}", auth.op);
-        refuse_auth(&ctx, &out, "not_auth", &reason, peer);
-        return;
+        refuse_auth(ctx, out, "not_auth", &reason, peer);
+        return None;
     }
     let body: AuthBody = match serde_json::from_slice(&auth.body) {
         Ok(b) => b,
         Err(e) => {
-            refuse_auth(&ctx, &out, "bad_body", &format!("bad auth body: {e}"), peer);
-            return;
+            refuse_auth(ctx, out, "bad_body", &format!("bad auth body: {e}"), peer);
+            return None;
         }
     };
     let req = ConnectRequest {
@@ -514,13 +383,13 @@ pub(crate) async fn drive<R: FrameReader>(
     let reply = match reply {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            refuse_auth(&ctx, &out, "refused", &e.to_string(), peer);
-            return;
+            refuse_auth(ctx, out, "refused", &e.to_string(), peer);
+            return None;
         }
         Err(e) => {
             tracing::warn!(%peer, error = %e, "logic unreachable during auth");
-            refuse_auth(&ctx, &out, "logic_unavailable", "logic unavailable", peer);
-            return;
+            refuse_auth(ctx, out, "logic_unavailable", "logic unavailable", peer);
+            return None;
         }
     };
     let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
@@ -565,12 +434,31 @@ pub(crate) async fn drive<R: FrameReader>(
         &ctx.metrics,
     );
     tracing::debug!(%peer, mid = reply.mid, key = %reply.key, since_ms = reply.since_ms, "session authenticated");
+    Some(Authed {
+        session,
+        heartbeat_secs: reply.heartbeat_secs,
+    })
+}
 
-    let hb = u64::from(reply.heartbeat_secs.max(1));
+/// The frame loop of an authenticated session: writes what is queued, reads frames, closes a
+/// session silent for `heartbeat * heartbeat_misses`, renews the registration at most every
+/// [`renew_interval`]. Returns once the session is closing.
+async fn serve<C: Connection>(
+    ctx: &Arc<Ctx>,
+    conn: &mut C,
+    a: &Authed,
+    peer: SocketAddr,
+    t: Transport,
+    wt: Duration,
+) {
+    let session = &a.session;
+    let out = &session.out;
+    let hb = u64::from(a.heartbeat_secs.max(1));
     let idle = Duration::from_secs(hb * u64::from(ctx.cfg.session.heartbeat_misses));
-    let renew_every = renew_interval(ctx.cfg.session.renew_session_ms, reply.heartbeat_secs);
+    let renew_every = renew_interval(ctx.cfg.session.renew_session_ms, a.heartbeat_secs);
     let mut last_renew = Instant::now();
-    // Lives with the read loop (one task per session), so no lock is needed.
+    // Only client frames move the deadline; pushes going out do not keep a silent client alive.
+    let mut deadline = tokio::time::Instant::now() + idle;
     let mut st = FrameState {
         limit: TokenBucket::new(
             ctx.cfg.session.send_rate_per_sec,
@@ -580,14 +468,20 @@ pub(crate) async fn drive<R: FrameReader>(
         last_info: None,
     };
     loop {
+        if !out.is_empty() && !Box::pin(flush(conn, out, wt)).await {
+            break;
+        }
+        if out.is_closing() {
+            break;
+        }
         let r = tokio::select! {
             biased;
-            _ = out.closed() => break,
+            _ = out.changed() => continue,
             _ = ctx.shutdown.cancelled() => {
                 out.close(CloseSpec::shutdown());
                 break;
             }
-            r = tokio::time::timeout(idle, reader.next()) => r,
+            r = tokio::time::timeout_at(deadline, conn.next()) => r,
         };
         match r {
             Err(_) => {
@@ -601,21 +495,92 @@ pub(crate) async fn drive<R: FrameReader>(
                 break;
             }
             Ok(Some(Err(e))) => {
-                reject_read(&ctx, &out, e, peer, t);
+                reject_read(ctx, out, e, peer, t);
                 break;
             }
             Ok(Some(Ok(f))) => {
-                // Any frame keeps the session alive (it resets the idle timer too), so any frame
-                // renews the registration; a client that only sends op 4 must not expire at logic.
+                deadline = tokio::time::Instant::now() + idle;
+                // Any frame keeps the session alive, so any frame renews the registration; a
+                // client that only sends op 4 must not expire at logic.
                 if last_renew.elapsed() >= renew_every {
                     last_renew = Instant::now();
-                    ctx.session_heartbeat(&session);
+                    ctx.session_heartbeat(session);
                 }
-                handle_frame(&ctx, &session, f, &mut st).await;
+                // Boxed: handlers that wait on logic are large and rare; the task stays small.
+                let work = Box::pin(handle_frame(ctx, session, f, &mut st));
+                Box::pin(while_writing(conn, out, wt, work)).await;
             }
         }
     }
-    ctx.end_session(&session);
+}
+
+/// Writes everything queued (unless a close was requested: the close decides what still goes
+/// out). False when the socket failed; the session is then closing.
+async fn flush<C: Connection>(conn: &mut C, out: &Outbound, wt: Duration) -> bool {
+    loop {
+        if out.is_closing() {
+            return true;
+        }
+        let batch = out.take_batch();
+        if batch.is_empty() {
+            return true;
+        }
+        if let Err(e) = timed(wt, conn.write(&batch)).await {
+            tracing::debug!(error = %e, "session write failed");
+            out.close(CloseSpec::silent(&e));
+            return false;
+        }
+    }
+}
+
+/// Runs `work` (a frame handler that may wait on logic) while still writing what is queued
+/// meanwhile, so a slow call does not stall the session's pushes into a slow-consumer close.
+async fn while_writing<C: Connection, F: Future<Output = ()>>(
+    conn: &mut C,
+    out: &Outbound,
+    wt: Duration,
+    work: F,
+) {
+    tokio::pin!(work);
+    let mut writable = true;
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut work => return,
+            _ = out.changed(), if writable && !out.is_closing() => {
+                writable = flush(conn, out, wt).await;
+            }
+        }
+    }
+}
+
+/// Performs the requested close: what is still queued first when the close asks for it, then
+/// op 6 and the close frame, each write bounded by `wt`.
+async fn close<C: Connection>(conn: &mut C, out: &Outbound, wt: Duration) {
+    let spec = out.spec().unwrap_or_else(|| CloseSpec::silent("closed"));
+    if spec.drain {
+        // Replies and pushes already queued still go out before the close (shutdown, kick).
+        loop {
+            let batch = out.take_batch();
+            if batch.is_empty() {
+                break;
+            }
+            if timed(wt, conn.write(&batch)).await.is_err() {
+                return;
+            }
+        }
+    }
+    if let Err(e) = timed(wt, conn.finish(&spec)).await {
+        tracing::debug!(error = %e, "session close write failed");
+    }
+}
+
+/// `f` under a deadline of `t`.
+async fn timed<F: Future<Output = Result<(), String>>>(t: Duration, f: F) -> Result<(), String> {
+    match tokio::time::timeout(t, f).await {
+        Ok(r) => r.map_err(|e| format!("write failed: {e}")),
+        Err(_) => Err("write timed out".to_string()),
+    }
 }
 
 /// How often a session's registration is renewed at logic at most. logic's TTL is
@@ -749,18 +714,17 @@ async fn handle_frame(ctx: &Arc<Ctx>, s: &Arc<Session>, f: Frame, st: &mut Frame
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::writer::EncodedPush;
 
     fn pid(partition: u16, ms: u64, seq: u64) -> PushId {
         PushId { partition, ms, seq }
     }
 
-    fn session(queue: usize) -> (Arc<Session>, mpsc::Receiver<Out>) {
-        let (out, rx) = Outbound::new(queue);
+    fn session(queue: usize) -> (Arc<Session>, ()) {
+        let out = Outbound::new(queue);
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         (
             Arc::new(Session::new(1, 7, "k".into(), peer, out, &[1000])),
-            rx,
+            (),
         )
     }
 
@@ -834,19 +798,5 @@ mod tests {
         assert_eq!(renew_interval(60_000, 30), Duration::from_secs(30));
         assert_eq!(renew_interval(10_000, 30), Duration::from_secs(10));
         assert_eq!(renew_interval(60_000, 0), Duration::from_secs(1));
-    }
-
-    #[test]
-    fn full_queue_marks_slow_consumer_once() {
-        let (s, _rx) = session(1);
-        let m = Metrics::default();
-        let p = Arc::new(EncodedPush::new(1000, b"x"));
-        assert_eq!(s.out.offer(Out::Push(p.clone()), &m), Offer::Queued);
-        assert_eq!(s.out.offer(Out::Push(p.clone()), &m), Offer::Slow);
-        assert_eq!(s.out.offer(Out::Push(p), &m), Offer::Closed);
-        assert_eq!(m.slow_consumer_closed.get(), 1);
-        assert!(s.out.is_closing());
-        assert_eq!(s.out.spec(), Some(CloseSpec::slow()));
-        assert!(!s.out.close(CloseSpec::shutdown()), "first close wins");
     }
 }

@@ -1,29 +1,73 @@
-//! Raw TCP transport: frames back to back on the stream, read with `FrameCodec`, written plain.
+//! Raw TCP transport: frames back to back on the stream, written plain. The socket is one
+//! [`Connection`] driven by one task.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use rim_proto::frame::{CodecError, Frame, FrameCodec};
-use tokio::net::TcpListener;
-use tokio::net::tcp::OwnedReadHalf;
-use tokio_util::codec::FramedRead;
+use bytes::BytesMut;
+use rim_proto::frame::{CodecError, Frame, FrameCodec, FrameError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Decoder;
 
 use crate::server::Ctx;
-use crate::session::{FrameReader, Outbound, ReadError, Transport, drive};
-use crate::writer::{self, WriterSink};
+use crate::session::{CloseSpec, Connection, ReadError, Transport, drive};
+use crate::writer::{Out, disconnect_frame, tcp_bytes};
 
-/// Frames from a TCP stream.
-pub(crate) struct TcpReader(FramedRead<OwnedReadHalf, FrameCodec>);
+/// A TCP session. The read buffer holds at most one frame and is released between frames
+/// (the codec reserves exactly the header, then exactly the body), so an idle session owns
+/// none; a buffered reader would keep 8 KiB per session for nothing.
+pub(crate) struct TcpConn {
+    stream: TcpStream,
+    buf: BytesMut,
+    codec: FrameCodec,
+}
 
-impl FrameReader for TcpReader {
+impl Connection for TcpConn {
     async fn next(&mut self) -> Option<Result<Frame, ReadError>> {
-        match self.0.next().await? {
-            Ok(f) => Some(Ok(f)),
-            Err(CodecError::Frame(e)) => Some(Err(ReadError::Frame(e))),
-            Err(CodecError::Io(e)) => Some(Err(ReadError::Io(e.to_string()))),
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(f)) => {
+                    if self.buf.is_empty() {
+                        self.buf = BytesMut::new();
+                    }
+                    return Some(Ok(f));
+                }
+                Ok(None) => {}
+                Err(CodecError::Frame(e)) => return Some(Err(ReadError::Frame(e))),
+                Err(CodecError::Io(e)) => return Some(Err(ReadError::Io(e.to_string()))),
+            }
+            // Cancel-safe: bytes read are in `buf` whether or not the caller keeps waiting.
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) if self.buf.is_empty() => return None,
+                Ok(0) => {
+                    return Some(Err(ReadError::Frame(FrameError::Truncated {
+                        buffered: self.buf.len(),
+                    })));
+                }
+                Ok(_) => {}
+                Err(e) => return Some(Err(ReadError::Io(e.to_string()))),
+            }
         }
+    }
+
+    async fn write(&mut self, batch: &[Out]) -> Result<(), String> {
+        let b = tcp_bytes(batch);
+        self.stream.write_all(&b).await.map_err(|e| e.to_string())?;
+        self.stream.flush().await.map_err(|e| e.to_string())
+    }
+
+    async fn finish(&mut self, spec: &CloseSpec) -> Result<(), String> {
+        if spec.op6 {
+            let f = disconnect_frame(&spec.reason);
+            self.stream
+                .write_all(&f.to_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        self.stream.flush().await.map_err(|e| e.to_string())?;
+        self.stream.shutdown().await.map_err(|e| e.to_string())
     }
 }
 
@@ -48,15 +92,11 @@ pub(crate) async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
     }
 }
 
-async fn serve(ctx: Arc<Ctx>, stream: tokio::net::TcpStream, peer: SocketAddr) {
-    let (r, w) = stream.into_split();
-    let (out, rx) = Outbound::new(ctx.cfg.session.outbound_queue);
-    let wt = Duration::from_millis(ctx.cfg.session.write_timeout_ms);
-    let writer = tokio::spawn(writer::run(WriterSink::Tcp(w), rx, out.clone(), wt));
-    let reader = TcpReader(FramedRead::new(
-        r,
-        FrameCodec::new(ctx.cfg.session.max_body),
-    ));
-    drive(ctx, reader, out, peer, Transport::Tcp).await;
-    let _ = writer.await;
+async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
+    let conn = TcpConn {
+        stream,
+        buf: BytesMut::new(),
+        codec: FrameCodec::new(ctx.cfg.session.max_body),
+    };
+    drive(ctx, conn, peer, Transport::Tcp).await;
 }

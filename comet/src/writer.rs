@@ -1,32 +1,19 @@
-//! The outbound half of a connection: one writer task per connection drains the session's
-//! bounded queue in batches and writes them in the transport's shape (plain frames on TCP, op 9
-//! wrapped pushes on WebSocket, JSON text in JSON mode), then performs the close the session asked
-//! for (op 6 reason, WebSocket close code).
+//! What goes out to clients, encoded once and shared: pushes and batches ([`EncodedPush`],
+//! [`EncodedBatch`]), the items of a session's queue ([`Out`]), and their shape on each
+//! transport (plain frames on TCP, op 9 wrapped pushes on WebSocket, JSON text in JSON mode).
 //!
 //! A queue item is never split or merged with another [`Out::Batch`]: a batch (a run of room
 //! pushes delivered together) is exactly one WebSocket message, so clients see the grouping job
 //! chose and every member shares the same encoded bytes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::Utf8Bytes;
 use bytes::{Bytes, BytesMut};
-use futures::SinkExt;
-use futures::stream::SplitSink;
 use rim_proto::frame::{Frame, HEADER_LEN, wrap_raw};
 use rim_proto::json::encode_server;
 use rim_proto::msg::DisconnectBody;
 use rim_proto::op;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
-
-use crate::session::{CloseSpec, Outbound};
-
-/// Most queue items written in one batch, so one busy session cannot hog its writer forever.
-const MAX_BATCH: usize = 256;
 
 /// A push encoded once per delivery and shared (by `Arc`) by every recipient's queue.
 #[derive(Debug)]
@@ -264,165 +251,18 @@ pub fn ws_json_messages(batch: &[Out]) -> Vec<Utf8Bytes> {
     msgs
 }
 
-/// Where a writer writes.
-pub enum WriterSink {
-    /// Raw TCP.
-    Tcp(OwnedWriteHalf),
-    /// WebSocket; `json` is set by the reader when the first message opened JSON mode.
-    Ws {
-        /// The sending half of the socket.
-        sink: SplitSink<WebSocket, Message>,
-        /// JSON mode flag, decided by the first client message.
-        json: Arc<AtomicBool>,
-    },
-}
-
-#[derive(Debug, thiserror::Error)]
-enum WriteError {
-    #[error("write failed: {0}")]
-    Io(String),
-    #[error("write timed out")]
-    Timeout,
-}
-
-impl WriterSink {
-    async fn write_batch(&mut self, batch: &[Out]) -> Result<(), String> {
-        match self {
-            WriterSink::Tcp(w) => {
-                let b = tcp_bytes(batch);
-                w.write_all(&b).await.map_err(|e| e.to_string())?;
-                w.flush().await.map_err(|e| e.to_string())
-            }
-            WriterSink::Ws { sink, json } => {
-                if json.load(Ordering::Acquire) {
-                    for m in ws_json_messages(batch) {
-                        sink.feed(Message::Text(m))
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    }
-                } else {
-                    for m in ws_binary_messages(batch) {
-                        sink.feed(Message::Binary(m))
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    }
-                }
-                sink.flush().await.map_err(|e| e.to_string())
-            }
-        }
-    }
-
-    async fn finish(&mut self, spec: &CloseSpec) -> Result<(), String> {
-        match self {
-            WriterSink::Tcp(w) => {
-                if spec.op6 {
-                    let f = Frame::new(
-                        op::DISCONNECT_REPLY,
-                        0,
-                        DisconnectBody::to_json(&spec.reason),
-                    );
-                    w.write_all(&f.to_bytes())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                w.flush().await.map_err(|e| e.to_string())?;
-                w.shutdown().await.map_err(|e| e.to_string())
-            }
-            WriterSink::Ws { sink, json } => {
-                if spec.op6 && spec.op6_on_ws {
-                    let body = DisconnectBody::to_json(&spec.reason);
-                    let msg = if json.load(Ordering::Acquire) {
-                        let mut s = String::new();
-                        encode_server(&mut s, op::DISCONNECT_REPLY, 0, &body);
-                        Message::Text(s.into())
-                    } else {
-                        Message::Binary(Frame::new(op::DISCONNECT_REPLY, 0, body).to_bytes())
-                    };
-                    sink.feed(msg).await.map_err(|e| e.to_string())?;
-                }
-                let close = CloseFrame {
-                    code: spec.ws_code,
-                    reason: close_reason(&spec.reason).into(),
-                };
-                sink.send(Message::Close(Some(close)))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = sink.close().await;
-                Ok(())
-            }
-        }
-    }
+/// The op 6 DisconnectReply carrying `reason`, as a plain frame.
+pub fn disconnect_frame(reason: &str) -> Frame {
+    Frame::new(op::DISCONNECT_REPLY, 0, DisconnectBody::to_json(reason))
 }
 
 /// A WebSocket close reason must fit in 123 bytes; cut at a char boundary.
-fn close_reason(reason: &str) -> String {
+pub fn close_reason(reason: &str) -> String {
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
     reason[..end].to_string()
-}
-
-async fn timed<F: Future<Output = Result<(), String>>>(
-    t: Duration,
-    f: F,
-) -> Result<(), WriteError> {
-    match tokio::time::timeout(t, f).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(WriteError::Io(e)),
-        Err(_) => Err(WriteError::Timeout),
-    }
-}
-
-fn drain_ready(rx: &mut mpsc::Receiver<Out>, batch: &mut Vec<Out>) {
-    while batch.len() < MAX_BATCH {
-        match rx.try_recv() {
-            Ok(o) => batch.push(o),
-            Err(_) => break,
-        }
-    }
-}
-
-/// Runs until the session is closed (or the socket fails): writes batches, then the close.
-pub async fn run(
-    mut sink: WriterSink,
-    mut rx: mpsc::Receiver<Out>,
-    out: Arc<Outbound>,
-    write_timeout: Duration,
-) {
-    let mut batch = Vec::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = out.closed() => break,
-            item = rx.recv() => match item {
-                Some(o) => batch.push(o),
-                None => break,
-            },
-        }
-        drain_ready(&mut rx, &mut batch);
-        if let Err(e) = timed(write_timeout, sink.write_batch(&batch)).await {
-            tracing::debug!(error = %e, "session write failed");
-            out.close(CloseSpec::silent(&e.to_string()));
-            return;
-        }
-        batch.clear();
-    }
-    let spec = out.spec().unwrap_or_else(|| CloseSpec::silent("closed"));
-    if spec.drain {
-        // Replies and pushes already queued still go out before the close (shutdown, kick).
-        drain_ready(&mut rx, &mut batch);
-        if !batch.is_empty()
-            && timed(write_timeout, sink.write_batch(&batch))
-                .await
-                .is_err()
-        {
-            return;
-        }
-    }
-    if let Err(e) = timed(write_timeout, sink.finish(&spec)).await {
-        tracing::debug!(error = %e, "session close write failed");
-    }
 }
 
 #[cfg(test)]

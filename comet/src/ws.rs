@@ -1,26 +1,28 @@
 //! WebSocket transport at `GET /sub`: one frame per client message (binary, or a binary frame in
-//! a text message), or JSON mode when the first message is a JSON text object.
+//! a text message), or JSON mode when the first message is a JSON text object. The upgraded
+//! socket is one [`Connection`] driven by one task.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use axum::routing::get;
 use bytes::Bytes;
-use futures::StreamExt;
-use futures::stream::SplitStream;
+use futures::{SinkExt, StreamExt};
 use rim_proto::frame::Frame;
-use rim_proto::json::{JsonFrameError, decode_client, looks_like_json};
+use rim_proto::json::{JsonFrameError, decode_client, encode_server, looks_like_json};
 use rim_runtime::listener::PeerAddr;
 
 use crate::server::Ctx;
-use crate::session::{FrameReader, Outbound, ReadError, Transport, drive};
-use crate::writer::{self, WriterSink};
+use crate::session::{CloseSpec, Connection, ReadError, Transport, drive};
+use crate::writer::{Out, close_reason, disconnect_frame, ws_binary_messages, ws_json_messages};
+
+/// Bytes the WebSocket layer reads per call and keeps per connection. tungstenite's default
+/// (128 KiB, zero-filled on first read) made an idle session cost ~144 KiB; client messages are
+/// small (Auth, heartbeats, a chat line), and a larger one is read in several calls.
+pub(crate) const READ_BUFFER: usize = 512;
 
 /// The `/sub` route.
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
@@ -36,24 +38,32 @@ async fn upgrade(
     let limit = (16 + ctx.cfg.session.max_body) * 2 + 1024;
     ws.max_message_size(limit)
         .max_frame_size(limit)
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| {
             let tracker = ctx.tracker.clone();
-            tracker.track_future(serve(ctx, socket, peer))
+            let max_body = ctx.cfg.session.max_body;
+            let conn = WsConn {
+                ws: socket,
+                json: false,
+                first: true,
+                max_body,
+            };
+            tracker.track_future(drive(ctx, conn, peer, Transport::Ws))
         })
 }
 
-/// Frames from WebSocket messages; decides JSON mode on the first message.
-pub(crate) struct WsReader {
-    stream: SplitStream<WebSocket>,
-    json: Arc<AtomicBool>,
+/// A WebSocket session; JSON mode is decided by its first message.
+pub(crate) struct WsConn {
+    ws: WebSocket,
+    json: bool,
     first: bool,
     max_body: usize,
 }
 
-impl FrameReader for WsReader {
+impl Connection for WsConn {
     async fn next(&mut self) -> Option<Result<Frame, ReadError>> {
         loop {
-            let msg = match self.stream.next().await? {
+            let msg = match self.ws.next().await? {
                 Ok(m) => m,
                 Err(e) => return Some(Err(ReadError::Io(e.to_string()))),
             };
@@ -64,9 +74,9 @@ impl FrameReader for WsReader {
                 }
                 Message::Text(t) => {
                     if first && looks_like_json(t.as_str()) {
-                        self.json.store(true, Ordering::Release);
+                        self.json = true;
                     }
-                    if self.json.load(Ordering::Acquire) {
+                    if self.json {
                         decode_client(t.as_str(), self.max_body).map_err(|e| match e {
                             JsonFrameError::Frame(f) => ReadError::Frame(f),
                             other => ReadError::Json(other.to_string()),
@@ -88,28 +98,47 @@ impl FrameReader for WsReader {
             });
         }
     }
-}
 
-async fn serve(ctx: Arc<Ctx>, socket: WebSocket, peer: SocketAddr) {
-    let (sink, stream) = socket.split();
-    let json = Arc::new(AtomicBool::new(false));
-    let (out, rx) = Outbound::new(ctx.cfg.session.outbound_queue);
-    let wt = Duration::from_millis(ctx.cfg.session.write_timeout_ms);
-    let writer = tokio::spawn(writer::run(
-        WriterSink::Ws {
-            sink,
-            json: json.clone(),
-        },
-        rx,
-        out.clone(),
-        wt,
-    ));
-    let reader = WsReader {
-        stream,
-        json,
-        first: true,
-        max_body: ctx.cfg.session.max_body,
-    };
-    drive(ctx, reader, out, peer, Transport::Ws).await;
-    let _ = writer.await;
+    async fn write(&mut self, batch: &[Out]) -> Result<(), String> {
+        if self.json {
+            for m in ws_json_messages(batch) {
+                self.ws
+                    .feed(Message::Text(m))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        } else {
+            for m in ws_binary_messages(batch) {
+                self.ws
+                    .feed(Message::Binary(m))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        self.ws.flush().await.map_err(|e| e.to_string())
+    }
+
+    async fn finish(&mut self, spec: &CloseSpec) -> Result<(), String> {
+        if spec.op6 && spec.op6_on_ws {
+            let f = disconnect_frame(&spec.reason);
+            let msg = if self.json {
+                let mut s = String::new();
+                encode_server(&mut s, f.op, f.seq, &f.body);
+                Message::Text(s.into())
+            } else {
+                Message::Binary(f.to_bytes())
+            };
+            self.ws.feed(msg).await.map_err(|e| e.to_string())?;
+        }
+        let close = CloseFrame {
+            code: spec.ws_code,
+            reason: close_reason(&spec.reason).into(),
+        };
+        self.ws
+            .send(Message::Close(Some(close)))
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = self.ws.close().await;
+        Ok(())
+    }
 }

@@ -1,6 +1,7 @@
-//! Test kit shared by every integration test and the load tool: a throwaway `redis-server`
-//! ([`redis`]), and protocol clients speaking goim frames over TCP and WebSocket and rim's JSON
-//! mode ([`client`]). It depends on no tier, so tiers can use it in their own tests.
+//! Test kit shared by the integration tests: a throwaway `redis-server` ([`redis`]), the HTTP API
+//! client ([`api`]), process helpers ([`process`]), and the protocol client ([`client`]: rim-client's
+//! `Conn`, plus malformed frames for bad-input tests). It depends on no tier, so tiers can use it
+//! in their own tests.
 #![forbid(unsafe_code)]
 
 pub mod api;

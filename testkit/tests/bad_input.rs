@@ -5,10 +5,10 @@ mod common;
 
 use common::Cluster;
 use rim_proto::op;
-use rim_testkit::client::{Client, Transport, raw_frame};
+use rim_testkit::client::{Conn, Transport, raw_frame};
 
 /// A healthy session on the same comet still gets pushes after each bad client.
-async fn still_serving(cluster: &Cluster, healthy: &mut Client, tag: &str) {
+async fn still_serving(cluster: &Cluster, healthy: &mut Conn, tag: &str) {
     cluster
         .api
         .push_keys(1000, &[healthy.key()], tag.as_bytes())
@@ -30,7 +30,7 @@ async fn malformed_frames_close_only_the_offender_with_a_precise_reason() {
 
     // First frame is not Auth.
     for t in [Transport::WsBinary, Transport::Tcp] {
-        let mut c = Client::open(t, comet.addr(t)).await.unwrap();
+        let mut c = Conn::open(t, comet.addr(t)).await.unwrap();
         c.send_op(op::HEARTBEAT, bytes::Bytes::new()).await.unwrap();
         let closed = c.expect_closed().await.unwrap();
         let reason = closed.disconnect_reason.clone().unwrap_or_default();
@@ -46,7 +46,7 @@ async fn malformed_frames_close_only_the_offender_with_a_precise_reason() {
 
     // Auth body is not JSON.
     for t in [Transport::WsBinary, Transport::Tcp] {
-        let mut c = Client::open(t, comet.addr(t)).await.unwrap();
+        let mut c = Conn::open(t, comet.addr(t)).await.unwrap();
         c.send_op(op::AUTH, &b"{mid:"[..]).await.unwrap();
         let closed = c.expect_closed().await.unwrap();
         assert!(closed.said("bad auth body"), "{t:?}: {closed:?}");
@@ -54,19 +54,19 @@ async fn malformed_frames_close_only_the_offender_with_a_precise_reason() {
     }
 
     // headerLen ≠ 16 → 1002 on WebSocket; op 6 and close on TCP.
-    let mut c = Client::open(Transport::WsBinary, comet.http).await.unwrap();
+    let mut c = Conn::open(Transport::WsBinary, comet.http).await.unwrap();
     c.send_raw(raw_frame(16, 12, op::AUTH, b"")).await.unwrap();
     let closed = c.expect_closed().await.unwrap();
     assert_eq!(closed.code, Some(1002), "{closed:?}");
     assert!(closed.reason.contains("headerLen"), "{closed:?}");
-    let mut c = Client::open(Transport::Tcp, comet.tcp).await.unwrap();
+    let mut c = Conn::open(Transport::Tcp, comet.tcp).await.unwrap();
     c.send_raw(raw_frame(16, 20, op::AUTH, b"")).await.unwrap();
     let closed = c.expect_closed().await.unwrap();
     assert!(closed.said("headerLen"), "{closed:?}");
     still_serving(&cluster, &mut healthy_ws, "after-headerlen").await;
 
     // packLen over the limit (4096-byte bodies by default) → 1009.
-    let mut c = Client::open(Transport::WsBinary, comet.http).await.unwrap();
+    let mut c = Conn::open(Transport::WsBinary, comet.http).await.unwrap();
     let body = vec![b'x'; 5000];
     c.send_raw(raw_frame(16 + 5000, 16, op::AUTH, &body))
         .await
@@ -74,7 +74,7 @@ async fn malformed_frames_close_only_the_offender_with_a_precise_reason() {
     let closed = c.expect_closed().await.unwrap();
     assert_eq!(closed.code, Some(1009), "{closed:?}");
     // On TCP the header alone is enough to refuse: the body is never buffered.
-    let mut c = Client::open(Transport::Tcp, comet.tcp).await.unwrap();
+    let mut c = Conn::open(Transport::Tcp, comet.tcp).await.unwrap();
     c.send_raw(raw_frame(16 + 1_000_000, 16, op::AUTH, b""))
         .await
         .unwrap();
@@ -83,19 +83,19 @@ async fn malformed_frames_close_only_the_offender_with_a_precise_reason() {
     still_serving(&cluster, &mut healthy_tcp, "after-oversize").await;
 
     // Truncated: a WebSocket message shorter than its packLen; a short header.
-    let mut c = Client::open(Transport::WsBinary, comet.http).await.unwrap();
+    let mut c = Conn::open(Transport::WsBinary, comet.http).await.unwrap();
     c.send_raw(raw_frame(40, 16, op::AUTH, b"{}"))
         .await
         .unwrap();
     let closed = c.expect_closed().await.unwrap();
     assert_eq!(closed.code, Some(1002), "{closed:?}");
     assert!(closed.reason.contains("packLen"), "{closed:?}");
-    let mut c = Client::open(Transport::WsBinary, comet.http).await.unwrap();
+    let mut c = Conn::open(Transport::WsBinary, comet.http).await.unwrap();
     c.send_raw(vec![0, 0, 0]).await.unwrap();
     let closed = c.expect_closed().await.unwrap();
     assert_eq!(closed.code, Some(1002), "{closed:?}");
     // TCP: half a frame, then the client goes away; the comet must just log and clean up.
-    let mut c = Client::open(Transport::Tcp, comet.tcp).await.unwrap();
+    let mut c = Conn::open(Transport::Tcp, comet.tcp).await.unwrap();
     c.send_raw(raw_frame(100, 16, op::AUTH, b"{\"mid\":"))
         .await
         .unwrap();
@@ -115,7 +115,7 @@ async fn bad_room_ids_are_refused_with_a_reason() {
         .await;
 
     // At auth: refused with op 6 naming room_id.
-    let mut c = Client::open(Transport::Tcp, comet.tcp).await.unwrap();
+    let mut c = Conn::open(Transport::Tcp, comet.tcp).await.unwrap();
     let auth = serde_json::json!({"mid": 5, "room_id": "no-separator", "accepts": [1000]});
     c.send_op(op::AUTH, serde_json::to_vec(&auth).unwrap())
         .await
@@ -253,7 +253,7 @@ async fn thousands_of_malformed_frames_while_legitimate_clients_keep_receiving()
                 Transport::WsBinary
             };
             let addr = if t == Transport::Tcp { tcp_addr } else { http };
-            let Ok(mut c) = Client::open(t, addr).await else {
+            let Ok(mut c) = Conn::open(t, addr).await else {
                 continue;
             };
             for _ in 0..FRAMES_PER_CONNECTION {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::{Api, eventually};
-use rim_testkit::client::{Client, Transport};
+use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{Proc, free_addr};
 use rim_testkit::redis::RedisServer;
 use tokio::sync::watch;
@@ -255,7 +255,7 @@ fn spawn_recipient(
             }
             let (tcp, ws) = comets[node % comets.len()];
             let addr = if transport == Transport::Tcp { tcp } else { ws };
-            let mut client = match Client::connect(transport, addr, &auth).await {
+            let mut client = match Conn::connect(transport, addr, &auth).await {
                 Ok(c) => c,
                 Err(_) => {
                     // That comet is gone too (or not yet reachable): try the next one.
@@ -784,10 +784,10 @@ async fn a_client_that_never_reads_is_disconnected_and_counted() {
         ..Default::default()
     };
     // Authenticated, in the room, then never reads again.
-    let _stalled = Client::connect(Transport::Tcp, comet.tcp, &auth(1))
+    let _stalled = Conn::connect(Transport::Tcp, comet.tcp, &auth(1))
         .await
         .unwrap();
-    let mut healthy = Client::connect(Transport::WsBinary, comet.http, &auth(2))
+    let mut healthy = Conn::connect(Transport::WsBinary, comet.http, &auth(2))
         .await
         .unwrap();
     let metrics_url = format!("http://{}/metrics", comet.http);

@@ -14,14 +14,14 @@ use common::{Cluster, Options};
 use parking_lot::Mutex;
 use rim_proto::op;
 use rim_testkit::api::eventually;
-use rim_testkit::client::{Client, Received, Transport};
+use rim_testkit::client::{Conn, Received, Transport};
 use serde_json::{Value, json};
 
 const A: usize = 0;
 const B: usize = 1;
 
 /// Sends op 4 and returns the op 5 reply body.
-async fn send(c: &mut Client, msg: Value) -> Value {
+async fn send(c: &mut Conn, msg: Value) -> Value {
     let seq = c
         .send_op(op::SEND_MSG, serde_json::to_vec(&msg).unwrap())
         .await
@@ -36,7 +36,7 @@ fn body(r: &Received) -> Value {
 }
 
 /// Nothing was queued for these clients (pushes confirmed everywhere, heartbeat answered first).
-async fn expect_nothing(cluster: &Cluster, clients: &mut [&mut Client]) {
+async fn expect_nothing(cluster: &Cluster, clients: &mut [&mut Conn]) {
     cluster.wait_drained().await;
     for c in clients.iter_mut() {
         let pushes = c.pushes_before_heartbeat().await.unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::{Api, eventually};
-use rim_testkit::client::{Client, Transport};
+use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{Proc, binary, free_addr, repo};
 use rim_testkit::redis::RedisServer;
 
@@ -84,10 +84,10 @@ async fn three_binaries_from_example_configs_deliver_http_pushes() {
         platform: "test".into(),
         ..Default::default()
     };
-    let mut c1 = Client::connect(Transport::Tcp, addrs[0].tcp, &auth(1))
+    let mut c1 = Conn::connect(Transport::Tcp, addrs[0].tcp, &auth(1))
         .await
         .unwrap();
-    let mut c2 = Client::connect(Transport::WsBinary, addrs[1].http, &auth(2))
+    let mut c2 = Conn::connect(Transport::WsBinary, addrs[1].http, &auth(2))
         .await
         .unwrap();
 

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use common::{Cluster, Options};
 use rim_testkit::api::eventually;
-use rim_testkit::client::{Client, Received, Transport};
+use rim_testkit::client::{Conn, Received, Transport};
 
 const A: usize = 0;
 const B: usize = 1;
 
 /// Asserts `client` received exactly `body` with `op` as its next push, framed as its transport demands.
-async fn expect_push(client: &mut Client, op: i32, body: &str) -> Received {
+async fn expect_push(client: &mut Conn, op: i32, body: &str) -> Received {
     let r = client.recv_push().await.unwrap_or_else(|e| {
         panic!(
             "{:?} client {} expected {body:?}: {e}",
@@ -34,7 +34,7 @@ async fn expect_push(client: &mut Client, op: i32, body: &str) -> Received {
 
 /// Asserts that nothing was queued for these clients: every accepted push has been confirmed by
 /// the comets (streams drained), and each client's heartbeat reply arrives with no push before it.
-async fn expect_nothing(cluster: &Cluster, clients: &mut [&mut Client]) {
+async fn expect_nothing(cluster: &Cluster, clients: &mut [&mut Conn]) {
     cluster.wait_drained().await;
     for c in clients.iter_mut() {
         let pushes = c.pushes_before_heartbeat().await.expect("heartbeat");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::{Api, eventually, streams_drained};
-use rim_testkit::client::{Client, Transport};
+use rim_testkit::client::{Conn, Transport};
 use rim_testkit::redis::RedisServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -154,7 +154,7 @@ impl Cluster {
         mid: i64,
         room: &str,
         accepts: &[i32],
-    ) -> Client {
+    ) -> Conn {
         let auth = AuthBody {
             mid,
             room_id: room.to_string(),
@@ -162,7 +162,7 @@ impl Cluster {
             accepts: accepts.to_vec(),
             ..Default::default()
         };
-        Client::connect(transport, self.comets[node].addr(transport), &auth)
+        Conn::connect(transport, self.comets[node].addr(transport), &auth)
             .await
             .expect("client connects")
     }
