@@ -13,10 +13,18 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Scenario::S2)]
     pub scenario: Scenario,
     /// Comet WebSocket (HTTP) listeners, comma-separated; sessions are spread over them.
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:3102,127.0.0.1:3202")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:3102,127.0.0.1:3202"
+    )]
     pub ws: Vec<SocketAddr>,
     /// Comet TCP listeners, in the same order as `--ws`.
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:3101,127.0.0.1:3201")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:3101,127.0.0.1:3201"
+    )]
     pub tcp: Vec<SocketAddr>,
     /// Session transport: ws (binary frames), json (WebSocket JSON mode), tcp, or mix (round robin).
     #[arg(long, value_enum, default_value_t = TransportArg::Ws)]
@@ -31,7 +39,12 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Via::Http)]
     pub via: Via,
     /// `Authorization: Bearer` secret for push routes (logic's push.secret), if set.
-    #[arg(long, env = "RIM_BENCH_PUSH_SECRET", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "RIM_BENCH_PUSH_SECRET",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub push_secret: String,
     /// Extra `/metrics` endpoints (host:port) whose CPU and memory count as server cost, besides
     /// the comets' and logic's (e.g. job's ops listener).

@@ -62,14 +62,28 @@ fn summary(v: &serde_json::Value) {
     match v["scenario"].as_str() {
         Some("s1") => eprintln!(
             "S1 {} {} sessions: opened {}, alive after hold {}, {} connects/s, comet {} KiB/session (PSS), server CPU {} µs/session",
-            g("transport"), g("n"), g("opened"), g("alive_after_hold"), g("connect_per_s"),
-            g("comet_kib_per_session_pss"), g("server_cpu_us_per_session")
+            g("transport"),
+            g("n"),
+            g("opened"),
+            g("alive_after_hold"),
+            g("connect_per_s"),
+            g("comet_kib_per_session_pss"),
+            g("server_cpu_us_per_session")
         ),
         _ => eprintln!(
             "{} {} × {} pushes: {} pushes/s, {} deliveries/s, latency p50 {} ms p99 {} ms; lost {} dup {} ooo causal {} misdelivered {}; {} deliveries per server CPU-s",
-            v["scenario"].as_str().unwrap_or("?").to_uppercase(), g("m"), g("k"), g("pushes_per_s"),
-            g("deliveries_per_s"), v["latency_ms"]["p50"], v["latency_ms"]["p99"], g("lost"), g("dup"),
-            g("ooo_causal"), g("misdelivered"), g("deliveries_per_server_cpu_s")
+            v["scenario"].as_str().unwrap_or("?").to_uppercase(),
+            g("m"),
+            g("k"),
+            g("pushes_per_s"),
+            g("deliveries_per_s"),
+            v["latency_ms"]["p50"],
+            v["latency_ms"]["p99"],
+            g("lost"),
+            g("dup"),
+            g("ooo_causal"),
+            g("misdelivered"),
+            g("deliveries_per_server_cpu_s")
         ),
     }
 }

@@ -169,13 +169,18 @@ impl Sender {
 
 /// A LogicRpc link to `addr`.
 pub fn rpc_link(addr: SocketAddr) -> Link<LogicRpcClient> {
-    Link::new("logic", vec![addr.to_string()], Duration::from_secs(2), |stream| {
-        LogicRpcClient::new(
-            tarpc::client::Config::default(),
-            rim_proto::rpc::transport(stream),
-        )
-        .spawn()
-    })
+    Link::new(
+        "logic",
+        vec![addr.to_string()],
+        Duration::from_secs(2),
+        |stream| {
+            LogicRpcClient::new(
+                tarpc::client::Config::default(),
+                rim_proto::rpc::transport(stream),
+            )
+            .spawn()
+        },
+    )
 }
 
 /// Sends every push of `targets` (seq = index) and returns what was acknowledged.

@@ -41,7 +41,11 @@ fn comet_delta(args: &Args, before: &[Option<Sample>], after: &[Option<Sample>])
 }
 
 fn kib(bytes: f64, n: u64) -> f64 {
-    if n == 0 { 0.0 } else { round(bytes / 1024.0 / n as f64, 2) }
+    if n == 0 {
+        0.0
+    } else {
+        round(bytes / 1024.0 / n as f64, 2)
+    }
 }
 
 fn round(v: f64, places: i32) -> f64 {
@@ -130,10 +134,9 @@ struct ChildProc {
 impl ChildProc {
     async fn next(&mut self, want: &str) -> anyhow::Result<Value> {
         while let Some(l) = self.lines.next_line().await? {
-            if let Ok(v) = serde_json::from_str::<Value>(&l) {
-                if v["event"] == want {
-                    return Ok(v);
-                }
+            match serde_json::from_str::<Value>(&l) {
+                Ok(v) if v["event"] == want => return Ok(v),
+                _ => {}
             }
         }
         bail!("session process ended before {want}")
@@ -158,7 +161,10 @@ async fn s1(args: &Args) -> anyhow::Result<Value> {
     if before[..args.ws.len()].iter().any(Option::is_none) {
         bail!("a comet's /metrics has no process figures (is it rim ≥ this version, on Linux?)");
     }
-    progress(args, format!("opening {n} sessions from {procs} process(es)"));
+    progress(
+        args,
+        format!("opening {n} sessions from {procs} process(es)"),
+    );
     let exe = std::env::current_exe()?;
     let raw: Vec<String> = std::env::args().skip(1).collect();
     let t0 = Instant::now();
@@ -197,7 +203,10 @@ async fn s1(args: &Args) -> anyhow::Result<Value> {
     let connected = scrape_all(&http, &addrs).await;
     progress(
         args,
-        format!("{opened} open in {connect_secs:.1} s; holding {} ms", args.hold_ms),
+        format!(
+            "{opened} open in {connect_secs:.1} s; holding {} ms",
+            args.hold_ms
+        ),
     );
     tokio::time::sleep(Duration::from_millis(args.hold_ms)).await;
     let held = scrape_all(&http, &addrs).await;
@@ -305,7 +314,10 @@ async fn push_scenario(args: &Args) -> anyhow::Result<Value> {
         if now != last_progress.0 {
             last_progress = (now, Instant::now());
         } else if last_progress.1.elapsed() >= idle {
-            progress(args, format!("no delivery for {idle:?}; {now} of {owed_total}"));
+            progress(
+                args,
+                format!("no delivery for {idle:?}; {now} of {owed_total}"),
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -347,7 +359,10 @@ async fn push_scenario(args: &Args) -> anyhow::Result<Value> {
             })
             .count() as u64
     };
-    let last = live.last_delivery_us.load(Ordering::Relaxed).max(published.first_us + 1);
+    let last = live
+        .last_delivery_us
+        .load(Ordering::Relaxed)
+        .max(published.first_us + 1);
     let secs = (last - published.first_us) as f64 / 1e6;
     let cpu = delta(&before, &after);
     let push_secs = (published.last_us - published.first_us).max(1) as f64 / 1e6;

@@ -42,7 +42,9 @@ pub fn plan(args: &Args, start: usize, count: usize, room: Option<&str>) -> Vec<
                 TransportArg::Ws => Transport::WsBinary,
                 TransportArg::Json => Transport::WsJson,
                 TransportArg::Tcp => Transport::Tcp,
-                TransportArg::Mix => [Transport::WsBinary, Transport::Tcp, Transport::WsJson][i % 3],
+                TransportArg::Mix => {
+                    [Transport::WsBinary, Transport::Tcp, Transport::WsJson][i % 3]
+                }
             };
             let comet = i % args.ws.len();
             let addr = match transport {
@@ -122,7 +124,12 @@ impl Opened {
 /// A short, countable name for an error (`connect: Connection refused (os error 111)` → key).
 fn reason(e: &ClientError) -> String {
     let s = e.to_string();
-    s.split(" (os error").next().unwrap_or(&s).chars().take(120).collect()
+    s.split(" (os error")
+        .next()
+        .unwrap_or(&s)
+        .chars()
+        .take(120)
+        .collect()
 }
 
 /// Opens every plan with `conc` handshakes in flight; each opened session starts its task.

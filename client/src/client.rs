@@ -139,7 +139,9 @@ impl Client {
     /// Sends op 4 and returns the message id from op 5, or the refusal (`-403`, `-404`, ...).
     pub async fn send_msg(&self, msg: &SendMsgBody) -> Result<String, ClientError> {
         let body = serde_json::to_vec(msg).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let r = self.request(op::SEND_MSG, op::SEND_MSG_REPLY, body.into()).await?;
+        let r = self
+            .request(op::SEND_MSG, op::SEND_MSG_REPLY, body.into())
+            .await?;
         let reply: SendMsgReplyBody = match &r.json_body {
             Some(v) => serde_json::from_value(v.clone()),
             None => serde_json::from_slice(&r.frame.body),
@@ -158,7 +160,9 @@ impl Client {
     /// ChangeRoom (op 12) to `room` (`type://id`), or out of any room with `""`.
     pub async fn change_room(&self, room: &str) -> Result<(), ClientError> {
         let body = Bytes::copy_from_slice(room.as_bytes());
-        let r = self.request(op::CHANGE_ROOM, op::CHANGE_ROOM_REPLY, body).await?;
+        let r = self
+            .request(op::CHANGE_ROOM, op::CHANGE_ROOM_REPLY, body)
+            .await?;
         refusal("ChangeRoom", &r)
     }
 
@@ -170,7 +174,9 @@ impl Client {
 
     /// Unsub (op 16): stop accepting pushes of `ops`.
     pub async fn unsub(&self, ops: &[i32]) -> Result<(), ClientError> {
-        let r = self.request(op::UNSUB, op::UNSUB_REPLY, op_list(ops)).await?;
+        let r = self
+            .request(op::UNSUB, op::UNSUB_REPLY, op_list(ops))
+            .await?;
         refusal("Unsub", &r)
     }
 
@@ -197,7 +203,11 @@ fn refusal(what: &'static str, r: &Received) -> Result<(), ClientError> {
         Some(v) => Some(v.clone()),
         None => serde_json::from_slice::<Value>(&r.frame.body).ok(),
     };
-    match v.as_ref().and_then(|v| v.get("error")).and_then(Value::as_str) {
+    match v
+        .as_ref()
+        .and_then(|v| v.get("error"))
+        .and_then(Value::as_str)
+    {
         Some(e) => Err(ClientError::Refused {
             op: what,
             code: 0,
@@ -350,13 +360,11 @@ async fn serve(
                         }
                         continue;
                     }
-                    if let Some((reply_op, _)) = pending.get(&f.seq) {
-                        if *reply_op == f.op {
-                            if let Some((_, done)) = pending.remove(&f.seq) {
-                                let _ = done.send(Ok(r));
-                            }
-                            continue;
+                    if pending.get(&f.seq).is_some_and(|(reply_op, _)| *reply_op == f.op) {
+                        if let Some((_, done)) = pending.remove(&f.seq) {
+                            let _ = done.send(Ok(r));
                         }
+                        continue;
                     }
                     let ev = match f.op {
                         o if o >= op::APP_MIN => Event::Push(r),

@@ -195,12 +195,13 @@ impl Conn {
                 }
             })
         };
-        let stream = tokio::time::timeout(o.wait, open)
-            .await
-            .map_err(|_| ClientError::Timeout {
-                waited: o.wait,
-                what: "the connection to open",
-            })??;
+        let stream =
+            tokio::time::timeout(o.wait, open)
+                .await
+                .map_err(|_| ClientError::Timeout {
+                    waited: o.wait,
+                    what: "the connection to open",
+                })??;
         Ok(Conn {
             transport: o.transport,
             stream,
@@ -375,10 +376,13 @@ impl Conn {
         pred: impl Fn(&Received) -> bool,
         wait: Duration,
     ) -> Result<Received, ClientError> {
-        if let Some(pos) = self.inbox.iter().position(&pred) {
-            if let Some(r) = self.inbox.remove(pos) {
-                return Ok(r);
-            }
+        if let Some(r) = self
+            .inbox
+            .iter()
+            .position(&pred)
+            .and_then(|pos| self.inbox.remove(pos))
+        {
+            return Ok(r);
         }
         let deadline = tokio::time::Instant::now() + wait;
         let mut skipped = Vec::new();

@@ -62,7 +62,11 @@ mod tests {
         for (attempt, cap) in [(0, 100), (1, 200), (2, 400), (3, 800), (4, 1000), (5, 1000)] {
             let d = r.delay(attempt).unwrap();
             let cap = Duration::from_millis(cap);
-            assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d:?} not in [{:?}, {cap:?}]", cap / 2);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {attempt}: {d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
         }
         assert_eq!(r.delay(6), None, "gives up after max_attempts");
         assert_eq!(Reconnect::never().delay(0), None);

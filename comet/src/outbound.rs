@@ -225,7 +225,11 @@ mod tests {
         assert_eq!(rest.len(), 3);
         assert!(matches!(&rest[0], Out::Push(p) if p.body() == MAX_BATCH.to_string().as_bytes()));
         assert!(out.is_empty());
-        assert_eq!(out.state.lock().queue.capacity(), 0, "an idle queue owns no buffer");
+        assert_eq!(
+            out.state.lock().queue.capacity(),
+            0,
+            "an idle queue owns no buffer"
+        );
     }
 
     #[tokio::test]

@@ -292,7 +292,12 @@ fn refuse_auth(ctx: &Ctx, out: &Outbound, metric: &str, reason: &str, peer: Sock
 
 /// Runs one connection from accept to close, in the caller's task: admission, auth, the frame
 /// loop (reading frames and writing what is queued for the session), cleanup, and the close.
-pub(crate) async fn drive<C: Connection>(ctx: Arc<Ctx>, mut conn: C, peer: SocketAddr, t: Transport) {
+pub(crate) async fn drive<C: Connection>(
+    ctx: Arc<Ctx>,
+    mut conn: C,
+    peer: SocketAddr,
+    t: Transport,
+) {
     let out = Outbound::new(ctx.cfg.session.outbound_queue);
     let wt = Duration::from_millis(ctx.cfg.session.write_timeout_ms);
     let guard = if ctx.shutdown.is_cancelled() {

@@ -223,14 +223,25 @@ mod tests {
         let room = Frame::new(12, 2, &b"live://1"[..]);
         assert_eq!(decode_client(&encode_client(&room), 4096).unwrap(), room);
 
-        let one = decode_server(&encode_server_frame(&Frame::new(1000, 0, &b"{\"a\":1}"[..]))).unwrap();
+        let one = decode_server(&encode_server_frame(&Frame::new(
+            1000,
+            0,
+            &b"{\"a\":1}"[..],
+        )))
+        .unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(&one[0].frame.body[..], br#"{"a":1}"#);
         assert_eq!(one[0].body, serde_json::json!({"a":1}));
-        let batch =
-            decode_server(&encode_server_batch([(1000, 0, &b"x"[..]), (1001, 3, &b"2"[..])])).unwrap();
+        let batch = decode_server(&encode_server_batch([
+            (1000, 0, &b"x"[..]),
+            (1001, 3, &b"2"[..]),
+        ]))
+        .unwrap();
         assert_eq!(
-            batch.iter().map(|f| (f.frame.op, f.frame.seq, f.frame.body.clone())).collect::<Vec<_>>(),
+            batch
+                .iter()
+                .map(|f| (f.frame.op, f.frame.seq, f.frame.body.clone()))
+                .collect::<Vec<_>>(),
             vec![(1000, 0, Bytes::from("x")), (1001, 3, Bytes::from("2"))]
         );
         assert!(decode_server("{\"seq\":1}").is_err(), "op is required");

@@ -43,11 +43,7 @@ async fn metrics(State(source): State<Arc<dyn OpsSource>>) -> Response {
         p.render(&mut e);
         text.push_str(&e.finish());
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// `{"code":..,"message":..}` with a matching status.

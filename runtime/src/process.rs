@@ -78,7 +78,8 @@ mod tests {
 
     #[test]
     fn parses_proc_formats() {
-        let stat = "1234 (rim comet) S 1 1234 1234 0 -1 4194560 2000 0 0 0 250 50 0 0 20 0 9 0 100 0 0";
+        let stat =
+            "1234 (rim comet) S 1 1234 1234 0 -1 4194560 2000 0 0 0 250 50 0 0 20 0 9 0 100 0 0";
         assert_eq!(cpu_seconds(stat), Some(3.0));
         let rollup = "55d0-7ffc ---p 00000000 00:00 0  [rollup]\nRss:               10240 kB\nPss:                9000 kB\n";
         assert_eq!(kib_field(rollup, "Rss:"), Some(10240));
@@ -97,6 +98,9 @@ mod tests {
         s.render(&mut e);
         let text = e.finish();
         assert!(text.contains("\nrim_process_pss_bytes "), "{text}");
-        assert!(text.contains("# TYPE process_cpu_seconds_total counter"), "{text}");
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter"),
+            "{text}"
+        );
     }
 }
