@@ -70,8 +70,18 @@ async fn cluster() -> Cluster {
         ws.push(http);
         tcp.push(t);
     }
-    // Ready when a push reaches a session on each comet (logic and job both know the comets).
+    // Ready when both comets are registered and a push reaches a session on each (job knows
+    // them too).
     let api = Api::new(logic_http);
+    eventually("two comets registered", Duration::from_secs(20), || {
+        let api = api.clone();
+        async move {
+            let r = api.get("/goim/nodes/instances").await.ok()?;
+            (r.data().as_array()?.len() == 2).then_some(())
+        }
+    })
+    .await
+    .unwrap();
     for (i, addr) in ws.iter().enumerate() {
         let mid = 900 + i as i64;
         let auth = AuthBody {
@@ -79,24 +89,22 @@ async fn cluster() -> Cluster {
             accepts: vec![1000],
             ..AuthBody::default()
         };
-        let mut c = eventually(
-            "a comet accepting sessions",
-            Duration::from_secs(20),
-            || {
-                let auth = auth.clone();
-                let addr = *addr;
-                async move { Conn::connect(Transport::WsBinary, addr, &auth).await.ok() }
-            },
-        )
-        .await
-        .unwrap();
-        eventually("a push delivered", Duration::from_secs(20), || {
-            let api = api.clone();
-            async move { api.push_mids(1000, &[mid], b"probe").await.ok() }
-        })
-        .await
-        .unwrap();
-        c.recv_push().await.unwrap();
+        let mut c = Conn::connect(Transport::WsBinary, *addr, &auth)
+            .await
+            .unwrap();
+        let mut delivered = false;
+        for _ in 0..20 {
+            api.push_mids(1000, &[mid], b"probe").await.unwrap();
+            if c.next_push(Duration::from_millis(500))
+                .await
+                .unwrap()
+                .is_some()
+            {
+                delivered = true;
+                break;
+            }
+        }
+        assert!(delivered, "no probe push reached comet {addr}");
         c.close().await;
     }
     Cluster {
