@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::args::{Args, Scenario};
 use crate::payload::now_us;
 use crate::publish::{Target, publish};
-use crate::servers::{Sample, delta, scrape_all};
+use crate::servers::{Sample, cpu_by_server, delta, scrape_all};
 use crate::sessions::{Ctl, Live, check_all, open_all, plan, stop_all};
 use crate::stats::{Histogram, Totals};
 
@@ -237,6 +237,7 @@ async fn s1(args: &Args) -> anyhow::Result<Value> {
         "lost_sessions": opened.saturating_sub(alive), "ended_early": ended,
         "connect_per_s": round(opened as f64 / connect_secs, 0),
         "server_cpu_us_per_session": round(cpu.cpu_s * 1e6 / opened.max(1) as f64, 1),
+        "server_cpu_s_by_metrics_addr": cpu_by_server(&addrs, &before, &connected),
         "comet_kib_per_session_pss": kib(mem_comet.pss, opened),
         "comet_kib_per_session_rss": kib(mem_comet.rss, opened),
         "server_kib_per_session_pss": kib(mem_all.pss, opened),
@@ -384,6 +385,8 @@ async fn push_scenario(args: &Args) -> anyhow::Result<Value> {
         "push_rtt_ms": {"p50": round(published.round_trip.quantile_ms(0.5), 3),
             "p99": round(published.round_trip.quantile_ms(0.99), 3)},
         "server_cpu_s": round(cpu.cpu_s, 3),
+        "server_cpu_s_by_metrics_addr": cpu_by_server(&addrs, &before, &after),
+        "server_cpu_us_per_push": round(cpu.cpu_s * 1e6 / ok.max(1) as f64, 1),
         "deliveries_per_server_cpu_s": round(totals.unique as f64 / cpu.cpu_s.max(1e-9), 0),
     }))
 }

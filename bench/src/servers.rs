@@ -66,3 +66,20 @@ pub fn delta(before: &[Option<Sample>], after: &[Option<Sample>]) -> Sample {
     }
     d
 }
+
+/// Per server (by address) `after - before` CPU seconds, for the servers present in both.
+pub fn cpu_by_server(
+    addrs: &[SocketAddr],
+    before: &[Option<Sample>],
+    after: &[Option<Sample>],
+) -> serde_json::Map<String, serde_json::Value> {
+    addrs
+        .iter()
+        .zip(before.iter().zip(after))
+        .filter_map(|(a, (b, f))| {
+            let (b, f) = (b.as_ref()?, f.as_ref()?);
+            let cpu = ((f.cpu_s - b.cpu_s) * 1000.0).round() / 1000.0;
+            Some((a.to_string(), serde_json::json!(cpu)))
+        })
+        .collect()
+}
