@@ -164,6 +164,18 @@ impl Api {
             .data()
             .clone())
     }
+
+    /// Waits (up to `wait`) until logic lists exactly `n` live comets.
+    pub async fn wait_live_nodes(&self, n: usize, wait: Duration) -> anyhow::Result<()> {
+        eventually("comets registered", wait, || {
+            let api = self.clone();
+            async move {
+                let r = api.get("/goim/nodes/instances").await.ok()?;
+                (r.data().as_array().map(Vec::len) == Some(n)).then_some(())
+            }
+        })
+        .await
+    }
 }
 
 /// Polls `check` until it returns `Some`, failing after `wait`. For state that has no event to

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use rim_proto::msg::AuthBody;
-use rim_testkit::api::{Api, eventually};
+use rim_testkit::api::Api;
 use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{Proc, binary, free_addr};
 use rim_testkit::redis::RedisServer;
@@ -73,15 +73,9 @@ async fn cluster() -> Cluster {
     // Ready when both comets are registered and a push reaches a session on each (job knows
     // them too).
     let api = Api::new(logic_http);
-    eventually("two comets registered", Duration::from_secs(20), || {
-        let api = api.clone();
-        async move {
-            let r = api.get("/goim/nodes/instances").await.ok()?;
-            (r.data().as_array()?.len() == 2).then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    api.wait_live_nodes(2, Duration::from_secs(20))
+        .await
+        .unwrap();
     for (i, addr) in ws.iter().enumerate() {
         let mid = 900 + i as i64;
         let auth = AuthBody {

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use rim_proto::msg::AuthBody;
-use rim_testkit::api::{Api, eventually};
+use rim_testkit::api::Api;
 use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{Proc, binary, free_addr, repo};
 use rim_testkit::redis::RedisServer;
@@ -67,15 +67,9 @@ async fn three_binaries_from_example_configs_deliver_http_pushes() {
     }
 
     let api = Api::new(logic_http);
-    eventually("two comets registered", Duration::from_secs(20), || {
-        let api = api.clone();
-        async move {
-            let r = api.get("/goim/nodes/instances").await.ok()?;
-            (r.data().as_array()?.len() == 2).then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    api.wait_live_nodes(2, Duration::from_secs(20))
+        .await
+        .unwrap();
 
     let auth = |mid: i64| AuthBody {
         mid,

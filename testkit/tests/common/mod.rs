@@ -133,17 +133,10 @@ impl Cluster {
 
     /// Waits until `n` comets are listed as live by logic.
     pub async fn wait_live_nodes(&self, n: usize) {
-        let api = self.api.clone();
-        eventually("comets registered", Duration::from_secs(10), || {
-            let api = api.clone();
-            async move {
-                let r = api.get("/goim/nodes/instances").await.ok()?;
-                let count = r.data().as_array().map(Vec::len).unwrap_or(0);
-                (count == n).then_some(())
-            }
-        })
-        .await
-        .expect("comets register with logic");
+        self.api
+            .wait_live_nodes(n, Duration::from_secs(10))
+            .await
+            .expect("comets register with logic");
     }
 
     /// Connects and authenticates a client to comet `node`.
