@@ -1,5 +1,5 @@
 'use strict';
-// rim peer for the shared side-by-side load harness (/work/shared/bench, see its README "Adding a peer").
+// rim peer for the shared side-by-side load harness (../shared/bench beside this checkout; its README, "Adding a peer").
 // Run from the rim checkout:  ../shared/bench/bench.sh --peer bench/peers/rim.js --scenario s1|s2|s3 ...
 //
 // WHAT IT STARTS (all on the run's redis, h.redisUrl; every pid is recorded by h.spawn and stopped by the harness)
