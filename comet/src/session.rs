@@ -1,7 +1,6 @@
 //! One client session: its shared handle (what delivery and buckets see) and the protocol driver
 //! that runs it from the first frame (Auth) to the close, independent of the transport.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,11 +36,21 @@ pub struct Session {
     /// When logic registered this session (its `ConnectReply::since_ms`): identifies it in kicks,
     /// so a late kick for an older session with the same key leaves this one alone.
     pub since_ms: u64,
-    accepts: RwLock<HashSet<i32>>,
+    /// Sorted, without duplicates: one op is the common case, so a small vector, not a set.
+    accepts: RwLock<Vec<i32>>,
     /// Highest push id delivered per dedupe namespace (see [`MarkSpace`]); a session sees few
     /// partitions, so a small vec.
     marks: Mutex<Vec<(u32, u64, u64)>>,
     room: Mutex<Option<RoomId>>,
+}
+
+/// `ops` sorted and deduplicated, holding no spare capacity.
+fn sorted_ops(ops: impl Iterator<Item = i32>) -> Vec<i32> {
+    let mut v: Vec<i32> = ops.collect();
+    v.sort_unstable();
+    v.dedup();
+    v.shrink_to_fit();
+    v
 }
 
 /// Most ops one session may accept (Auth `accepts` plus Sub); a client cannot grow its filter
@@ -88,7 +97,7 @@ impl Session {
             peer,
             out,
             since_ms: 0,
-            accepts: RwLock::new(accepts.iter().copied().take(MAX_ACCEPTS).collect()),
+            accepts: RwLock::new(sorted_ops(accepts.iter().copied().take(MAX_ACCEPTS))),
             marks: Mutex::new(Vec::new()),
             room: Mutex::new(None),
         }
@@ -102,29 +111,23 @@ impl Session {
 
     /// Whether a push with `op` goes to this session.
     pub fn accepts(&self, op: i32) -> bool {
-        self.accepts.read().contains(&op)
+        self.accepts.read().binary_search(&op).is_ok()
     }
 
     /// Adds (Sub) or removes (Unsub) accepted ops. A Sub that would leave more than
     /// [`MAX_ACCEPTS`] ops changes nothing and is refused with the reason.
     pub fn set_accepts(&self, ops: &[i32], accept: bool) -> Result<(), String> {
         let mut a = self.accepts.write();
-        if accept {
-            let new = ops
-                .iter()
-                .filter(|op| !a.contains(op))
-                .collect::<HashSet<_>>();
-            if a.len() + new.len() > MAX_ACCEPTS {
+        let next = if accept {
+            let next = sorted_ops(a.iter().chain(ops).copied());
+            if next.len() > MAX_ACCEPTS {
                 return Err(format!("too many ops: at most {MAX_ACCEPTS}"));
             }
-        }
-        for op in ops {
-            if accept {
-                a.insert(*op);
-            } else {
-                a.remove(op);
-            }
-        }
+            next
+        } else {
+            sorted_ops(a.iter().copied().filter(|op| !ops.contains(op)))
+        };
+        *a = next;
         Ok(())
     }
 

@@ -22,7 +22,7 @@ use crate::writer::{Out, close_reason, disconnect_frame, ws_binary_messages, ws_
 /// Bytes the WebSocket layer reads per call and keeps per connection. tungstenite's default
 /// (128 KiB, zero-filled on first read) made an idle session cost ~144 KiB; client messages are
 /// small (Auth, heartbeats, a chat line), and a larger one is read in several calls.
-pub(crate) const READ_BUFFER: usize = 512;
+pub(crate) const READ_BUFFER: usize = 256;
 
 /// The `/sub` route.
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
