@@ -47,9 +47,9 @@ pub struct Args {
     )]
     pub push_secret: String,
     /// Extra `/metrics` endpoints (host:port) whose CPU and memory count as server cost, besides
-    /// the comets' and logic's (e.g. job's ops listener).
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:3129")]
-    pub metrics: Vec<SocketAddr>,
+    /// the comets' and logic's (e.g. job's ops listener); `--metrics ""` for none.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:3129", value_parser = maybe_addr)]
+    pub metrics: Vec<Option<SocketAddr>>,
     /// S1: sessions.
     #[arg(long, default_value_t = 5000)]
     pub n: usize,
@@ -106,6 +106,14 @@ pub struct Args {
     /// Internal: run as an S1 session process (driven over stdin/stdout by the parent).
     #[arg(long, hide = true)]
     pub child: Option<String>,
+}
+
+/// An address, or nothing for an empty value (so `--metrics ""` means none).
+fn maybe_addr(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// Scenario.

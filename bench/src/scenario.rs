@@ -31,7 +31,7 @@ fn progress(args: &Args, msg: impl std::fmt::Display) {
 fn server_addrs(args: &Args) -> Vec<std::net::SocketAddr> {
     let mut v = args.ws.clone();
     v.push(args.http);
-    v.extend(args.metrics.iter().copied());
+    v.extend(args.metrics.iter().flatten().copied());
     v
 }
 
@@ -158,8 +158,11 @@ async fn s1(args: &Args) -> anyhow::Result<Value> {
     let http = reqwest::Client::new();
     let addrs = server_addrs(args);
     let before = scrape_all(&http, &addrs).await;
-    if before[..args.ws.len()].iter().any(Option::is_none) {
-        bail!("a comet's /metrics has no process figures (is it rim ≥ this version, on Linux?)");
+    if let Some((addr, _)) = args.ws.iter().zip(&before).find(|(_, s)| s.is_none()) {
+        bail!(
+            "no process figures from http://{addr}/metrics: is the comet up (and a rim build \
+             whose /metrics has rim_process_pss_bytes, on Linux)?"
+        );
     }
     progress(
         args,
