@@ -101,6 +101,70 @@ impl Proc {
     }
 }
 
+/// `rim-logic` from `config/logic.toml` on the Redis at `redis_url`, listening on `http` and
+/// `rpc`, with `extra` environment on top.
+pub fn logic(redis_url: &str, http: SocketAddr, rpc: SocketAddr, extra: &[(&str, String)]) -> Proc {
+    let mut env = vec![
+        ("RIM_LOGIC__REDIS__URL", redis_url.to_string()),
+        ("RIM_LOGIC__LISTEN__HTTP", http.to_string()),
+        ("RIM_LOGIC__LISTEN__RPC", rpc.to_string()),
+    ];
+    env.extend_from_slice(extra);
+    Proc::spawn("logic", "rim-logic", "logic.toml", &env)
+}
+
+/// `rim-job` from `config/job.toml` on the Redis at `redis_url`, its ops routes on `http`.
+pub fn job(redis_url: &str, http: SocketAddr, extra: &[(&str, String)]) -> Proc {
+    let mut env = vec![
+        ("RIM_JOB__REDIS__URL", redis_url.to_string()),
+        ("RIM_JOB__LISTEN__HTTP", http.to_string()),
+    ];
+    env.extend_from_slice(extra);
+    Proc::spawn("job", "rim-job", "job.toml", &env)
+}
+
+/// Where a comet started by [`comet`] listens.
+#[derive(Debug, Clone, Copy)]
+pub struct CometAddrs {
+    /// WebSocket `/sub` and ops routes.
+    pub http: SocketAddr,
+    /// Raw TCP frames.
+    pub tcp: SocketAddr,
+    /// `CometRpc`.
+    pub rpc: SocketAddr,
+}
+
+impl CometAddrs {
+    /// Three free loopback ports.
+    pub fn free() -> CometAddrs {
+        CometAddrs {
+            http: free_addr(),
+            tcp: free_addr(),
+            rpc: free_addr(),
+        }
+    }
+}
+
+/// `rim-comet` from `config/comet.toml` as `server_id`, on `addrs`, talking to logic at
+/// `logic_rpc`, renewing every 200 ms (so tests see it registered quickly).
+pub fn comet(
+    server_id: &str,
+    addrs: CometAddrs,
+    logic_rpc: SocketAddr,
+    extra: &[(&str, String)],
+) -> Proc {
+    let mut env = vec![
+        ("RIM_COMET__SERVER_ID", server_id.to_string()),
+        ("RIM_COMET__LISTEN__HTTP", addrs.http.to_string()),
+        ("RIM_COMET__LISTEN__TCP", addrs.tcp.to_string()),
+        ("RIM_COMET__LISTEN__RPC", addrs.rpc.to_string()),
+        ("RIM_COMET__LOGIC__ADDRS", logic_rpc.to_string()),
+        ("RIM_COMET__RENEW__INTERVAL_MS", "200".to_string()),
+    ];
+    env.extend_from_slice(extra);
+    Proc::spawn(server_id, "rim-comet", "comet.toml", &env)
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::Api;
 use rim_testkit::client::{Conn, Transport};
-use rim_testkit::process::{Proc, binary, free_addr};
+use rim_testkit::process::{self, CometAddrs, Proc, binary, free_addr};
 use rim_testkit::redis::RedisServer;
 use serde_json::Value;
 
@@ -31,44 +31,20 @@ async fn cluster() -> Cluster {
     let redis = RedisServer::start();
     let (logic_http, logic_rpc, job_http) = (free_addr(), free_addr(), free_addr());
     let mut procs = vec![
-        Proc::spawn(
-            "logic",
-            "rim-logic",
-            "logic.toml",
-            &[
-                ("RIM_LOGIC__REDIS__URL", redis.url()),
-                ("RIM_LOGIC__LISTEN__HTTP", logic_http.to_string()),
-                ("RIM_LOGIC__LISTEN__RPC", logic_rpc.to_string()),
-            ],
-        ),
-        Proc::spawn(
-            "job",
-            "rim-job",
-            "job.toml",
-            &[
-                ("RIM_JOB__REDIS__URL", redis.url()),
-                ("RIM_JOB__LISTEN__HTTP", job_http.to_string()),
-            ],
-        ),
+        process::logic(&redis.url(), logic_http, logic_rpc, &[]),
+        process::job(&redis.url(), job_http, &[]),
     ];
     let (mut ws, mut tcp) = (Vec::new(), Vec::new());
     for i in 1..=2 {
-        let (http, t) = (free_addr(), free_addr());
-        procs.push(Proc::spawn(
-            "comet",
-            "rim-comet",
-            "comet.toml",
-            &[
-                ("RIM_COMET__SERVER_ID", format!("bench-comet-{i}")),
-                ("RIM_COMET__LISTEN__HTTP", http.to_string()),
-                ("RIM_COMET__LISTEN__TCP", t.to_string()),
-                ("RIM_COMET__LISTEN__RPC", free_addr().to_string()),
-                ("RIM_COMET__LOGIC__ADDRS", logic_rpc.to_string()),
-                ("RIM_COMET__RENEW__INTERVAL_MS", "200".to_string()),
-            ],
+        let a = CometAddrs::free();
+        procs.push(process::comet(
+            &format!("bench-comet-{i}"),
+            a,
+            logic_rpc,
+            &[],
         ));
-        ws.push(http);
-        tcp.push(t);
+        ws.push(a.http);
+        tcp.push(a.tcp);
     }
     // Ready when both comets are registered and a push reaches a session on each (job knows
     // them too).

@@ -4,64 +4,31 @@
 //! Needs `cargo build --bins` first (scripts/test.sh does it).
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::Api;
 use rim_testkit::client::{Conn, Transport};
-use rim_testkit::process::{Proc, binary, free_addr, repo};
+use rim_testkit::process::{self, CometAddrs, binary, free_addr, repo};
 use rim_testkit::redis::RedisServer;
-
-struct CometAddrs {
-    http: SocketAddr,
-    tcp: SocketAddr,
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_binaries_from_example_configs_deliver_http_pushes() {
     let redis = RedisServer::start();
     let logic_http = free_addr();
     let logic_rpc = free_addr();
-    let mut logic = Proc::spawn(
-        "logic",
-        "rim-logic",
-        "logic.toml",
-        &[
-            ("RIM_LOGIC__REDIS__URL", redis.url()),
-            ("RIM_LOGIC__LISTEN__HTTP", logic_http.to_string()),
-            ("RIM_LOGIC__LISTEN__RPC", logic_rpc.to_string()),
-        ],
-    );
-    let mut job = Proc::spawn(
-        "job",
-        "rim-job",
-        "job.toml",
-        &[
-            ("RIM_JOB__REDIS__URL", redis.url()),
-            ("RIM_JOB__LISTEN__HTTP", free_addr().to_string()),
-        ],
-    );
+    let mut logic = process::logic(&redis.url(), logic_http, logic_rpc, &[]);
+    let mut job = process::job(&redis.url(), free_addr(), &[]);
     let mut comets = Vec::new();
     let mut addrs = Vec::new();
     for i in 1..=2 {
-        let a = CometAddrs {
-            http: free_addr(),
-            tcp: free_addr(),
-        };
-        comets.push(Proc::spawn(
-            "comet",
-            "rim-comet",
-            "comet.toml",
-            &[
-                ("RIM_COMET__SERVER_ID", format!("proc-comet-{i}")),
-                ("RIM_COMET__LISTEN__HTTP", a.http.to_string()),
-                ("RIM_COMET__LISTEN__TCP", a.tcp.to_string()),
-                ("RIM_COMET__LISTEN__RPC", free_addr().to_string()),
-                ("RIM_COMET__LOGIC__ADDRS", logic_rpc.to_string()),
-                ("RIM_COMET__RENEW__INTERVAL_MS", "200".to_string()),
-            ],
+        let a = CometAddrs::free();
+        comets.push(process::comet(
+            &format!("proc-comet-{i}"),
+            a,
+            logic_rpc,
+            &[],
         ));
         addrs.push(a);
     }
