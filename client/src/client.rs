@@ -183,8 +183,7 @@ impl Client {
     /// Closes the connection and waits for the driver to finish.
     pub async fn close(mut self) {
         self.stop.cancel();
-        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
-        let _ = task.await;
+        let _ = (&mut self.task).await;
     }
 }
 

@@ -174,7 +174,7 @@ impl Buckets {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::session::Outbound;
+    use crate::outbound::Outbound;
 
     fn sess(id: u64, key: &str) -> Arc<Session> {
         let out = Outbound::new(4);

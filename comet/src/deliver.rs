@@ -24,8 +24,9 @@ use tarpc::context::Context;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
+use crate::outbound::{CloseSpec, Offer};
 use crate::server::Ctx;
-use crate::session::{CloseSpec, MarkSpace, Offer, Session};
+use crate::session::{MarkSpace, Session};
 use crate::writer::{EncodedBatch, EncodedPush, Out};
 
 /// The `CometRpc` implementation.
@@ -332,11 +333,10 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    use crate::session::Outbound;
+    use crate::outbound::Outbound;
 
-    fn sess(key: &str, accepts: &[i32]) -> (Arc<Session>, ()) {
+    fn sess(key: &str, accepts: &[i32]) -> Arc<Session> {
         let out = Outbound::new(16);
-        let rx = ();
         let s = Session::new(
             1,
             7,
@@ -345,7 +345,7 @@ mod tests {
             out,
             accepts,
         );
-        (Arc::new(s), rx)
+        Arc::new(s)
     }
 
     fn item(seq: u64, op: i32, room: &RoomId, exclude: Option<&str>) -> Delivery {
@@ -392,9 +392,9 @@ mod tests {
         let run = Run::new(items.iter().map(Prepared::new).collect());
         let m = Metrics::default();
         let mut rep = DeliverReport::default();
-        let (a, _ra) = sess("a", &[1000, 1001]);
-        let (b, _rb) = sess("b", &[1000, 1001]);
-        let (c, _rc) = sess("c", &[1000]);
+        let a = sess("a", &[1000, 1001]);
+        let b = sess("b", &[1000, 1001]);
+        let c = sess("c", &[1000]);
 
         let (ia, na) = run.item_for(&a, &m, &mut rep).unwrap();
         let (ib, nb) = run.item_for(&b, &m, &mut rep).unwrap();
@@ -424,7 +424,7 @@ mod tests {
     #[test]
     fn pushes_to_a_closing_session_are_counted_as_dropped() {
         let room = RoomId::parse("live://1").unwrap();
-        let (a, _ra) = sess("a", &[1000]);
+        let a = sess("a", &[1000]);
         a.out.close(CloseSpec::reason("replaced", 1000));
         let m = Metrics::default();
         let mut rep = DeliverReport::default();
@@ -447,7 +447,7 @@ mod tests {
         let room = RoomId::parse("live://1").unwrap();
         let items = [item(1, 1000, &room, None), item(2, 1000, &room, None)];
         let run = Run::new(items.iter().map(Prepared::new).collect());
-        let (a, _ra) = sess("a", &[1000]);
+        let a = sess("a", &[1000]);
         assert!(a.mark(items[0].id));
         let m = Metrics::default();
         let mut rep = DeliverReport::default();

@@ -67,7 +67,7 @@ impl Exposition {
     }
 
     /// Adds a sample with a fractional value (`kind` is `counter` or `gauge`).
-    pub fn gauge_f64(&mut self, name: &str, help: &str, kind: &str, value: f64) -> &mut Self {
+    pub fn sample_f64(&mut self, name: &str, help: &str, kind: &str, value: f64) -> &mut Self {
         self.sample(name, help, kind, &[], value)
     }
 

@@ -35,7 +35,7 @@ impl ProcessStats {
 
     /// Appends the three samples.
     pub fn render(&self, e: &mut Exposition) {
-        e.gauge_f64(
+        e.sample_f64(
             "process_cpu_seconds_total",
             "User and system CPU time spent by this process, in seconds.",
             "counter",
