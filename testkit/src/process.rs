@@ -1,6 +1,13 @@
 //! The built rim binaries as child processes: located next to the test executable, started from
 //! the example configs in `config/` with environment overrides, killed on drop.
+//!
+//! A child's log goes to a file, not to the test's terminal: dozens of processes retrying
+//! through a fault would bury the one failing assertion. When a test fails (its thread is
+//! unwinding as the process is dropped), the tail of each of its processes' logs is printed into
+//! the test's own captured output, next to the panic message. `RIM_TEST_LOG=debug` raises the
+//! level; `RIM_TEST_LOG_KEEP=1` keeps every log file and says where.
 
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -35,21 +42,36 @@ pub fn free_addr() -> SocketAddr {
         .expect("free port")
 }
 
+/// Lines of a child's log printed when its test fails.
+const LOG_TAIL_LINES: usize = 40;
+
 /// A child process, killed (SIGKILL) on drop so a failing test leaves nothing behind.
 pub struct Proc {
     /// Name for messages.
     pub name: String,
     child: Child,
+    /// The child's stderr (its log); removed on drop unless the test failed or keeping was asked.
+    log: Option<tempfile::NamedTempFile>,
 }
 
 impl Proc {
     /// Starts `bin --config config/<config>` with `env` added.
     pub fn spawn(name: impl Into<String>, bin: &str, config: &str, env: &[(&str, String)]) -> Proc {
+        let name = name.into();
+        let log = tempfile::Builder::new()
+            .prefix(&format!("rim-test-{name}-"))
+            .suffix(".log")
+            .tempfile()
+            .ok();
+        let stderr = log
+            .as_ref()
+            .and_then(|f| f.reopen().ok())
+            .map_or_else(Stdio::inherit, Stdio::from);
         let mut cmd = Command::new(binary(bin));
         cmd.arg("--config")
             .arg(repo().join("config").join(config))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         cmd.env(
             "RUST_LOG",
             std::env::var("RIM_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -58,8 +80,28 @@ impl Proc {
             cmd.env(k, v);
         }
         Proc {
-            name: name.into(),
             child: cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}")),
+            name,
+            log,
+        }
+    }
+
+    /// Prints the last lines of the child's log into the test's output.
+    fn print_log_tail(&self, path: &Path) {
+        let Ok(file) = std::fs::File::open(path) else {
+            return;
+        };
+        let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+        let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+        eprintln!(
+            "---- log of {} ({} lines, last {} below; kept at {})",
+            self.name,
+            lines.len(),
+            lines.len() - from,
+            path.display()
+        );
+        for line in &lines[from..] {
+            eprintln!("{line}");
         }
     }
 
@@ -168,5 +210,15 @@ pub fn comet(
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
+        let Some(log) = self.log.take() else { return };
+        let failing = std::thread::panicking();
+        let keep = std::env::var_os("RIM_TEST_LOG_KEEP").is_some();
+        if failing || keep {
+            match log.keep() {
+                Ok((_, path)) if failing => self.print_log_tail(&path),
+                Ok((_, path)) => eprintln!("log of {} kept at {}", self.name, path.display()),
+                Err(e) => eprintln!("log of {} lost: {e}", self.name),
+            }
+        }
     }
 }

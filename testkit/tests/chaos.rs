@@ -82,7 +82,6 @@ impl ProcCluster {
                 ("RIM_LOGIC__LISTEN__HTTP", http.to_string()),
                 ("RIM_LOGIC__LISTEN__RPC", rpc.to_string()),
                 ("RIM_LOGIC__NODE__TTL_MS", "1500".into()),
-                ("RIM_LOGIC__REDIS__TIMEOUT_MS", "500".into()),
             ],
         );
         let api = Api::new(http);
@@ -796,27 +795,56 @@ async fn a_client_that_never_reads_is_disconnected_and_counted() {
 
     // Room pushes big enough to fill the kernel buffers and then the 8-slot queue.
     let big = "x".repeat(32 * 1024);
-    let mut sent = 0u64;
+    let (mut sent, mut last_seen) = (0u64, 0u64);
     while slow_closed().await != Some(1) {
         assert!(sent < 2000, "the stalled client was never disconnected");
         sent += 1;
         let body = format!("r{sent}:{big}");
-        cluster
+        if let Err(e) = cluster
             .api
             .push_room(ROOM_OP, ROOM_TYPE, ROOM_ID, body.as_bytes())
             .await
-            .unwrap();
-        let r = healthy.recv_push().await.unwrap();
-        assert!(
-            r.frame.body.starts_with(format!("r{sent}:").as_bytes()),
-            "healthy member gets every push in order"
-        );
+        {
+            // Refused (say Redis answered too late on a loaded machine): the API said so, and the
+            // next number is a new push. Not owed, but it may still arrive if it was appended.
+            eprintln!("push r{sent} refused: {e:#}");
+            continue;
+        }
+        // The healthy member gets every accepted push, once, in order.
+        while last_seen < sent {
+            let r = healthy
+                .recv_push()
+                .await
+                .unwrap_or_else(|e| panic!("healthy member waiting for r{sent}: {e}"));
+            let n: u64 = std::str::from_utf8(&r.frame.body)
+                .ok()
+                .and_then(|b| b.strip_prefix('r')?.split(':').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected push waiting for r{sent}"));
+            assert!(
+                n > last_seen && n <= sent,
+                "healthy member got r{n} after r{last_seen}"
+            );
+            last_seen = n;
+        }
     }
     // The room carries on for the others.
     cluster
         .api
         .push_room(ROOM_OP, ROOM_TYPE, ROOM_ID, b"after")
         .await
-        .unwrap();
-    assert_eq!(&healthy.recv_push().await.unwrap().frame.body[..], b"after");
+        .expect("push after the slow close");
+    loop {
+        let r = healthy
+            .recv_push()
+            .await
+            .expect("healthy member after the slow close");
+        if &r.frame.body[..] == b"after" {
+            break;
+        }
+        // Only a late copy of a refused push may come first.
+        assert!(
+            r.frame.body.starts_with(b"r") && last_seen < sent,
+            "unexpected push before \"after\""
+        );
+    }
 }
