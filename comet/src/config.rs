@@ -192,6 +192,15 @@ impl Default for Renew {
     }
 }
 
+impl rim_runtime::cli::LogSettings for Config {
+    fn log_level(&self) -> &str {
+        &self.log_level
+    }
+    fn log_json(&self) -> bool {
+        self.log_json
+    }
+}
+
 impl Validate for Config {
     fn validate(&self) -> Result<(), SettingsError> {
         if self.server_id.trim().is_empty() {

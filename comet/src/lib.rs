@@ -43,7 +43,7 @@ pub struct Listeners {
 
 /// Why the comet could not run.
 #[derive(Debug, thiserror::Error)]
-pub enum CometError {
+pub enum RunError {
     /// The configuration is invalid.
     #[error("config error: {0}")]
     Config(#[from] SettingsError),
@@ -59,6 +59,6 @@ pub async fn run(
     listeners: Listeners,
     config: Config,
     shutdown: CancellationToken,
-) -> Result<(), CometError> {
+) -> Result<(), RunError> {
     server::run(listeners, config, shutdown).await
 }

@@ -3,9 +3,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use rim_comet::{Config, Listeners};
+use rim_runtime::cli::{Tier, bind};
+
+const TIER: Tier = Tier {
+    bin: "rim-comet",
+    name: "comet",
+    list_keys: &["logic.addrs"],
+};
 
 /// rim comet: client connections and push delivery.
 #[derive(Debug, Parser)]
@@ -19,49 +25,21 @@ struct Cli {
     check: bool,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config: Config =
-        match rim_runtime::settings::load(cli.config.as_deref(), "comet", &["logic.addrs"]) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("rim-comet: config error: {e}");
-                return ExitCode::from(64);
-            }
-        };
-    if cli.check {
-        eprintln!("rim-comet: config ok");
-        return ExitCode::SUCCESS;
-    }
-    rim_runtime::logging::init(&config.log_level, config.log_json);
-    match serve(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "rim-comet failed");
-            eprintln!("rim-comet: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let http = tokio::net::TcpListener::bind(&config.listen.http)
-        .await
-        .with_context(|| format!("binding listen.http {}", config.listen.http))?;
-    let tcp = if config.listen.tcp.is_empty() {
-        None
-    } else {
-        Some(
-            tokio::net::TcpListener::bind(&config.listen.tcp)
-                .await
-                .with_context(|| format!("binding listen.tcp {}", config.listen.tcp))?,
-        )
+    let config: Config = match TIER.load(cli.config.as_deref(), cli.check) {
+        Ok(c) => c,
+        Err(exit) => return exit,
     };
-    let rpc = tokio::net::TcpListener::bind(&config.listen.rpc)
-        .await
-        .with_context(|| format!("binding listen.rpc {}", config.listen.rpc))?;
-    let shutdown = rim_runtime::shutdown::on_signal();
-    rim_comet::run(Listeners { http, tcp, rpc }, config, shutdown).await?;
-    Ok(())
+    TIER.serve(config, |config, shutdown| async move {
+        let http = bind("listen.http", &config.listen.http).await?;
+        let tcp = if config.listen.tcp.is_empty() {
+            None
+        } else {
+            Some(bind("listen.tcp", &config.listen.tcp).await?)
+        };
+        let rpc = bind("listen.rpc", &config.listen.rpc).await?;
+        rim_comet::run(Listeners { http, tcp, rpc }, config, shutdown).await?;
+        Ok::<_, anyhow::Error>(())
+    })
 }

@@ -24,7 +24,7 @@ use crate::deliver::PacedJob;
 use crate::metrics::Metrics;
 use crate::room::{Presence, Rooms};
 use crate::session::Session;
-use crate::{CometError, Listeners};
+use crate::{RunError, Listeners};
 
 /// State shared by every task of one comet.
 pub(crate) struct Ctx {
@@ -337,7 +337,7 @@ pub(crate) async fn run(
     listeners: Listeners,
     config: Config,
     shutdown: CancellationToken,
-) -> Result<(), CometError> {
+) -> Result<(), RunError> {
     use rim_runtime::settings::Validate;
     config.validate()?;
     let http_addr = listeners.http.local_addr()?;
@@ -445,6 +445,7 @@ pub(crate) async fn run(
     let max_sessions = ctx.cfg.session.max_connections;
     let cfg_http_cap = max_sessions.saturating_add(max_sessions / 10 + 64);
     let handshake = Duration::from_millis(ctx.cfg.session.handshake_timeout_ms);
+    let grace = Duration::from_millis(ctx.cfg.shutdown_grace_ms);
     tracker.spawn(async move {
         // Sockets that have not upgraded yet are bounded here (sessions are bounded by
         // session.max_connections once they exist): a little headroom over the session cap, and
@@ -458,13 +459,7 @@ pub(crate) async fn run(
                 read_idle: None,
             },
         );
-        let r = axum::serve(
-            http,
-            app.into_make_service_with_connect_info::<rim_runtime::listener::PeerAddr>(),
-        )
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-        if let Err(e) = r {
+        if let Err(e) = rim_runtime::http::serve(http, app, stop, grace).await {
             tracing::error!(error = %e, "http server failed");
         }
     });

@@ -204,7 +204,7 @@ struct Harness {
     http: SocketAddr,
     tcp: SocketAddr,
     shutdown: CancellationToken,
-    done: tokio::task::JoinHandle<Result<(), rim_comet::CometError>>,
+    done: tokio::task::JoinHandle<Result<(), rim_comet::RunError>>,
     events: mpsc::UnboundedReceiver<String>,
     renews: Arc<Mutex<Vec<(NodeInfo, OnlineReport)>>>,
     sends: Arc<Mutex<Vec<SendMsgRequest>>>,

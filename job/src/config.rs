@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+pub use rim_runtime::redis::RedisConfig;
 use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
 use serde::Deserialize;
 
@@ -43,14 +44,6 @@ pub struct Config {
 pub struct ListenConfig {
     /// Ops HTTP (`/healthz`, `/readyz`, `/metrics`).
     pub http: String,
-}
-
-/// Redis connection.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RedisConfig {
-    /// `redis://`, `rediss://` or `redis+unix://` URL.
-    pub url: String,
 }
 
 /// Push stream consumption.
@@ -150,14 +143,6 @@ impl Default for ListenConfig {
     }
 }
 
-impl Default for RedisConfig {
-    fn default() -> Self {
-        RedisConfig {
-            url: "redis://127.0.0.1:6379/".into(),
-        }
-    }
-}
-
 impl Default for StreamConfig {
     fn default() -> Self {
         StreamConfig {
@@ -198,16 +183,14 @@ impl Default for RegistryConfig {
 impl Validate for Config {
     fn validate(&self) -> Result<(), SettingsError> {
         socket_addr("listen.http", &self.listen.http)?;
-        if let Err(e) = redis::Client::open(self.redis.url.as_str()) {
-            return Err(SettingsError::invalid("redis.url", e.to_string()));
-        }
+        self.redis.validate()?;
         if self.worker_id.chars().any(char::is_whitespace) {
             return Err(SettingsError::invalid(
                 "worker_id",
                 "must not contain whitespace",
             ));
         }
-        positive("stream.partitions", self.stream.partitions as u64)?;
+        rim_runtime::redis::validate_partitions(self.stream.partitions)?;
         positive("stream.batch_max", self.stream.batch_max as u64)?;
         positive("room_batch.max", self.room_batch.max as u64)?;
         // BLOCK 0 means "forever" to Redis: the task could not notice shutdown or lease loss.
@@ -232,6 +215,15 @@ impl Validate for Config {
         positive("delivery.give_up_ms", self.delivery.give_up_ms)?;
         positive("registry.refresh_ms", self.registry.refresh_ms)?;
         Ok(())
+    }
+}
+
+impl rim_runtime::cli::LogSettings for Config {
+    fn log_level(&self) -> &str {
+        &self.log_level
+    }
+    fn log_json(&self) -> bool {
+        self.log_json
     }
 }
 

@@ -6,12 +6,11 @@
 //! * `partition`: one partition's consumer (replay pending, read, deliver, ack, trim).
 //! * [`route`]: pure routing of a batch into per-comet ordered delivery lists.
 //! * [`registry`]: the live comet cache and its RPC links.
-//! * [`metrics`], [`backoff`]: figures and retry delays.
+//! * [`metrics`]: counters and gauges for `/metrics`.
 //!
 //! See docs/architecture.md for why it works this way.
 #![forbid(unsafe_code)]
 
-pub mod backoff;
 pub mod config;
 mod lease;
 pub mod metrics;
@@ -24,9 +23,9 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use rim_proto::keys;
+use redis::aio::ConnectionManager;
 use rim_runtime::ops::OpsSource;
+use rim_runtime::redis::{ConnectOptions, RedisStartError};
 use rim_runtime::settings::{SettingsError, Validate};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,13 +44,14 @@ pub struct Listeners {
 
 /// Why the job tier could not start or run.
 #[derive(Debug, thiserror::Error)]
-pub enum JobError {
+pub enum RunError {
     /// The configuration is invalid or disagrees with the cluster (names the field).
     #[error("config: {0}")]
     Config(#[from] SettingsError),
-    /// Redis refused something at start that retrying cannot fix.
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    /// Redis refused something at start that retrying cannot fix (a partition count that
+    /// disagrees with the cluster's names `stream.partitions`).
+    #[error(transparent)]
+    Redis(#[from] RedisStartError),
     /// The ops HTTP server failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -81,17 +81,7 @@ struct Ops {
 
 impl OpsSource for Ops {
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
-        let mut redis = self.redis.clone();
-        async move {
-            let cmd = redis::cmd("PING");
-            let ping = cmd.query_async::<String>(&mut redis);
-            match tokio::time::timeout(Duration::from_secs(2), ping).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(format!("redis: {e}")),
-                Err(_) => Err("redis: ping timed out".into()),
-            }
-        }
-        .boxed()
+        rim_runtime::redis::ping(&self.redis, Duration::from_secs(2)).boxed()
     }
 
     fn metrics(&self) -> String {
@@ -111,69 +101,24 @@ fn default_worker_id() -> String {
     format!("{host}-{}-{}", std::process::id(), &rand[..8])
 }
 
-/// Connects the command connection, retrying until it works or `shutdown` (`None`).
-async fn connect(
-    client: &redis::Client,
-    shutdown: &CancellationToken,
-) -> Option<ConnectionManager> {
-    let mut bo = backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    loop {
-        let cfg = ConnectionManagerConfig::new()
-            // XAUTOCLAIM of a large batch can be megabytes: allow more than the 500 ms default.
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_connection_timeout(Some(Duration::from_secs(2)));
-        match client.get_connection_manager_with_config(cfg).await {
-            Ok(c) => return Some(c),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot connect to redis; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(bo.next_delay()) => {}
-                }
-            }
-        }
+/// Bounds of the command connection: at least 5 s per reply, since an `XAUTOCLAIM` of a large
+/// batch can be megabytes.
+fn connect_options(cfg: &Config) -> ConnectOptions {
+    ConnectOptions {
+        connect_timeout: cfg.redis.timeout(),
+        response_timeout: cfg.redis.timeout().max(Duration::from_secs(5)),
     }
 }
 
-/// `SET rim:meta:partitions P NX`, then compares: every tier must agree on the partition count.
-async fn check_partitions(
-    redis: &mut ConnectionManager,
-    partitions: u16,
-    shutdown: &CancellationToken,
-) -> Result<(), JobError> {
-    let mut bo = backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    loop {
-        let r: redis::RedisResult<String> = redis::pipe()
-            .cmd("SET")
-            .arg(keys::META_PARTITIONS)
-            .arg(partitions)
-            .arg("NX")
-            .ignore()
-            .cmd("GET")
-            .arg(keys::META_PARTITIONS)
-            .query_async::<(String,)>(redis)
-            .await
-            .map(|(v,)| v);
-        match r {
-            Ok(v) if v.trim().parse::<u16>().ok() == Some(partitions) => return Ok(()),
-            Ok(v) => {
-                return Err(SettingsError::invalid(
-                    "stream.partitions",
-                    format!(
-                        "configured {partitions} but the cluster uses {v:?} ({})",
-                        keys::META_PARTITIONS
-                    ),
-                )
-                .into());
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot check partition count; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(bo.next_delay()) => {}
-                }
-            }
-        }
+/// Serves the ops routes until shutdown.
+async fn serve_ops(
+    http: rim_runtime::listener::GuardedListener,
+    app: axum::Router,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    if let Err(e) = rim_runtime::http::serve(http, app, shutdown, grace).await {
+        tracing::error!(error = %e, "ops http server failed");
     }
 }
 
@@ -183,18 +128,23 @@ pub async fn run(
     listeners: Listeners,
     config: Config,
     shutdown: CancellationToken,
-) -> Result<(), JobError> {
+) -> Result<(), RunError> {
     config.validate()?;
     let worker_id = if config.worker_id.is_empty() {
         default_worker_id()
     } else {
         config.worker_id.clone()
     };
-    let client = redis::Client::open(config.redis.url.as_str())?;
-    let Some(mut redis) = connect(&client, &shutdown).await else {
+    let Some((client, mut redis)) = rim_runtime::redis::connect(
+        &config.redis.url,
+        connect_options(&config),
+        config.stream.partitions,
+        &shutdown,
+    )
+    .await?
+    else {
         return Ok(());
     };
-    check_partitions(&mut redis, config.stream.partitions, &shutdown).await?;
 
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(Registry::new(config.rpc_timeout()));
@@ -208,24 +158,21 @@ pub async fn run(
         redis: redis.clone(),
         metrics: metrics.clone(),
     });
-    let app = rim_runtime::ops::router(ops);
-    let http_stop = shutdown.clone();
-    tracker.spawn(async move {
-        // Ops routes only (probes and scrapes): a small cap and short idle limits suffice.
-        let http = rim_runtime::listener::GuardedListener::new(
-            listeners.http,
-            rim_runtime::listener::Limits {
-                max_connections: 64,
-                first_bytes: std::time::Duration::from_secs(10),
-                read_idle: Some(std::time::Duration::from_secs(60)),
-            },
-        );
-        let serve = axum::serve(http, app)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "ops http server failed");
-        }
-    });
+    // Ops routes only (probes and scrapes): a small cap and short idle limits suffice.
+    let http = rim_runtime::listener::GuardedListener::new(
+        listeners.http,
+        rim_runtime::listener::Limits {
+            max_connections: 64,
+            first_bytes: Duration::from_secs(10),
+            read_idle: Some(Duration::from_secs(60)),
+        },
+    );
+    tracker.spawn(serve_ops(
+        http,
+        rim_runtime::ops::router(ops),
+        shutdown.clone(),
+        config.grace(),
+    ));
 
     let ctx = Arc::new(Ctx {
         cfg: config.clone(),

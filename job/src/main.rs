@@ -3,8 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
+use rim_runtime::cli::{Tier, bind};
+
+const TIER: Tier = Tier {
+    bin: "rim-job",
+    name: "job",
+    list_keys: &[],
+};
 
 /// rim job worker: delivers queued pushes from Redis streams to comets.
 #[derive(Debug, Parser)]
@@ -20,34 +26,13 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config: rim_job::Config =
-        match rim_runtime::settings::load(cli.config.as_deref(), "job", &[]) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("rim-job: config error: {e}");
-                return ExitCode::from(64);
-            }
-        };
-    if cli.check {
-        eprintln!("rim-job: config ok");
-        return ExitCode::SUCCESS;
-    }
-    match serve(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("rim-job: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-#[tokio::main]
-async fn serve(config: rim_job::Config) -> anyhow::Result<()> {
-    rim_runtime::logging::init(&config.log_level, config.log_json);
-    let http = tokio::net::TcpListener::bind(&config.listen.http)
-        .await
-        .with_context(|| format!("bind listen.http {}", config.listen.http))?;
-    let shutdown = rim_runtime::shutdown::on_signal();
-    rim_job::run(rim_job::Listeners { http }, config, shutdown).await?;
-    Ok(())
+    let config: rim_job::Config = match TIER.load(cli.config.as_deref(), cli.check) {
+        Ok(c) => c,
+        Err(exit) => return exit,
+    };
+    TIER.serve(config, |config, shutdown| async move {
+        let http = bind("listen.http", &config.listen.http).await?;
+        rim_job::run(rim_job::Listeners { http }, config, shutdown).await?;
+        Ok::<_, anyhow::Error>(())
+    })
 }

@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::Ctx;
-use crate::backoff::Backoff;
+use rim_runtime::backoff::Backoff;
 use crate::route::{self, Entry};
 
 /// Compare-and-delete of a lease: only the holder may release it.

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use redis::Commands;
-use rim_job::{Config, JobError, Listeners};
+use rim_job::{Config, RunError, Listeners};
 use rim_proto::job::{PushJob, Route, ServerKeys};
 use rim_proto::keys;
 use rim_proto::room::RoomId;
@@ -105,7 +105,7 @@ fn config(redis: &RedisServer, worker: &str) -> Config {
 
 struct Job {
     stop: CancellationToken,
-    handle: tokio::task::JoinHandle<Result<(), JobError>>,
+    handle: tokio::task::JoinHandle<Result<(), RunError>>,
     http: std::net::SocketAddr,
 }
 

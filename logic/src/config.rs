@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use rim_proto::room::RoomId;
+pub use rim_runtime::redis::RedisConfig;
 use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
 use serde::Deserialize;
 
@@ -89,25 +90,6 @@ impl Default for Listen {
             rpc: "127.0.0.1:3119".into(),
             max_connections: 10_000,
             idle_timeout_ms: 60_000,
-        }
-    }
-}
-
-/// Redis connection.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RedisConfig {
-    /// `redis://host:port/db` or `redis+unix:///path`.
-    pub url: String,
-    /// Upper bound on any one Redis round trip (ms); past it the call fails instead of hanging.
-    pub timeout_ms: u64,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        RedisConfig {
-            url: "redis://127.0.0.1:6379/".into(),
-            timeout_ms: 2_000,
         }
     }
 }
@@ -329,10 +311,14 @@ impl Config {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
     }
+}
 
-    /// Redis round-trip bound as a duration.
-    pub fn redis_timeout(&self) -> Duration {
-        Duration::from_millis(self.redis.timeout_ms)
+impl rim_runtime::cli::LogSettings for Config {
+    fn log_level(&self) -> &str {
+        &self.log_level
+    }
+    fn log_json(&self) -> bool {
+        self.log_json
     }
 }
 
@@ -342,16 +328,7 @@ impl Validate for Config {
         socket_addr("listen.rpc", &self.listen.rpc)?;
         positive("listen.max_connections", self.listen.max_connections as u64)?;
         positive("listen.idle_timeout_ms", self.listen.idle_timeout_ms)?;
-        if redis::Client::open(self.redis.url.as_str()).is_err() {
-            return Err(SettingsError::invalid(
-                "redis.url",
-                format!(
-                    "{:?} is not a redis:// or redis+unix:// URL",
-                    self.redis.url
-                ),
-            ));
-        }
-        positive("redis.timeout_ms", self.redis.timeout_ms)?;
+        self.redis.validate()?;
         positive("push.body_limit", self.push.body_limit as u64)?;
         positive("push.body_timeout_ms", self.push.body_timeout_ms)?;
         positive("push.max_targets", self.push.max_targets as u64)?;
@@ -376,7 +353,7 @@ impl Validate for Config {
                 "must be >= 0",
             ));
         }
-        positive("stream.partitions", self.stream.partitions as u64)?;
+        rim_runtime::redis::validate_partitions(self.stream.partitions)?;
         positive("chat.max_data_bytes", self.chat.max_data_bytes as u64)?;
         for ty in &self.chat.presence_room_types {
             RoomId::check_type(ty)

@@ -27,12 +27,11 @@ mod rpc;
 mod store;
 mod webhook;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use rim_proto::keys;
 use rim_proto::rpc::LogicRpc;
+use rim_runtime::redis::{ConnectOptions, RedisStartError};
 use std::time::Duration;
 use tarpc::server::{BaseChannel, Channel};
 
@@ -62,26 +61,11 @@ pub struct Listeners {
 
 /// Why logic could not start (or stopped abnormally).
 #[derive(Debug, thiserror::Error)]
-pub enum LogicError {
-    /// Redis unreachable at start.
-    #[error("redis at {url}: {reason}")]
-    Redis {
-        /// Configured URL.
-        url: String,
-        /// What went wrong.
-        reason: String,
-    },
-    /// The partition count in Redis differs from this config.
-    #[error(
-        "stream.partitions is {configured} but the cluster uses {existing} (rim:meta:partitions); \
-         every logic and job must use the same count"
-    )]
-    PartitionMismatch {
-        /// From config.
-        configured: u16,
-        /// Found in Redis.
-        existing: String,
-    },
+pub enum RunError {
+    /// Redis refused something at start that retrying cannot fix (a partition count that
+    /// disagrees with the cluster's names `stream.partitions`).
+    #[error(transparent)]
+    Redis(#[from] RedisStartError),
     /// The webhook client could not be built.
     #[error(transparent)]
     Webhook(#[from] webhook::WebhookError),
@@ -100,80 +84,26 @@ pub(crate) struct App {
     pub(crate) webhook: Option<webhook::Webhook>,
 }
 
-/// Checks (or records, when first) the cluster's partition count.
-/// Connects to Redis and checks the partition count, retrying with backoff while Redis is
-/// unreachable. `None` when shutdown came first; a partition mismatch is an error at once.
-async fn connect_redis(
-    config: &Config,
-    shutdown: &CancellationToken,
-) -> Result<Option<Store>, LogicError> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let attempt = async {
-            let store = Store::connect(&config.redis.url, config.redis_timeout())
-                .await
-                .map_err(|e| LogicError::Redis {
-                    url: config.redis.url.clone(),
-                    reason: e.to_string(),
-                })?;
-            guard_partitions(&store, config.stream.partitions).await?;
-            Ok(store)
-        };
-        match attempt.await {
-            Ok(store) => return Ok(Some(store)),
-            Err(LogicError::Redis { reason, .. }) => {
-                tracing::warn!(url = %config.redis.url, error = %reason, retry_in = ?delay, "redis unreachable; waiting for it before serving");
-            }
-            Err(other) => return Err(other),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
-}
-
-async fn guard_partitions(store: &Store, partitions: u16) -> Result<(), LogicError> {
-    let redis_err = |e: store::StoreError| LogicError::Redis {
-        url: String::new(),
-        reason: e.to_string(),
-    };
-    let _: redis::Value = store
-        .cmd(
-            redis::cmd("SET")
-                .arg(keys::META_PARTITIONS)
-                .arg(partitions)
-                .arg("NX"),
-        )
-        .await
-        .map_err(redis_err)?;
-    let existing: Option<String> = store
-        .cmd(redis::cmd("GET").arg(keys::META_PARTITIONS))
-        .await
-        .map_err(redis_err)?;
-    let existing = existing.unwrap_or_default();
-    if existing.trim().parse::<u16>().ok() != Some(partitions) {
-        return Err(LogicError::PartitionMismatch {
-            configured: partitions,
-            existing,
-        });
-    }
-    Ok(())
-}
-
 /// Runs logic until `shutdown` is cancelled and in-flight work drained (bounded by
 /// `shutdown_grace_ms`), or returns early on a fatal start error.
 pub async fn run(
     listeners: Listeners,
     config: Config,
     shutdown: CancellationToken,
-) -> Result<(), LogicError> {
+) -> Result<(), RunError> {
     // Like job, logic waits for Redis rather than exiting when it starts first: an operator's
     // start order (or a Redis restart under systemd) must not need a restart loop.
-    let Some(store) = connect_redis(&config, &shutdown).await? else {
+    let Some((_, conn)) = rim_runtime::redis::connect(
+        &config.redis.url,
+        ConnectOptions::from_config(&config.redis),
+        config.stream.partitions,
+        &shutdown,
+    )
+    .await?
+    else {
         return Ok(());
     };
+    let store = Store::new(conn, config.redis.timeout());
     let grace = config.shutdown_grace();
     let (hook, hook_workers) = match webhook::setup(&config.webhook)? {
         Some((h, w)) => (Some(h), Some(w)),
@@ -223,26 +153,15 @@ pub async fn run(
             read_idle: Some(idle),
         },
     );
-    let serve = axum::serve(http_listener, http::router(app.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
-    let mut serve = std::pin::pin!(serve);
-    let result = tokio::select! {
-        r = &mut serve => r,
-        () = shutdown.cancelled() => {
-            // Graceful shutdown waits for every open request, and a client trickling a body
-            // (or never reading its answer) would hold SIGTERM forever: bound it by the grace.
-            match tokio::time::timeout(grace, &mut serve).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!(?grace, "http requests still open after the grace period; closing them");
-                    Ok(())
-                }
-            }
-        }
-    };
+    let result = rim_runtime::http::serve(
+        http_listener,
+        http::router(app.clone()),
+        shutdown.clone(),
+        grace,
+    )
+    .await;
     // The HTTP server returns once shutdown began (or on a fatal error): stop the rest too.
     shutdown.cancel();
     rim_runtime::shutdown::drain(&tracker, grace, "logic").await;
-    result.map_err(LogicError::Http)
+    result.map_err(RunError::Http)
 }

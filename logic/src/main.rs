@@ -2,11 +2,18 @@
 //! tracing, binds the listeners and runs [`rim_logic::run`]. `token` issues a client token.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rim_logic::Config;
+use rim_runtime::cli::{Tier, bind};
+
+const TIER: Tier = Tier {
+    bin: "rim-logic",
+    name: "logic",
+    list_keys: rim_logic::config::LIST_KEYS,
+};
 
 /// rim logic tier: HTTP push/online API and LogicRpc.
 #[derive(Debug, Parser)]
@@ -35,51 +42,27 @@ enum Command {
     },
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config: Config = match rim_runtime::settings::load(
-        cli.config.as_deref(),
-        "logic",
-        rim_logic::config::LIST_KEYS,
-    ) {
+    let config: Config = match TIER.load(cli.config.as_deref(), cli.check) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("rim-logic: config error: {e}");
-            std::process::exit(64);
-        }
+        Err(exit) => return exit,
     };
-    if cli.check {
-        eprintln!("rim-logic: config ok");
-        return;
-    }
     if let Some(Command::Token { mid, ttl_secs }) = cli.command {
         if config.auth.secret.is_empty() {
-            eprintln!("rim-logic: config error: auth.secret: must be set to issue tokens");
-            std::process::exit(64);
+            return TIER.config_error("auth.secret", "must be set to issue tokens");
         }
         let token = rim_logic::issue_token(&config.auth.secret, mid, Duration::from_secs(ttl_secs));
         #[allow(clippy::print_stdout)]
         {
             println!("{token}");
         }
-        return;
+        return ExitCode::SUCCESS;
     }
-    if let Err(e) = serve(config) {
-        eprintln!("rim-logic: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-#[tokio::main]
-async fn serve(config: Config) -> anyhow::Result<()> {
-    rim_runtime::logging::init(&config.log_level, config.log_json);
-    let http = tokio::net::TcpListener::bind(&config.listen.http)
-        .await
-        .with_context(|| format!("cannot bind listen.http {}", config.listen.http))?;
-    let rpc = tokio::net::TcpListener::bind(&config.listen.rpc)
-        .await
-        .with_context(|| format!("cannot bind listen.rpc {}", config.listen.rpc))?;
-    let shutdown = rim_runtime::shutdown::on_signal();
-    rim_logic::run(rim_logic::Listeners { http, rpc }, config, shutdown).await?;
-    Ok(())
+    TIER.serve(config, |config, shutdown| async move {
+        let http = bind("listen.http", &config.listen.http).await?;
+        let rpc = bind("listen.rpc", &config.listen.rpc).await?;
+        rim_logic::run(rim_logic::Listeners { http, rpc }, config, shutdown).await?;
+        Ok::<_, anyhow::Error>(())
+    })
 }

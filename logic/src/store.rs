@@ -6,7 +6,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, Pipeline, Script};
 
-/// A Redis failure, already phrased for the caller (HTTP 503 / `LogicError::Unavailable`).
+/// A Redis failure, already phrased for the caller (HTTP 503 / `rpc::LogicError::Unavailable`).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("redis unavailable: {0}")]
 pub struct StoreError(pub String);
@@ -25,21 +25,9 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects (fails when Redis is unreachable now; later outages are reconnected).
-    pub async fn connect(url: &str, timeout: Duration) -> Result<Store, StoreError> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = tokio::time::timeout(
-            timeout * 3,
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| StoreError(format!("connect timed out after {:?}", timeout * 3)))??;
-        Ok(Store { conn, timeout })
+    /// Bounds every call on `conn` by `timeout`.
+    pub fn new(conn: ConnectionManager, timeout: Duration) -> Store {
+        Store { conn, timeout }
     }
 
     /// Runs one command.
@@ -82,13 +70,8 @@ impl Store {
         }
     }
 
-    /// PING, for readiness.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        let pong: String = self.cmd(&redis::cmd("PING")).await?;
-        if pong == "PONG" {
-            Ok(())
-        } else {
-            Err(StoreError(format!("unexpected PING reply {pong:?}")))
-        }
+    /// PING within `within`, for readiness.
+    pub async fn ping(&self, within: Duration) -> Result<(), String> {
+        rim_runtime::redis::ping(&self.conn, within).await
     }
 }

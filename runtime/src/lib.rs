@@ -1,14 +1,20 @@
 //! Process plumbing shared by rim's three binaries, so each tier's `main.rs` stays thin and every
-//! tier behaves the same to an operator: config loading and validation ([`settings`]), logging
-//! ([`logging`]), shutdown ([`shutdown`]), the ops HTTP routes and Prometheus text ([`ops`],
-//! [`metrics`], [`process`]), and tarpc serving and reconnecting client links ([`rpc`]).
+//! tier behaves the same to an operator: what `main` does ([`cli`]), config loading and
+//! validation ([`settings`]), logging ([`logging`]), shutdown ([`shutdown`]), HTTP serving
+//! ([`http`], [`listener`]), the ops HTTP routes and Prometheus text ([`ops`], [`metrics`],
+//! [`process`]), tarpc serving and reconnecting client links ([`rpc`]), the Redis connection
+//! and shared `[redis]` / partition settings ([`redis`]), and retry delays ([`backoff`]).
 #![forbid(unsafe_code)]
 
+pub mod backoff;
+pub mod cli;
+pub mod http;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod ops;
 pub mod process;
+pub mod redis;
 pub mod rpc;
 pub mod settings;
 pub mod shutdown;

@@ -20,7 +20,7 @@ pub struct Logic {
     pub http: String,
     pub rpc: SocketAddr,
     pub shutdown: CancellationToken,
-    pub task: tokio::task::JoinHandle<Result<(), rim_logic::LogicError>>,
+    pub task: tokio::task::JoinHandle<Result<(), rim_logic::RunError>>,
 }
 
 impl Logic {

@@ -1,4 +1,4 @@
-//! Exponential backoff shared by Redis retries and comet delivery retries.
+//! Exponential backoff: Redis reconnects in every tier, comet delivery retries in job.
 
 use std::time::Duration;
 

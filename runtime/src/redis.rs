@@ -1,0 +1,228 @@
+//! Redis plumbing shared by logic and job: the `[redis]` config section and its validation, the
+//! stream partition count every tier must agree on, connecting with retry and backoff until Redis
+//! is there (a tier started before Redis waits instead of exiting), and the readiness PING.
+//!
+//! The tiers' own keys and commands live in their store modules; this file only opens the
+//! connection and checks the one value every tier shares (`rim:meta:partitions`).
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use rim_proto::keys;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::settings::{SettingsError, positive};
+
+/// First and longest wait between attempts while Redis is unreachable at start.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// `[redis]`: where Redis is and how long one round trip may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`, `rediss://…` or `redis+unix:///path`.
+    pub url: String,
+    /// Upper bound on any one Redis round trip (ms); past it the call fails instead of hanging.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/".into(),
+            timeout_ms: 2_000,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Round-trip bound.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Checks the URL parses and the timeout is positive (fields named `redis.*`).
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if let Err(e) = redis::Client::open(self.url.as_str()) {
+            return Err(SettingsError::invalid(
+                "redis.url",
+                format!(
+                    "{:?} is not a redis://, rediss:// or redis+unix:// URL ({e})",
+                    self.url
+                ),
+            ));
+        }
+        positive("redis.timeout_ms", self.timeout_ms)
+    }
+}
+
+/// Checks a configured partition count (`stream.partitions`).
+pub fn validate_partitions(partitions: u16) -> Result<(), SettingsError> {
+    positive("stream.partitions", partitions)
+}
+
+/// Why a tier cannot use this Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisStartError {
+    /// The URL is not one redis-rs accepts.
+    #[error("redis.url: {0}")]
+    Url(redis::RedisError),
+    /// The cluster was started with another partition count.
+    #[error(
+        "stream.partitions is {configured} but the cluster uses {existing:?} ({key}); every logic \
+         and job must use the same count",
+        key = keys::META_PARTITIONS
+    )]
+    PartitionMismatch {
+        /// From this tier's config.
+        configured: u16,
+        /// Found in Redis.
+        existing: String,
+    },
+}
+
+/// How the command connection treats slow replies.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    /// Bound on establishing a connection.
+    pub connect_timeout: Duration,
+    /// Bound on one reply (redis-rs defaults to 500 ms; blocking reads need their own
+    /// connection).
+    pub response_timeout: Duration,
+}
+
+impl ConnectOptions {
+    /// Both bounds from `[redis] timeout_ms`.
+    pub fn from_config(cfg: &RedisConfig) -> Self {
+        ConnectOptions {
+            connect_timeout: cfg.timeout(),
+            response_timeout: cfg.timeout(),
+        }
+    }
+}
+
+/// Connects an auto-reconnecting command connection and checks (or, first in the cluster,
+/// records) the partition count, retrying with backoff while Redis is unreachable. `Ok(None)`
+/// when `shutdown` came first; a partition mismatch fails at once.
+pub async fn connect(
+    url: &str,
+    opts: ConnectOptions,
+    partitions: u16,
+    shutdown: &CancellationToken,
+) -> Result<Option<(redis::Client, ConnectionManager)>, RedisStartError> {
+    let client = redis::Client::open(url).map_err(RedisStartError::Url)?;
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+    loop {
+        let attempt = async {
+            let cfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(opts.connect_timeout))
+                .set_response_timeout(Some(opts.response_timeout))
+                // After an outage, notice Redis is back within about half a second.
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            let mut conn = client.get_connection_manager_with_config(cfg).await?;
+            let existing = record_partitions(&mut conn, partitions).await?;
+            Ok::<_, redis::RedisError>((conn, existing))
+        };
+        let bounded = tokio::time::timeout(opts.connect_timeout * 3, attempt);
+        let wait = match bounded.await {
+            Ok(Ok((conn, existing))) => {
+                if existing.trim().parse::<u16>().ok() != Some(partitions) {
+                    return Err(RedisStartError::PartitionMismatch {
+                        configured: partitions,
+                        existing,
+                    });
+                }
+                return Ok(Some((client, conn)));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", opts.connect_timeout * 3),
+        };
+        let retry_in = backoff.next_delay();
+        tracing::warn!(%url, error = %wait, ?retry_in, "redis unreachable; waiting for it before serving");
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(retry_in) => {}
+        }
+    }
+}
+
+/// `SET rim:meta:partitions P NX`, then the value now stored.
+async fn record_partitions(
+    conn: &mut ConnectionManager,
+    partitions: u16,
+) -> redis::RedisResult<String> {
+    let (existing,): (Option<String>,) = redis::pipe()
+        .cmd("SET")
+        .arg(keys::META_PARTITIONS)
+        .arg(partitions)
+        .arg("NX")
+        .ignore()
+        .cmd("GET")
+        .arg(keys::META_PARTITIONS)
+        .query_async(conn)
+        .await?;
+    Ok(existing.unwrap_or_default())
+}
+
+/// PING within `within`, for `/readyz`: the reason when Redis is not answering.
+pub async fn ping(conn: &ConnectionManager, within: Duration) -> Result<(), String> {
+    let mut conn = conn.clone();
+    let cmd = redis::cmd("PING");
+    let ping = cmd.query_async::<String>(&mut conn);
+    match tokio::time::timeout(within, ping).await {
+        Ok(Ok(pong)) if pong == "PONG" => Ok(()),
+        Ok(Ok(other)) => Err(format!("redis: unexpected PING reply {other:?}")),
+        Ok(Err(e)) => Err(format!("redis: {e}")),
+        Err(_) => Err(format!("redis: no PING answer within {within:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let bad_url = RedisConfig {
+            url: "http://x".into(),
+            ..RedisConfig::default()
+        };
+        let e = bad_url.validate().err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.starts_with("redis.url")));
+        let zero = RedisConfig {
+            timeout_ms: 0,
+            ..RedisConfig::default()
+        };
+        let e = zero.validate().err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.starts_with("redis.timeout_ms")));
+        assert!(RedisConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn partition_count_must_be_positive() {
+        let e = validate_partitions(0).err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.starts_with("stream.partitions")));
+        assert!(validate_partitions(1).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_gives_up_at_shutdown_while_redis_is_unreachable() {
+        // Port 1 on loopback refuses at once; the retry loop must still end with shutdown.
+        let shutdown = CancellationToken::new();
+        let opts = ConnectOptions {
+            connect_timeout: Duration::from_millis(100),
+            response_timeout: Duration::from_millis(100),
+        };
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            stop.cancel();
+        });
+        let r = connect("redis://127.0.0.1:1/", opts, 16, &shutdown).await;
+        assert!(matches!(r, Ok(None)));
+    }
+}
