@@ -28,6 +28,7 @@ if ! command -v cargo >/dev/null; then
 fi
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+command -v cargo-machete >/dev/null || cargo install cargo-machete --locked --quiet
 
 if [ ! -d testkit/browser/node_modules/playwright-core ]; then
   echo "== npm ci (browser test client)"
@@ -39,6 +40,8 @@ if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== cargo machete (no unused dependencies)"
+cargo machete
 echo "== cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build --bins (the process tests run the real binaries)"
