@@ -24,7 +24,7 @@ use crate::deliver::PacedJob;
 use crate::metrics::Metrics;
 use crate::room::{Presence, Rooms};
 use crate::session::Session;
-use crate::{RunError, Listeners};
+use crate::{Listeners, RunError};
 
 /// State shared by every task of one comet.
 pub(crate) struct Ctx {

@@ -34,8 +34,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::Ctx;
-use rim_runtime::backoff::Backoff;
 use crate::route::{self, Entry};
+use rim_runtime::backoff::Backoff;
 
 /// Compare-and-delete of a lease: only the holder may release it.
 pub(crate) const RELEASE_LUA: &str = r"

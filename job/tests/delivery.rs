@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use redis::Commands;
-use rim_job::{Config, RunError, Listeners};
+use rim_job::{Config, Listeners, RunError};
 use rim_proto::job::{PushJob, Route, ServerKeys};
 use rim_proto::keys;
 use rim_proto::room::RoomId;

@@ -221,7 +221,9 @@ pub struct Ops {
 impl OpsSource for Ops {
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
         // Readiness must answer fast even when Redis is black-holed.
-        self.store.ping(std::time::Duration::from_millis(500)).boxed()
+        self.store
+            .ping(std::time::Duration::from_millis(500))
+            .boxed()
     }
 
     fn metrics(&self) -> String {

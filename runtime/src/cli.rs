@@ -133,6 +133,9 @@ mod tests {
         let addr = taken.local_addr().unwrap().to_string();
         let err = bind("listen.rpc", &addr).await.unwrap_err();
         let text = err.to_string();
-        assert!(text.starts_with(&format!("cannot bind listen.rpc {addr}: ")), "{text}");
+        assert!(
+            text.starts_with(&format!("cannot bind listen.rpc {addr}: ")),
+            "{text}"
+        );
     }
 }
