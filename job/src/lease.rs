@@ -9,8 +9,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use redis::RedisResult;
-use rim_proto::keys;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -19,13 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::Ctx;
 use crate::partition;
-
-/// Extends a lease only if it is still ours.
-const RENEW_LUA: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0";
+use crate::store::StoreResult;
 
 /// Most partitions one worker should hold when `live` workers share `partitions`.
 pub fn fair_share(partitions: u16, live: u64) -> usize {
@@ -121,13 +113,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken, tracker: Tas
         }
         fence(&ctx, &mut held);
     }
-    let mut redis = ctx.redis.clone();
-    let r: RedisResult<()> = redis::cmd("ZREM")
-        .arg(keys::JOB_WORKERS)
-        .arg(&ctx.worker_id)
-        .query_async(&mut redis)
-        .await;
-    if let Err(e) = r {
+    if let Err(e) = ctx.stores.leases.leave(&ctx.worker_id).await {
         tracing::warn!(error = %e, "could not remove worker from rim:jobs; it expires by itself");
     }
 }
@@ -156,29 +142,14 @@ async fn round(
     draining: bool,
     done_tx: &mpsc::UnboundedSender<u16>,
     tracker: &TaskTracker,
-) -> RedisResult<()> {
-    let mut redis = ctx.redis.clone();
+) -> StoreResult<()> {
+    let leases = &ctx.stores.leases;
     let ttl_ms = ctx.cfg.lease.ttl_ms;
-    let now = rim_runtime::unix_ms();
-    let (live,): (u64,) = redis::pipe()
-        .atomic()
-        .cmd("ZADD")
-        .arg(keys::JOB_WORKERS)
-        .arg(now + ttl_ms)
-        .arg(&ctx.worker_id)
-        .ignore()
-        .cmd("ZREMRANGEBYSCORE")
-        .arg(keys::JOB_WORKERS)
-        .arg("-inf")
-        .arg(format!("({now}"))
-        .ignore()
-        .cmd("ZCARD")
-        .arg(keys::JOB_WORKERS)
-        .query_async(&mut redis)
+    let live = leases
+        .heartbeat(&ctx.worker_id, rim_runtime::unix_ms(), ttl_ms)
         .await?;
 
     // Renew every lease still held, including partitions finishing a release.
-    let renew = redis::Script::new(RENEW_LUA);
     for (p, h) in held.iter_mut() {
         if h.lost.is_cancelled() {
             continue;
@@ -186,13 +157,7 @@ async fn round(
         // Taken before sending: the new expiry counts from when Redis ran the renewal, which is
         // no earlier than this.
         let sent = Instant::now();
-        let ours: i64 = renew
-            .key(keys::partition_lease(*p))
-            .arg(&ctx.worker_id)
-            .arg(ttl_ms)
-            .invoke_async(&mut redis)
-            .await?;
-        if ours == 1 {
+        if leases.renew(*p, &ctx.worker_id, ttl_ms).await? {
             h.renewed = sent;
         } else if !h.task.is_finished() {
             ctx.metrics.leases_lost.inc();
@@ -240,15 +205,7 @@ async fn round(
             continue;
         }
         let sent = Instant::now();
-        let got: Option<String> = redis::cmd("SET")
-            .arg(keys::partition_lease(p))
-            .arg(&ctx.worker_id)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl_ms)
-            .query_async(&mut redis)
-            .await?;
-        if got.is_none() {
+        if !leases.acquire(p, &ctx.worker_id, ttl_ms).await? {
             continue;
         }
         let stop = CancellationToken::new();

@@ -6,6 +6,8 @@
 //! * `partition`: one partition's consumer (replay pending, read, deliver, ack, trim).
 //! * [`route`]: pure routing of a batch into per-comet ordered delivery lists.
 //! * [`registry`]: the live comet cache and its RPC links.
+//! * [`store`]: every Redis key, command and script of the tier, behind typed traits (with
+//!   in-memory implementations for unit tests).
 //! * [`metrics`]: counters and gauges for `/metrics`.
 //!
 //! See docs/architecture.md for why it works this way.
@@ -17,15 +19,15 @@ pub mod metrics;
 mod partition;
 pub mod registry;
 pub mod route;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use redis::aio::ConnectionManager;
 use rim_runtime::ops::OpsSource;
-use rim_runtime::redis::{ConnectOptions, RedisStartError};
+use rim_runtime::redis::RedisStartError;
 use rim_runtime::settings::{SettingsError, Validate};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +36,7 @@ pub use config::Config;
 pub use lease::fair_share;
 use metrics::Metrics;
 use registry::Registry;
+use store::{RedisBackend, Stores};
 
 /// Sockets the tier serves on, bound by the caller (port 0 in tests).
 #[derive(Debug)]
@@ -61,27 +64,43 @@ pub enum RunError {
 pub(crate) struct Ctx {
     pub(crate) cfg: Config,
     pub(crate) worker_id: String,
-    /// For dedicated (blocking) connections.
-    pub(crate) client: redis::Client,
-    /// Auto-reconnecting connection for ordinary commands.
-    pub(crate) redis: ConnectionManager,
+    pub(crate) stores: Stores,
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
     /// Comet → when its current run of failed deliveries began (removed on its next success).
     /// Shared by all partitions, so once a comet has failed for `delivery.give_up_ms` every
     /// batch gives it up after one more failed attempt instead of waiting the whole time again.
     pub(crate) failing_since:
-        parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+        parking_lot::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+}
+
+impl Ctx {
+    pub(crate) fn new(
+        cfg: Config,
+        worker_id: String,
+        stores: Stores,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Ctx {
+            cfg,
+            worker_id,
+            stores,
+            registry,
+            metrics,
+            failing_since: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
 }
 
 struct Ops {
-    redis: ConnectionManager,
+    redis: RedisBackend,
     metrics: Arc<Metrics>,
 }
 
 impl OpsSource for Ops {
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
-        rim_runtime::redis::ping(&self.redis, Duration::from_secs(2)).boxed()
+        self.redis.ready().boxed()
     }
 
     fn metrics(&self) -> String {
@@ -99,15 +118,6 @@ fn default_worker_id() -> String {
         .unwrap_or_else(|| "job".into());
     let rand = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}-{}-{}", std::process::id(), &rand[..8])
-}
-
-/// Bounds of the command connection: at least 5 s per reply, since an `XAUTOCLAIM` of a large
-/// batch can be megabytes.
-fn connect_options(cfg: &Config) -> ConnectOptions {
-    ConnectOptions {
-        connect_timeout: cfg.redis.timeout(),
-        response_timeout: cfg.redis.timeout().max(Duration::from_secs(5)),
-    }
 }
 
 /// Serves the ops routes until shutdown.
@@ -135,27 +145,24 @@ pub async fn run(
     } else {
         config.worker_id.clone()
     };
-    let Some((client, mut redis)) = rim_runtime::redis::connect(
-        &config.redis.url,
-        connect_options(&config),
-        config.stream.partitions,
-        &shutdown,
-    )
-    .await?
-    else {
+    let Some(redis) = RedisBackend::connect(&config, &shutdown).await? else {
         return Ok(());
     };
+    let stores = redis.stores();
 
     let metrics = Arc::new(Metrics::default());
-    let registry = Arc::new(Registry::new(config.rpc_timeout()));
-    if let Err(e) = registry.refresh(&mut redis).await {
+    let registry = Arc::new(Registry::new(
+        stores.directory.clone(),
+        config.rpc_timeout(),
+    ));
+    if let Err(e) = registry.refresh().await {
         tracing::warn!(error = %e, "initial registry read failed; retrying in the background");
     }
     tracing::info!(worker = %worker_id, partitions = config.stream.partitions, "job worker starting");
 
     let tracker = TaskTracker::new();
     let ops = Arc::new(Ops {
-        redis: redis.clone(),
+        redis,
         metrics: metrics.clone(),
     });
     // Ops routes only (probes and scrapes): a small cap and short idle limits suffice.
@@ -174,21 +181,18 @@ pub async fn run(
         config.grace(),
     ));
 
-    let ctx = Arc::new(Ctx {
-        cfg: config.clone(),
+    let ctx = Arc::new(Ctx::new(
+        config.clone(),
         worker_id,
-        client,
-        redis: redis.clone(),
-        registry: registry.clone(),
+        stores,
+        registry.clone(),
         metrics,
-        failing_since: parking_lot::Mutex::new(std::collections::HashMap::new()),
-    });
+    ));
 
     // The registry must stay fresh while partitions drain, so it stops after the lease manager.
     let registry_stop = CancellationToken::new();
     {
         let stop = registry_stop.clone();
-        let mut redis = redis.clone();
         let every = config.refresh_every();
         let metrics = ctx.metrics.clone();
         tracker.spawn(async move {
@@ -199,7 +203,7 @@ pub async fn run(
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                if let Err(e) = registry.refresh(&mut redis).await {
+                if let Err(e) = registry.refresh().await {
                     metrics.redis_errors.inc();
                     tracing::warn!(error = %e, "registry refresh failed; keeping the cached view");
                 }

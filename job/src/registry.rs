@@ -5,43 +5,102 @@
 //! comet that registered a moment ago is not mistaken for a dead one). Liveness is judged against
 //! the registration expiry at lookup time, so a comet whose registration lapsed between refreshes
 //! is already treated as gone.
+//!
+//! Calls to a comet go through [`CometClient`], so the partition rules can be tested with fake
+//! comets instead of tarpc servers.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use parking_lot::RwLock;
-use redis::aio::ConnectionManager;
-use rim_proto::keys;
-use rim_proto::rpc::{CometRpcClient, NodeInfo};
-use rim_runtime::rpc::Link;
+use rim_proto::rpc::{CometRpcClient, DeliverReport, Delivery};
+use rim_runtime::rpc::{Link, LinkError};
+
+use crate::store::{CometDirectory, StoreResult};
 
 /// Link to one comet.
 pub type CometLink = Link<CometRpcClient>;
 
+/// One comet as job calls it.
+#[async_trait]
+pub trait CometClient: Send + Sync {
+    /// `CometRpc::deliver(items)` with a deadline of `timeout`: the comet's confirmation that it
+    /// queued the items, in order, for their sessions.
+    async fn deliver(
+        &self,
+        items: Vec<Delivery>,
+        timeout: Duration,
+    ) -> Result<DeliverReport, LinkError>;
+}
+
+#[async_trait]
+impl CometClient for CometLink {
+    async fn deliver(
+        &self,
+        items: Vec<Delivery>,
+        timeout: Duration,
+    ) -> Result<DeliverReport, LinkError> {
+        self.call(|client| async move {
+            client
+                .deliver(rim_runtime::rpc::context(timeout), items)
+                .await
+        })
+        .await
+    }
+}
+
+/// Makes the client of a comet that became live: `(server id, rpc address) → client`.
+pub type Connector = Arc<dyn Fn(&str, &str) -> Arc<dyn CometClient> + Send + Sync>;
+
 struct Node {
     rpc_addr: String,
     expiry_ms: u64,
-    link: Arc<CometLink>,
+    link: Arc<dyn CometClient>,
 }
 
 /// Shared cache of live comets.
 pub struct Registry {
+    directory: Arc<dyn CometDirectory>,
+    connector: Connector,
     nodes: RwLock<HashMap<String, Node>>,
     refreshed: RwLock<Option<Instant>>,
     /// Serialises refreshes so a burst of misses costs one round trip.
     refresh_lock: tokio::sync::Mutex<()>,
-    connect_timeout: Duration,
 }
 
 impl Registry {
-    /// An empty registry; links connect within `connect_timeout`.
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// An empty registry read from `directory`; comets are called over reconnecting tarpc links
+    /// that connect within `connect_timeout`.
+    pub fn new(directory: Arc<dyn CometDirectory>, connect_timeout: Duration) -> Self {
+        let connector: Connector = Arc::new(move |id: &str, addr: &str| {
+            let link = Link::new(
+                format!("comet {id}"),
+                vec![addr.to_owned()],
+                connect_timeout,
+                |s| {
+                    CometRpcClient::new(
+                        tarpc::client::Config::default(),
+                        rim_proto::rpc::transport(s),
+                    )
+                    .spawn()
+                },
+            );
+            Arc::new(link) as Arc<dyn CometClient>
+        });
+        Self::with_connector(directory, connector)
+    }
+
+    /// An empty registry read from `directory` whose comets are called through `connector`'s
+    /// clients.
+    pub fn with_connector(directory: Arc<dyn CometDirectory>, connector: Connector) -> Self {
         Registry {
+            directory,
+            connector,
             nodes: RwLock::new(HashMap::new()),
             refreshed: RwLock::new(None),
             refresh_lock: tokio::sync::Mutex::new(()),
-            connect_timeout,
         }
     }
 
@@ -56,8 +115,8 @@ impl Registry {
             .collect()
     }
 
-    /// The link of a live comet, or `None` if it is not (or no longer) live.
-    pub fn link(&self, server: &str) -> Option<Arc<CometLink>> {
+    /// The client of a live comet, or `None` if it is not (or no longer) live.
+    pub fn link(&self, server: &str) -> Option<Arc<dyn CometClient>> {
         let now = rim_runtime::unix_ms();
         self.nodes
             .read()
@@ -69,54 +128,33 @@ impl Registry {
     /// Re-reads the registry unless a read that started at or after `needed_at` already
     /// happened. Callers that miss a comet pass the moment they noticed: a burst of misses costs
     /// one round trip, and a read older than the miss is never trusted to call a comet gone.
-    pub async fn refresh_since(
-        &self,
-        redis: &mut ConnectionManager,
-        needed_at: Instant,
-    ) -> redis::RedisResult<()> {
+    pub async fn refresh_since(&self, needed_at: Instant) -> StoreResult<()> {
         let _guard = self.refresh_lock.lock().await;
         if self.refreshed.read().is_some_and(|at| at >= needed_at) {
             return Ok(());
         }
-        self.refresh_locked(redis).await
+        self.refresh_locked().await
     }
 
-    /// Re-reads the registry from Redis.
-    pub async fn refresh(&self, redis: &mut ConnectionManager) -> redis::RedisResult<()> {
+    /// Re-reads the registry.
+    pub async fn refresh(&self) -> StoreResult<()> {
         let _guard = self.refresh_lock.lock().await;
-        self.refresh_locked(redis).await
+        self.refresh_locked().await
     }
 
-    async fn refresh_locked(&self, redis: &mut ConnectionManager) -> redis::RedisResult<()> {
+    async fn refresh_locked(&self) -> StoreResult<()> {
         let started = Instant::now();
-        let now = rim_runtime::unix_ms();
-        // `(now` = strictly in the future, matching "live while its score is in the future".
-        let live: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
-            .arg(keys::NODES_EXPIRY)
-            .arg(format!("({now}"))
-            .arg("+inf")
-            .arg("WITHSCORES")
-            .query_async(redis)
-            .await?;
-        let infos: Vec<Option<String>> = if live.is_empty() {
-            Vec::new()
-        } else {
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(keys::NODES);
-            for (id, _) in &live {
-                cmd.arg(id);
-            }
-            cmd.query_async(redis).await?
-        };
+        let live = self.directory.live_comets(rim_runtime::unix_ms()).await?;
         let mut fresh: HashMap<String, (String, u64)> = HashMap::new();
-        for ((id, expiry), info) in live.into_iter().zip(infos) {
-            let Some(json) = info else {
+        for comet in live {
+            let id = comet.server;
+            let Some(info) = comet.info else {
                 tracing::warn!(server = %id, "comet in rim:nodes:expiry has no rim:nodes entry; not routing to it");
                 continue;
             };
-            match serde_json::from_str::<NodeInfo>(&json) {
+            match info {
                 Ok(node) if !node.rpc_addr.is_empty() => {
-                    fresh.insert(id, (node.rpc_addr, expiry as u64));
+                    fresh.insert(id, (node.rpc_addr, comet.expiry_ms));
                 }
                 Ok(_) => {
                     tracing::warn!(server = %id, "comet registered without rpc_addr; not routing to it")
@@ -139,24 +177,13 @@ impl Registry {
                 Some(n) => n.expiry_ms = expiry_ms,
                 None => {
                     tracing::info!(server = %id, rpc_addr = %addr, "comet is live");
-                    let link = Link::new(
-                        format!("comet {id}"),
-                        vec![addr.clone()],
-                        self.connect_timeout,
-                        |s| {
-                            CometRpcClient::new(
-                                tarpc::client::Config::default(),
-                                rim_proto::rpc::transport(s),
-                            )
-                            .spawn()
-                        },
-                    );
+                    let link = (self.connector)(&id, &addr);
                     nodes.insert(
                         id,
                         Node {
                             rpc_addr: addr,
                             expiry_ms,
-                            link: Arc::new(link),
+                            link,
                         },
                     );
                 }
