@@ -2,21 +2,39 @@
 //! WebSocket), sessions sharded in buckets, rooms, and the `CometRpc` that job delivers pushes
 //! through. Holds no Redis connection: it authenticates, registers and renews through logic.
 //!
-//! * [`config`]: configuration and validation.
-//! * `session`: the per-connection protocol driver and the shared session handle.
-//! * `bucket`, `room`: sharded session registry and room presence.
-//! * `ws`, `tcp`: transports, each a `Connection` driven by one task per session; `outbound`:
-//!   a session's queue and close request; `writer`: encode-once push shapes per transport.
-//! * `deliver`: `CometRpc` (room runs batched per member); `renew`: node renewal; `server`:
-//!   wiring and drain.
-//! * `upstream`: op 4 SendMsg (rate limit, validation, forwarding to logic).
+//! Modules, from the bottom of the import graph up:
+//! * [`config`], [`metrics`]: configuration and validation; the comet's counters.
+//! * [`writer`], [`outbound`]: encode-once push shapes per transport; a session's queue and
+//!   close request.
+//! * [`session`]: a session's shared state (what buckets, rooms and delivery hold).
+//! * [`bucket`]: the sharded session registry; [`room`]: joins, leaves and room changes, and how
+//!   logic is told of them.
+//! * `logic`: every call to logic, behind a trait; `push`: one push offered to sessions.
+//! * `ctx`: the state shared by every task (it imports none of the modules above it).
+//! * `connection`: what the driver needs of a transport; `io`: writing the queue and closing;
+//!   `admission`: the connection cap, Auth and registration; `client_op`: op dispatch (a frame
+//!   parsed into a request that applies itself); [`upstream`]: op 4 SendMsg; `driver`: one
+//!   connection from accept to close.
+//! * `ws`, `tcp`: transports, each a `Connection` driven by one task per session.
+//! * `deliver`: `CometRpc` (room runs batched per member) and the paced worker; `renew`: node
+//!   registration; `node`: what this comet publishes and its readiness; `server`: wiring and
+//!   drain.
 #![forbid(unsafe_code)]
 
+mod admission;
 pub mod bucket;
+mod client_op;
 pub mod config;
+mod connection;
+mod ctx;
 mod deliver;
+mod driver;
+mod io;
+mod logic;
 pub mod metrics;
+mod node;
 pub mod outbound;
+mod push;
 mod renew;
 pub mod room;
 mod server;

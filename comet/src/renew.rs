@@ -1,5 +1,6 @@
-//! Periodic node renewal: registers this comet with logic (addresses, load, room counts) and
-//! learns cluster-wide room counts for heartbeat replies.
+//! This node's registration with logic: the periodic renewal (addresses, load, room counts, and
+//! the cluster-wide room counts learnt back for heartbeat replies) and the unregistration at
+//! shutdown.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -7,43 +8,22 @@ use std::time::Duration;
 
 use rim_proto::rpc::OnlineReport;
 
-use crate::server::Ctx;
+use crate::ctx::Ctx;
+use crate::logic::LogicCallError;
 
 /// One renewal. Failures are logged; the next tick retries and sessions keep working meanwhile.
 pub(crate) async fn renew_once(ctx: &Ctx) {
-    // Snapshot under the presence lock (never held across the RPC, see `room`): rooms being
-    // announced right now are included, counted as at least one member (logic drops rooms
-    // reported with 0), so this report cannot erase them.
-    let (rooms, sessions, ips, epoch) = {
-        let mut p = ctx.rooms.presence();
-        let (mut rooms, sessions, ips) = ctx.buckets.snapshot();
-        for room in p.joining.keys() {
-            let n = rooms.entry(room.clone()).or_insert(0);
-            *n = (*n).max(1);
-        }
-        p.epoch += 1;
-        p.renewing = true;
-        (rooms, sessions, ips, p.epoch)
-    };
-    // Whatever happens to this call (answer, error, cancelled at shutdown), joiners waiting for
-    // it are released.
-    let _done = RenewalDone { ctx, epoch };
+    // Rooms being announced are in the snapshot, and joiners that overlap this renewal are
+    // released when `_done` drops (see `room`).
+    let (snap, _done) = ctx.rooms.begin_renewal(&ctx.buckets);
     let mut node = ctx.node.clone();
-    node.connections = sessions;
-    node.ips = ips;
+    node.connections = snap.sessions;
+    node.ips = snap.ips;
     let report = OnlineReport {
-        rooms: rooms.into_iter().collect(),
+        rooms: snap.rooms.into_iter().collect(),
     };
-    let timeout = ctx.cfg.rpc_timeout();
-    let r = ctx
-        .logic
-        .call(|c| async move {
-            c.renew_node(rim_runtime::rpc::context(timeout), node, report)
-                .await
-        })
-        .await;
-    match r {
-        Ok(Ok(counts)) => {
+    match ctx.logic.renew_node(node, report).await {
+        Ok(counts) => {
             ctx.rooms.set_cluster(counts.rooms);
             ctx.metrics.renewals.inc();
             ctx.logic_ok.store(true, Ordering::Release);
@@ -51,28 +31,16 @@ pub(crate) async fn renew_once(ctx: &Ctx) {
                 tracing::info!(server = %ctx.cfg.server_id, "registered with logic");
             }
         }
-        Ok(Err(e)) => {
+        Err(LogicCallError::Refused(e)) => {
             ctx.metrics.renew_failures.inc();
             ctx.logic_ok.store(false, Ordering::Release);
             tracing::warn!(error = %e, "renew_node refused");
         }
-        Err(e) => {
+        Err(LogicCallError::Unreachable(e)) => {
             ctx.metrics.renew_failures.inc();
             ctx.logic_ok.store(false, Ordering::Release);
             tracing::warn!(error = %e, "renew_node failed, retrying next tick");
         }
-    }
-}
-
-/// Marks a renewal finished when dropped.
-struct RenewalDone<'a> {
-    ctx: &'a Ctx,
-    epoch: u64,
-}
-
-impl Drop for RenewalDone<'_> {
-    fn drop(&mut self) {
-        self.ctx.rooms.renewal_done(self.epoch);
     }
 }
 
@@ -89,6 +57,18 @@ pub(crate) async fn run(ctx: Arc<Ctx>) {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             _ = renew_once(&ctx) => {}
+        }
+    }
+}
+
+/// Removes this node's registration at logic (the end of a drain), so job stops routing to it
+/// at once instead of after the registration's TTL.
+pub(crate) async fn unregister(ctx: &Ctx) {
+    match ctx.logic.unregister_node(ctx.cfg.server_id.clone()).await {
+        Ok(()) => tracing::info!("unregistered from logic"),
+        Err(LogicCallError::Refused(e)) => tracing::warn!(error = %e, "unregister_node refused"),
+        Err(LogicCallError::Unreachable(e)) => {
+            tracing::warn!(error = %e, "unregister_node failed")
         }
     }
 }

@@ -1,6 +1,9 @@
-//! Room presence on this comet: which rooms are being announced to logic right now (a room's
-//! first member here), how first joins are ordered against node renewals, and the cluster-wide
-//! counts learnt from the last renewal.
+//! Rooms on this comet: how a session joins, leaves and changes rooms, how logic is told (a room's
+//! first member here is announced with `room_joined` before the join completes; a ChangeRoom is
+//! reported with `room_changed`), how first joins are ordered against node renewals, and the
+//! cluster-wide counts learnt from the last renewal. Membership itself is stored in the buckets
+//! (room pushes walk them); every join and leave goes through [`Rooms`], which is what keeps
+//! the invariant below.
 //!
 //! Every lock here is a short synchronous one; no RPC runs under it. Concurrency is per room:
 //! the first joiner of a room makes the `room_joined` call while other joiners of *that* room
@@ -17,48 +20,213 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, RwLock};
 use rim_proto::room::RoomId;
 use tokio::sync::watch;
 
-/// Presence bookkeeping, under [`Rooms::presence`].
+use crate::bucket::Buckets;
+use crate::logic::{Logic, LogicCallError};
+use crate::session::Session;
+
+/// Presence bookkeeping, under `Rooms::presence`.
 #[derive(Default)]
-pub struct Presence {
+struct Presence {
     /// Rooms whose first member's `room_joined` is in flight; waiters watch for `true`.
-    pub(crate) joining: HashMap<RoomId, Arc<watch::Sender<bool>>>,
+    joining: HashMap<RoomId, Arc<watch::Sender<bool>>>,
     /// Number of the latest renewal snapshot.
-    pub(crate) epoch: u64,
+    epoch: u64,
     /// Whether the renewal of snapshot `epoch` is still on its way to logic.
-    pub(crate) renewing: bool,
+    renewing: bool,
 }
 
 /// Room state shared by sessions, the renew task and heartbeat replies.
 pub struct Rooms {
+    /// Held briefly (never across an await); taken before bucket locks.
     presence: Mutex<Presence>,
     /// Latest renewal that finished (answered or failed): its snapshot landed or never will.
     renewed: watch::Sender<u64>,
     cluster: RwLock<HashMap<RoomId, u64>>,
+    logic: Arc<dyn Logic>,
+    /// This comet's server id, as logic knows it.
+    server: String,
+    /// How long a joiner waits for a renewal that overlapped its announcement: the renewal's
+    /// call is bounded by the RPC timeout, so twice that means something is stuck.
+    renewal_wait: Duration,
 }
 
-impl Default for Rooms {
-    fn default() -> Self {
+/// What a renewal reports, taken by [`Rooms::begin_renewal`].
+pub(crate) struct RenewalSnapshot {
+    /// Members per room, rooms being announced counted as at least one.
+    pub rooms: HashMap<RoomId, u32>,
+    /// Sessions on this comet.
+    pub sessions: u64,
+    /// Distinct client IPs.
+    pub ips: u64,
+}
+
+impl Rooms {
+    /// Rooms of comet `server`, announcing to `logic`, whose calls take at most `rpc_timeout`.
+    pub(crate) fn new(logic: Arc<dyn Logic>, server: String, rpc_timeout: Duration) -> Self {
         Rooms {
             presence: Mutex::new(Presence::default()),
             renewed: watch::Sender::new(0),
             cluster: RwLock::default(),
+            logic,
+            server,
+            renewal_wait: rpc_timeout * 2,
         }
     }
-}
 
-impl Rooms {
-    /// The presence state. Held briefly (never across an await); taken before bucket locks.
-    pub(crate) fn presence(&self) -> MutexGuard<'_, Presence> {
-        self.presence.lock()
+    /// Joins `room`; a room's first member here is announced to logic before this returns.
+    /// False when the session is no longer registered (replaced meanwhile) and did not join.
+    ///
+    /// Only joiners of the same room wait for each other (see the module doc for the ordering
+    /// against renewals); no comet-wide lock is held across the `room_joined` call.
+    pub(crate) async fn join(&self, buckets: &Buckets, s: &Arc<Session>, room: RoomId) -> bool {
+        loop {
+            // The lock guard must not live across an await (it is not Send), hence the block.
+            let step = {
+                let mut p = self.presence.lock();
+                if let Some(w) = p.joining.get(&room) {
+                    // Someone is announcing this room: wait for it, then look again.
+                    Err(w.subscribe())
+                } else if buckets.room_len(&room) > 0 {
+                    // logic knows the room already. Joining in the same critical section as the
+                    // check keeps a renewal snapshot from seeing neither the old members nor us.
+                    return join_now(buckets, s, room);
+                } else {
+                    p.joining
+                        .insert(room.clone(), Arc::new(watch::Sender::new(false)));
+                    Ok(p.renewing.then_some(p.epoch))
+                }
+            };
+            let overlapped = match step {
+                Ok(overlapped) => overlapped,
+                Err(mut rx) => {
+                    // Err = the announcer went away (its guard removed the entry): look again.
+                    let _ = rx.wait_for(|done| *done).await;
+                    continue;
+                }
+            };
+            let guard = Announcing {
+                rooms: self,
+                room: &room,
+            };
+            self.announce(&room).await;
+            if let Some(epoch) = overlapped {
+                // A renewal snapshotted before this announcement started and may reach logic
+                // after it, erasing the room: wait for it to finish, then announce again.
+                if tokio::time::timeout(self.renewal_wait, self.wait_renewal(epoch))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(%room, "renewal still unfinished; announcing the room again anyway");
+                }
+                self.announce(&room).await;
+            }
+            // Join and end the announcement in one critical section: every snapshot from the
+            // announcement's start on includes the room (pending, then as a member).
+            let mut p = self.presence.lock();
+            let joined = join_now(buckets, s, room.clone());
+            guard.finish(&mut p);
+            return joined;
+        }
+    }
+
+    /// Tells logic this comet has members in `room`.
+    async fn announce(&self, room: &RoomId) {
+        match self
+            .logic
+            .room_joined(self.server.clone(), room.clone())
+            .await
+        {
+            Ok(()) => {}
+            // The session still joins: the next renewal reports the room anyway.
+            Err(LogicCallError::Refused(e)) => {
+                tracing::warn!(%room, error = %e, "room_joined refused")
+            }
+            Err(LogicCallError::Unreachable(e)) => {
+                tracing::warn!(%room, error = %e, "room_joined failed")
+            }
+        }
+    }
+
+    /// Leaves the session's room, if any. logic is not told: a session that ends is unregistered
+    /// as a whole, and an emptied room drops out of logic's index at the next renewal.
+    pub(crate) fn leave(&self, buckets: &Buckets, s: &Session) {
+        if let Some(room) = s.room() {
+            buckets.leave(&room, s);
+            s.set_room(None);
+        }
+    }
+
+    /// Moves the session to `to` (`None` = out of any room) for ChangeRoom, then tells logic
+    /// (`room_changed`) and waits for it, so member listings and presence events are right by
+    /// the time the client sees op 13. Nothing happens when the room does not change.
+    pub(crate) async fn change(&self, buckets: &Buckets, s: &Arc<Session>, to: Option<RoomId>) {
+        let from = s.room();
+        if from == to {
+            return;
+        }
+        self.leave(buckets, s);
+        if let Some(room) = to.clone() {
+            self.join(buckets, s, room).await;
+        }
+        if buckets.get(&s.key).is_none_or(|cur| cur.id != s.id) {
+            // Replaced by a newer session with the same key: the key's membership is the new
+            // session's business now, so logic must not hear about this one.
+            return;
+        }
+        let sref = s.session_ref(&self.server);
+        match self
+            .logic
+            .room_changed(sref, from.clone(), to.clone())
+            .await
+        {
+            Ok(()) => {}
+            // The move stands on this comet; logic's listing catches up at the next change or
+            // disconnect. The client still gets its reply.
+            Err(LogicCallError::Refused(e)) => {
+                tracing::warn!(key = %s.key, ?from, ?to, error = %e, "room_changed refused")
+            }
+            Err(LogicCallError::Unreachable(e)) => {
+                tracing::warn!(key = %s.key, ?from, ?to, error = %e, "room_changed failed")
+            }
+        }
+    }
+
+    /// Snapshots what a renewal reports, under the presence lock (never held across the RPC):
+    /// rooms being announced right now are included, counted as at least one member (logic
+    /// drops rooms reported with 0), so this report cannot erase them. The renewal counts as
+    /// finished when the returned guard drops, whatever happened to its call (answer, error,
+    /// cancelled at shutdown), which releases joiners waiting for it.
+    pub(crate) fn begin_renewal(&self, buckets: &Buckets) -> (RenewalSnapshot, RenewalDone<'_>) {
+        let mut p = self.presence.lock();
+        let (mut rooms, sessions, ips) = buckets.snapshot();
+        for room in p.joining.keys() {
+            let n = rooms.entry(room.clone()).or_insert(0);
+            *n = (*n).max(1);
+        }
+        p.epoch += 1;
+        p.renewing = true;
+        let done = RenewalDone {
+            rooms: self,
+            epoch: p.epoch,
+        };
+        (
+            RenewalSnapshot {
+                rooms,
+                sessions,
+                ips,
+            },
+            done,
+        )
     }
 
     /// Marks renewal `epoch` finished, waking joiners that overlapped it.
-    pub(crate) fn renewal_done(&self, epoch: u64) {
+    fn renewal_done(&self, epoch: u64) {
         {
             let mut p = self.presence.lock();
             if p.epoch == epoch {
@@ -75,7 +243,7 @@ impl Rooms {
     }
 
     /// Waits until renewal `epoch` has finished.
-    pub(crate) async fn wait_renewal(&self, epoch: u64) {
+    async fn wait_renewal(&self, epoch: u64) {
         let mut rx = self.renewed.subscribe();
         // Err = the sender is gone, which cannot happen while `self` lives; nothing to wait for.
         let _ = rx.wait_for(|e| *e >= epoch).await;
@@ -89,5 +257,63 @@ impl Rooms {
     /// Cluster-wide member count of `room`, if the last renewal reported it.
     pub fn cluster_count(&self, room: &RoomId) -> Option<u64> {
         self.cluster.read().get(room).copied()
+    }
+
+    /// Online count for a heartbeat reply: cluster-wide when known, else local; 0 without room.
+    pub(crate) fn online_count(&self, buckets: &Buckets, room: Option<&RoomId>) -> i32 {
+        let Some(room) = room else { return 0 };
+        let n = self
+            .cluster_count(room)
+            .unwrap_or(buckets.room_len(room) as u64);
+        i32::try_from(n).unwrap_or(i32::MAX)
+    }
+}
+
+/// Adds `s` to `room` now (the room is known to logic).
+fn join_now(buckets: &Buckets, s: &Arc<Session>, room: RoomId) -> bool {
+    if buckets.join(&room, s) {
+        s.set_room(Some(room));
+        true
+    } else {
+        false
+    }
+}
+
+/// Ends a renewal (see [`Rooms::begin_renewal`]) when dropped.
+pub(crate) struct RenewalDone<'a> {
+    rooms: &'a Rooms,
+    epoch: u64,
+}
+
+impl Drop for RenewalDone<'_> {
+    fn drop(&mut self) {
+        self.rooms.renewal_done(self.epoch);
+    }
+}
+
+/// A room announcement in flight; ends it (waking the room's waiters) when finished or dropped.
+struct Announcing<'a> {
+    rooms: &'a Rooms,
+    room: &'a RoomId,
+}
+
+impl Announcing<'_> {
+    /// Ends the announcement under an already held presence lock.
+    fn finish(self, p: &mut Presence) {
+        end_announcement(p, self.room);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Announcing<'_> {
+    /// Only reached when the joining task is cancelled mid-announcement.
+    fn drop(&mut self) {
+        end_announcement(&mut self.rooms.presence.lock(), self.room);
+    }
+}
+
+fn end_announcement(p: &mut Presence, room: &RoomId) {
+    if let Some(w) = p.joining.remove(room) {
+        w.send_replace(true);
     }
 }

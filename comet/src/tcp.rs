@@ -11,9 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
 
+use crate::connection::{Connection, ReadError, Transport};
+use crate::ctx::Ctx;
+use crate::driver::drive;
 use crate::outbound::CloseSpec;
-use crate::server::Ctx;
-use crate::session::{Connection, ReadError, Transport, drive};
 use crate::writer::{Out, disconnect_frame, tcp_bytes};
 
 /// A TCP session. The read buffer holds at most one frame and is released between frames

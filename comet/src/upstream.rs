@@ -6,15 +6,17 @@
 //! current room: anything in the body that claims otherwise (`from`, `mid_from`, ...) is ignored,
 //! so a client cannot post in someone else's name.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rim_proto::msg::{SendMsgBody, SendMsgReplyBody};
 use rim_proto::op;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{SendMsgRequest, SendTarget};
+// The runtime's clock, so tests can pause it; the same as `std`'s when not paused.
+use tokio::time::Instant;
 
-use crate::server::Ctx;
+use crate::ctx::Ctx;
+use crate::logic::LogicCallError;
 use crate::session::Session;
 
 /// Code of a refused SendMsg whose body is invalid.
@@ -114,15 +116,16 @@ fn refused(code: i32, message: impl Into<String>) -> SendMsgReplyBody {
     }
 }
 
-/// Handles one SendMsg from `s` and returns the op 5 body. Awaits logic inline: the client waits
-/// for op 5 anyway, and replies stay in the order of the client's frames.
+/// Handles one SendMsg from `s` (its body already validated into `msg`) and returns the op 5
+/// body. Awaits logic inline: the client waits for op 5 anyway, and replies stay in the order of
+/// the client's frames.
 pub(crate) async fn handle(
-    ctx: &Arc<Ctx>,
+    ctx: &Ctx,
     s: &Session,
-    body: &[u8],
+    msg: Result<Parsed, String>,
     limiter: &mut TokenBucket,
 ) -> SendMsgReplyBody {
-    let reply = handle_inner(ctx, s, body, limiter).await;
+    let reply = handle_inner(ctx, s, msg, limiter).await;
     if reply.code == 0 {
         ctx.metrics.upstream_sent.inc();
     } else {
@@ -139,11 +142,12 @@ pub(crate) async fn handle(
 }
 
 async fn handle_inner(
-    ctx: &Arc<Ctx>,
+    ctx: &Ctx,
     s: &Session,
-    body: &[u8],
+    msg: Result<Parsed, String>,
     limiter: &mut TokenBucket,
 ) -> SendMsgReplyBody {
+    // The limit before the body's validity: an invalid message costs a token too.
     if !limiter.try_take(Instant::now()) {
         return refused(
             RATE_LIMITED,
@@ -155,7 +159,7 @@ async fn handle_inner(
             ),
         );
     }
-    let parsed = match parse(body) {
+    let parsed = match msg {
         Ok(p) => p,
         Err(e) => return refused(BAD_REQUEST, e),
     };
@@ -166,19 +170,14 @@ async fn handle_inner(
         op: parsed.op,
         data_json: parsed.data_json,
     };
-    let timeout = ctx.cfg.rpc_timeout();
-    let res = ctx
-        .logic
-        .call(|c| async move { c.send_msg(rim_runtime::rpc::context(timeout), req).await })
-        .await;
-    match res {
-        Ok(Ok(accepted)) => SendMsgReplyBody {
+    match ctx.logic.send_msg(req).await {
+        Ok(accepted) => SendMsgReplyBody {
             code: 0,
             id: Some(accepted.id),
             message: None,
         },
-        Ok(Err(e)) => refused(e.code(), e.to_string()),
-        Err(e) => {
+        Err(LogicCallError::Refused(e)) => refused(e.code(), e.to_string()),
+        Err(LogicCallError::Unreachable(e)) => {
             tracing::warn!(key = %s.key, error = %e, "logic unreachable for send msg");
             refused(UNAVAILABLE, "logic unavailable")
         }

@@ -15,9 +15,10 @@ use rim_proto::frame::Frame;
 use rim_proto::json::{JsonFrameError, decode_client, encode_server, looks_like_json};
 use rim_runtime::listener::PeerAddr;
 
+use crate::connection::{Connection, ReadError, Transport};
+use crate::ctx::Ctx;
+use crate::driver::drive;
 use crate::outbound::CloseSpec;
-use crate::server::Ctx;
-use crate::session::{Connection, ReadError, Transport, drive};
 use crate::writer::{Out, close_reason, disconnect_frame, ws_binary_messages, ws_json_messages};
 
 /// Bytes the WebSocket layer reads per call and keeps per connection. tungstenite's default

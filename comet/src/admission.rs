@@ -1,0 +1,212 @@
+//! Admission and authentication of a connection, and its registration: the connection cap,
+//! the first frame (op 7 Auth within the handshake timeout), logic's `connect`, registering the
+//! session in its bucket (closing one it replaces) and joining its room before the AuthReply
+//! goes out; and the reverse when the session ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rim_proto::frame::Frame;
+use rim_proto::msg::{AuthBody, AuthReplyBody};
+use rim_proto::op;
+use rim_proto::rpc::ConnectRequest;
+
+use crate::connection::{Connection, Transport};
+use crate::ctx::Ctx;
+use crate::io::reject_read;
+use crate::logic::{LogicCallError, Notice};
+use crate::outbound::{CloseSpec, Outbound};
+use crate::session::{MAX_ACCEPTS, Session};
+use crate::writer::Out;
+
+/// Counts an open connection; the count drops with the guard.
+pub(crate) struct ConnGuard {
+    ctx: Arc<Ctx>,
+    transport: Transport,
+}
+
+/// Admits a new connection: `None` (its close requested on `out`, counted as refused) while
+/// draining or when `session.max_connections` are open already.
+pub(crate) fn admit(
+    ctx: &Arc<Ctx>,
+    out: &Outbound,
+    peer: SocketAddr,
+    t: Transport,
+) -> Option<ConnGuard> {
+    if ctx.shutdown.is_cancelled() {
+        ctx.metrics.conn_refused.inc();
+        out.close(CloseSpec::shutdown());
+        return None;
+    }
+    let g = ConnGuard::count(ctx, t);
+    if g.is_none() {
+        ctx.metrics.conn_refused.inc();
+        tracing::warn!(%peer, "max_connections reached, refusing connection");
+        out.close(CloseSpec::reason("too many connections", 1013));
+    }
+    g
+}
+
+impl ConnGuard {
+    /// Counts a new connection, or `None` when `session.max_connections` are open already.
+    fn count(ctx: &Arc<Ctx>, transport: Transport) -> Option<ConnGuard> {
+        let max = ctx.cfg.session.max_connections;
+        let prev = ctx.conns.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            ctx.conns.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        match transport {
+            Transport::Tcp => ctx.metrics.conn_tcp.inc(),
+            Transport::Ws => ctx.metrics.conn_ws.inc(),
+        }
+        Some(ConnGuard {
+            ctx: ctx.clone(),
+            transport,
+        })
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.ctx.conns.fetch_sub(1, Ordering::AcqRel);
+        match self.transport {
+            Transport::Tcp => self.ctx.metrics.conn_tcp.dec(),
+            Transport::Ws => self.ctx.metrics.conn_ws.dec(),
+        }
+    }
+}
+
+fn refuse_auth(ctx: &Ctx, out: &Outbound, metric: &str, reason: &str, peer: SocketAddr) {
+    ctx.metrics.auth_failed(metric);
+    tracing::info!(%peer, reason, "auth refused");
+    out.close(CloseSpec::policy(reason));
+}
+
+/// An authenticated session and the heartbeat interval logic gave it.
+pub(crate) struct Authed {
+    pub(crate) session: Arc<Session>,
+    pub(crate) heartbeat_secs: u32,
+}
+
+/// Reads and checks the Auth frame, authenticates it at logic, registers the session and joins
+/// its room, then queues the AuthReply. `None` when the session is refused (its close is
+/// requested on `out`).
+pub(crate) async fn authenticate<C: Connection>(
+    ctx: &Arc<Ctx>,
+    conn: &mut C,
+    out: &Arc<Outbound>,
+    peer: SocketAddr,
+    t: Transport,
+) -> Option<Authed> {
+    let hs = Duration::from_millis(ctx.cfg.session.handshake_timeout_ms);
+    let first = tokio::select! {
+        _ = ctx.shutdown.cancelled() => {
+            out.close(CloseSpec::shutdown());
+            return None;
+        }
+        r = tokio::time::timeout(hs, conn.next()) => r,
+    };
+    let auth = match first {
+        Err(_) => {
+            refuse_auth(ctx, out, "timeout", "auth timeout", peer);
+            return None;
+        }
+        Ok(None) => {
+            out.close(CloseSpec::silent("client closed"));
+            return None;
+        }
+        Ok(Some(Err(e))) => {
+            reject_read(ctx, out, e, peer, t);
+            return None;
+        }
+        Ok(Some(Ok(f))) => f,
+    };
+    if auth.op != op::AUTH {
+        let reason = format!("first frame must be op 7 Auth, got op {}", auth.op);
+        refuse_auth(ctx, out, "not_auth", &reason, peer);
+        return None;
+    }
+    let body: AuthBody = match serde_json::from_slice(&auth.body) {
+        Ok(b) => b,
+        Err(e) => {
+            refuse_auth(ctx, out, "bad_body", &format!("bad auth body: {e}"), peer);
+            return None;
+        }
+    };
+    let req = ConnectRequest {
+        server: ctx.cfg.server_id.clone(),
+        auth: body,
+        remote_ip: peer.ip().to_string(),
+    };
+    let reply = match ctx.logic.connect(req).await {
+        Ok(r) => r,
+        Err(LogicCallError::Refused(e)) => {
+            refuse_auth(ctx, out, "refused", &e.to_string(), peer);
+            return None;
+        }
+        Err(LogicCallError::Unreachable(e)) => {
+            tracing::warn!(%peer, error = %e, "logic unreachable during auth");
+            refuse_auth(ctx, out, "logic_unavailable", "logic unavailable", peer);
+            return None;
+        }
+    };
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    if reply.accepts.len() > MAX_ACCEPTS {
+        tracing::debug!(%peer, key = %reply.key, n = reply.accepts.len(), "auth accepts truncated to {MAX_ACCEPTS}");
+    }
+    let session = Arc::new(
+        Session::new(
+            id,
+            reply.mid,
+            reply.key.clone(),
+            peer,
+            out.clone(),
+            &reply.accepts,
+        )
+        .with_since(reply.since_ms),
+    );
+    if reply.replaced_elsewhere {
+        // The older session elsewhere is closed by a kick job logic queued; nothing to do here.
+        tracing::debug!(%peer, key = %reply.key, "session replaces one on another comet");
+    }
+    if let Some(old) = ctx.buckets.insert(session.clone()) {
+        tracing::info!(key = %old.key, "same key authenticated again, replacing older session");
+        old.out.close(CloseSpec::reason("replaced", 1000));
+    }
+    if let Some(room) = reply.room.clone() {
+        ctx.rooms.join(&ctx.buckets, &session, room).await;
+    }
+    let body = AuthReplyBody {
+        mid: reply.mid,
+        key: reply.key.clone(),
+        room_id: reply
+            .room
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default(),
+        heartbeat: reply.heartbeat_secs,
+    };
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    session.out.offer(
+        Out::Reply(Frame::new(op::AUTH_REPLY, auth.seq, body)),
+        &ctx.metrics,
+    );
+    tracing::debug!(%peer, mid = reply.mid, key = %reply.key, since_ms = reply.since_ms, "session authenticated");
+    Some(Authed {
+        session,
+        heartbeat_secs: reply.heartbeat_secs,
+    })
+}
+
+/// Removes an ended session: room, bucket, and (if still the registered one) logic.
+pub(crate) fn end_session(ctx: &Ctx, s: &Session) {
+    ctx.rooms.leave(&ctx.buckets, s);
+    if !ctx.buckets.remove(s) {
+        // Replaced by a newer session with the same key: its registration is the new one's.
+        return;
+    }
+    ctx.notify(Notice::Disconnect, s);
+}

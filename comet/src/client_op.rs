@@ -1,0 +1,235 @@
+//! Op dispatch of an authenticated session: each client frame is parsed into the request it
+//! makes ([`ClientOp::parse`]), which then applies itself to the session ([`ClientOp::apply`])
+//! and queues its reply. Also the state those requests share per session ([`FrameState`]): the
+//! rate limit and how often refusals are logged.
+//!
+//! No request closes the session: every refusal (rate limit, bad argument, logic's answer) is a
+//! reply echoing the frame's seq.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rim_proto::frame::Frame;
+use rim_proto::op;
+use rim_proto::room::RoomId;
+// The runtime's clock, so tests can pause it; the same as `std`'s when not paused.
+use tokio::time::Instant;
+
+use crate::config::SessionConfig;
+use crate::ctx::Ctx;
+use crate::session::{MAX_ACCEPTS, Session};
+use crate::upstream::{self, TokenBucket};
+use crate::writer::Out;
+
+/// A client request, parsed from its frame.
+///
+/// An argument that does not parse is kept as the refusal's text rather than refused here: the
+/// rate limit is checked first when the request applies, so a bad request costs a token like a
+/// good one and a rate-limited one is answered "rate limited" whatever its body.
+#[derive(Debug)]
+pub(crate) enum ClientOp {
+    /// Op 2: answered with the online count of the session's room.
+    Heartbeat { seq: i32 },
+    /// Op 12: move to a room (`None`: out of any room). The reply echoes `body`.
+    ChangeRoom {
+        seq: i32,
+        body: Bytes,
+        to: Result<Option<RoomId>, String>,
+    },
+    /// Op 14: accept more ops. The reply echoes `body`.
+    Sub {
+        seq: i32,
+        body: Bytes,
+        ops: Result<Vec<i32>, String>,
+    },
+    /// Op 16: accept fewer ops. The reply echoes `body`.
+    Unsub {
+        seq: i32,
+        body: Bytes,
+        ops: Result<Vec<i32>, String>,
+    },
+    /// Op 4: an upstream message for logic (see `upstream`).
+    SendMsg {
+        seq: i32,
+        msg: Result<upstream::Parsed, String>,
+    },
+    /// Any other op: not a client request after Auth; ignored.
+    Unknown { op: i32 },
+}
+
+impl ClientOp {
+    /// The request `f` makes. Never fails: bad arguments are kept for the reply (see the type).
+    pub(crate) fn parse(f: Frame) -> ClientOp {
+        let Frame {
+            op: code,
+            seq,
+            body,
+            ..
+        } = f;
+        match code {
+            op::HEARTBEAT => ClientOp::Heartbeat { seq },
+            op::CHANGE_ROOM => ClientOp::ChangeRoom {
+                seq,
+                to: parse_room(&body),
+                body,
+            },
+            op::SUB => ClientOp::Sub {
+                seq,
+                ops: parse_ops(&body),
+                body,
+            },
+            op::UNSUB => ClientOp::Unsub {
+                seq,
+                ops: parse_ops(&body),
+                body,
+            },
+            op::SEND_MSG => ClientOp::SendMsg {
+                seq,
+                msg: upstream::parse(&body),
+            },
+            code => ClientOp::Unknown { op: code },
+        }
+    }
+
+    /// Carries the request out for session `s` and queues its reply. Waits on logic where the
+    /// request needs it (ChangeRoom, SendMsg), so the reply means logic has it.
+    pub(crate) async fn apply(self, ctx: &Ctx, s: &Arc<Session>, st: &mut FrameState) {
+        let reply = match self {
+            ClientOp::Heartbeat { seq } => {
+                let n = ctx.rooms.online_count(&ctx.buckets, s.room().as_ref());
+                Frame::new(op::HEARTBEAT_REPLY, seq, n.to_be_bytes().to_vec())
+            }
+            ClientOp::ChangeRoom { seq, body, to } => {
+                let reply = |body: Bytes| Frame::new(op::CHANGE_ROOM_REPLY, seq, body);
+                if !st.admit(ctx, s, "change room") {
+                    reply(error_body("rate limited"))
+                } else {
+                    match to {
+                        Ok(to) => {
+                            // Awaited before replying: logic's membership is updated once op 13
+                            // is seen.
+                            ctx.rooms.change(&ctx.buckets, s, to).await;
+                            reply(body)
+                        }
+                        Err(msg) => {
+                            st.log_refusal(s, "change room", &msg);
+                            reply(error_body(&msg))
+                        }
+                    }
+                }
+            }
+            ClientOp::Sub { seq, body, ops } => filter(ctx, s, st, true, seq, body, ops),
+            ClientOp::Unsub { seq, body, ops } => filter(ctx, s, st, false, seq, body, ops),
+            ClientOp::SendMsg { seq, msg } => {
+                let body = upstream::handle(ctx, s, msg, &mut st.limit).await;
+                let body = serde_json::to_vec(&body).unwrap_or_default();
+                Frame::new(op::SEND_MSG_REPLY, seq, body)
+            }
+            ClientOp::Unknown { op: code } => {
+                tracing::debug!(peer = %s.peer, op = code, name = op::name(code), "ignoring client op");
+                return;
+            }
+        };
+        s.out.offer(Out::Reply(reply), &ctx.metrics);
+    }
+}
+
+/// A ChangeRoom body: a room id, or nothing (blank) to leave the room.
+fn parse_room(body: &[u8]) -> Result<Option<RoomId>, String> {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    RoomId::parse(text)
+        .map(Some)
+        .map_err(|e| format!("bad room id: {e}"))
+}
+
+/// A Sub/Unsub body: comma-separated ops, at most [`MAX_ACCEPTS`].
+fn parse_ops(body: &[u8]) -> Result<Vec<i32>, String> {
+    let ops = op::parse_op_list(body).map_err(|e| format!("bad op list: {e}"))?;
+    if ops.len() > MAX_ACCEPTS {
+        return Err(format!("too many ops: at most {MAX_ACCEPTS}"));
+    }
+    Ok(ops)
+}
+
+/// Applies a Sub (`accept`) or an Unsub and returns its reply.
+fn filter(
+    ctx: &Ctx,
+    s: &Session,
+    st: &mut FrameState,
+    accept: bool,
+    seq: i32,
+    body: Bytes,
+    ops: Result<Vec<i32>, String>,
+) -> Frame {
+    let (reply_op, what) = if accept {
+        (op::SUB_REPLY, "sub")
+    } else {
+        (op::UNSUB_REPLY, "unsub")
+    };
+    if !st.admit(ctx, s, what) {
+        return Frame::new(reply_op, seq, error_body("rate limited"));
+    }
+    match ops.and_then(|ops| s.set_accepts(&ops, accept)) {
+        Ok(()) => Frame::new(reply_op, seq, body),
+        Err(msg) => {
+            st.log_refusal(s, what, &msg);
+            Frame::new(reply_op, seq, error_body(&msg))
+        }
+    }
+}
+
+fn error_body(msg: &str) -> Bytes {
+    serde_json::to_vec(&serde_json::json!({ "error": msg }))
+        .unwrap_or_default()
+        .into()
+}
+
+/// Per-session state of the requests: the rate limit shared by op 4, ChangeRoom, Sub and Unsub,
+/// and when a refusal was last logged at info.
+pub(crate) struct FrameState {
+    limit: TokenBucket,
+    last_info: Option<Instant>,
+}
+
+/// At most one info line per session per this; the rest of a session's refusals go to debug, so
+/// a client sending bad frames in a loop cannot flood the logs.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl FrameState {
+    /// A full rate limit (a new session may send a burst at once).
+    pub(crate) fn new(cfg: &SessionConfig) -> Self {
+        FrameState {
+            limit: TokenBucket::new(cfg.send_rate_per_sec, cfg.send_burst, Instant::now()),
+            last_info: None,
+        }
+    }
+
+    /// Logs a refused request: at info at most once per [`REFUSAL_LOG_EVERY`], else at debug.
+    fn log_refusal(&mut self, s: &Session, what: &str, reason: &str) {
+        let now = Instant::now();
+        if self
+            .last_info
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY)
+        {
+            self.last_info = Some(now);
+            tracing::info!(peer = %s.peer, key = %s.key, reason, "{what} refused (further refusals of this session within a minute are logged at debug)");
+        } else {
+            tracing::debug!(peer = %s.peer, key = %s.key, reason, "{what} refused");
+        }
+    }
+
+    /// Takes a token for a ChangeRoom/Sub/Unsub; false (counted, logged) when over the limit.
+    fn admit(&mut self, ctx: &Ctx, s: &Session, what: &str) -> bool {
+        if self.limit.try_take(Instant::now()) {
+            return true;
+        }
+        ctx.metrics.requests_rate_limited.inc();
+        self.log_refusal(s, what, "rate limited");
+        false
+    }
+}

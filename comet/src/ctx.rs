@@ -1,0 +1,81 @@
+//! State shared by every task of one comet ([`Ctx`]). It sits at the bottom of the comet's module
+//! graph: it names the state (config, logic, buckets, rooms, metrics, the paced queue) and imports
+//! none of the modules that run on it (sessions, delivery, renewal, transports, server), so
+//! those can all depend on it without a cycle.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+
+use rim_proto::rpc::NodeInfo;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bucket::Buckets;
+use crate::config::Config;
+use crate::logic::{Logic, Notice};
+use crate::metrics::Metrics;
+use crate::push::PacedJob;
+use crate::room::Rooms;
+use crate::session::Session;
+
+/// State shared by every task of one comet.
+pub(crate) struct Ctx {
+    pub cfg: Config,
+    /// Every call to logic goes through this (see `logic`).
+    pub logic: Arc<dyn Logic>,
+    pub buckets: Buckets,
+    pub rooms: Rooms,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    pub conns: AtomicUsize,
+    pub next_id: AtomicU64,
+    /// Set after the first successful renewal: job can find this node.
+    pub registered: AtomicBool,
+    /// Whether the last renewal reached logic.
+    pub logic_ok: AtomicBool,
+    /// Addresses and placement data sent with each renewal.
+    pub node: NodeInfo,
+    /// Queue of the paced broadcast worker (see `deliver`).
+    pub paced: mpsc::Sender<PacedJob>,
+}
+
+impl Ctx {
+    /// The state of a comet configured by `cfg` (already validated), talking to `logic`.
+    pub fn new(
+        cfg: Config,
+        logic: Arc<dyn Logic>,
+        node: NodeInfo,
+        paced: mpsc::Sender<PacedJob>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Ctx {
+            buckets: Buckets::new(cfg.bucket.count),
+            rooms: Rooms::new(logic.clone(), cfg.server_id.clone(), cfg.rpc_timeout()),
+            logic,
+            metrics: Metrics::default(),
+            shutdown,
+            tracker,
+            conns: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            registered: AtomicBool::new(false),
+            logic_ok: AtomicBool::new(false),
+            node,
+            paced,
+            cfg,
+        }
+    }
+
+    /// Sends `notice` about `s` to logic in the background (see [`crate::logic::notify`]).
+    pub fn notify(&self, notice: Notice, s: &Session) {
+        crate::logic::notify(
+            &self.logic,
+            &self.tracker,
+            &self.shutdown,
+            notice,
+            s.session_ref(&self.cfg.server_id),
+        );
+    }
+}
