@@ -14,7 +14,7 @@ use rim_proto::rpc::{LogicError as RpcError, PushAccepted, SendMsgRequest, SendT
 
 use crate::App;
 use crate::publish::new_msg_id;
-use crate::registry::MemberChange;
+use crate::store::Membership;
 
 /// The JSON body recipients of a message from `from` receive.
 pub(crate) fn chat_body(from: i64, data: serde_json::Value) -> Result<Bytes, RpcError> {
@@ -73,7 +73,7 @@ impl App {
                 let exclude = (!chat.echo_to_sender).then_some(req.sender.key.as_str());
                 let p = job::room_partition(room, self.config.stream.partitions);
                 let id = new_msg_id();
-                self.xadd(
+                self.append_jobs(
                     &id,
                     req.op,
                     &body,
@@ -101,7 +101,7 @@ impl App {
                 let body = chat_body(req.sender.mid, data)?;
                 let p = job::mid_partition(*mid, self.config.stream.partitions);
                 let id = new_msg_id();
-                self.xadd(&id, req.op, &body, vec![(p, Route::Sessions(route))], None)
+                self.append_jobs(&id, req.op, &body, vec![(p, Route::Sessions(route))], None)
                     .await
                     .map_err(|e| RpcError::Unavailable(e.to_string()))?;
                 Ok(PushAccepted { id, sessions })
@@ -120,7 +120,7 @@ impl App {
     /// session left a room (count now 0), "join" when its first entered (count now 1). Best
     /// effort: the membership change itself is already committed, so a failure is counted and
     /// logged rather than failing the caller.
-    pub(crate) async fn presence(&self, change: MemberChange) {
+    pub(crate) async fn presence(&self, mid: i64, change: Membership) {
         let events = [("leave", change.left, 0), ("join", change.joined, 1)];
         for (event, side, edge) in events {
             let Some((room, count)) = side else { continue };
@@ -132,7 +132,7 @@ impl App {
             };
             let body = RoomEventBody {
                 event: event.into(),
-                mid: change.mid,
+                mid,
                 room: room.clone(),
             };
             let Ok(body) = serde_json::to_vec(&body) else {
@@ -140,7 +140,7 @@ impl App {
             };
             let p = job::room_partition(&room_id, self.config.stream.partitions);
             let r = self
-                .xadd(
+                .append_jobs(
                     &new_msg_id(),
                     rim_proto::op::ROOM_EVENT,
                     &Bytes::from(body),
@@ -152,7 +152,7 @@ impl App {
                 Ok(()) => self.metrics.presence_events.inc(),
                 Err(e) => {
                     self.metrics.presence_failed.inc();
-                    tracing::warn!(%room, mid = change.mid, event, error = %e, "presence event not queued");
+                    tracing::warn!(%room, mid, event, error = %e, "presence event not queued");
                 }
             }
         }

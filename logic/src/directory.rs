@@ -3,15 +3,12 @@
 //! and display names.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::LazyLock;
 
-use rim_proto::keys;
 use serde_json::{Value, json};
 
 use crate::App;
 use crate::store::StoreError;
 
-pub(crate) use rim_proto::keys::{USER_MIDS, USER_NEXT_MID};
 /// First mid handed out, well above the small mids tests and tools like to use.
 pub(crate) const FIRST_DEMO_MID: i64 = 100_000;
 
@@ -19,28 +16,6 @@ pub(crate) const FIRST_DEMO_MID: i64 = 100_000;
 const SCAN_COUNT: usize = 512;
 /// HSCAN calls one page may make before it returns short (sparse tables can yield empty batches).
 const MAX_SCANS_PER_PAGE: usize = 64;
-
-/// Looks a name up or assigns it the next mid, atomically, and records mid → name.
-/// KEYS = name→mid hash, mid counter, mid→name hash; ARGV = name, first mid.
-static SIGN_IN: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local m = redis.call('HGET', KEYS[1], ARGV[1])
-if m then
-  redis.call('HSET', KEYS[3], m, ARGV[1])
-  return tonumber(m)
-end
-local n = redis.call('INCR', KEYS[2])
-if n < tonumber(ARGV[2]) then
-  n = tonumber(ARGV[2])
-  redis.call('SET', KEYS[2], n)
-end
-redis.call('HSET', KEYS[1], ARGV[1], n)
-redis.call('HSET', KEYS[3], n, ARGV[1])
-return n
-"#,
-    )
-});
 
 /// Where a member listing resumes: the HSCAN cursor of the batch, and the last mid returned from
 /// that batch (batches are sorted by mid, so a page may end inside one and the next resumes
@@ -87,8 +62,7 @@ impl App {
         cursor: MembersCursor,
         limit: usize,
     ) -> Result<Value, StoreError> {
-        let key = keys::room_members(room);
-        let count: u64 = self.store.cmd(redis::cmd("HLEN").arg(&key)).await?;
+        let count = self.store.directory.member_count(room).await?;
         let mut page: Vec<(i64, i64)> = Vec::new();
         let mut at = cursor;
         let mut next = MembersCursor {
@@ -96,26 +70,15 @@ impl App {
             after: None,
         };
         for _ in 0..MAX_SCANS_PER_PAGE {
-            let (scan_next, flat): (u64, Vec<String>) = self
+            let (scan_next, found) = self
                 .store
-                .cmd(
-                    redis::cmd("HSCAN")
-                        .arg(&key)
-                        .arg(at.scan)
-                        .arg("COUNT")
-                        .arg(SCAN_COUNT),
-                )
+                .directory
+                .scan_members(room, at.scan, SCAN_COUNT)
                 .await?;
-            let mut batch: BTreeMap<i64, i64> = BTreeMap::new();
-            for pair in flat.chunks(2) {
-                if let [mid, n] = pair
-                    && let (Ok(mid), Ok(n)) = (mid.parse::<i64>(), n.parse::<i64>())
-                    && n > 0
-                    && at.after.is_none_or(|a| mid > a)
-                {
-                    batch.insert(mid, n);
-                }
-            }
+            let batch: BTreeMap<i64, i64> = found
+                .into_iter()
+                .filter(|(mid, n)| *n > 0 && at.after.is_none_or(|a| *mid > a))
+                .collect();
             let room_left = limit.saturating_sub(page.len());
             if batch.len() > room_left {
                 page.extend(batch.into_iter().take(room_left));
@@ -171,10 +134,7 @@ impl App {
         if mids.is_empty() {
             return Ok(HashMap::new());
         }
-        let found: Vec<Option<String>> = self
-            .store
-            .cmd(redis::cmd("HMGET").arg(keys::USER_NAMES).arg(&mids))
-            .await?;
+        let found = self.store.directory.names(&mids).await?;
         Ok(mids
             .into_iter()
             .zip(found)
@@ -184,41 +144,37 @@ impl App {
 
     /// A user's registered sessions: `[{"key","comet","platform","since","room"}]`, oldest first.
     pub(crate) async fn user_sessions(&self, mid: i64) -> Result<Value, StoreError> {
-        let by_key: HashMap<String, String> = self
+        let by_key = self
             .store
-            .cmd(redis::cmd("HGETALL").arg(keys::mid_sessions(mid)))
-            .await?;
+            .sessions
+            .of_mids(&[mid])
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
         let mut keys_sorted: Vec<String> = by_key.into_keys().collect();
         keys_sorted.sort();
         if keys_sorted.is_empty() {
             return Ok(json!([]));
         }
-        let mut pipe = redis::pipe();
-        for key in &keys_sorted {
-            pipe.hgetall(keys::session(key));
-        }
-        let hashes: Vec<HashMap<String, String>> = self.store.pipe(&pipe).await?;
+        let details = self.store.sessions.details(&keys_sorted).await?;
         let mut out: Vec<(u64, Value)> = Vec::new();
-        for (key, h) in keys_sorted.into_iter().zip(hashes) {
-            // A mid entry whose session hash lapsed or moved to another user is not a session.
-            let (Some(server), Some(owner)) = (h.get("server"), h.get("mid")) else {
+        for (key, d) in keys_sorted.into_iter().zip(details) {
+            // A mid entry whose session lapsed or moved to another user is not a session.
+            let (Some(server), Some(owner)) = (d.server, d.mid) else {
                 continue;
             };
             if owner.parse::<i64>().ok() != Some(mid) {
                 continue;
             }
-            let since = h
-                .get("since")
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0);
             out.push((
-                since,
+                d.since_ms,
                 json!({
                     "key": key,
                     "comet": server,
-                    "platform": h.get("platform").cloned().unwrap_or_default(),
-                    "since": since,
-                    "room": h.get("room"),
+                    "platform": d.platform,
+                    "since": d.since_ms,
+                    "room": d.room,
                 }),
             ));
         }
@@ -228,14 +184,7 @@ impl App {
 
     /// Dev sign-in: the mid of `name` (assigned on first use), recorded as its display name.
     pub(crate) async fn dev_sign_in(&self, name: &str) -> Result<i64, StoreError> {
-        let first = FIRST_DEMO_MID.to_string();
-        self.store
-            .script(
-                &SIGN_IN,
-                &[USER_MIDS, USER_NEXT_MID, keys::USER_NAMES],
-                &[name, &first],
-            )
-            .await
+        self.store.directory.sign_in(name, FIRST_DEMO_MID).await
     }
 }
 

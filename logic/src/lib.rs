@@ -3,7 +3,7 @@
 //!
 //! * [`config`]: configuration and validation.
 //! * [`auth`]: client tokens and the push bearer secret.
-//! * `store`: the Redis connection, every call time-bounded.
+//! * `store`: everything kept in Redis, behind typed store traits (and in memory for tests).
 //! * `publish`: pushes → partitioned stream entries.
 //! * `registry`: sessions and comets in Redis, the cached cluster view.
 //! * `online`: online counts and comet placement.
@@ -44,7 +44,7 @@ pub use http::{ApiError, Query};
 
 use metrics::Metrics;
 use registry::ViewCache;
-use store::Store;
+use store::{RedisConn, Stores};
 
 /// Most requests one `LogicRpc` connection may have running at once (a comet's sessions share
 /// its one connection, so this is generous; past it a request is answered with an error).
@@ -77,11 +77,27 @@ pub enum RunError {
 /// State shared by the HTTP handlers, RPC server and reaper.
 pub(crate) struct App {
     pub(crate) config: Config,
-    pub(crate) store: Store,
+    pub(crate) store: Stores,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) view: ViewCache,
     /// The bot webhook's queue, when `[webhook]` is on.
     pub(crate) webhook: Option<webhook::Webhook>,
+}
+
+#[cfg(test)]
+impl App {
+    /// An app on in-memory stores, for unit tests of the domain rules.
+    pub(crate) fn in_memory(config: Config) -> (Arc<App>, Arc<store::memory::Memory>) {
+        let (store, memory) = Stores::memory();
+        let app = App {
+            config,
+            store,
+            metrics: Arc::new(Metrics::default()),
+            view: ViewCache::default(),
+            webhook: None,
+        };
+        (Arc::new(app), memory)
+    }
 }
 
 /// Runs logic until `shutdown` is cancelled and in-flight work drained (bounded by
@@ -103,7 +119,7 @@ pub async fn run(
     else {
         return Ok(());
     };
-    let store = Store::new(conn, config.redis.timeout());
+    let store = Stores::redis(RedisConn::new(conn, config.redis.timeout()));
     let grace = config.shutdown_grace();
     let (hook, hook_workers) = match webhook::setup(&config.webhook)? {
         Some((h, w)) => (Some(h), Some(w)),

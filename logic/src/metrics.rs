@@ -2,12 +2,11 @@
 
 use std::sync::Arc;
 
-use futures::FutureExt;
 use futures::future::BoxFuture;
 use rim_runtime::metrics::{Counter, Exposition};
 use rim_runtime::ops::OpsSource;
 
-use crate::store::Store;
+use crate::store::Stores;
 
 /// HTTP statuses counted individually; anything else lands in "other".
 const STATUSES: [u16; 8] = [200, 400, 401, 403, 404, 405, 500, 503];
@@ -213,7 +212,7 @@ impl Metrics {
 /// What `/readyz` and `/metrics` read.
 pub struct Ops {
     /// Redis handle for readiness.
-    pub store: Store,
+    pub store: Stores,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
@@ -222,8 +221,8 @@ impl OpsSource for Ops {
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
         // Readiness must answer fast even when Redis is black-holed.
         self.store
+            .health
             .ping(std::time::Duration::from_millis(500))
-            .boxed()
     }
 
     fn metrics(&self) -> String {

@@ -1,12 +1,11 @@
 //! Turning a push into durable stream entries: resolve recipients to comets, group them by
-//! partition, and XADD one `PushJob` per partition (in one MULTI when there are several).
-//! Shared by the HTTP API and `LogicRpc`; a push is accepted only once Redis answered the XADD.
+//! partition, and append one `PushJob` per partition (all or none when there are several).
+//! Shared by the HTTP API and `LogicRpc`; a push is accepted only once the append succeeded.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use rim_proto::job::{self, PushJob, Route, ServerKeys};
-use rim_proto::keys;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{LogicError as RpcError, PushAccepted};
 
@@ -51,7 +50,7 @@ impl App {
 
     /// Appends one job per `(partition, route)` atomically; `exclude` names a session key that
     /// must not receive it (the sender of a room message).
-    pub(crate) async fn xadd(
+    pub(crate) async fn append_jobs(
         &self,
         msg_id: &str,
         op: i32,
@@ -63,27 +62,21 @@ impl App {
             return Ok(());
         }
         let accepted_ms = rim_runtime::unix_ms();
-        let mut pipe = redis::pipe();
-        if entries.len() > 1 {
-            pipe.atomic();
-        }
-        for (p, route) in entries {
-            let job = PushJob {
-                msg_id: msg_id.to_string(),
-                op,
-                body: body.clone(),
-                route,
-                accepted_ms,
-                exclude: exclude.map(str::to_string),
-            };
-            pipe.cmd("XADD")
-                .arg(keys::push_stream(p))
-                .arg("*")
-                .arg(keys::JOB_FIELD)
-                .arg(job.encode());
-        }
-        let _: redis::Value = self.store.pipe(&pipe).await?;
-        Ok(())
+        let jobs: Vec<(u16, PushJob)> = entries
+            .into_iter()
+            .map(|(p, route)| {
+                let job = PushJob {
+                    msg_id: msg_id.to_string(),
+                    op,
+                    body: body.clone(),
+                    route,
+                    accepted_ms,
+                    exclude: exclude.map(str::to_string),
+                };
+                (p, job)
+            })
+            .collect();
+        self.store.streams.append(&jobs).await
     }
 
     /// Queues a `Sessions` job per partition; returns the number of sessions routed.
@@ -110,7 +103,7 @@ impl App {
                 (p, route)
             })
             .collect();
-        self.xadd(msg_id, op, body, entries, None).await?;
+        self.append_jobs(msg_id, op, body, entries, None).await?;
         Ok(sessions)
     }
 
@@ -128,12 +121,12 @@ impl App {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let mut pipe = redis::pipe();
-        for mid in &mids {
-            pipe.hgetall(keys::mid_sessions(*mid));
-        }
-        let found: Vec<HashMap<String, String>> =
-            self.store.pipe(&pipe).await.map_err(|e| self.refused(e))?;
+        let found = self
+            .store
+            .sessions
+            .of_mids(&mids)
+            .await
+            .map_err(|e| self.refused(e))?;
         let parts = self.config.stream.partitions;
         let mut grouped = Grouped::new();
         for (mid, sessions) in mids.iter().zip(found) {
@@ -164,10 +157,14 @@ impl App {
     /// The online sessions of one user, grouped by comet (keys sorted): the `Sessions` route of
     /// a push to that user.
     pub(crate) async fn mid_route(&self, mid: i64) -> Result<Vec<ServerKeys>, StoreError> {
-        let sessions: HashMap<String, String> = self
+        let sessions = self
             .store
-            .cmd(redis::cmd("HGETALL").arg(keys::mid_sessions(mid)))
-            .await?;
+            .sessions
+            .of_mids(&[mid])
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
         let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (key, server) in sessions {
             by_server.entry(server).or_default().push(key);
@@ -192,20 +189,18 @@ impl App {
         if let Some(bad) = keys_in.iter().find(|k| k.is_empty()) {
             return Err(RpcError::BadRequest(format!("keys: {bad:?} is empty")));
         }
-        let uniq: Vec<&String> = keys_in
+        let uniq: Vec<&str> = keys_in
             .iter()
+            .map(String::as_str)
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let mut pipe = redis::pipe();
-        for key in &uniq {
-            pipe.cmd("HMGET")
-                .arg(keys::session(key))
-                .arg("mid")
-                .arg("server");
-        }
-        let found: Vec<(Option<String>, Option<String>)> =
-            self.store.pipe(&pipe).await.map_err(|e| self.refused(e))?;
+        let found = self
+            .store
+            .sessions
+            .owners(&uniq)
+            .await
+            .map_err(|e| self.refused(e))?;
         let parts = self.config.stream.partitions;
         let mut grouped = Grouped::new();
         for (key, (mid, server)) in uniq.into_iter().zip(found) {
@@ -218,7 +213,7 @@ impl App {
                 .or_default()
                 .entry(server)
                 .or_default()
-                .push(key.clone());
+                .push(key.to_string());
         }
         let id = new_msg_id();
         let sessions = self
@@ -239,7 +234,7 @@ impl App {
         self.check_limits(1, &body, "room")?;
         let p = job::room_partition(&room, self.config.stream.partitions);
         let id = new_msg_id();
-        self.xadd(&id, op, &body, vec![(p, Route::Room(room))], None)
+        self.append_jobs(&id, op, &body, vec![(p, Route::Room(room))], None)
             .await
             .map_err(|e| self.refused(e))?;
         self.metrics.push_room.inc();
@@ -256,25 +251,18 @@ impl App {
         self.check_limits(1, &body, "all")?;
         let p = job::all_partition(self.config.stream.partitions);
         let id = new_msg_id();
-        self.xadd(&id, op, &body, vec![(p, Route::All { speed })], None)
+        self.append_jobs(&id, op, &body, vec![(p, Route::All { speed })], None)
             .await
             .map_err(|e| self.refused(e))?;
         self.metrics.push_all.inc();
         Ok(PushAccepted { id, sessions: 0 })
     }
 
-    /// Queues a kick of `key` on `server` (it re-authenticated elsewhere) on `mid`'s partition,
-    /// as a pipeline command, so it commits together with the new registration.
-    /// `since_ms` is the replaced session's registration time, which identifies it to the comet.
-    pub(crate) fn kick_cmd(
-        &self,
-        pipe: &mut redis::Pipeline,
-        mid: i64,
-        server: &str,
-        key: &str,
-        since_ms: u64,
-    ) {
-        let job = PushJob {
+    /// The kick of `key` on `server` (it re-authenticated elsewhere), appended to the user's
+    /// partition together with the new registration. `since_ms` is the replaced session's
+    /// registration time, which identifies it to the comet.
+    pub(crate) fn kick_job(&self, server: &str, key: &str, since_ms: u64) -> PushJob {
+        PushJob {
             msg_id: new_msg_id(),
             op: rim_proto::op::DISCONNECT_REPLY,
             body: Bytes::from(rim_proto::msg::DisconnectBody::to_json(
@@ -287,14 +275,6 @@ impl App {
             },
             accepted_ms: rim_runtime::unix_ms(),
             exclude: None,
-        };
-        pipe.cmd("XADD")
-            .arg(keys::push_stream(job::mid_partition(
-                mid,
-                self.config.stream.partitions,
-            )))
-            .arg("*")
-            .arg(keys::JOB_FIELD)
-            .arg(job.encode());
+        }
     }
 }

@@ -1,0 +1,617 @@
+//! Every logic store in process memory, keeping the rules written on the traits, for unit tests
+//! of the domain rules (registration, room counts, kicks, presence, routing) without a Redis.
+//! Lifetimes run on tokio's clock, so `tokio::time::pause()` and `advance` expire sessions.
+//! Not a substitute for the Redis implementations: those are tested against a real redis-server.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rim_proto::job::PushJob;
+use rim_proto::room::RoomId;
+use rim_proto::rpc::NodeInfo;
+use tokio::time::Instant;
+
+use super::{
+    Directory, Dropped, Health, LiveNode, Membership, Moved, NodeStore, PushStreams, Registered,
+    Registration, SessionDetails, SessionHead, SessionStore, StoreResult,
+};
+
+/// A stored session hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SessionRecord {
+    pub(crate) mid: String,
+    pub(crate) server: String,
+    pub(crate) platform: String,
+    pub(crate) since_ms: u64,
+    pub(crate) room: Option<String>,
+    until: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sessions: HashMap<String, SessionRecord>,
+    /// mid → (key → server), until.
+    mids: HashMap<i64, (HashMap<String, String>, Instant)>,
+    node_sessions: HashMap<String, BTreeSet<String>>,
+    /// room → (mid as stored → sessions).
+    members: HashMap<String, BTreeMap<String, i64>>,
+    streams: BTreeMap<u16, Vec<PushJob>>,
+    nodes: BTreeMap<String, NodeInfo>,
+    expiry: BTreeMap<String, u64>,
+    /// server → (room → members), until.
+    node_rooms: HashMap<String, (BTreeMap<String, u64>, Instant)>,
+    room_nodes: HashMap<String, BTreeSet<String>>,
+    names: BTreeMap<i64, String>,
+    mids_by_name: HashMap<String, i64>,
+    next_mid: i64,
+}
+
+impl State {
+    fn session(&mut self, key: &str) -> Option<&mut SessionRecord> {
+        if self
+            .sessions
+            .get(key)
+            .is_some_and(|s| s.until <= Instant::now())
+        {
+            self.sessions.remove(key);
+        }
+        self.sessions.get_mut(key)
+    }
+
+    fn mid_index(&mut self, mid: i64) -> Option<&mut HashMap<String, String>> {
+        if self
+            .mids
+            .get(&mid)
+            .is_some_and(|(_, until)| *until <= Instant::now())
+        {
+            self.mids.remove(&mid);
+        }
+        self.mids.get_mut(&mid).map(|(m, _)| m)
+    }
+
+    /// HSET of `key` → `server` in `mid`'s index, then EXPIRE (a lapsed index starts afresh).
+    fn index_key(&mut self, mid: i64, key: &str, server: &str, until: Instant) {
+        let _ = self.mid_index(mid);
+        let index = self
+            .mids
+            .entry(mid)
+            .or_insert_with(|| (HashMap::new(), until));
+        index.0.insert(key.to_string(), server.to_string());
+        index.1 = until;
+    }
+
+    fn node_rooms(&mut self, server: &str) -> Option<&mut BTreeMap<String, u64>> {
+        if self
+            .node_rooms
+            .get(server)
+            .is_some_and(|(_, until)| *until <= Instant::now())
+        {
+            self.node_rooms.remove(server);
+        }
+        self.node_rooms.get_mut(server).map(|(r, _)| r)
+    }
+
+    fn mem_inc(&mut self, room: &str, mid: &str) -> i64 {
+        let n = self
+            .members
+            .entry(room.to_string())
+            .or_default()
+            .entry(mid.to_string())
+            .or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// -1 when there was nothing to decrement; a count reaching 0 is removed.
+    fn mem_dec(&mut self, room: &str, mid: &str) -> i64 {
+        let Some(counts) = self.members.get_mut(room) else {
+            return -1;
+        };
+        let n = counts.get(mid).copied().unwrap_or(0);
+        if n <= 1 {
+            counts.remove(mid);
+            if counts.is_empty() {
+                self.members.remove(room);
+            }
+            return if n <= 0 { -1 } else { 0 };
+        }
+        counts.insert(mid.to_string(), n - 1);
+        n - 1
+    }
+}
+
+fn counted(room: &str, n: i64) -> Option<(String, u64)> {
+    (!room.is_empty() && n >= 0).then(|| (room.to_string(), n.unsigned_abs()))
+}
+
+fn secs(ttl_secs: u64) -> Instant {
+    Instant::now() + Duration::from_secs(ttl_secs)
+}
+
+fn millis(ttl_ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(ttl_ms)
+}
+
+/// All of logic's stores in one mutex-guarded state.
+#[derive(Debug, Default)]
+pub(crate) struct Memory(Mutex<State>);
+
+impl Memory {
+    /// Jobs appended to partition `p`, oldest first.
+    pub(crate) fn stream(&self, p: u16) -> Vec<PushJob> {
+        self.0.lock().streams.get(&p).cloned().unwrap_or_default()
+    }
+
+    /// Every job appended, by partition.
+    pub(crate) fn all_jobs(&self) -> Vec<PushJob> {
+        self.0.lock().streams.values().flatten().cloned().collect()
+    }
+
+    /// The session stored under `key`, if live.
+    pub(crate) fn session(&self, key: &str) -> Option<SessionRecord> {
+        self.0.lock().session(key).cloned()
+    }
+
+    /// `mid`'s sessions in `room`.
+    pub(crate) fn members(&self, room: &str, mid: i64) -> Option<i64> {
+        self.0
+            .lock()
+            .members
+            .get(room)
+            .and_then(|m| m.get(&mid.to_string()))
+            .copied()
+    }
+
+    /// Keys in `server`'s session set.
+    pub(crate) fn node_sessions(&self, server: &str) -> BTreeSet<String> {
+        self.0
+            .lock()
+            .node_sessions
+            .get(server)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Comets indexed under `room`.
+    pub(crate) fn room_nodes(&self, room: &str) -> BTreeSet<String> {
+        self.0
+            .lock()
+            .room_nodes
+            .get(room)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl SessionStore for Memory {
+    async fn head(&self, key: &str) -> StoreResult<SessionHead> {
+        let mut st = self.0.lock();
+        Ok(st
+            .session(key)
+            .map(|s| SessionHead {
+                server: Some(s.server.clone()),
+                mid: Some(s.mid.clone()),
+                since_ms: s.since_ms,
+            })
+            .unwrap_or_default())
+    }
+
+    async fn register(&self, reg: &Registration) -> StoreResult<Registered> {
+        let mut st = self.0.lock();
+        if let Some(old) = &reg.replaces {
+            if let Some(set) = st.node_sessions.get_mut(&old.server) {
+                set.remove(&reg.key);
+            }
+            st.streams
+                .entry(old.partition)
+                .or_default()
+                .push(old.kick.clone());
+        }
+        let until = secs(reg.ttl_secs);
+        st.index_key(reg.mid, &reg.key, &reg.server, until);
+        st.node_sessions
+            .entry(reg.server.clone())
+            .or_default()
+            .insert(reg.key.clone());
+        let mid = reg.mid.to_string();
+        let room = reg
+            .room
+            .as_ref()
+            .map(|r| r.as_str().to_string())
+            .unwrap_or_default();
+        let old = st
+            .session(&reg.key)
+            .map(|s| (s.mid.clone(), s.room.clone()));
+        let (mut old_room, mut left, mut joined) = (String::new(), -1, -1);
+        let unchanged = old
+            .as_ref()
+            .is_some_and(|(m, r)| *m == mid && r.as_deref() == Some(room.as_str()));
+        if !unchanged {
+            if let Some((om, Some(or))) = &old {
+                old_room = or.clone();
+                left = st.mem_dec(or, om);
+            }
+            if !room.is_empty() {
+                joined = st.mem_inc(&room, &mid);
+            }
+        }
+        st.sessions.insert(
+            reg.key.clone(),
+            SessionRecord {
+                mid,
+                server: reg.server.clone(),
+                platform: reg.platform.clone(),
+                since_ms: reg.since_ms,
+                room: (!room.is_empty()).then(|| room.clone()),
+                until,
+            },
+        );
+        Ok(Registered {
+            old_mid: old.map(|(m, _)| m),
+            membership: Membership {
+                left: counted(&old_room, left),
+                joined: counted(&room, joined),
+            },
+        })
+    }
+
+    async fn drop_session(&self, server: &str, key: &str) -> StoreResult<Option<Dropped>> {
+        let mut st = self.0.lock();
+        let Some(s) = st.session(key).filter(|s| s.server == server).cloned() else {
+            return Ok(None);
+        };
+        st.sessions.remove(key);
+        let mut left = -1;
+        if let Ok(mid) = s.mid.parse::<i64>()
+            && let Some(index) = st.mid_index(mid)
+            && index.get(key).map(String::as_str) == Some(server)
+        {
+            index.remove(key);
+        }
+        if let Some(room) = &s.room {
+            left = st.mem_dec(room, &s.mid);
+        }
+        Ok(Some(Dropped {
+            mid: s.mid.parse().ok(),
+            membership: Membership {
+                left: counted(s.room.as_deref().unwrap_or_default(), left),
+                joined: None,
+            },
+        }))
+    }
+
+    async fn unlink(&self, mid: i64, server: &str, key: &str) -> StoreResult<()> {
+        let mut st = self.0.lock();
+        if let Some(index) = st.mid_index(mid)
+            && index.get(key).map(String::as_str) == Some(server)
+        {
+            index.remove(key);
+        }
+        if let Some(set) = st.node_sessions.get_mut(server) {
+            set.remove(key);
+        }
+        Ok(())
+    }
+
+    async fn move_room(
+        &self,
+        server: &str,
+        key: &str,
+        to: Option<&RoomId>,
+    ) -> StoreResult<Option<Moved>> {
+        let mut st = self.0.lock();
+        let Some(s) = st.session(key).filter(|s| s.server == server).cloned() else {
+            return Ok(None);
+        };
+        let to = to.map(RoomId::as_str).unwrap_or_default();
+        let from = s.room.clone().unwrap_or_default();
+        let mut moved = Moved {
+            mid: s.mid.parse().ok(),
+            from: from.clone(),
+            membership: Membership::default(),
+        };
+        if from == to {
+            return Ok(Some(moved));
+        }
+        let (mut left, mut joined) = (-1, -1);
+        if !from.is_empty() {
+            left = st.mem_dec(&from, &s.mid);
+        }
+        if !to.is_empty() {
+            joined = st.mem_inc(to, &s.mid);
+        }
+        if let Some(rec) = st.session(key) {
+            rec.room = (!to.is_empty()).then(|| to.to_string());
+        }
+        moved.membership = Membership {
+            left: counted(&from, left),
+            joined: counted(to, joined),
+        };
+        Ok(Some(moved))
+    }
+
+    async fn heartbeat(
+        &self,
+        server: &str,
+        key: &str,
+        mid: i64,
+        ttl_secs: u64,
+    ) -> StoreResult<bool> {
+        let mut st = self.0.lock();
+        let until = secs(ttl_secs);
+        match st.session(key) {
+            Some(s) if s.server != server => return Ok(false),
+            Some(s) => s.until = until,
+            None => {
+                st.sessions.insert(
+                    key.to_string(),
+                    SessionRecord {
+                        mid: mid.to_string(),
+                        server: server.to_string(),
+                        platform: String::new(),
+                        since_ms: 0,
+                        room: None,
+                        until,
+                    },
+                );
+            }
+        }
+        st.index_key(mid, key, server, until);
+        st.node_sessions
+            .entry(server.to_string())
+            .or_default()
+            .insert(key.to_string());
+        Ok(true)
+    }
+
+    async fn of_mids(&self, mids: &[i64]) -> StoreResult<Vec<HashMap<String, String>>> {
+        let mut st = self.0.lock();
+        Ok(mids
+            .iter()
+            .map(|m| st.mid_index(*m).cloned().unwrap_or_default())
+            .collect())
+    }
+
+    async fn owners(&self, keys: &[&str]) -> StoreResult<Vec<(Option<String>, Option<String>)>> {
+        let mut st = self.0.lock();
+        Ok(keys
+            .iter()
+            .map(|k| match st.session(k) {
+                Some(s) => (Some(s.mid.clone()), Some(s.server.clone())),
+                None => (None, None),
+            })
+            .collect())
+    }
+
+    async fn details(&self, keys: &[String]) -> StoreResult<Vec<SessionDetails>> {
+        let mut st = self.0.lock();
+        Ok(keys
+            .iter()
+            .map(|k| match st.session(k) {
+                Some(s) => SessionDetails {
+                    mid: Some(s.mid.clone()),
+                    server: Some(s.server.clone()),
+                    platform: s.platform.clone(),
+                    since_ms: s.since_ms,
+                    room: s.room.clone(),
+                },
+                None => SessionDetails::default(),
+            })
+            .collect())
+    }
+
+    async fn pop_node_sessions(&self, server: &str, n: usize) -> StoreResult<Vec<String>> {
+        let mut st = self.0.lock();
+        let Some(set) = st.node_sessions.get_mut(server) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        while out.len() < n
+            && let Some(k) = set.pop_first()
+        {
+            out.push(k);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl NodeStore for Memory {
+    async fn stored(&self, server: &str) -> StoreResult<Option<NodeInfo>> {
+        Ok(self.0.lock().nodes.get(server).cloned())
+    }
+
+    async fn room_joined(&self, server: &str, room: &RoomId, rooms_ttl_ms: u64) -> StoreResult<()> {
+        let mut st = self.0.lock();
+        st.room_nodes
+            .entry(room.as_str().to_string())
+            .or_default()
+            .insert(server.to_string());
+        let rooms = st.node_rooms(server).cloned().unwrap_or_default();
+        let mut rooms = rooms;
+        rooms.entry(room.as_str().to_string()).or_insert(0);
+        st.node_rooms
+            .insert(server.to_string(), (rooms, millis(rooms_ttl_ms)));
+        Ok(())
+    }
+
+    async fn renew(
+        &self,
+        node: &NodeInfo,
+        expiry_ms: u64,
+        reported: &BTreeMap<String, u64>,
+        rooms_ttl_ms: u64,
+    ) -> StoreResult<()> {
+        let mut st = self.0.lock();
+        let server = node.server.clone();
+        let old: Vec<String> = st
+            .node_rooms(&server)
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
+        st.nodes.insert(server.clone(), node.clone());
+        st.expiry.insert(server.clone(), expiry_ms);
+        st.node_rooms.remove(&server);
+        if !reported.is_empty() {
+            st.node_rooms
+                .insert(server.clone(), (reported.clone(), millis(rooms_ttl_ms)));
+        }
+        for room in old.iter().filter(|r| !reported.contains_key(*r)) {
+            if let Some(set) = st.room_nodes.get_mut(room) {
+                set.remove(&server);
+            }
+        }
+        for room in reported.keys() {
+            st.room_nodes
+                .entry(room.clone())
+                .or_default()
+                .insert(server.clone());
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, server: &str) -> StoreResult<()> {
+        let mut st = self.0.lock();
+        st.expiry.remove(server);
+        st.nodes.remove(server);
+        Ok(())
+    }
+
+    async fn drop_rooms(&self, server: &str) -> StoreResult<()> {
+        let mut st = self.0.lock();
+        let rooms: Vec<String> = st
+            .node_rooms(server)
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
+        for room in rooms {
+            if let Some(set) = st.room_nodes.get_mut(&room) {
+                set.remove(server);
+            }
+        }
+        st.node_rooms.remove(server);
+        Ok(())
+    }
+
+    async fn expired(&self, now_ms: u64) -> StoreResult<Vec<String>> {
+        let st = self.0.lock();
+        Ok(st
+            .expiry
+            .iter()
+            .filter(|(_, at)| **at <= now_ms)
+            .map(|(s, _)| s.clone())
+            .collect())
+    }
+
+    async fn claim_expired(&self, server: &str, now_ms: u64) -> StoreResult<bool> {
+        let mut st = self.0.lock();
+        if st.expiry.get(server).is_some_and(|at| *at <= now_ms) {
+            st.expiry.remove(server);
+            st.nodes.remove(server);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn live(&self, now_ms: u64) -> StoreResult<Vec<LiveNode>> {
+        let mut st = self.0.lock();
+        let live: Vec<(String, u64)> = st
+            .expiry
+            .iter()
+            .filter(|(_, at)| **at > now_ms)
+            .map(|(s, at)| (s.clone(), *at))
+            .collect();
+        Ok(live
+            .into_iter()
+            .map(|(server, expiry_ms)| {
+                let rooms = st
+                    .node_rooms(&server)
+                    .map(|r| {
+                        r.iter()
+                            .filter(|(_, n)| **n > 0)
+                            .map(|(k, n)| (k.clone(), *n))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let info = st.nodes.get(&server).cloned().unwrap_or_else(|| NodeInfo {
+                    server: server.clone(),
+                    ..NodeInfo::default()
+                });
+                LiveNode {
+                    info,
+                    expiry_ms,
+                    rooms,
+                }
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl PushStreams for Memory {
+    async fn append(&self, entries: &[(u16, PushJob)]) -> StoreResult<()> {
+        let mut st = self.0.lock();
+        for (p, job) in entries {
+            st.streams.entry(*p).or_default().push(job.clone());
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Directory for Memory {
+    async fn member_count(&self, room: &str) -> StoreResult<u64> {
+        Ok(self
+            .0
+            .lock()
+            .members
+            .get(room)
+            .map_or(0, |m| m.len() as u64))
+    }
+
+    async fn scan_members(
+        &self,
+        room: &str,
+        _cursor: u64,
+        _count: usize,
+    ) -> StoreResult<(u64, Vec<(i64, i64)>)> {
+        // Like a small Redis hash: one batch holds everything and the cursor ends at once.
+        let st = self.0.lock();
+        let members = st
+            .members
+            .get(room)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(mid, n)| Some((mid.parse().ok()?, *n)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((0, members))
+    }
+
+    async fn names(&self, mids: &[i64]) -> StoreResult<Vec<Option<String>>> {
+        let st = self.0.lock();
+        Ok(mids.iter().map(|m| st.names.get(m).cloned()).collect())
+    }
+
+    async fn sign_in(&self, name: &str, first_mid: i64) -> StoreResult<i64> {
+        let mut st = self.0.lock();
+        if let Some(m) = st.mids_by_name.get(name).copied() {
+            st.names.insert(m, name.to_string());
+            return Ok(m);
+        }
+        let n = (st.next_mid + 1).max(first_mid);
+        st.next_mid = n;
+        st.mids_by_name.insert(name.to_string(), n);
+        st.names.insert(n, name.to_string());
+        Ok(n)
+    }
+}
+
+#[async_trait]
+impl Health for Memory {
+    async fn ping(&self, _within: Duration) -> Result<(), String> {
+        Ok(())
+    }
+}

@@ -1,0 +1,333 @@
+//! Everything logic keeps in Redis, behind typed stores: sessions, comets, push streams and the
+//! people directory. Domain code (`registry`, `publish`, `directory`, …) calls these traits and
+//! never Redis; the Redis implementations hold every key, command and Lua script of the tier
+//! (`redis_*.rs`), and [`memory`] implements the same rules in process for unit tests of the
+//! domain rules under a paused clock. The Redis implementations are tested against a real
+//! redis-server by the integration tests in `logic/tests/`.
+//!
+//! Rules every implementation keeps are written on each trait: what is atomic, what a method
+//! leaves behind when it fails, and which values are counted where.
+
+mod conn;
+#[cfg(test)]
+pub(crate) mod memory;
+mod redis_directory;
+mod redis_nodes;
+mod redis_sessions;
+mod redis_streams;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rim_proto::job::PushJob;
+use rim_proto::room::RoomId;
+use rim_proto::rpc::NodeInfo;
+
+pub(crate) use conn::RedisConn;
+
+/// A Redis failure. Callers turn every variant into "unavailable" (HTTP 503,
+/// `rpc::LogicError::Unavailable`); the text keeps the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis answered with an error or the connection failed.
+    #[error("redis unavailable: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// No answer within the configured `redis.timeout_ms`.
+    #[error("redis unavailable: no answer within {0:?}")]
+    Timeout(Duration),
+    /// A value could not be encoded for storage.
+    #[error("redis unavailable: cannot encode {what}: {reason}")]
+    Encode {
+        /// What was being stored.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// Result of a store call.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A room and how many of one user's sessions are in it after a change.
+pub type RoomCount = (String, u64);
+
+/// How one user's room membership changed in one store operation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    /// Room the user's session left, with that user's sessions remaining there.
+    pub left: Option<RoomCount>,
+    /// Room the user's session joined, with that user's sessions now there.
+    pub joined: Option<RoomCount>,
+}
+
+/// What is stored about a session key before it is (re)registered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionHead {
+    /// Comet holding it.
+    pub server: Option<String>,
+    /// Owner, as stored (unparsable = someone else's).
+    pub mid: Option<String>,
+    /// Registration time (unix ms); 0 = unknown (re-created by a heartbeat).
+    pub since_ms: u64,
+}
+
+/// A session to register (connect, or re-auth of a known key).
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// Session key.
+    pub key: String,
+    /// Owner.
+    pub mid: i64,
+    /// Comet holding it.
+    pub server: String,
+    /// Client platform.
+    pub platform: String,
+    /// Registration time (unix ms), which identifies this incarnation to kicks.
+    pub since_ms: u64,
+    /// Lifetime of the session and of its user's session index, renewed by heartbeats.
+    pub ttl_secs: u64,
+    /// Room joined at connect.
+    pub room: Option<RoomId>,
+    /// The key was registered on another comet, which must drop it: the key leaves that comet's
+    /// session set and this job (a kick) is appended to partition `.0` in the same transaction.
+    pub replaces: Option<Replaced>,
+}
+
+/// The other comet's copy of a re-registered key.
+#[derive(Debug, Clone)]
+pub struct Replaced {
+    /// Comet that held the key.
+    pub server: String,
+    /// Partition the kick goes to (the user's).
+    pub partition: u16,
+    /// The kick.
+    pub kick: PushJob,
+}
+
+/// What registering replaced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registered {
+    /// Owner of the replaced session hash, if there was one (as stored).
+    pub old_mid: Option<String>,
+    /// Room the replaced session was counted in (left by `old_mid`), and the room joined.
+    pub membership: Membership,
+}
+
+/// A session dropped from its comet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Owner, when stored and readable.
+    pub mid: Option<i64>,
+    /// Room the owner left, when the session was counted in one.
+    pub membership: Membership,
+}
+
+/// A session that moved between rooms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Owner, when readable.
+    pub mid: Option<i64>,
+    /// Room it was counted in before ("" = none).
+    pub from: String,
+    /// The counts after the move.
+    pub membership: Membership,
+}
+
+/// A registered session as listed to people.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionDetails {
+    /// Owner, as stored.
+    pub mid: Option<String>,
+    /// Comet holding it.
+    pub server: Option<String>,
+    /// Client platform.
+    pub platform: String,
+    /// Registration time (unix ms), 0 = unknown.
+    pub since_ms: u64,
+    /// Room it is counted in.
+    pub room: Option<String>,
+}
+
+/// Sessions, their owners' session indexes, comets' session sets and room member counts.
+///
+/// Rules:
+/// * A room's member count for a user (`rim:room:{room}:members`, mid → sessions) changes only
+///   in [`SessionStore::register`], [`SessionStore::move_room`] and
+///   [`SessionStore::drop_session`], atomically with the session's stored `room`, so a count is
+///   exactly the number of that user's registered sessions in the room; it never goes below 0
+///   and a user whose count reaches 0 is no longer listed.
+/// * `register` is one transaction: the session, its user's index, the comet's set, the member
+///   counts and (when it replaces another comet's copy) the kick either all happen or none.
+/// * A session is dropped or moved only by the comet that holds it (`server` must match), so a
+///   late call from a comet the session left changes nothing.
+/// * Sessions and users' indexes expire `ttl_secs` after their last registration or heartbeat.
+#[async_trait]
+pub trait SessionStore: Send + Sync {
+    /// What is stored about `key`.
+    async fn head(&self, key: &str) -> StoreResult<SessionHead>;
+    /// Registers (or re-registers) a session; see the trait's rules.
+    async fn register(&self, reg: &Registration) -> StoreResult<Registered>;
+    /// Drops `key` if `server` holds it, with its room membership. `None` when it is not there.
+    async fn drop_session(&self, server: &str, key: &str) -> StoreResult<Option<Dropped>>;
+    /// Removes `key` from `mid`'s index (if it points at `server`) and from `server`'s set:
+    /// the part of a disconnect that must happen even when the session itself expired.
+    async fn unlink(&self, mid: i64, server: &str, key: &str) -> StoreResult<()>;
+    /// Moves `key`'s membership from its stored room to `to` if `server` holds it; `None` when
+    /// it does not (the move is ignored).
+    async fn move_room(
+        &self,
+        server: &str,
+        key: &str,
+        to: Option<&RoomId>,
+    ) -> StoreResult<Option<Moved>>;
+    /// Renews `key` (re-creating it without a room and with `since` 0 when Redis lost it) unless
+    /// it moved to another comet; returns whether it is `server`'s.
+    async fn heartbeat(
+        &self,
+        server: &str,
+        key: &str,
+        mid: i64,
+        ttl_secs: u64,
+    ) -> StoreResult<bool>;
+    /// For each mid, its sessions' keys and comets.
+    async fn of_mids(&self, mids: &[i64]) -> StoreResult<Vec<HashMap<String, String>>>;
+    /// For each key, its stored owner and comet.
+    async fn owners(&self, keys: &[&str]) -> StoreResult<Vec<(Option<String>, Option<String>)>>;
+    /// For each key, what is stored about it (empty when nothing is).
+    async fn details(&self, keys: &[String]) -> StoreResult<Vec<SessionDetails>>;
+    /// Takes up to `n` keys out of `server`'s session set (for purging a departed comet).
+    async fn pop_node_sessions(&self, server: &str, n: usize) -> StoreResult<Vec<String>>;
+}
+
+/// One live comet and its last reported room counts.
+#[derive(Debug, Clone)]
+pub struct LiveNode {
+    /// As the comet reported it (with `renewed_ms` stamped by logic).
+    pub info: NodeInfo,
+    /// Registration expiry (unix ms).
+    pub expiry_ms: u64,
+    /// Room → members on that comet.
+    pub rooms: HashMap<String, u64>,
+}
+
+/// Comets: their registrations, expiry, room counts and the room → comets index job routes by.
+///
+/// Rules:
+/// * [`NodeStore::renew`] is one transaction: registration, expiry and the comet's room counts
+///   are replaced together, and the room index gains the reported rooms and loses the comet's
+///   previously recorded rooms it no longer reports.
+/// * A room is removed from the index only by looking at the comet's recorded rooms (renewal,
+///   [`NodeStore::drop_rooms`]); [`NodeStore::room_joined`] therefore records the room under the
+///   comet (count 0) in the same transaction as it indexes it.
+/// * [`NodeStore::claim_expired`] succeeds for exactly one caller per expiry, so one logic
+///   instance purges each departed comet.
+#[async_trait]
+pub trait NodeStore: Send + Sync {
+    /// The registration stored for `server`, if readable.
+    async fn stored(&self, server: &str) -> StoreResult<Option<NodeInfo>>;
+    /// Indexes `room` under `server` (count 0 until the next renewal); the comet's room record
+    /// lives `rooms_ttl_ms`.
+    async fn room_joined(&self, server: &str, room: &RoomId, rooms_ttl_ms: u64) -> StoreResult<()>;
+    /// Registers or renews `node` until `expiry_ms` with its `reported` room counts (rooms with
+    /// members only); the room record lives `rooms_ttl_ms`.
+    async fn renew(
+        &self,
+        node: &NodeInfo,
+        expiry_ms: u64,
+        reported: &BTreeMap<String, u64>,
+        rooms_ttl_ms: u64,
+    ) -> StoreResult<()>;
+    /// Removes `server`'s registration now.
+    async fn remove(&self, server: &str) -> StoreResult<()>;
+    /// Removes `server` from every room it recorded, and the record.
+    async fn drop_rooms(&self, server: &str) -> StoreResult<()>;
+    /// Comets whose registration expired at or before `now_ms`.
+    async fn expired(&self, now_ms: u64) -> StoreResult<Vec<String>>;
+    /// Removes `server`'s registration if it expired at or before `now_ms`; true for the one
+    /// caller that removed it.
+    async fn claim_expired(&self, server: &str, now_ms: u64) -> StoreResult<bool>;
+    /// Every comet whose registration expires after `now_ms`, in server id order. A registration
+    /// that cannot be read still counts, by its id.
+    async fn live(&self, now_ms: u64) -> StoreResult<Vec<LiveNode>>;
+}
+
+/// The partitioned push streams job consumes.
+///
+/// Rule: [`PushStreams::append`] of several entries is one transaction (all appended or none),
+/// and entries of one partition are appended in the order given. A push is accepted only once
+/// `append` returned `Ok`.
+#[async_trait]
+pub trait PushStreams: Send + Sync {
+    /// Appends each job to its partition's stream.
+    async fn append(&self, entries: &[(u16, PushJob)]) -> StoreResult<()>;
+}
+
+/// People-facing reads and the demo's names: room member listings and display names.
+///
+/// Rule: [`Directory::sign_in`] gives one name one mid, forever, even under concurrent calls;
+/// mids handed out start at `first_mid`.
+#[async_trait]
+pub trait Directory: Send + Sync {
+    /// Distinct users in `room`.
+    async fn member_count(&self, room: &str) -> StoreResult<u64>;
+    /// One batch of `room`'s members (mid, sessions) from `cursor`, about `count` of them, and
+    /// the cursor to continue from (0 = done). Order within a batch is unspecified.
+    async fn scan_members(
+        &self,
+        room: &str,
+        cursor: u64,
+        count: usize,
+    ) -> StoreResult<(u64, Vec<(i64, i64)>)>;
+    /// Display names of `mids`, where known.
+    async fn names(&self, mids: &[i64]) -> StoreResult<Vec<Option<String>>>;
+    /// The mid of `name`, assigned on first use, recorded as its display name.
+    async fn sign_in(&self, name: &str, first_mid: i64) -> StoreResult<i64>;
+}
+
+/// Readiness of the store.
+#[async_trait]
+pub trait Health: Send + Sync {
+    /// Answers within `within`, or says why not.
+    async fn ping(&self, within: Duration) -> Result<(), String>;
+}
+
+/// The stores logic works with.
+#[derive(Clone)]
+pub(crate) struct Stores {
+    pub(crate) sessions: Arc<dyn SessionStore>,
+    pub(crate) nodes: Arc<dyn NodeStore>,
+    pub(crate) streams: Arc<dyn PushStreams>,
+    pub(crate) directory: Arc<dyn Directory>,
+    pub(crate) health: Arc<dyn Health>,
+}
+
+impl Stores {
+    /// All stores on one Redis connection.
+    pub(crate) fn redis(conn: RedisConn) -> Stores {
+        Stores {
+            sessions: Arc::new(conn.clone()),
+            nodes: Arc::new(conn.clone()),
+            streams: Arc::new(conn.clone()),
+            directory: Arc::new(conn.clone()),
+            health: Arc::new(conn),
+        }
+    }
+
+    /// All stores in process memory (unit tests).
+    #[cfg(test)]
+    pub(crate) fn memory() -> (Stores, Arc<memory::Memory>) {
+        let m = Arc::new(memory::Memory::default());
+        (
+            Stores {
+                sessions: m.clone(),
+                nodes: m.clone(),
+                streams: m.clone(),
+                directory: m.clone(),
+                health: m.clone(),
+            },
+            m,
+        )
+    }
+}
