@@ -27,6 +27,8 @@
 mod deliver;
 mod read;
 mod release;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -95,8 +95,8 @@ struct StreamsState {
 #[derive(Default)]
 struct StreamsShared {
     state: Mutex<StreamsState>,
-    /// Woken on every append, for blocked reads.
-    appended: Notify,
+    /// Woken on every change (append, read, claim, ack), for blocked reads and waiting tests.
+    changed: Notify,
 }
 
 /// Partition streams in memory. Clones share the streams.
@@ -126,24 +126,37 @@ impl MemoryStreams {
             stream.entries.insert(id, job);
             id
         };
-        self.shared.appended.notify_waiters();
+        self.shared.changed.notify_waiters();
         format_id(id)
+    }
+
+    /// Waits until `cond` holds, looking again after every change of any stream.
+    pub async fn wait_until(&self, mut cond: impl FnMut(&Self) -> bool) {
+        loop {
+            // Registered before looking, so a change between the look and the wait wakes it.
+            let mut changed = pin!(self.shared.changed.notified());
+            changed.as_mut().enable();
+            if cond(self) {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// Reads up to `count` new entries as `consumer` and forgets them: they stay pending for it
     /// (a dead worker's unfinished batch, or a read whose reply never arrived).
     pub fn read_as(&self, partition: u16, consumer: &str, count: usize) -> Vec<String> {
-        let mut state = self.shared.state.lock();
-        let stream = state.streams.entry(partition).or_default();
-        stream.group.get_or_insert(Group {
-            last_delivered: (0, 0),
-            pending: BTreeMap::new(),
-        });
-        stream
-            .deliver_new(consumer, count)
-            .into_iter()
-            .map(|e| e.id)
-            .collect()
+        let ids = {
+            let mut state = self.shared.state.lock();
+            let stream = state.streams.entry(partition).or_default();
+            stream.group.get_or_insert(Group {
+                last_delivered: (0, 0),
+                pending: BTreeMap::new(),
+            });
+            stream.deliver_new(consumer, count)
+        };
+        self.shared.changed.notify_waiters();
+        ids.into_iter().map(|e| e.id).collect()
     }
 
     /// The next `read_new` on `partition` takes its entries and then fails, as if the reply was
@@ -197,8 +210,12 @@ struct MemoryStream {
 
 impl MemoryStream {
     fn with<T>(&self, f: impl FnOnce(&mut Stream) -> T) -> T {
-        let mut state = self.shared.state.lock();
-        f(state.streams.entry(self.partition).or_default())
+        let out = {
+            let mut state = self.shared.state.lock();
+            f(state.streams.entry(self.partition).or_default())
+        };
+        self.shared.changed.notify_waiters();
+        out
     }
 }
 
@@ -218,9 +235,9 @@ impl PartitionStream for MemoryStream {
         let deadline = Instant::now() + block.max(Duration::from_millis(1));
         loop {
             // Registered before looking, so an append between the look and the wait wakes it.
-            let mut appended = pin!(self.shared.appended.notified());
-            appended.as_mut().enable();
-            {
+            let mut changed = pin!(self.shared.changed.notified());
+            changed.as_mut().enable();
+            let read = {
                 let mut state = self.shared.state.lock();
                 let lose = state.lose_next_read.contains(&self.partition);
                 let stream = state.streams.entry(self.partition).or_default();
@@ -228,15 +245,18 @@ impl PartitionStream for MemoryStream {
                     return Err(failure("NOGROUP no such consumer group"));
                 }
                 let got = stream.deliver_new(&self.consumer, count);
-                if !got.is_empty() {
-                    if lose {
-                        state.lose_next_read.remove(&self.partition);
-                        return Err(StoreError::Overdue("read (reply lost)"));
-                    }
-                    return Ok(got);
+                if !got.is_empty() && lose {
+                    state.lose_next_read.remove(&self.partition);
+                    Some(Err(StoreError::Overdue("read (reply lost)")))
+                } else {
+                    (!got.is_empty()).then_some(Ok(got))
                 }
+            };
+            if let Some(read) = read {
+                self.shared.changed.notify_waiters();
+                return read;
             }
-            if tokio::time::timeout_at(deadline, appended).await.is_err() {
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Ok(Vec::new());
             }
         }

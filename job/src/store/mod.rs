@@ -13,6 +13,8 @@
 //! (stream order, acknowledge only after confirmation, replay before newer entries) rest on them.
 
 pub mod memory;
+#[cfg(test)]
+mod memory_tests;
 mod redis_conn;
 mod redis_directory;
 mod redis_leases;
