@@ -189,6 +189,13 @@ impl World {
             .expect("comets alive")
     }
 
+    /// Takes the next call, checks it carries exactly `expected` (in order) and confirms it.
+    async fn confirm_next(&mut self, expected: &[String], what: &str) {
+        let call = self.next_call().await;
+        assert_eq!(call.seqs(), seqs(expected), "{what}");
+        call.confirm();
+    }
+
     /// Runs the partition task directly (as if the lease were held).
     fn start_partition(&self) -> Running {
         let (stop, lost) = (CancellationToken::new(), CancellationToken::new());
@@ -412,12 +419,9 @@ async fn entries_read_without_the_reply_arriving_are_replayed_before_newer_ones(
     w.streams.lose_next_read(P);
     let running = w.start_partition();
 
-    let first = w.next_call().await;
-    assert_eq!(first.seqs(), seqs(&ids[..2]), "pending a, b before newer c");
-    first.confirm();
-    let second = w.next_call().await;
-    assert_eq!(second.seqs(), seqs(&ids[2..]));
-    second.confirm();
+    w.confirm_next(&ids[..2], "pending a, b before newer c")
+        .await;
+    w.confirm_next(&ids[2..], "then c").await;
     w.all_acked().await;
     assert_eq!(w.ctx.metrics.redis_errors.get(), 1);
     running.stop().await;
@@ -445,9 +449,8 @@ async fn a_dead_workers_pending_entries_are_replayed_before_newer_ones() {
         "claimed"
     );
     first.confirm();
-    let second = w.next_call().await;
-    assert_eq!(second.seqs(), seqs(std::slice::from_ref(&newer)));
-    second.confirm();
+    w.confirm_next(std::slice::from_ref(&newer), "then the newer entry")
+        .await;
     w.all_acked().await;
     running.stop().await;
 }
