@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use redis::Commands;
@@ -259,17 +259,23 @@ async fn redis_down_gives_503() {
     let (status, _) = logic.get("/readyz").await;
     assert_eq!(status, 200);
     redis.kill();
-    let started = Instant::now();
-    let (status, v) = logic
-        .post("/goim/push/mids?operation=1000&mids=1", "x")
-        .await;
+    // Refused, not hung: each answer comes within the bound (redis.timeout_ms is 2 s).
+    let bound = Duration::from_secs(5);
+    let (status, v) = tokio::time::timeout(
+        bound,
+        logic.post("/goim/push/mids?operation=1000&mids=1", "x"),
+    )
+    .await
+    .expect("answered while Redis is down");
     assert_eq!((status, v["code"].clone()), (503, json!(-503)), "{v}");
     assert!(v["message"].as_str().unwrap().contains("redis"), "{v}");
-    let (status, _) = logic
-        .post("/goim/push/room?operation=1000&type=live&room=1", "x")
-        .await;
+    let (status, _) = tokio::time::timeout(
+        bound,
+        logic.post("/goim/push/room?operation=1000&type=live&room=1", "x"),
+    )
+    .await
+    .expect("answered while Redis is down");
     assert_eq!(status, 503);
-    assert!(started.elapsed() < Duration::from_secs(5));
     let (status, v) = logic.get("/readyz").await;
     assert_eq!((status, v["code"].clone()), (503, json!(-503)));
     let rpc = logic.client().await;
@@ -900,63 +906,9 @@ async fn a_comet_restarted_under_its_id_has_its_old_sessions_purged() {
     logic.stop().await;
 }
 
-/// Registers `server` with one session `key` directly in Redis, its registration already lapsed
-/// (as a logic outage longer than the TTL leaves it).
-fn lapsed_node(conn: &mut redis::Connection, server: &str, key: &str) {
-    let info = serde_json::to_string(&node(server, 1, 1)).unwrap();
-    let _: () = conn.hset(keys::NODES, server, info).unwrap();
-    let _: () = conn.zadd(keys::NODES_EXPIRY, server, 1).unwrap();
-    let _: () = conn.sadd(keys::node_sessions(server), key).unwrap();
-    let _: () = conn
-        .hset_multiple(
-            keys::session(key),
-            &[("mid", "6"), ("server", server), ("since", "1")],
-        )
-        .unwrap();
-    let _: () = conn.hset(keys::mid_sessions(6), key, server).unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_reaper_waits_a_node_ttl_after_start() {
-    let redis = RedisServer::start();
-    let mut conn = redis.connection();
-    lapsed_node(&mut conn, "alive", "ka");
-    lapsed_node(&mut conn, "dead", "kd");
-    let logic = Logic::start(&redis, |c| c.node.ttl_ms = 1_500).await;
-    let rpc = logic.client().await;
-    // The live comet renews within its renewal interval of logic coming back (not at once:
-    // a reaper passing straight away would have reaped it by then).
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    rpc.renew_node(ctx(), node("alive", 1, 1), report(&[]))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(started.elapsed() < Duration::from_millis(1_000));
-    let renew = async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let _ = rpc
-                .renew_node(ctx(), node("alive", 1, 1), report(&[]))
-                .await;
-        }
-    };
-    let check = eventually("lapsed comet reaped", || {
-        let mut c = redis.connection();
-        async move { !c.exists::<_, bool>(keys::session("kd")).unwrap() }
-    });
-    tokio::select! {
-        _ = renew => unreachable!(),
-        _ = check => {}
-    }
-    assert!(conn.exists::<_, bool>(keys::session("ka")).unwrap());
-    assert!(conn.hexists::<_, _, bool>(keys::NODES, "alive").unwrap());
-    logic.stop().await;
-}
-
 /// Sends a push request declaring `declared` body bytes and sends only a few; returns the raw
-/// socket and when the headers went out.
-async fn trickle(logic: &Logic, declared: usize) -> (tokio::net::TcpStream, Instant) {
+/// socket.
+async fn trickle(logic: &Logic, declared: usize) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let addr = logic.http.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -964,7 +916,7 @@ async fn trickle(logic: &Logic, declared: usize) -> (tokio::net::TcpStream, Inst
         "POST /goim/push/all?operation=1000 HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\nabc"
     );
     s.write_all(head.as_bytes()).await.unwrap();
-    (s, Instant::now())
+    s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -972,7 +924,7 @@ async fn a_trickled_body_times_out_with_a_408_envelope() {
     use tokio::io::AsyncReadExt;
     let redis = RedisServer::start();
     let logic = Logic::start(&redis, |c| c.push.body_timeout_ms = 300).await;
-    let (mut s, sent) = trickle(&logic, 100).await;
+    let mut s = trickle(&logic, 100).await;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await
@@ -984,7 +936,6 @@ async fn a_trickled_body_times_out_with_a_408_envelope() {
         text.contains("body: not received within push.body_timeout_ms of 300 ms"),
         "{text}"
     );
-    assert!(sent.elapsed() >= Duration::from_millis(300));
     logic.stop().await;
 }
 
@@ -997,13 +948,9 @@ async fn shutdown_is_bounded_by_the_grace_despite_an_open_request() {
         c.shutdown_grace_ms = 500;
     })
     .await;
-    let (_s, _) = trickle(&logic, 100).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let started = Instant::now();
-    logic.stop().await;
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
+    let _s = trickle(&logic, 100).await;
+    // Shutdown ends within the grace (0.5 s) plus drain; the open request cannot hold it.
+    tokio::time::timeout(Duration::from_secs(3), logic.stop())
+        .await
+        .expect("shutdown bounded by the grace despite the open request");
 }
