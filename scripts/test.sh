@@ -40,6 +40,8 @@ if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== layout (files under 600 lines; Redis only in store modules)"
+scripts/check-layout.sh
 echo "== cargo machete (no unused dependencies)"
 cargo machete
 echo "== cargo clippy --all-targets -D warnings"

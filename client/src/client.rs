@@ -14,8 +14,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::conn::{Conn, ConnectOptions, Received};
+use crate::conn::{Conn, ConnectOptions};
 use crate::error::ClientError;
+use crate::received::Received;
 use crate::reconnect::Reconnect;
 
 /// What a [`Client`] needs.

@@ -28,11 +28,11 @@
 mod client;
 mod conn;
 mod error;
+mod received;
 mod reconnect;
 
 pub use client::{Client, ClientConfig, Event};
-pub use conn::{
-    Conn, ConnectOptions, DEFAULT_WAIT, MAX_SERVER_BODY, Received, Transport, online_of,
-};
+pub use conn::{Conn, ConnectOptions, DEFAULT_WAIT, MAX_SERVER_BODY, Transport};
 pub use error::{ClientError, Closed};
+pub use received::{Received, online_of};
 pub use reconnect::Reconnect;
