@@ -144,14 +144,7 @@ impl App {
 
     /// A user's registered sessions: `[{"key","comet","platform","since","room"}]`, oldest first.
     pub(crate) async fn user_sessions(&self, mid: i64) -> Result<Value, StoreError> {
-        let by_key = self
-            .store
-            .sessions
-            .of_mids(&[mid])
-            .await?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
+        let by_key = self.store.sessions.of_mid(mid).await?;
         let mut keys_sorted: Vec<String> = by_key.into_keys().collect();
         keys_sorted.sort();
         if keys_sorted.is_empty() {

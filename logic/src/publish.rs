@@ -157,14 +157,7 @@ impl App {
     /// The online sessions of one user, grouped by comet (keys sorted): the `Sessions` route of
     /// a push to that user.
     pub(crate) async fn mid_route(&self, mid: i64) -> Result<Vec<ServerKeys>, StoreError> {
-        let sessions = self
-            .store
-            .sessions
-            .of_mids(&[mid])
-            .await?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
+        let sessions = self.store.sessions.of_mid(mid).await?;
         let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (key, server) in sessions {
             by_server.entry(server).or_default().push(key);

@@ -193,6 +193,15 @@ pub trait SessionStore: Send + Sync {
     ) -> StoreResult<bool>;
     /// For each mid, its sessions' keys and comets.
     async fn of_mids(&self, mids: &[i64]) -> StoreResult<Vec<HashMap<String, String>>>;
+    /// One mid's sessions' keys and comets.
+    async fn of_mid(&self, mid: i64) -> StoreResult<HashMap<String, String>> {
+        Ok(self
+            .of_mids(&[mid])
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default())
+    }
     /// For each key, its stored owner and comet.
     async fn owners(&self, keys: &[&str]) -> StoreResult<Vec<(Option<String>, Option<String>)>>;
     /// For each key, what is stored about it (empty when nothing is).
