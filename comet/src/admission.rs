@@ -210,3 +210,75 @@ pub(crate) fn end_session(ctx: &Ctx, s: &Session) {
     }
     ctx.notify(Notice::Disconnect, s);
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::testing::{MemLogic, WAIT, auth_body, comet, connect};
+
+    /// logic refusing the Auth closes with op 6 carrying its reason, as a policy close (1008 on
+    /// WebSocket), counted as `refused`; nothing is registered, so logic hears no disconnect.
+    #[tokio::test(start_paused = true)]
+    async fn auth_refused_by_logic_closes_with_its_reason_as_a_policy_close() {
+        let logic = MemLogic::new(30);
+        let ctx = comet(logic.clone(), |_| {});
+        let mut c = connect(&ctx);
+        let deny = AuthBody {
+            token: "deny".into(),
+            ..auth_body("d", "live://1")
+        };
+        c.send(op::AUTH, 1, serde_json::to_vec(&deny).unwrap());
+        let spec = c.closed(WAIT).await.expect("closed");
+        assert_eq!(spec, CloseSpec::policy("unauthorized: bad token"));
+        assert_eq!((spec.ws_code, spec.op6, spec.op6_on_ws), (1008, true, true));
+        c.task.await.unwrap();
+        assert_eq!(ctx.metrics.auth_failures[3].get(), 1, "reason=refused");
+        assert!(ctx.buckets.get("d").is_none());
+        ctx.tracker.close();
+        ctx.tracker.wait().await;
+        assert_eq!(
+            logic.calls(),
+            vec!["connect d"],
+            "no room join, no disconnect"
+        );
+        assert_eq!(ctx.metrics.conn_tcp.get(), 0);
+    }
+
+    /// logic unreachable during Auth: "logic unavailable", counted as `logic_unavailable`.
+    #[tokio::test(start_paused = true)]
+    async fn auth_without_logic_closes_as_logic_unavailable() {
+        let logic = MemLogic::new(30);
+        logic.fail("connect", 1);
+        let ctx = comet(logic.clone(), |_| {});
+        let mut c = connect(&ctx);
+        c.send(
+            op::AUTH,
+            1,
+            serde_json::to_vec(&auth_body("u", "")).unwrap(),
+        );
+        let spec = c.closed(WAIT).await.expect("closed");
+        assert_eq!(spec, CloseSpec::policy("logic unavailable"));
+        assert_eq!(
+            ctx.metrics.auth_failures[4].get(),
+            1,
+            "reason=logic_unavailable"
+        );
+        // The next Auth gets through.
+        let mut c = connect(&ctx);
+        c.auth(&auth_body("u", "")).await;
+    }
+
+    /// Silence instead of an Auth: closed after the handshake timeout, counted as `timeout`.
+    #[tokio::test(start_paused = true)]
+    async fn no_auth_within_the_handshake_timeout_closes() {
+        let logic = MemLogic::new(30);
+        let ctx = comet(logic, |c| c.session.handshake_timeout_ms = 5000);
+        let mut c = connect(&ctx);
+        let t0 = tokio::time::Instant::now();
+        let spec = c.closed(WAIT).await.expect("closed");
+        assert_eq!(spec, CloseSpec::policy("auth timeout"));
+        assert_eq!(t0.elapsed(), Duration::from_millis(5000));
+        assert_eq!(ctx.metrics.auth_failures[0].get(), 1, "reason=timeout");
+    }
+}

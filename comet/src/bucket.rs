@@ -174,26 +174,14 @@ impl Buckets {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::outbound::Outbound;
-
-    fn sess(id: u64, key: &str) -> Arc<Session> {
-        let out = Outbound::new(4);
-        Arc::new(Session::new(
-            id,
-            1,
-            key.into(),
-            "127.0.0.1:9".parse().unwrap(),
-            out,
-            &[],
-        ))
-    }
+    use crate::testing::session;
 
     #[test]
     fn membership_and_replacement() {
         let b = Buckets::new(4);
         let room = RoomId::parse("live://1").unwrap();
-        let a = sess(1, "a");
-        let c = sess(2, "c");
+        let a = session(1, "a", &[]);
+        let c = session(2, "c", &[]);
         assert!(b.insert(a.clone()).is_none());
         assert!(b.insert(c.clone()).is_none());
         assert!(b.join(&room, &a));
@@ -204,7 +192,7 @@ mod tests {
         assert_eq!((rooms.get(&room).copied(), n, ips), (Some(2), 2, 1));
 
         // Same key again: the old one is returned and drops out of the room.
-        let a2 = sess(3, "a");
+        let a2 = session(3, "a", &[]);
         let pid = rim_proto::rpc::PushId {
             partition: 2,
             ms: 5,

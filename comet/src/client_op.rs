@@ -233,3 +233,197 @@ impl FrameState {
         false
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::testing::{MemLogic, auth_body, comet, connect};
+
+    fn room(r: &str) -> RoomId {
+        RoomId::parse(r).unwrap()
+    }
+
+    /// ChangeRoom moves the membership, tells logic, and replies only once logic answered; a
+    /// change to the same room, or out of no room, tells logic nothing.
+    #[tokio::test(start_paused = true)]
+    async fn change_room_tells_logic_and_moves_the_membership() {
+        let logic = MemLogic::new(30);
+        let ctx = comet(logic.clone(), |_| {});
+        let mut c = connect(&ctx);
+        c.auth(&auth_body("mv", "chat://1")).await;
+        assert_eq!(ctx.buckets.room_len(&room("chat://1")), 1);
+
+        logic.hold("room_changed");
+        c.send(op::CHANGE_ROOM, 2, "chat://2");
+        logic.called("room_changed mv chat://1 chat://2").await;
+        // Moved on this comet already, but no reply while logic has not answered.
+        assert_eq!(ctx.buckets.room_len(&room("chat://1")), 0);
+        assert_eq!(ctx.buckets.room_len(&room("chat://2")), 1);
+        assert_eq!(
+            ctx.buckets.get("mv").unwrap().room(),
+            Some(room("chat://2"))
+        );
+        assert!(c.next_item(Duration::from_secs(10)).await.is_none());
+        logic.release();
+        let r = c.reply().await;
+        assert_eq!(
+            (r.op, r.seq, &r.body[..]),
+            (op::CHANGE_ROOM_REPLY, 2, &b"chat://2"[..])
+        );
+
+        // Same room: answered, logic not called.
+        let r = c.request(op::CHANGE_ROOM, 3, "chat://2").await;
+        assert_eq!(&r.body[..], b"chat://2");
+        // Out of the room, then again out of no room.
+        let r = c.request(op::CHANGE_ROOM, 4, Bytes::new()).await;
+        assert_eq!((r.op, &r.body[..]), (op::CHANGE_ROOM_REPLY, &b""[..]));
+        assert_eq!(ctx.buckets.room_len(&room("chat://2")), 0);
+        c.request(op::CHANGE_ROOM, 5, " ").await;
+        // A bad room id: refused, the session stays where it is.
+        let r = c.request(op::CHANGE_ROOM, 6, "nope").await;
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("bad room id"),
+            "{r:?}"
+        );
+
+        c.hang_up();
+        c.task.await.unwrap();
+        ctx.tracker.close();
+        ctx.tracker.wait().await;
+        assert_eq!(
+            logic.calls(),
+            vec![
+                "connect mv",
+                "room_joined chat://1",
+                "room_joined chat://2",
+                "room_changed mv chat://1 chat://2",
+                "room_changed mv chat://2 -",
+                "disconnect mv",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>(),
+            "one room_changed per change, nothing late"
+        );
+    }
+
+    /// op 4 past the token bucket (1/s, burst 2) is refused with -429 without reaching logic;
+    /// a token later (1 s on the paused clock) it goes through again.
+    #[tokio::test(start_paused = true)]
+    async fn upstream_messages_past_the_token_bucket_are_refused() {
+        let logic = MemLogic::new(30);
+        let ctx = comet(logic.clone(), |c| {
+            c.session.send_rate_per_sec = 1;
+            c.session.send_burst = 2;
+        });
+        let mut c = connect(&ctx);
+        c.auth(&auth_body("fast", "")).await;
+        let mut send = async |seq: i32| {
+            let r = c.request(op::SEND_MSG, seq, r#"{"mid":5,"op":1000}"#).await;
+            assert_eq!(r.op, op::SEND_MSG_REPLY);
+            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()
+        };
+        assert_eq!(send(1).await["code"], 0);
+        assert_eq!(send(2).await["code"], 0);
+        let refused = send(3).await;
+        assert_eq!(refused["code"], upstream::RATE_LIMITED);
+        assert_eq!(
+            refused["message"],
+            "rate limited: at most 1 messages per second (burst 2), retry in 1000 ms"
+        );
+        assert_eq!(
+            logic.sends().len(),
+            2,
+            "the refused one never reached logic"
+        );
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert_eq!(send(4).await["code"], upstream::RATE_LIMITED);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(send(5).await["code"], 0);
+        assert_eq!(logic.sends().len(), 3);
+        assert_eq!(ctx.metrics.upstream_sent.get(), 3);
+        assert!(
+            ctx.metrics
+                .render()
+                .contains(r#"rim_comet_upstream_refused_total{code="-429"} 2"#)
+        );
+    }
+
+    /// ChangeRoom, Sub and Unsub share the session's token bucket; refusals keep the session.
+    #[tokio::test(start_paused = true)]
+    async fn room_changes_and_subs_share_the_rate_limit() {
+        let logic = MemLogic::new(30);
+        let ctx = comet(logic.clone(), |c| {
+            c.session.send_rate_per_sec = 1;
+            c.session.send_burst = 2;
+        });
+        let mut c = connect(&ctx);
+        c.auth(&auth_body("rl", "")).await;
+        assert_eq!(&c.request(op::SUB, 1, "1001").await.body[..], b"1001");
+        // A bad argument costs a token too.
+        let r = c.request(op::CHANGE_ROOM, 2, "nope").await;
+        assert!(String::from_utf8_lossy(&r.body).contains("bad room id"));
+        for (o, reply) in [
+            (op::CHANGE_ROOM, op::CHANGE_ROOM_REPLY),
+            (op::UNSUB, op::UNSUB_REPLY),
+        ] {
+            let r = c.request(o, 3, "nope").await;
+            assert_eq!(
+                (r.op, &r.body[..]),
+                (reply, &br#"{"error":"rate limited"}"#[..])
+            );
+        }
+        assert_eq!(ctx.metrics.requests_rate_limited.get(), 2);
+        assert!(ctx.buckets.get("rl").unwrap().accepts(1001));
+        assert!(logic.calls_of("room_changed").is_empty());
+    }
+
+    #[test]
+    fn frames_parse_into_requests_with_their_arguments() {
+        let f = |op: i32, body: &'static str| ClientOp::parse(Frame::new(op, 9, body));
+        assert!(matches!(
+            f(op::HEARTBEAT, ""),
+            ClientOp::Heartbeat { seq: 9 }
+        ));
+        assert!(matches!(
+            f(op::CHANGE_ROOM, " live://1 "),
+            ClientOp::ChangeRoom { to: Ok(Some(r)), .. } if r == room("live://1")
+        ));
+        assert!(matches!(
+            f(op::CHANGE_ROOM, ""),
+            ClientOp::ChangeRoom { to: Ok(None), .. }
+        ));
+        assert!(matches!(
+            f(op::CHANGE_ROOM, "x"),
+            ClientOp::ChangeRoom { to: Err(e), .. } if e.starts_with("bad room id")
+        ));
+        assert!(matches!(
+            f(op::SUB, "1000, 1001"),
+            ClientOp::Sub { ops: Ok(o), .. } if o == vec![1000, 1001]
+        ));
+        assert!(matches!(
+            f(op::UNSUB, "a"),
+            ClientOp::Unsub { ops: Err(e), .. } if e.starts_with("bad op list")
+        ));
+        let many = (0..=MAX_ACCEPTS)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(matches!(
+            ClientOp::parse(Frame::new(op::SUB, 1, many)),
+            ClientOp::Sub { ops: Err(e), .. } if e == "too many ops: at most 256"
+        ));
+        assert!(matches!(
+            f(op::SEND_MSG, "{}"),
+            ClientOp::SendMsg {
+                seq: 9,
+                msg: Err(_)
+            }
+        ));
+        assert!(matches!(
+            f(op::AUTH, "{}"),
+            ClientOp::Unknown { op: op::AUTH }
+        ));
+    }
+}

@@ -132,6 +132,70 @@ pub(crate) fn renew_interval(renew_session_ms: u64, heartbeat_secs: u32) -> Dura
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::testing::{MemLogic, WAIT, auth_body, comet, connect};
+    use rim_proto::op;
+
+    /// Heartbeat 30 s, 3 misses: a session silent for 90 s is closed, not a moment earlier, and
+    /// any client frame moves the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn heartbeat_silence_closes_the_session_and_unregisters_it() {
+        let logic = MemLogic::new(30);
+        let ctx = comet(logic.clone(), |c| c.session.heartbeat_misses = 3);
+        let mut c = connect(&ctx);
+        c.auth(&auth_body("quiet", "")).await;
+        let t0 = Instant::now();
+
+        // A heartbeat at 60 s moves the deadline to 150 s.
+        assert!(c.closed(Duration::from_secs(60)).await.is_none());
+        let hb = c.request(op::HEARTBEAT, 2, Vec::new()).await;
+        assert_eq!(hb.op, op::HEARTBEAT_REPLY);
+        assert!(
+            c.closed(Duration::from_secs(90) - Duration::from_millis(1))
+                .await
+                .is_none(),
+            "closed before the deadline"
+        );
+        let spec = c.closed(WAIT).await.expect("closed at the deadline");
+        assert_eq!(spec, CloseSpec::reason("heartbeat timeout", 1000));
+        assert_eq!(Instant::now() - t0, Duration::from_secs(150));
+        assert_eq!(ctx.metrics.heartbeat_timeouts.get(), 1);
+        logic.called("disconnect quiet").await;
+        assert!(ctx.buckets.get("quiet").is_none());
+        c.task.await.unwrap();
+        assert_eq!(ctx.metrics.conn_tcp.get(), 0);
+    }
+
+    /// Heartbeat 1 s: any frame (not only a heartbeat) renews the registration at logic, at most
+    /// once per heartbeat interval (renew_session_ms is 60 s, so the interval caps it).
+    #[tokio::test(start_paused = true)]
+    async fn any_frame_renews_the_session_at_most_once_per_heartbeat_interval() {
+        let logic = MemLogic::new(1);
+        let ctx = comet(logic.clone(), |c| c.session.heartbeat_misses = 5);
+        let mut c = connect(&ctx);
+        c.auth(&auth_body("busy", "")).await;
+
+        tokio::time::advance(Duration::from_millis(900)).await;
+        assert_eq!(c.request(op::SUB, 2, "1001").await.op, op::SUB_REPLY);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        // 1.1 s after auth: a Sub, not a heartbeat, renews.
+        assert_eq!(c.request(op::SUB, 3, "1002").await.op, op::SUB_REPLY);
+        logic.called("heartbeat busy").await;
+        assert_eq!(
+            c.request(op::HEARTBEAT, 4, Vec::new()).await.op,
+            op::HEARTBEAT_REPLY
+        );
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        assert_eq!(
+            c.request(op::HEARTBEAT, 5, Vec::new()).await.op,
+            op::HEARTBEAT_REPLY
+        );
+        logic.called_n("heartbeat busy", 2).await;
+        c.hang_up();
+        c.task.await.unwrap();
+        ctx.tracker.close();
+        ctx.tracker.wait().await;
+        assert_eq!(logic.calls_of("heartbeat").len(), 2, "{:?}", logic.calls());
+    }
 
     #[test]
     fn renewal_interval_fits_the_ttl() {

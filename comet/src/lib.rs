@@ -40,6 +40,8 @@ pub mod room;
 mod server;
 pub mod session;
 mod tcp;
+#[cfg(test)]
+mod testing;
 pub mod upstream;
 pub mod writer;
 mod ws;

@@ -229,3 +229,53 @@ pub(crate) fn notify(
         }
     });
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::testing::MemLogic;
+
+    fn sref(key: &str) -> SessionRef {
+        SessionRef {
+            server: "comet-test".into(),
+            mid: 7,
+            key: key.into(),
+        }
+    }
+
+    /// A disconnect lost to a logic blip is retried after 200 ms, then 800 ms; a heartbeat is
+    /// tried once. Timed on the paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_disconnect_lost_to_a_logic_blip_is_retried() {
+        let mem = MemLogic::new(30);
+        mem.fail("disconnect", 2);
+        mem.fail("heartbeat", 1);
+        let logic: Arc<dyn Logic> = mem.clone();
+        let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let t0 = tokio::time::Instant::now();
+        notify(&logic, &tracker, &shutdown, Notice::Disconnect, sref("d"));
+        notify(&logic, &tracker, &shutdown, Notice::Heartbeat, sref("h"));
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(t0.elapsed(), Duration::from_millis(200 + 800));
+        assert_eq!(mem.calls_of("disconnect d").len(), 3);
+        assert_eq!(mem.calls_of("heartbeat h").len(), 1);
+    }
+
+    /// Shutdown cuts a retry's pause short: the last try goes at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_does_not_outlive_the_drain() {
+        let mem = MemLogic::new(30);
+        mem.fail("disconnect", 3);
+        let logic: Arc<dyn Logic> = mem.clone();
+        let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        shutdown.cancel();
+        let t0 = tokio::time::Instant::now();
+        notify(&logic, &tracker, &shutdown, Notice::Disconnect, sref("d"));
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert_eq!(mem.calls_of("disconnect d").len(), 3);
+    }
+}

@@ -156,20 +156,8 @@ pub(crate) mod tests {
     use rim_proto::room::RoomId;
     use rim_proto::rpc::DeliverTarget;
 
-    use crate::outbound::{CloseSpec, Outbound};
-    fn sess(key: &str, accepts: &[i32]) -> Arc<Session> {
-        let out = Outbound::new(16);
-        let s = Session::new(
-            1,
-            7,
-            key.into(),
-            "127.0.0.1:1".parse().unwrap(),
-            out,
-            accepts,
-        );
-        Arc::new(s)
-    }
-
+    use crate::outbound::CloseSpec;
+    use crate::testing::session;
     pub(crate) fn item(seq: u64, op: i32, room: &RoomId, exclude: Option<&str>) -> Delivery {
         Delivery {
             id: PushId {
@@ -196,9 +184,9 @@ pub(crate) mod tests {
         let run = Run::new(items.iter().map(Prepared::new).collect());
         let m = Metrics::default();
         let mut rep = DeliverReport::default();
-        let a = sess("a", &[1000, 1001]);
-        let b = sess("b", &[1000, 1001]);
-        let c = sess("c", &[1000]);
+        let a = session(1, "a", &[1000, 1001]);
+        let b = session(1, "b", &[1000, 1001]);
+        let c = session(1, "c", &[1000]);
 
         let (ia, na) = run.item_for(&a, &m, &mut rep).unwrap();
         let (ib, nb) = run.item_for(&b, &m, &mut rep).unwrap();
@@ -228,7 +216,7 @@ pub(crate) mod tests {
     #[test]
     fn pushes_to_a_closing_session_are_counted_as_dropped() {
         let room = RoomId::parse("live://1").unwrap();
-        let a = sess("a", &[1000]);
+        let a = session(1, "a", &[1000]);
         a.out.close(CloseSpec::reason("replaced", 1000));
         let m = Metrics::default();
         let mut rep = DeliverReport::default();
@@ -251,7 +239,7 @@ pub(crate) mod tests {
         let room = RoomId::parse("live://1").unwrap();
         let items = [item(1, 1000, &room, None), item(2, 1000, &room, None)];
         let run = Run::new(items.iter().map(Prepared::new).collect());
-        let a = sess("a", &[1000]);
+        let a = session(1, "a", &[1000]);
         assert!(a.mark(items[0].id));
         let m = Metrics::default();
         let mut rep = DeliverReport::default();

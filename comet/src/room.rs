@@ -317,3 +317,95 @@ fn end_announcement(p: &mut Presence, room: &RoomId) {
         w.send_replace(true);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::testing::{MemLogic, WAIT, session};
+
+    fn room(r: &str) -> RoomId {
+        RoomId::parse(r).unwrap()
+    }
+
+    fn rooms(logic: &Arc<MemLogic>) -> Arc<Rooms> {
+        Arc::new(Rooms::new(
+            logic.clone(),
+            "comet-test".into(),
+            Duration::from_secs(3),
+        ))
+    }
+
+    /// While the first member's announcement of one room hangs at logic, a first join of another
+    /// room completes, a second joiner of the same room waits for the announcement, and a
+    /// renewal snapshot already counts the room being announced (so it cannot erase it).
+    #[tokio::test(start_paused = true)]
+    async fn first_joins_of_different_rooms_do_not_wait_for_each_other() {
+        let logic = MemLogic::new(30);
+        logic.hold("room_joined slow://");
+        let rooms = rooms(&logic);
+        let buckets = Arc::new(Buckets::new(4));
+        let (s1, s2, f1) = (
+            session(1, "s1", &[]),
+            session(2, "s2", &[]),
+            session(3, "f1", &[]),
+        );
+        for s in [&s1, &s2, &f1] {
+            buckets.insert(s.clone());
+        }
+        let join = |s: &Arc<Session>, r: &str| {
+            let (rooms, buckets, s, r) = (rooms.clone(), buckets.clone(), s.clone(), room(r));
+            tokio::spawn(async move { rooms.join(&buckets, &s, r).await })
+        };
+        let first = join(&s1, "slow://1");
+        logic.called("room_joined slow://1").await;
+
+        let fast = tokio::time::timeout(WAIT, join(&f1, "live://5")).await;
+        assert!(fast.unwrap().unwrap(), "the other room's join completed");
+        let second = join(&s2, "slow://1");
+        let (snap, done) = rooms.begin_renewal(&buckets);
+        drop(done);
+        assert_eq!(snap.rooms.get(&room("slow://1")), Some(&1));
+        assert_eq!(snap.rooms.get(&room("live://5")), Some(&1));
+        assert!(!first.is_finished() && !second.is_finished());
+        assert_eq!(buckets.room_len(&room("slow://1")), 0);
+
+        logic.release();
+        assert!(first.await.unwrap());
+        assert!(second.await.unwrap());
+        assert_eq!(buckets.room_len(&room("slow://1")), 2);
+        assert_eq!(
+            logic.calls_of("room_joined slow://1").len(),
+            1,
+            "the second joiner found the room announced"
+        );
+        assert_eq!(s2.room(), Some(room("slow://1")));
+    }
+
+    /// A first join whose announcement started while a renewal (snapshotted before it) was on its
+    /// way waits for that renewal and announces again, so the renewal cannot erase the room.
+    #[tokio::test(start_paused = true)]
+    async fn a_join_overlapping_a_renewal_announces_again_after_it() {
+        let logic = MemLogic::new(30);
+        let rooms = rooms(&logic);
+        let buckets = Arc::new(Buckets::new(4));
+        let s = session(1, "a", &[]);
+        buckets.insert(s.clone());
+        let (_, renewal) = rooms.begin_renewal(&buckets);
+        let mut join = {
+            let (rooms, buckets, s) = (rooms.clone(), buckets.clone(), s.clone());
+            tokio::spawn(async move { rooms.join(&buckets, &s, room("live://1")).await })
+        };
+        logic.called("room_joined live://1").await;
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), &mut join)
+                .await
+                .is_err(),
+            "the join waits for the overlapping renewal"
+        );
+        assert_eq!(buckets.room_len(&room("live://1")), 0);
+        drop(renewal);
+        assert!(join.await.unwrap());
+        assert_eq!(logic.calls_of("room_joined live://1").len(), 2);
+    }
+}

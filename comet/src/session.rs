@@ -182,20 +182,15 @@ impl Session {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::testing::session;
 
     fn pid(partition: u16, ms: u64, seq: u64) -> PushId {
         PushId { partition, ms, seq }
     }
 
-    fn session(queue: usize) -> Arc<Session> {
-        let out = Outbound::new(queue);
-        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        Arc::new(Session::new(1, 7, "k".into(), peer, out, &[1000]))
-    }
-
     #[test]
     fn dedupe_marks_are_per_partition_high_water() {
-        let s = session(4);
+        let s = session(1, "k", &[1000]);
         assert!(s.mark(pid(1, 10, 0)));
         assert!(!s.mark(pid(1, 10, 0)));
         assert!(!s.mark(pid(1, 9, 5)));
@@ -206,7 +201,7 @@ mod tests {
 
     #[test]
     fn op_filter_follows_sub_and_unsub() {
-        let s = session(4);
+        let s = session(1, "k", &[1000]);
         assert!(s.accepts(1000));
         assert!(!s.accepts(1001));
         s.set_accepts(&[1001, 1002], true).unwrap();
@@ -217,7 +212,7 @@ mod tests {
 
     #[test]
     fn accepted_ops_are_capped() {
-        let s = session(4);
+        let s = session(1, "k", &[1000]);
         let many: Vec<i32> = (2000..2000 + MAX_ACCEPTS as i32).collect();
         let e = s.set_accepts(&many, true).unwrap_err();
         assert_eq!(e, format!("too many ops: at most {MAX_ACCEPTS}"));
@@ -232,7 +227,7 @@ mod tests {
 
     #[test]
     fn paced_marks_are_a_namespace_of_their_own() {
-        let s = session(4);
+        let s = session(1, "k", &[1000]);
         assert!(s.mark(pid(1, 10, 5)));
         // A paced broadcast sent earlier on the same partition still gets through.
         assert!(s.mark_in(MarkSpace::Paced, pid(1, 10, 3)));
@@ -246,8 +241,8 @@ mod tests {
 
     #[test]
     fn a_successor_inherits_marks() {
-        let old = session(4);
-        let new = session(4);
+        let old = session(1, "k", &[1000]);
+        let new = session(1, "k", &[1000]);
         assert!(old.mark(pid(1, 10, 5)));
         assert!(old.mark_in(MarkSpace::Paced, pid(1, 10, 2)));
         assert!(new.mark(pid(2, 1, 1)));

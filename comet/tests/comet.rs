@@ -22,10 +22,11 @@ use rim_proto::rpc::{
     LogicError, LogicRpc, NodeInfo, OnlineCounts, OnlineReport, PushAccepted, PushId,
     SendMsgRequest, SendTarget, SessionRef,
 };
+use rim_testkit::client::raw_frame;
 use tarpc::context::Context;
 use tarpc::server::Channel;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -43,6 +44,8 @@ struct FakeLogic {
     sinces: Arc<Mutex<std::collections::HashMap<String, u64>>>,
     /// Keys starting `hang-once` whose first disconnect already hung (past the comet's deadline).
     hung: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Announcements of `slow://` rooms wait until this is true.
+    slow_gate: Arc<watch::Sender<bool>>,
 }
 
 fn room_name(r: &Option<RoomId>) -> String {
@@ -100,8 +103,10 @@ impl LogicRpc for FakeLogic {
         room: RoomId,
     ) -> Result<(), LogicError> {
         if room.to_string().starts_with("slow://") {
-            // A slow announcement: joins of other rooms must not wait for it.
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            // A slow announcement, answered when the test opens the gate: joins of other rooms
+            // must not wait for it.
+            let _ = self.events.send(format!("room_joining {room}"));
+            let _ = self.slow_gate.subscribe().wait_for(|open| *open).await;
         }
         let _ = self.events.send(format!("room_joined {room}"));
         Ok(())
@@ -167,9 +172,8 @@ impl LogicRpc for FakeLogic {
         match req.target {
             SendTarget::Mid(403) => return Err(LogicError::Forbidden("not allowed".into())),
             SendTarget::Mid(404) => return Err(LogicError::Offline("mid 404".into())),
-            SendTarget::Mid(503) => {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-            }
+            // Never answers: the comet's deadline must fire.
+            SendTarget::Mid(503) => std::future::pending().await,
             _ => {}
         }
         self.sends.lock().push(req);
@@ -209,6 +213,7 @@ struct Harness {
     renews: Arc<Mutex<Vec<(NodeInfo, OnlineReport)>>>,
     sends: Arc<Mutex<Vec<SendMsgRequest>>>,
     sinces: Arc<Mutex<std::collections::HashMap<String, u64>>>,
+    slow_gate: Arc<watch::Sender<bool>>,
     job: CometRpcClient,
     next_push: u64,
 }
@@ -222,7 +227,9 @@ async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) -> Har
     let renews = Arc::new(Mutex::new(Vec::new()));
     let sends = Arc::new(Mutex::new(Vec::new()));
     let sinces = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let slow_gate = Arc::new(watch::Sender::new(false));
     let fake = FakeLogic {
+        slow_gate: slow_gate.clone(),
         hung: Arc::default(),
         sinces: sinces.clone(),
         events: tx,
@@ -285,6 +292,7 @@ async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) -> Har
         renews,
         sends,
         sinces,
+        slow_gate,
         job,
         next_push: 1,
     };
@@ -444,16 +452,6 @@ async fn one_message(c: &mut Conn) -> Vec<Received> {
         .unwrap();
     assert_eq!(c.messages_received, before + 1, "{frames:?}");
     frames
-}
-
-/// An Auth frame whose header claims a headerLen of 12 instead of 16. Made by hand: no client
-/// sends this, and the point is how the comet treats it.
-fn frame_with_bad_header_len() -> Vec<u8> {
-    let mut b = Frame::new(op::AUTH, 1, Bytes::from_static(b"{}"))
-        .to_bytes()
-        .to_vec();
-    b[4..6].copy_from_slice(&12i16.to_be_bytes());
-    b
 }
 
 fn body_text(r: &Received) -> String {
@@ -704,7 +702,10 @@ async fn bad_auth_body_and_refusal() {
 async fn malformed_frames_close_with_1002_and_1009() {
     let h = start(|c| c.session.max_body = 128).await;
     let mut ws = h.open(Transport::WsBinary).await;
-    ws.send_raw(frame_with_bad_header_len()).await.unwrap();
+    // An Auth frame whose header claims a headerLen of 12 instead of 16.
+    ws.send_raw(raw_frame(18, 12, op::AUTH, b"{}"))
+        .await
+        .unwrap();
     let closed = ws.expect_closed().await.unwrap();
     assert_eq!(closed.code, Some(1002));
     assert!(closed.reason.contains("headerLen"), "{closed:?}");
@@ -838,27 +839,27 @@ async fn a_paced_broadcast_and_a_later_unpaced_one_both_reach_everyone() {
             vec![Bytes::from_static(b"now"), Bytes::from_static(b"paced")]
         );
     }
-    // A replay of the paced broadcast is suppressed by its own marks.
-    h.deliver(vec![paced]).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // A replay of the paced broadcast is suppressed by its own marks. Paced broadcasts are walked
+    // one at a time in order, so once a later one (fast) has reached a client, the replay's walk
+    // is over: nothing else may have come before it.
+    h.deliver(vec![paced.clone()]).await;
+    let marker = Delivery {
+        id: PushId { seq: 3, ..paced.id },
+        body: Bytes::from_static(b"marker"),
+        target: DeliverTarget::All { speed: 10_000 },
+        ..paced
+    };
+    h.deliver(vec![marker]).await;
     for c in &mut clients {
+        assert_eq!(&c.recv_any().await.unwrap().frame.body[..], b"marker");
         assert!(c.pushes_before_heartbeat().await.unwrap().is_empty());
     }
     let m = h.http_get("/metrics").await;
     assert!(m.contains("rim_comet_push_duplicates_total 4"), "{m}");
 }
 
-#[tokio::test]
-async fn any_frame_renews_the_session_within_the_heartbeat_interval() {
-    // heartbeat 1 s, renew_session_ms 60 s: the renewal cadence is capped at the heartbeat.
-    let mut h = start_with(1, |c| c.session.heartbeat_misses = 5).await;
-    let mut c = h.tcp_session("busy", "", &[1000]).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    // Not a heartbeat: a Sub renews too.
-    let r = request(&mut c, op::SUB, 2, "1001").await.frame;
-    assert_eq!(r.op, op::SUB_REPLY);
-    h.expect_event("heartbeat busy").await;
-}
+// That any client frame renews the session at logic, at most once per heartbeat interval, is
+// a paused-clock unit test: driver::tests::any_frame_renews_the_session_at_most_once_per_heartbeat_interval.
 
 #[tokio::test]
 async fn room_changes_and_subs_are_rate_limited_and_op_lists_capped() {
@@ -898,22 +899,27 @@ async fn room_changes_and_subs_are_rate_limited_and_op_lists_capped() {
 async fn first_joins_of_different_rooms_do_not_wait_for_each_other() {
     let mut h = start(|_| {}).await;
     let addr = h.tcp;
-    // The announcement of slow://1 takes 1.5 s at logic.
-    let slow = tokio::spawn(async move {
-        Conn::connect(Transport::Tcp, addr, &auth(7, "s1", "slow://1", &[1000])).await
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let t0 = std::time::Instant::now();
+    let join_slow = |key: &'static str| {
+        tokio::spawn(async move {
+            Conn::connect(Transport::Tcp, addr, &auth(7, key, "slow://1", &[1000])).await
+        })
+    };
+    // The announcement of slow://1 is held at logic until the test opens the gate.
+    let slow = join_slow("s1");
+    h.expect_event("room_joining slow://1").await;
+    // A first join of another room completes meanwhile (Conn::connect succeeds only on op 8).
     let _fast = h.tcp_session("f1", "live://5", &[1000]).await;
+    h.expect_event("room_joined live://5").await;
     assert!(
-        t0.elapsed() < Duration::from_millis(1000),
-        "a join of another room waited {:?}",
-        t0.elapsed()
+        !slow.is_finished(),
+        "no AuthReply before its room was announced"
     );
     // Another joiner of the slow room waits for its announcement: both are members afterwards.
-    let mut second = h.tcp_session("s2", "slow://1", &[1000]).await;
-    // Conn::connect succeeded only on op 8.
+    let second = join_slow("s2");
+    h.expect_event("connect s2").await;
+    h.slow_gate.send_replace(true);
     let mut first = slow.await.unwrap().unwrap();
+    let mut second = second.await.unwrap().unwrap();
     h.expect_event("room_joined slow://1").await;
     let r = h
         .push(
@@ -1322,8 +1328,10 @@ async fn change_room_reports_the_move_to_logic_before_replying() {
         change(&mut h, 5, b"chat://3").await,
         vec!["room_changed mv - chat://3"]
     );
-    // Nothing late shows up either.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nothing else shows up by the time the session is gone (logic's exact calls, late ones
+    // included, are checked in client_op::tests::change_room_tells_logic_and_moves_the_membership).
+    drop(c);
+    h.expect_event("disconnect mv").await;
     assert!(
         !h.events_now().iter().any(|e| e.starts_with("room_changed")),
         "no extra room_changed"
