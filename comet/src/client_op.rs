@@ -238,20 +238,22 @@ impl FrameState {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::testing::{MemLogic, auth_body, comet, connect};
+    use crate::testing::authed;
 
     fn room(r: &str) -> RoomId {
         RoomId::parse(r).unwrap()
+    }
+
+    fn one_per_second_burst_two(c: &mut crate::config::Config) {
+        c.session.send_rate_per_sec = 1;
+        c.session.send_burst = 2;
     }
 
     /// ChangeRoom moves the membership, tells logic, and replies only once logic answered; a
     /// change to the same room, or out of no room, tells logic nothing.
     #[tokio::test(start_paused = true)]
     async fn change_room_tells_logic_and_moves_the_membership() {
-        let logic = MemLogic::new(30);
-        let ctx = comet(logic.clone(), |_| {});
-        let mut c = connect(&ctx);
-        c.auth(&auth_body("mv", "chat://1")).await;
+        let (logic, ctx, mut c) = authed(30, |_| {}, "mv", "chat://1").await;
         assert_eq!(ctx.buckets.room_len(&room("chat://1")), 1);
 
         logic.hold("room_changed");
@@ -312,13 +314,7 @@ mod tests {
     /// a token later (1 s on the paused clock) it goes through again.
     #[tokio::test(start_paused = true)]
     async fn upstream_messages_past_the_token_bucket_are_refused() {
-        let logic = MemLogic::new(30);
-        let ctx = comet(logic.clone(), |c| {
-            c.session.send_rate_per_sec = 1;
-            c.session.send_burst = 2;
-        });
-        let mut c = connect(&ctx);
-        c.auth(&auth_body("fast", "")).await;
+        let (logic, ctx, mut c) = authed(30, one_per_second_burst_two, "fast", "").await;
         let mut send = async |seq: i32| {
             let r = c.request(op::SEND_MSG, seq, r#"{"mid":5,"op":1000}"#).await;
             assert_eq!(r.op, op::SEND_MSG_REPLY);
@@ -353,13 +349,7 @@ mod tests {
     /// ChangeRoom, Sub and Unsub share the session's token bucket; refusals keep the session.
     #[tokio::test(start_paused = true)]
     async fn room_changes_and_subs_share_the_rate_limit() {
-        let logic = MemLogic::new(30);
-        let ctx = comet(logic.clone(), |c| {
-            c.session.send_rate_per_sec = 1;
-            c.session.send_burst = 2;
-        });
-        let mut c = connect(&ctx);
-        c.auth(&auth_body("rl", "")).await;
+        let (logic, ctx, mut c) = authed(30, one_per_second_burst_two, "rl", "").await;
         assert_eq!(&c.request(op::SUB, 1, "1001").await.body[..], b"1001");
         // A bad argument costs a token too.
         let r = c.request(op::CHANGE_ROOM, 2, "nope").await;

@@ -132,17 +132,14 @@ pub(crate) fn renew_interval(renew_session_ms: u64, heartbeat_secs: u32) -> Dura
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::testing::{MemLogic, WAIT, auth_body, comet, connect};
+    use crate::testing::{WAIT, authed};
     use rim_proto::op;
 
     /// Heartbeat 30 s, 3 misses: a session silent for 90 s is closed, not a moment earlier, and
     /// any client frame moves the deadline.
     #[tokio::test(start_paused = true)]
     async fn heartbeat_silence_closes_the_session_and_unregisters_it() {
-        let logic = MemLogic::new(30);
-        let ctx = comet(logic.clone(), |c| c.session.heartbeat_misses = 3);
-        let mut c = connect(&ctx);
-        c.auth(&auth_body("quiet", "")).await;
+        let (logic, ctx, mut c) = authed(30, |c| c.session.heartbeat_misses = 3, "quiet", "").await;
         let t0 = Instant::now();
 
         // A heartbeat at 60 s moves the deadline to 150 s.
@@ -169,10 +166,7 @@ mod tests {
     /// once per heartbeat interval (renew_session_ms is 60 s, so the interval caps it).
     #[tokio::test(start_paused = true)]
     async fn any_frame_renews_the_session_at_most_once_per_heartbeat_interval() {
-        let logic = MemLogic::new(1);
-        let ctx = comet(logic.clone(), |c| c.session.heartbeat_misses = 5);
-        let mut c = connect(&ctx);
-        c.auth(&auth_body("busy", "")).await;
+        let (logic, ctx, mut c) = authed(1, |c| c.session.heartbeat_misses = 5, "busy", "").await;
 
         tokio::time::advance(Duration::from_millis(900)).await;
         assert_eq!(c.request(op::SUB, 2, "1001").await.op, op::SUB_REPLY);

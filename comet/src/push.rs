@@ -40,6 +40,20 @@ impl Prepared {
         Prepared { space, ..self }
     }
 
+    /// Whether `s` gets this push now: addressed, and not had yet (recorded as had from here
+    /// on). A push it already had is counted as a duplicate.
+    fn take_for(&self, s: &Session, metrics: &Metrics, report: &mut DeliverReport) -> bool {
+        if !self.wanted_by(s) {
+            return false;
+        }
+        if !self.mark(s) {
+            report.duplicates += 1;
+            metrics.duplicates.inc();
+            return false;
+        }
+        true
+    }
+
     /// Whether `s` has not had this push yet (and records it as had).
     fn mark(&self, s: &Session) -> bool {
         s.mark_in(self.space, self.id)
@@ -83,12 +97,7 @@ pub(crate) fn account(
 
 /// Offers one push to one session, updating the report.
 pub(crate) fn offer(metrics: &Metrics, s: &Session, p: &Prepared, report: &mut DeliverReport) {
-    if !p.wanted_by(s) {
-        return;
-    }
-    if !p.mark(s) {
-        report.duplicates += 1;
-        metrics.duplicates.inc();
+    if !p.take_for(s, metrics, report) {
         return;
     }
     let res = s.out.offer(Out::Push(p.push.clone()), metrics);
@@ -119,15 +128,9 @@ impl Run {
     ) -> Option<(Out, usize)> {
         let mut picked: Vec<usize> = Vec::with_capacity(self.items.len());
         for (i, p) in self.items.iter().enumerate() {
-            if !p.wanted_by(s) {
-                continue;
+            if p.take_for(s, metrics, report) {
+                picked.push(i);
             }
-            if !p.mark(s) {
-                report.duplicates += 1;
-                metrics.duplicates.inc();
-                continue;
-            }
-            picked.push(i);
         }
         match picked.len() {
             0 => None,

@@ -351,6 +351,21 @@ pub(crate) fn connect(ctx: &Arc<Ctx>) -> Client {
     }
 }
 
+/// A comet on a fresh [`MemLogic`] giving `heartbeat_secs`, configured by `tweak`, with one
+/// client authenticated as `key` in `room` ("" = none).
+pub(crate) async fn authed(
+    heartbeat_secs: u32,
+    tweak: impl FnOnce(&mut Config),
+    key: &str,
+    room: &str,
+) -> (Arc<MemLogic>, Arc<Ctx>, Client) {
+    let logic = MemLogic::new(heartbeat_secs);
+    let ctx = comet(logic.clone(), tweak);
+    let mut c = connect(&ctx);
+    c.auth(&auth_body(key, room)).await;
+    (logic, ctx, c)
+}
+
 /// An Auth body for `key` (mid 7) in `room` ("" = none), accepting op 1000.
 pub(crate) fn auth_body(key: &str, room: &str) -> AuthBody {
     AuthBody {
