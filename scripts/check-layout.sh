@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The layout rules docs/architecture.md states, checked so they cannot drift:
 #  1. no Rust file under a crate's src/ is over 600 lines (split by concern before that);
-#  2. in logic and job, only store modules (store/ folders, store*.rs) talk to Redis.
+#  2. in logic and job, only store modules (store/ folders, store*.rs) talk to Redis;
+#  3. no crate's top-level modules import each other in a circle (scripts/module-cycles.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,4 +22,8 @@ if hits=$(grep -rnE "$pattern" logic/src job/src | grep -vE '^(logic|job)/src/(s
   echo "$hits" >&2
   status=1
 fi
+for src in */src; do
+  [ -f "$src/lib.rs" ] || continue
+  scripts/module-cycles.py "$src" || status=1
+done
 exit $status

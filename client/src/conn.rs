@@ -23,10 +23,9 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_util::codec::Framed;
 
 use crate::error::{ClientError, Closed};
-use crate::received::{Received, decode_binary, decode_json, disconnect_reason, online_of};
-
-/// Largest frame body a client accepts from a server.
-pub const MAX_SERVER_BODY: usize = 16 * 1024 * 1024;
+use crate::received::{
+    MAX_SERVER_BODY, Received, decode_binary, decode_json, disconnect_reason, online_of,
+};
 
 /// Default for [`Conn::wait`].
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);

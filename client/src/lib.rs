@@ -32,7 +32,7 @@ mod received;
 mod reconnect;
 
 pub use client::{Client, ClientConfig, Event};
-pub use conn::{Conn, ConnectOptions, DEFAULT_WAIT, MAX_SERVER_BODY, Transport};
+pub use conn::{Conn, ConnectOptions, DEFAULT_WAIT, Transport};
 pub use error::{ClientError, Closed};
-pub use received::{Received, online_of};
+pub use received::{MAX_SERVER_BODY, Received, online_of};
 pub use reconnect::Reconnect;

@@ -9,8 +9,10 @@ use rim_proto::msg::DisconnectBody;
 use rim_proto::op;
 use serde_json::Value;
 
-use crate::conn::MAX_SERVER_BODY;
 use crate::error::ClientError;
+
+/// Largest frame body a client accepts from a server.
+pub const MAX_SERVER_BODY: usize = 16 * 1024 * 1024;
 
 /// One frame as the client received it.
 #[derive(Debug, Clone)]
