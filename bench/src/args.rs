@@ -46,6 +46,14 @@ pub struct Args {
         hide_env_values = true
     )]
     pub push_secret: String,
+    /// logic's `[cluster] secret`, proven to its LogicRpc with `--via rpc` (empty: none).
+    #[arg(
+        long,
+        env = "RIM_BENCH_CLUSTER_SECRET",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub cluster_secret: String,
     /// Extra `/metrics` endpoints (host:port) whose CPU and memory count as server cost, besides
     /// the comets' and logic's (e.g. job's ops listener); `--metrics ""` for none.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:3129", value_parser = maybe_addr)]

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::LogicRpcClient;
+use rim_runtime::cluster::{Cluster, ClusterConfig};
 use rim_runtime::rpc::Link;
 use tokio::time::Instant;
 
@@ -101,7 +102,7 @@ impl Sender {
                 base: format!("http://{}", args.http),
                 secret: args.push_secret.clone(),
             },
-            Via::Rpc => Sender::Rpc(rpc_link(args.rpc)),
+            Via::Rpc => Sender::Rpc(rpc_link(args.rpc, &args.cluster_secret)),
         })
     }
 
@@ -167,18 +168,20 @@ impl Sender {
     }
 }
 
-/// A LogicRpc link to `addr`.
-pub fn rpc_link(addr: SocketAddr) -> Link<LogicRpcClient> {
+/// A LogicRpc link to `addr`, proving the cluster `secret` (empty: none) at connect.
+pub fn rpc_link(addr: SocketAddr, secret: &str) -> Link<LogicRpcClient> {
+    let cfg = ClusterConfig {
+        secret: secret.to_string(),
+        ..ClusterConfig::default()
+    };
+    let cluster = Cluster::new(&cfg, "bench", Default::default());
     Link::new(
         "logic",
         vec![addr.to_string()],
         Duration::from_secs(2),
-        |stream| {
-            LogicRpcClient::new(
-                tarpc::client::Config::default(),
-                rim_proto::rpc::transport(stream),
-            )
-            .spawn()
+        cluster.clone(),
+        move |stream| {
+            LogicRpcClient::new(tarpc::client::Config::default(), cluster.transport(stream)).spawn()
         },
     )
 }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+pub use rim_runtime::cluster::ClusterConfig;
 use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
 use serde::Deserialize;
 
@@ -26,6 +27,8 @@ pub struct Config {
     pub bucket: BucketConfig,
     /// Node renewal.
     pub renew: Renew,
+    /// Shared secret and bounds of internal RPC (`CometRpc`, and the link to logic).
+    pub cluster: ClusterConfig,
     /// How long shutdown waits for sessions and tasks to finish.
     pub shutdown_grace_ms: u64,
     /// `tracing` filter used when `RUST_LOG` is unset.
@@ -125,6 +128,7 @@ impl Default for Config {
             session: SessionConfig::default(),
             bucket: BucketConfig::default(),
             renew: Renew::default(),
+            cluster: ClusterConfig::default(),
             shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_json: false,
@@ -217,6 +221,9 @@ impl Validate for Config {
                 "needs at least one address",
             ));
         }
+        let mut rpc_addrs = vec![("listen.rpc", self.listen.rpc.as_str())];
+        rpc_addrs.extend(self.logic.addrs.iter().map(|a| ("logic.addrs", a.as_str())));
+        self.cluster.validate(&rpc_addrs)?;
         positive("logic.rpc_timeout_ms", self.logic.rpc_timeout_ms)?;
         positive("logic.connect_timeout_ms", self.logic.connect_timeout_ms)?;
         positive(

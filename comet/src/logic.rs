@@ -15,6 +15,7 @@ use rim_proto::rpc::{
     ConnectReply, ConnectRequest, LogicError, LogicRpcClient, NodeInfo, OnlineCounts, OnlineReport,
     PushAccepted, SendMsgRequest, SessionRef,
 };
+use rim_runtime::cluster::Cluster;
 use rim_runtime::rpc::{Link, LinkError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -71,18 +72,16 @@ pub struct LogicClient {
 }
 
 impl LogicClient {
-    /// A link to `cfg.logic.addrs`, connected on first use.
-    pub fn new(cfg: &Config) -> Self {
+    /// A link to `cfg.logic.addrs`, connected on first use after proving `cluster`'s secret.
+    pub fn new(cfg: &Config, cluster: Cluster) -> Self {
         let link = Link::new(
             "logic",
             cfg.logic.addrs.clone(),
             Duration::from_millis(cfg.logic.connect_timeout_ms),
-            |stream| {
-                LogicRpcClient::new(
-                    tarpc::client::Config::default(),
-                    rim_proto::rpc::transport(stream),
-                )
-                .spawn()
+            cluster.clone(),
+            move |stream| {
+                LogicRpcClient::new(tarpc::client::Config::default(), cluster.transport(stream))
+                    .spawn()
             },
         );
         LogicClient {

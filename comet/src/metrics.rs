@@ -21,6 +21,8 @@ pub const SEND_CODES: [&str; 7] = ["-400", "-401", "-403", "-404", "-429", "-500
 /// Per-instance metrics of one comet.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Internal RPC connections: handshake refusals, cap, frame limit (`rim_rpc_*`).
+    pub rpc: std::sync::Arc<rim_runtime::cluster::RpcMetrics>,
     /// Open TCP sessions (connections, authenticated or not).
     pub conn_tcp: Gauge,
     /// Open WebSocket sessions.

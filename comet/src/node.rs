@@ -68,7 +68,7 @@ impl OpsSource for Ops {
     }
 
     fn metrics(&self) -> String {
-        self.0.metrics.render()
+        self.0.metrics.render() + &self.0.metrics.rpc.render()
     }
 }
 

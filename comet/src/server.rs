@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rim_proto::rpc::CometRpc;
+use rim_runtime::cluster::{Cluster, RpcMetrics};
 use tarpc::server::Channel;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -36,17 +37,22 @@ pub(crate) async fn run(
         rpc: listeners.rpc.local_addr()?,
     };
     let node = crate::node::node_info(&config, &bound);
-    let logic = Arc::new(LogicClient::new(&config));
+    // One `[cluster]` for both directions: CometRpc served to job, the link dialled to logic.
+    let rpc_metrics = Arc::new(RpcMetrics::default());
+    let cluster = Cluster::new(&config.cluster, "comet", rpc_metrics.clone());
+    let logic = Arc::new(LogicClient::new(&config, cluster.clone()));
     let tracker = TaskTracker::new();
     let (paced, paced_rx) = mpsc::channel(crate::deliver::PACED_QUEUE);
-    let ctx = Arc::new(Ctx::new(
+    let mut ctx = Ctx::new(
         config,
         logic,
         node,
         paced,
         shutdown.clone(),
         tracker.clone(),
-    ));
+    );
+    ctx.metrics.rpc = rpc_metrics;
+    let ctx = Arc::new(ctx);
     tracing::info!(
         server = %ctx.cfg.server_id,
         http = %bound.http,
@@ -67,11 +73,12 @@ pub(crate) async fn run(
     tracker.spawn(rim_runtime::rpc::accept_loop(
         listeners.rpc,
         "comet-rpc",
+        cluster.clone(),
         shutdown.clone(),
         tracker.clone(),
         move |stream| {
             let server = CometServer::new(rpc_ctx.clone());
-            tarpc::server::BaseChannel::with_defaults(rim_proto::rpc::transport(stream))
+            tarpc::server::BaseChannel::with_defaults(cluster.transport(stream))
                 .execute(server.serve())
                 .for_each(|f| async {
                     tokio::spawn(f);

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+pub use rim_runtime::cluster::ClusterConfig;
 pub use rim_runtime::redis::RedisConfig;
 use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
 use serde::Deserialize;
@@ -30,6 +31,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// Comet registry cache.
     pub registry: RegistryConfig,
+    /// Shared secret and bounds of internal RPC (the links to comets).
+    pub cluster: ClusterConfig,
     /// How long shutdown waits for in-flight batches, in milliseconds.
     pub shutdown_grace_ms: u64,
     /// `tracing` filter used when `RUST_LOG` is unset.
@@ -128,6 +131,7 @@ impl Default for Config {
             lease: LeaseConfig::default(),
             delivery: DeliveryConfig::default(),
             registry: RegistryConfig::default(),
+            cluster: ClusterConfig::default(),
             shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_json: false,
@@ -184,6 +188,9 @@ impl Validate for Config {
     fn validate(&self) -> Result<(), SettingsError> {
         socket_addr("listen.http", &self.listen.http)?;
         self.redis.validate()?;
+        // job listens for no RPC, and the comets it dials are found at run time: an empty secret
+        // is allowed (warned at start); a comet that has one refuses it.
+        self.cluster.validate(&[])?;
         if self.worker_id.chars().any(char::is_whitespace) {
             return Err(SettingsError::invalid(
                 "worker_id",

@@ -104,7 +104,7 @@ impl OpsSource for Ops {
     }
 
     fn metrics(&self) -> String {
-        self.metrics.render()
+        self.metrics.render() + &self.metrics.rpc.render()
     }
 }
 
@@ -151,9 +151,11 @@ pub async fn run(
     let stores = redis.stores();
 
     let metrics = Arc::new(Metrics::default());
+    let cluster = rim_runtime::cluster::Cluster::new(&config.cluster, "job", metrics.rpc.clone());
     let registry = Arc::new(Registry::new(
         stores.directory.clone(),
         config.rpc_timeout(),
+        cluster,
     ));
     if let Err(e) = registry.refresh().await {
         tracing::warn!(error = %e, "initial registry read failed; retrying in the background");

@@ -10,6 +10,8 @@ use rim_runtime::metrics::{Counter, Exposition, Gauge};
 /// Figures of one job worker.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Internal RPC connections: handshake refusals, cap, frame limit (`rim_rpc_*`).
+    pub rpc: std::sync::Arc<rim_runtime::cluster::RpcMetrics>,
     /// Stream entries taken from a partition (read or claimed), decodable or not.
     pub entries: Counter,
     /// Batches completed and acknowledged.

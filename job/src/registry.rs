@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use parking_lot::RwLock;
 use rim_proto::rpc::{CometRpcClient, DeliverReport, Delivery};
+use rim_runtime::cluster::Cluster;
 use rim_runtime::rpc::{Link, LinkError};
 
 use crate::store::{CometDirectory, StoreResult};
@@ -72,19 +73,21 @@ pub struct Registry {
 
 impl Registry {
     /// An empty registry read from `directory`; comets are called over reconnecting tarpc links
-    /// that connect within `connect_timeout`.
-    pub fn new(directory: Arc<dyn CometDirectory>, connect_timeout: Duration) -> Self {
+    /// that connect within `connect_timeout` and prove `cluster`'s secret.
+    pub fn new(
+        directory: Arc<dyn CometDirectory>,
+        connect_timeout: Duration,
+        cluster: Cluster,
+    ) -> Self {
         let connector: Connector = Arc::new(move |id: &str, addr: &str| {
+            let c = cluster.clone();
             let link = Link::new(
                 format!("comet {id}"),
                 vec![addr.to_owned()],
                 connect_timeout,
-                |s| {
-                    CometRpcClient::new(
-                        tarpc::client::Config::default(),
-                        rim_proto::rpc::transport(s),
-                    )
-                    .spawn()
+                cluster.clone(),
+                move |s| {
+                    CometRpcClient::new(tarpc::client::Config::default(), c.transport(s)).spawn()
                 },
             );
             Arc::new(link) as Arc<dyn CometClient>

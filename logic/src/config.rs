@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use rim_proto::room::RoomId;
+pub use rim_runtime::cluster::ClusterConfig;
 pub use rim_runtime::redis::RedisConfig;
 use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
 use serde::Deserialize;
@@ -40,6 +41,8 @@ pub struct Config {
     pub webhook: WebhookConfig,
     /// Demo page and dev sign-in.
     pub demo: DemoConfig,
+    /// Shared secret and bounds of internal RPC (`LogicRpc`).
+    pub cluster: ClusterConfig,
     /// How long in-flight work may take to finish at shutdown (ms).
     pub shutdown_grace_ms: u64,
     /// Log filter used when `RUST_LOG` is unset.
@@ -61,6 +64,7 @@ impl Default for Config {
             chat: ChatConfig::default(),
             webhook: WebhookConfig::default(),
             demo: DemoConfig::default(),
+            cluster: ClusterConfig::default(),
             shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_json: false,
@@ -329,6 +333,8 @@ impl Validate for Config {
         positive("listen.max_connections", self.listen.max_connections as u64)?;
         positive("listen.idle_timeout_ms", self.listen.idle_timeout_ms)?;
         self.redis.validate()?;
+        self.cluster
+            .validate(&[("listen.rpc", self.listen.rpc.as_str())])?;
         positive("push.body_limit", self.push.body_limit as u64)?;
         positive("push.body_timeout_ms", self.push.body_timeout_ms)?;
         positive("push.max_targets", self.push.max_targets as u64)?;

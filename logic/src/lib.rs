@@ -141,15 +141,18 @@ pub async fn run(
         tracing::info!(http = %h, rpc = %r, "logic serving");
     }
     let server = rpc::LogicServer(app.clone());
+    let cluster =
+        rim_runtime::cluster::Cluster::new(&app.config.cluster, "logic", app.metrics.rpc.clone());
     tracker.spawn(rim_runtime::rpc::accept_loop(
         listeners.rpc,
         "logic",
+        cluster.clone(),
         shutdown.clone(),
         tracker.clone(),
         move |stream| {
             // One misbehaving peer must not queue unbounded work: requests past the limit on
             // a channel are answered with an error instead of being run.
-            BaseChannel::with_defaults(rim_proto::rpc::transport(stream))
+            BaseChannel::with_defaults(cluster.transport(stream))
                 .max_concurrent_requests(MAX_RPC_IN_FLIGHT_PER_CHANNEL)
                 .execute(server.clone().serve())
                 .for_each(|f| async {

@@ -14,6 +14,8 @@ const STATUSES: [u16; 8] = [200, 400, 401, 403, 404, 405, 500, 503];
 /// Every counter logic exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Internal RPC connections: handshake refusals, cap, frame limit (`rim_rpc_*`).
+    pub rpc: Arc<rim_runtime::cluster::RpcMetrics>,
     /// Pushes accepted, by kind.
     pub push_keys: Counter,
     /// See `push_keys`.
@@ -226,6 +228,6 @@ impl OpsSource for Ops {
     }
 
     fn metrics(&self) -> String {
-        self.metrics.render()
+        self.metrics.render() + &self.metrics.rpc.render()
     }
 }

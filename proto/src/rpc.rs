@@ -16,7 +16,8 @@ use tokio::net::TcpStream;
 use crate::msg::AuthBody;
 use crate::room::RoomId;
 
-/// Largest RPC message (a delivery batch of many 64 KiB pushes fits).
+/// Default largest RPC message (a delivery batch of many 64 KiB pushes fits); the tiers use
+/// their `[cluster] max_frame_bytes`.
 pub const MAX_RPC_FRAME: usize = 32 * 1024 * 1024;
 
 /// A tarpc transport over a TCP stream with rim's framing and codec.
@@ -29,9 +30,18 @@ where
     In: for<'de> Deserialize<'de>,
     Out: Serialize,
 {
+    transport_with_limit(stream, MAX_RPC_FRAME)
+}
+
+/// [`transport`] with another frame limit (either direction; a larger frame fails the stream).
+pub fn transport_with_limit<In, Out>(stream: TcpStream, max_frame: usize) -> Transport<In, Out>
+where
+    In: for<'de> Deserialize<'de>,
+    Out: Serialize,
+{
     let _ = stream.set_nodelay(true);
     let framed = LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_RPC_FRAME)
+        .max_frame_length(max_frame)
         .new_framed(stream);
     tarpc::serde_transport::new(framed, MessagePack::default())
 }

@@ -2,12 +2,15 @@
 //! tier behaves the same to an operator: what `main` does ([`cli`]), config loading and
 //! validation ([`settings`]), logging ([`logging`]), shutdown ([`shutdown`]), HTTP serving
 //! ([`http`], [`listener`]), the ops HTTP routes and Prometheus text ([`ops`], [`metrics`],
-//! [`process`]), tarpc serving and reconnecting client links ([`rpc`]), the Redis connection
+//! [`process`]), tarpc serving and reconnecting client links ([`rpc`]) behind the cluster
+//! secret handshake and RPC bounds ([`cluster`], [`handshake`]), the Redis connection
 //! and shared `[redis]` / partition settings ([`redis`]), and retry delays ([`backoff`]).
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod cli;
+pub mod cluster;
+pub mod handshake;
 pub mod http;
 pub mod listener;
 pub mod logging;

@@ -1,31 +1,42 @@
-//! Serving tarpc services on an already-bound listener, and reconnecting client links.
+//! Serving tarpc services on an already-bound listener, and reconnecting client links; both
+//! run the cluster handshake ([`Cluster`]) before tarpc sees the stream.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tarpc::client::RpcError;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Accepts RPC connections until `shutdown`, running `handle(stream)` for each on `tracker`.
+use crate::cluster::Cluster;
+
+/// Accepts RPC connections until `shutdown`, running `handle(stream)` for each on `tracker`
+/// once the stream passed `cluster`'s handshake.
 ///
-/// `handle` builds the tarpc channel for the tier's concrete service (tarpc's `Serve` futures are
-/// not nameable as `Send` generically, so each tier writes that one expression itself). Each
-/// connection's task ends when the peer closes or at `shutdown`.
+/// At most `cluster.max_connections` connections are held (handshaking or serving); past it a
+/// new connection is closed at once and counted, so a flood cannot hold every file descriptor.
+/// `handle` builds the tarpc channel for the tier's concrete service, on
+/// [`Cluster::transport`] (tarpc's `Serve` futures are not nameable as `Send` generically, so
+/// each tier writes that one expression itself). Each connection's task ends when the peer
+/// closes or at `shutdown`.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     name: &'static str,
+    cluster: Cluster,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     handle: F,
 ) where
-    F: Fn(TcpStream) -> Fut,
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let handle = Arc::new(handle);
+    let permits = Arc::new(Semaphore::new(cluster.max_connections()));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -33,14 +44,28 @@ pub async fn accept_loop<F, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    let refused = &cluster.metrics().connections_refused;
+                    refused.inc();
+                    // Logged on the 1st, 2nd, 4th, 8th… refusal: a flood must not flood the log.
+                    if refused.get().is_power_of_two() {
+                        tracing::warn!(%peer, name, max = cluster.max_connections(), refused = refused.get(),
+                            "rpc connection cap reached; closing new connections");
+                    }
+                    drop(stream);
+                    continue;
+                };
                 tracing::debug!(%peer, name, "rpc connection");
-                let conn = handle(stream);
-                let stop = shutdown.clone();
+                let (cluster, handle, stop) = (cluster.clone(), handle.clone(), shutdown.clone());
                 tracker.spawn(async move {
+                    let _permit = permit;
+                    let metrics = cluster.metrics().clone();
+                    metrics.connections.inc();
                     tokio::select! {
-                        _ = conn => {}
+                        _ = serve_one(&cluster, stream, peer, &*handle) => {}
                         _ = stop.cancelled() => {}
                     }
+                    metrics.connections.dec();
                 });
             }
             Err(e) => {
@@ -49,6 +74,17 @@ pub async fn accept_loop<F, Fut>(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// One accepted connection: the handshake, then the tier's channel.
+async fn serve_one<F, Fut>(cluster: &Cluster, stream: TcpStream, peer: SocketAddr, handle: &F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    if let Some(stream) = cluster.accept(stream, peer).await {
+        handle(stream).await;
     }
 }
 
@@ -84,6 +120,7 @@ pub struct Link<C> {
     name: String,
     addrs: Vec<String>,
     connect_timeout: Duration,
+    cluster: Cluster,
     connector: Connector<C>,
     current: Mutex<Option<(C, usize)>>,
     /// Index of the address to try first on the next connect (after the one that failed).
@@ -91,17 +128,20 @@ pub struct Link<C> {
 }
 
 impl<C: Clone + Send + 'static> Link<C> {
-    /// A link that wraps each new connection with `connector` (e.g. `|s| FooClient::new(cfg, transport(s)).spawn()`).
+    /// A link that proves `cluster`'s secret on each new connection, then wraps it with
+    /// `connector` (e.g. `|s| FooClient::new(cfg, cluster.transport(s)).spawn()`).
     pub fn new(
         name: impl Into<String>,
         addrs: Vec<String>,
         connect_timeout: Duration,
+        cluster: Cluster,
         connector: impl Fn(TcpStream) -> C + Send + Sync + 'static,
     ) -> Self {
         Link {
             name: name.into(),
             addrs,
             connect_timeout,
+            cluster,
             connector: Arc::new(connector),
             current: Mutex::new(None),
             next_start: AtomicUsize::new(0),
@@ -127,7 +167,11 @@ impl<C: Clone + Send + 'static> Link<C> {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr.as_str()))
                 .await
             {
-                Ok(Ok(stream)) => {
+                Ok(Ok(mut stream)) => {
+                    if let Err(e) = self.cluster.dial(&mut stream, addr).await {
+                        last = format!("{addr}: {e}");
+                        continue;
+                    }
                     let client = (self.connector)(stream);
                     *current = Some((client.clone(), idx));
                     tracing::info!(link = %self.name, %addr, "rpc link connected");
