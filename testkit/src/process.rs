@@ -143,6 +143,11 @@ impl Proc {
     }
 }
 
+/// The `[cluster] secret` [`logic`], [`job`] and [`comet`] start with, so integration tests
+/// exercise authenticated RPC; a test passes its own `RIM_*__CLUSTER__SECRET` in `extra` to
+/// override it (the later value wins).
+pub const CLUSTER_SECRET: &str = "testkit cluster secret (tests only)";
+
 /// `rim-logic` from `config/logic.toml` on the Redis at `redis_url`, listening on `http` and
 /// `rpc`, with `extra` environment on top.
 pub fn logic(redis_url: &str, http: SocketAddr, rpc: SocketAddr, extra: &[(&str, String)]) -> Proc {
@@ -150,6 +155,7 @@ pub fn logic(redis_url: &str, http: SocketAddr, rpc: SocketAddr, extra: &[(&str,
         ("RIM_LOGIC__REDIS__URL", redis_url.to_string()),
         ("RIM_LOGIC__LISTEN__HTTP", http.to_string()),
         ("RIM_LOGIC__LISTEN__RPC", rpc.to_string()),
+        ("RIM_LOGIC__CLUSTER__SECRET", CLUSTER_SECRET.to_string()),
     ];
     env.extend_from_slice(extra);
     Proc::spawn("logic", "rim-logic", "logic.toml", &env)
@@ -160,6 +166,7 @@ pub fn job(redis_url: &str, http: SocketAddr, extra: &[(&str, String)]) -> Proc 
     let mut env = vec![
         ("RIM_JOB__REDIS__URL", redis_url.to_string()),
         ("RIM_JOB__LISTEN__HTTP", http.to_string()),
+        ("RIM_JOB__CLUSTER__SECRET", CLUSTER_SECRET.to_string()),
     ];
     env.extend_from_slice(extra);
     Proc::spawn("job", "rim-job", "job.toml", &env)
@@ -202,6 +209,7 @@ pub fn comet(
         ("RIM_COMET__LISTEN__RPC", addrs.rpc.to_string()),
         ("RIM_COMET__LOGIC__ADDRS", logic_rpc.to_string()),
         ("RIM_COMET__RENEW__INTERVAL_MS", "200".to_string()),
+        ("RIM_COMET__CLUSTER__SECRET", CLUSTER_SECRET.to_string()),
     ];
     env.extend_from_slice(extra);
     Proc::spawn(server_id, "rim-comet", "comet.toml", &env)

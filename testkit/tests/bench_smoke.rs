@@ -102,6 +102,7 @@ fn bench(c: &Cluster, args: &[&str]) -> Value {
         .args(["--ws", &join(&c.ws), "--tcp", &join(&c.tcp)])
         .args(["--http", &c.logic_http.to_string()])
         .args(["--rpc", &c.logic_rpc.to_string()])
+        .env("RIM_BENCH_CLUSTER_SECRET", process::CLUSTER_SECRET)
         .args(["--metrics", &c.job_http.to_string()])
         .args(["--settle-ms", "300", "--hold-ms", "300", "--max-secs", "90"])
         .args(args)

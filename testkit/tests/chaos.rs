@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::{Api, eventually};
 use rim_testkit::client::{Conn, Transport};
-use rim_testkit::process::{Proc, free_addr};
+use rim_testkit::process::{CLUSTER_SECRET, Proc, free_addr};
 use rim_testkit::redis::RedisServer;
 use tokio::sync::watch;
 
@@ -82,6 +82,7 @@ impl ProcCluster {
                 ("RIM_LOGIC__LISTEN__HTTP", http.to_string()),
                 ("RIM_LOGIC__LISTEN__RPC", rpc.to_string()),
                 ("RIM_LOGIC__NODE__TTL_MS", "1500".into()),
+                ("RIM_LOGIC__CLUSTER__SECRET", CLUSTER_SECRET.into()),
             ],
         );
         let api = Api::new(http);
@@ -139,6 +140,7 @@ impl ProcCluster {
                 ("RIM_JOB__DELIVERY__RETRY_BASE_MS", "20".into()),
                 ("RIM_JOB__DELIVERY__RETRY_MAX_MS", "200".into()),
                 ("RIM_JOB__STREAM__BLOCK_MS", "200".into()),
+                ("RIM_JOB__CLUSTER__SECRET", CLUSTER_SECRET.into()),
             ]
             .into_iter()
             .chain(self.job_env.iter().cloned())
@@ -157,6 +159,7 @@ impl ProcCluster {
             ("RIM_COMET__LISTEN__RPC", free_addr().to_string()),
             ("RIM_COMET__LOGIC__ADDRS", self.logic_rpc.to_string()),
             ("RIM_COMET__RENEW__INTERVAL_MS", "200".into()),
+            ("RIM_COMET__CLUSTER__SECRET", CLUSTER_SECRET.into()),
         ];
         env.extend(self.comet_env.iter().cloned());
         let proc = Proc::spawn(server_id.clone(), "rim-comet", "comet.toml", &env);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::{Api, eventually, streams_drained};
 use rim_testkit::client::{Conn, Transport};
+use rim_testkit::process::CLUSTER_SECRET;
 use rim_testkit::redis::RedisServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -93,6 +94,7 @@ impl Cluster {
         let mut logic = rim_logic::Config::default();
         logic.redis.url = redis.url();
         logic.node.ttl_ms = 3_000;
+        logic.cluster.secret = CLUSTER_SECRET.into();
         (opts.logic)(&mut logic);
         let token = tiers.clone();
         handles.push(tokio::spawn(async move {
@@ -106,6 +108,7 @@ impl Cluster {
         job.redis.url = redis.url();
         job.registry.refresh_ms = 100;
         job.stream.block_ms = 200;
+        job.cluster.secret = CLUSTER_SECRET.into();
         (opts.job)(&mut job);
         let token = tiers.clone();
         handles.push(tokio::spawn(async move {
@@ -203,6 +206,7 @@ async fn start_comet(i: usize, logic_rpc: SocketAddr, tweak: &mut CometTweak) ->
     };
     cfg.logic.addrs = vec![logic_rpc.to_string()];
     cfg.renew.interval_ms = 200;
+    cfg.cluster.secret = CLUSTER_SECRET.into();
     tweak(i, &mut cfg);
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
