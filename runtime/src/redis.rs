@@ -51,12 +51,30 @@ impl RedisConfig {
                 "redis.url",
                 format!(
                     "{:?} is not a redis://, rediss:// or redis+unix:// URL ({e})",
-                    self.url
+                    redact(&self.url)
                 ),
             ));
         }
         positive("redis.timeout_ms", self.timeout_ms)
     }
+}
+
+/// `url` with its credentials hidden, for logs and error messages: `redis://user:***@host/`.
+/// Everything before `@` in the authority may be a password (redis-rs also reads a lone
+/// userinfo as one), so all of a password-less userinfo is hidden too.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let shown = match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{scheme}://{shown}{}", &rest[at..])
 }
 
 /// Checks a configured partition count (`stream.partitions`).
@@ -142,6 +160,7 @@ pub async fn connect(
             Err(_) => format!("no answer within {:?}", opts.connect_timeout * 3),
         };
         let retry_in = backoff.next_delay();
+        let url = redact(url);
         tracing::warn!(%url, error = %wait, ?retry_in, "redis unreachable; waiting for it before serving");
         tokio::select! {
             () = shutdown.cancelled() => return Ok(None),
@@ -200,6 +219,34 @@ mod tests {
         let e = zero.validate().err().map(|e| e.to_string());
         assert!(e.is_some_and(|e| e.starts_with("redis.timeout_ms")));
         assert!(RedisConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn credentials_never_leave_redact() {
+        assert_eq!(redact("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+        assert_eq!(
+            redact("redis://app:hunter2@10.0.0.7:6379/0"),
+            "redis://app:***@10.0.0.7:6379/0"
+        );
+        assert_eq!(
+            redact("rediss://:hunter2@r.example/"),
+            "rediss://:***@r.example/"
+        );
+        assert_eq!(redact("redis://hunter2@r.example"), "redis://***@r.example");
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock"),
+            "redis+unix:///run/redis.sock"
+        );
+        let bad = RedisConfig {
+            url: "http://u:hunter2@x".into(),
+            ..RedisConfig::default()
+        };
+        let e = bad
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]
