@@ -110,7 +110,12 @@ pub(crate) async fn run(
                 read_idle: None,
             },
         );
-        if let Err(e) = rim_runtime::http::serve(http, app, stop, grace).await {
+        // The upgrade request itself must arrive within the handshake timeout too.
+        let opts = rim_runtime::http::ServeOptions {
+            header_timeout: handshake,
+            grace,
+        };
+        if let Err(e) = rim_runtime::http::serve(http, app, stop, opts).await {
             tracing::error!(error = %e, "http server failed");
         }
     });

@@ -47,6 +47,8 @@ pub struct Config {
 pub struct ListenConfig {
     /// Ops HTTP (`/healthz`, `/readyz`, `/metrics`).
     pub http: String,
+    /// Longest a request's headers may take to arrive (ms); a slower socket is closed.
+    pub header_timeout_ms: u64,
 }
 
 /// Push stream consumption.
@@ -143,6 +145,7 @@ impl Default for ListenConfig {
     fn default() -> Self {
         ListenConfig {
             http: "127.0.0.1:3129".into(),
+            header_timeout_ms: 10_000,
         }
     }
 }
@@ -187,6 +190,7 @@ impl Default for RegistryConfig {
 impl Validate for Config {
     fn validate(&self) -> Result<(), SettingsError> {
         socket_addr("listen.http", &self.listen.http)?;
+        positive("listen.header_timeout_ms", self.listen.header_timeout_ms)?;
         self.redis.validate()?;
         // job listens for no RPC, and the comets it dials are found at run time: an empty secret
         // is allowed (warned at start); a comet that has one refuses it.

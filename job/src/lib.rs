@@ -125,9 +125,9 @@ async fn serve_ops(
     http: rim_runtime::listener::GuardedListener,
     app: axum::Router,
     shutdown: CancellationToken,
-    grace: Duration,
+    opts: rim_runtime::http::ServeOptions,
 ) {
-    if let Err(e) = rim_runtime::http::serve(http, app, shutdown, grace).await {
+    if let Err(e) = rim_runtime::http::serve(http, app, shutdown, opts).await {
         tracing::error!(error = %e, "ops http server failed");
     }
 }
@@ -176,11 +176,15 @@ pub async fn run(
             read_idle: Some(Duration::from_secs(60)),
         },
     );
+    let opts = rim_runtime::http::ServeOptions {
+        header_timeout: Duration::from_millis(config.listen.header_timeout_ms),
+        grace: config.grace(),
+    };
     tracker.spawn(serve_ops(
         http,
         rim_runtime::ops::router(ops),
         shutdown.clone(),
-        config.grace(),
+        opts,
     ));
 
     let ctx = Arc::new(Ctx::new(

@@ -85,15 +85,19 @@ pub struct Listen {
     /// An HTTP connection that sends nothing for this long (no first request, or idle between
     /// keep-alive requests) is closed, in milliseconds.
     pub idle_timeout_ms: u64,
+    /// Longest a request's headers may take to arrive (ms); a slower (slow-loris) socket is
+    /// closed.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for Listen {
     fn default() -> Self {
         Listen {
-            http: "0.0.0.0:3111".into(),
+            http: "127.0.0.1:3111".into(),
             rpc: "127.0.0.1:3119".into(),
             max_connections: 10_000,
             idle_timeout_ms: 60_000,
+            header_timeout_ms: 10_000,
         }
     }
 }
@@ -123,7 +127,7 @@ impl Default for PushConfig {
             body_timeout_ms: 10_000,
             max_targets: 1_000,
             secret: String::new(),
-            open_online: true,
+            open_online: false,
         }
     }
 }
@@ -199,11 +203,24 @@ impl Default for Backoff {
     }
 }
 
+/// How a client's Auth is checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// A token is required (v1 HMAC, signed with `auth.secret`); the default.
+    #[default]
+    Token,
+    /// The mid a client claims is believed (goim compatibility; dev only, logged at start).
+    Trust,
+}
+
 /// Client authentication.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// HMAC secret of client tokens; empty = trust mode (dev only: the client's mid is believed).
+    /// `"token"` (default) or `"trust"`.
+    pub mode: AuthMode,
+    /// HMAC secret of client tokens; required in token mode.
     pub secret: String,
 }
 
@@ -297,23 +314,70 @@ impl WebhookConfig {
 }
 
 /// Demo page (`/`, `/assets/*`) and dev sign-in (`/rim/dev/login`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DemoConfig {
-    /// Serve them (dev default: on; anyone can mint a user and, with `auth.secret`, a token).
+    /// Serve them. Off unless set: anyone who reaches `listen.http` could mint a user and, with
+    /// `auth.secret`, a valid token (dev only, logged at start).
     pub enabled: bool,
-}
-
-impl Default for DemoConfig {
-    fn default() -> Self {
-        DemoConfig { enabled: true }
-    }
 }
 
 impl Config {
     /// Shutdown grace as a duration.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+impl Config {
+    /// The defaults with the local-dev conveniences `config/logic.toml` turns on: trust mode,
+    /// open online routes and the demo (each warned about at start). For tests and tools on
+    /// loopback; never what a config file that leaves these out gets.
+    pub fn dev() -> Config {
+        let mut c = Config::default();
+        c.auth.mode = AuthMode::Trust;
+        c.push.open_online = true;
+        c.demo.enabled = true;
+        c
+    }
+
+    /// The dev conveniences this config turns on, each as the warning logged at start: an
+    /// operator must see that a door is open, and which.
+    pub fn dev_conveniences(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.auth.mode == AuthMode::Trust {
+            out.push(
+                "auth.mode is \"trust\": the mid a client claims is believed (goim \
+                 compatibility; dev only)"
+                    .to_string(),
+            );
+        }
+        if self.push.secret.is_empty() {
+            out.push(format!(
+                "push.secret is empty: push, online and session routes are open to anyone who \
+                 reaches listen.http ({})",
+                self.listen.http
+            ));
+        } else if self.push.open_online {
+            out.push(
+                "push.open_online is true: online, node and room member routes answer without \
+                 push.secret"
+                    .to_string(),
+            );
+        }
+        if self.demo.enabled {
+            out.push(format!(
+                "demo.enabled is true: anyone who reaches listen.http ({}) can sign in as a new \
+                 user{}",
+                self.listen.http,
+                if self.auth.secret.is_empty() {
+                    ""
+                } else {
+                    " and get a valid client token"
+                }
+            ));
+        }
+        out
     }
 }
 
@@ -328,10 +392,28 @@ impl rim_runtime::cli::LogSettings for Config {
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), SettingsError> {
-        socket_addr("listen.http", &self.listen.http)?;
+        let http = socket_addr("listen.http", &self.listen.http)?;
         socket_addr("listen.rpc", &self.listen.rpc)?;
+        if self.auth.mode == AuthMode::Token && self.auth.secret.is_empty() {
+            return Err(SettingsError::invalid(
+                "auth.secret",
+                "must be set when auth.mode is \"token\" (the default); auth.mode = \"trust\" \
+                 believes the mid a client claims instead (goim compatibility, dev only)",
+            ));
+        }
+        if self.push.secret.is_empty() && !http.ip().is_loopback() {
+            return Err(SettingsError::invalid(
+                "push.secret",
+                format!(
+                    "must be set when listen.http ({}) is not a loopback address: without it \
+                     anyone who reaches it can push and list sessions",
+                    self.listen.http
+                ),
+            ));
+        }
         positive("listen.max_connections", self.listen.max_connections as u64)?;
         positive("listen.idle_timeout_ms", self.listen.idle_timeout_ms)?;
+        positive("listen.header_timeout_ms", self.listen.header_timeout_ms)?;
         self.redis.validate()?;
         self.cluster
             .validate(&[("listen.rpc", self.listen.rpc.as_str())])?;
@@ -402,10 +484,67 @@ impl Validate for Config {
 mod tests {
     use super::*;
 
-    #[test]
-    fn defaults_validate_and_errors_name_fields() {
-        Config::default().validate().expect("defaults are valid");
+    /// The defaults plus the one thing they lack: a token secret.
+    fn valid() -> Config {
         let mut c = Config::default();
+        c.auth.secret = "s3cret".into();
+        c
+    }
+
+    fn field_at_fault(c: &Config) -> String {
+        let e = c.validate().unwrap_err().to_string();
+        e.split(':').next().unwrap().to_string()
+    }
+
+    #[test]
+    fn defaults_are_production_safe() {
+        let d = Config::default();
+        assert_eq!(d.auth.mode, AuthMode::Token);
+        assert!(!d.demo.enabled, "no [demo] section means no demo");
+        assert!(!d.push.open_online);
+        assert_eq!(
+            field_at_fault(&d),
+            "auth.secret",
+            "token mode needs its secret"
+        );
+        valid()
+            .validate()
+            .expect("defaults with a token secret are valid");
+
+        let mut trust = Config::default();
+        trust.auth.mode = AuthMode::Trust;
+        trust
+            .validate()
+            .expect("trust mode when asked for, on loopback");
+
+        let mut exposed = valid();
+        exposed.listen.http = "0.0.0.0:3111".into();
+        assert_eq!(field_at_fault(&exposed), "push.secret");
+        exposed.push.secret = "p".into();
+        exposed.validate().expect("exposed with a push secret");
+    }
+
+    #[test]
+    fn each_dev_convenience_is_named() {
+        assert!(
+            valid().dev_conveniences().len() == 1,
+            "only the open push routes"
+        );
+        let mut c = valid();
+        c.push.secret = "p".into();
+        assert!(c.dev_conveniences().is_empty(), "production: nothing open");
+        c.auth.mode = AuthMode::Trust;
+        c.push.open_online = true;
+        c.demo.enabled = true;
+        let warned = c.dev_conveniences().join("\n");
+        for field in ["auth.mode", "push.open_online", "demo.enabled"] {
+            assert!(warned.contains(field), "{field} in {warned}");
+        }
+    }
+
+    #[test]
+    fn errors_name_fields() {
+        let mut c = valid();
         c.stream.partitions = 0;
         assert!(
             c.validate()
@@ -413,7 +552,7 @@ mod tests {
                 .to_string()
                 .starts_with("stream.partitions")
         );
-        let mut c = Config::default();
+        let mut c = valid();
         c.listen.http = "nope".into();
         assert!(
             c.validate()
@@ -421,7 +560,7 @@ mod tests {
                 .to_string()
                 .starts_with("listen.http")
         );
-        let mut c = Config::default();
+        let mut c = valid();
         c.redis.url = "http://x".into();
         assert!(
             c.validate()
@@ -429,7 +568,7 @@ mod tests {
                 .to_string()
                 .starts_with("redis.url")
         );
-        let mut c = Config::default();
+        let mut c = valid();
         c.webhook.url = "https://bot.example/hook".into();
         assert!(
             c.validate()

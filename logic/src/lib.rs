@@ -32,6 +32,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use rim_proto::rpc::LogicRpc;
 use rim_runtime::redis::{ConnectOptions, RedisStartError};
+use rim_runtime::settings::Validate;
 use std::time::Duration;
 use tarpc::server::{BaseChannel, Channel};
 
@@ -62,6 +63,9 @@ pub struct Listeners {
 /// Why logic could not start (or stopped abnormally).
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The configuration is invalid (names the field).
+    #[error("config: {0}")]
+    Config(#[from] rim_runtime::settings::SettingsError),
     /// Redis refused something at start that retrying cannot fix (a partition count that
     /// disagrees with the cluster's names `stream.partitions`).
     #[error(transparent)]
@@ -107,6 +111,10 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    config.validate()?;
+    for warning in config.dev_conveniences() {
+        tracing::warn!("{warning}");
+    }
     // Like job, logic waits for Redis rather than exiting when it starts first: an operator's
     // start order (or a Redis restart under systemd) must not need a restart loop.
     let Some((_, conn)) = rim_runtime::redis::connect(
@@ -172,11 +180,15 @@ pub async fn run(
             read_idle: Some(idle),
         },
     );
+    let opts = rim_runtime::http::ServeOptions {
+        header_timeout: Duration::from_millis(app.config.listen.header_timeout_ms),
+        grace,
+    };
     let result = rim_runtime::http::serve(
         http_listener,
         http::router(app.clone()),
         shutdown.clone(),
-        grace,
+        opts,
     )
     .await;
     // The HTTP server returns once shutdown began (or on a fatal error): stop the rest too.

@@ -65,7 +65,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_first_pass_waits_a_node_ttl_so_live_comets_renew_first() {
-        let mut config = Config::default();
+        let mut config = Config::dev();
         config.node.ttl_ms = 1_500;
         let (app, mem) = App::in_memory(config);
         // Two comets whose registrations look lapsed, as after an outage longer than the TTL.

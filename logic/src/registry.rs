@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::App;
 use crate::auth;
+use crate::config::AuthMode;
 use crate::store::{Membership, Registration, Replaced, StoreError};
 
 pub use crate::store::LiveNode;
@@ -84,8 +85,8 @@ impl App {
         if req.server.is_empty() {
             return Err(RpcError::BadRequest("server: required".into()));
         }
-        // Trust mode accepts any mid (goim does); with a secret the token binds the mid.
-        if !self.config.auth.secret.is_empty() {
+        // Trust mode accepts any mid (goim does); in token mode the token binds the mid.
+        if self.config.auth.mode == AuthMode::Token {
             auth::verify_token(&self.config.auth.secret, a.mid, &a.token)
                 .map_err(|e| RpcError::Unauthorized(e.to_string()))?;
         }

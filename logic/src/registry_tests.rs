@@ -17,7 +17,9 @@ use crate::App;
 use crate::config::Config;
 use crate::store::memory::Memory;
 
-fn app(config: Config) -> (Arc<App>, Arc<Memory>) {
+/// An app in trust mode (these rules are about registration, not tokens).
+fn app(mut config: Config) -> (Arc<App>, Arc<Memory>) {
+    config.auth.mode = crate::config::AuthMode::Trust;
     App::in_memory(config)
 }
 

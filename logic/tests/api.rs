@@ -735,7 +735,7 @@ async fn partition_count_mismatch_refuses_to_start() {
     let redis = RedisServer::start();
     let mut conn = redis.connection();
     let _: () = conn.set(keys::META_PARTITIONS, 8).unwrap();
-    let mut config = Config::default();
+    let mut config = Config::dev();
     config.redis.url = redis.url();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let rpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -749,7 +749,7 @@ async fn partition_count_mismatch_refuses_to_start() {
 async fn starts_before_redis_and_serves_once_redis_is_up() {
     let mut redis = RedisServer::start();
     redis.kill();
-    let mut config = Config::default();
+    let mut config = Config::dev();
     config.redis.url = redis.url();
     config.redis.timeout_ms = 300;
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,42 +1,103 @@
-//! Serving an axum router with graceful shutdown, written once for the three tiers: on
-//! `shutdown` the server stops accepting, open requests get at most `grace` to finish, and the
-//! handlers see each client's address as [`PeerAddr`].
+//! Serving an axum router, written once for the three tiers: every request's headers must arrive
+//! within a deadline (a slow-loris socket trickling an upgrade request or a push is closed
+//! then, while other clients are served), handlers see each client's address as [`PeerAddr`],
+//! WebSocket upgrades work, and on `shutdown` the server stops accepting and open requests get
+//! at most `grace` to finish.
+//!
+//! axum's own `serve` cannot do the first: it sets no timer on hyper, so hyper's header-read
+//! timeout never runs. This drives hyper's HTTP/1 connection directly, as `axum::serve` does.
 
-use std::future::IntoFuture;
+use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::serve::Listener;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_service::Service;
 
 use crate::listener::{GuardedListener, PeerAddr};
 
+/// How one HTTP listener treats slow clients and shutdown.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Longest a request's headers may take to arrive, from its first byte (or, for the first
+    /// request, from the connection); past it the connection is closed.
+    pub header_timeout: Duration,
+    /// Longest open requests may run on after shutdown began.
+    pub grace: Duration,
+}
+
 /// Serves `router` on `listener` until `shutdown` and the open requests finished, or `grace`
-/// after `shutdown`, whichever is first. `Err` only when the server itself failed.
+/// after `shutdown`, whichever is first.
 pub async fn serve(
-    listener: GuardedListener,
+    mut listener: GuardedListener,
     router: Router,
     shutdown: CancellationToken,
-    grace: Duration,
+    opts: ServeOptions,
 ) -> std::io::Result<()> {
-    let serve = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<PeerAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-    .into_future();
-    let mut serve = std::pin::pin!(serve);
-    tokio::select! {
-        r = &mut serve => r,
-        () = shutdown.cancelled() => {
-            // Graceful shutdown waits for every open request, and a client trickling a body (or
-            // never reading its answer) would hold SIGTERM forever: bound it by the grace.
-            match tokio::time::timeout(grace, &mut serve).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!(?grace, "http requests still open after the grace period; closing them");
-                    Ok(())
+    let connections = TaskTracker::new();
+    // Cancelled when the grace is over: what is still open then is closed.
+    let hard_stop = CancellationToken::new();
+    loop {
+        let (io, addr) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let router = router.clone();
+        let stop = shutdown.clone();
+        let hard = hard_stop.clone();
+        connections.spawn(async move {
+            let peer = ConnectInfo(PeerAddr(addr));
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(peer);
+                let mut router = router.clone();
+                async move {
+                    Ok::<_, Infallible>(match router.call(req.map(axum::body::Body::new)).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    })
                 }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(opts.header_timeout);
+            let conn = builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::trace!(error = %e, "http connection ended with an error");
+                    }
+                    return;
+                }
+                () = stop.cancelled() => conn.as_mut().graceful_shutdown(),
             }
-        }
+            tokio::select! {
+                r = conn => {
+                    if let Err(e) = r {
+                        tracing::trace!(error = %e, "http connection ended with an error");
+                    }
+                }
+                () = hard.cancelled() => {}
+            }
+        });
     }
+    connections.close();
+    // Graceful shutdown waits for every open request, and a client trickling a body (or never
+    // reading its answer) would hold SIGTERM forever: bound it by the grace.
+    if tokio::time::timeout(opts.grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?opts.grace, "http requests still open after the grace period; closing them");
+        hard_stop.cancel();
+    }
+    Ok(())
 }

@@ -25,7 +25,7 @@ pub struct Logic {
 
 impl Logic {
     pub async fn start(redis: &RedisServer, tweak: impl FnOnce(&mut Config)) -> Logic {
-        let mut config = Config::default();
+        let mut config = Config::dev();
         config.redis.url = redis.url();
         config.redis.timeout_ms = 500;
         config.shutdown_grace_ms = 2_000;

@@ -91,7 +91,7 @@ impl Cluster {
 
         let (http, logic_http) = bind().await;
         let (rpc, logic_rpc) = bind().await;
-        let mut logic = rim_logic::Config::default();
+        let mut logic = rim_logic::Config::dev();
         logic.redis.url = redis.url();
         logic.node.ttl_ms = 3_000;
         logic.cluster.secret = CLUSTER_SECRET.into();
