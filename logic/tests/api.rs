@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::Commands;
+use rim_logic::config::AuthMode;
 use rim_logic::{Config, Listeners};
 use rim_proto::job::{self, PushJob, Route, ServerKeys};
 use rim_proto::keys;
@@ -540,9 +541,13 @@ async fn sessions_listing_requires_the_secret_even_with_open_online() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_are_required_with_a_secret() {
+async fn tokens_are_required_in_token_mode() {
     let redis = RedisServer::start();
-    let logic = Logic::start(&redis, |c| c.auth.secret = "s".into()).await;
+    let logic = Logic::start(&redis, |c| {
+        c.auth.mode = AuthMode::Token;
+        c.auth.secret = "s".into();
+    })
+    .await;
     let rpc = logic.client().await;
     let err = rpc
         .connect(ctx(), connect_req("c1", auth(9, "")))
