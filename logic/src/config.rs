@@ -230,12 +230,16 @@ pub struct AuthConfig {
 pub struct StreamConfig {
     /// Number of push partitions; must match every other logic and job.
     pub partitions: u16,
+    /// Most entries one push stream may hold (job trims what it delivered, so this bounds its
+    /// backlog); a push to a full stream is refused with 503 rather than filling Redis.
+    pub max_backlog: u64,
 }
 
 impl Default for StreamConfig {
     fn default() -> Self {
         StreamConfig {
             partitions: rim_proto::job::DEFAULT_PARTITIONS,
+            max_backlog: 100_000,
         }
     }
 }
@@ -442,6 +446,7 @@ impl Validate for Config {
             ));
         }
         rim_runtime::redis::validate_partitions(self.stream.partitions)?;
+        positive("stream.max_backlog", self.stream.max_backlog)?;
         positive("chat.max_data_bytes", self.chat.max_data_bytes as u64)?;
         for ty in &self.chat.presence_room_types {
             RoomId::check_type(ty)

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub push_all: Counter,
     /// Pushes refused because Redis failed.
     pub push_refused: Counter,
+    /// Pushes refused because a push stream held `stream.max_backlog` entries.
+    pub push_backlog_full: Counter,
     /// HTTP responses by status (index into `STATUSES`, last = other).
     http: [Counter; STATUSES.len() + 1],
     /// Sessions registered.
@@ -128,6 +130,11 @@ impl Metrics {
                 "rim_logic_pushes_refused_total",
                 "Pushes refused because Redis could not take them.",
                 self.push_refused.get(),
+            )
+            .counter(
+                "rim_logic_push_backlog_full_total",
+                "Pushes refused because a push stream held stream.max_backlog entries (job behind).",
+                self.push_backlog_full.get(),
             )
             .labeled_counter(
                 "rim_logic_http_responses_total",

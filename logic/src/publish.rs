@@ -76,7 +76,15 @@ impl App {
                 (p, job)
             })
             .collect();
-        self.store.streams.append(&jobs).await
+        let appended = self
+            .store
+            .streams
+            .append(&jobs, self.config.stream.max_backlog)
+            .await;
+        if let Err(StoreError::Backlog { .. }) = &appended {
+            self.metrics.push_backlog_full.inc();
+        }
+        appended
     }
 
     /// Queues a `Sessions` job per partition; returns the number of sessions routed.

@@ -53,6 +53,15 @@ impl RedisConn {
         self.bounded(inv.invoke_async(&mut conn)).await
     }
 
+    /// Runs a prepared script invocation (for arguments that are not all strings).
+    pub(super) async fn invoke<T: FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> StoreResult<T> {
+        let mut conn = self.conn.clone();
+        self.bounded(inv.invoke_async(&mut conn)).await
+    }
+
     async fn bounded<T>(&self, fut: impl Future<Output = redis::RedisResult<T>>) -> StoreResult<T> {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => Ok(r?),

@@ -37,6 +37,17 @@ pub enum StoreError {
     /// No answer within the configured `redis.timeout_ms`.
     #[error("redis unavailable: no answer within {0:?}")]
     Timeout(Duration),
+    /// A push stream holds its `stream.max_backlog` entries: job is too far behind.
+    #[error(
+        "push refused: {stream} holds stream.max_backlog ({max}) entries not yet delivered; \
+         job is too far behind"
+    )]
+    Backlog {
+        /// The full stream.
+        stream: String,
+        /// The configured bound.
+        max: u64,
+    },
     /// A value could not be encoded for storage.
     #[error("redis unavailable: cannot encode {what}: {reason}")]
     Encode {
@@ -264,13 +275,15 @@ pub trait NodeStore: Send + Sync {
 
 /// The partitioned push streams job consumes.
 ///
-/// Rule: [`PushStreams::append`] of several entries is one transaction (all appended or none),
+/// Rules: [`PushStreams::append`] of several entries is one transaction (all appended or none),
 /// and entries of one partition are appended in the order given. A push is accepted only once
-/// `append` returned `Ok`.
+/// `append` returned `Ok`. When a target stream already holds `max_backlog` entries (job trims
+/// what it acknowledged, so this is job's backlog) nothing is appended and the call fails with
+/// [`StoreError::Backlog`]: unacknowledged entries are never trimmed to make room.
 #[async_trait]
 pub trait PushStreams: Send + Sync {
-    /// Appends each job to its partition's stream.
-    async fn append(&self, entries: &[(u16, PushJob)]) -> StoreResult<()>;
+    /// Appends each job to its partition's stream, unless a target holds `max_backlog` entries.
+    async fn append(&self, entries: &[(u16, PushJob)], max_backlog: u64) -> StoreResult<()>;
 }
 
 /// People-facing reads and the demo's names: room member listings and display names.

@@ -9,7 +9,7 @@ use rim_proto::room::RoomId;
 use rim_proto::rpc::NodeInfo;
 
 use super::{Memory, millis};
-use crate::store::{Directory, Health, LiveNode, NodeStore, PushStreams, StoreResult};
+use crate::store::{Directory, Health, LiveNode, NodeStore, PushStreams, StoreError, StoreResult};
 
 #[async_trait]
 impl NodeStore for Memory {
@@ -143,8 +143,16 @@ impl NodeStore for Memory {
 
 #[async_trait]
 impl PushStreams for Memory {
-    async fn append(&self, entries: &[(u16, PushJob)]) -> StoreResult<()> {
+    async fn append(&self, entries: &[(u16, PushJob)], max_backlog: u64) -> StoreResult<()> {
         let mut st = self.0.lock();
+        for (p, _) in entries {
+            if st.streams.get(p).map_or(0, Vec::len) as u64 >= max_backlog {
+                return Err(StoreError::Backlog {
+                    stream: rim_proto::keys::push_stream(*p),
+                    max: max_backlog,
+                });
+            }
+        }
         for (p, job) in entries {
             st.streams.entry(*p).or_default().push(job.clone());
         }
