@@ -2,12 +2,54 @@
 //!
 //! A client token is `v1.<mid>.<expiry unix secs>.<hex hmac-sha256(secret, "v1.<mid>.<expiry>")>`:
 //! a backend that knows the secret issues it, logic checks it at `connect` without any lookup.
-//! With no secret configured logic runs in trust mode (goim's behaviour): the client's mid is believed.
+//! A client token may also be a JWT (see [`crate::jwt`]); `auth.mode = "trust"` skips tokens
+//! (goim's behaviour): the client's mid is believed.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
+use serde::Deserialize;
 use sha2::Sha256;
+
+/// How a client's Auth is checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// A token is required (v1 HMAC signed with `auth.secret`, or a JWT); the default.
+    #[default]
+    Token,
+    /// The mid a client claims is believed (goim compatibility; dev only, logged at start).
+    Trust,
+}
+
+/// Client authentication (`[auth]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `"token"` (default) or `"trust"`.
+    pub mode: AuthMode,
+    /// HMAC secret of v1 client tokens; in token mode it or a JWT key must be set.
+    pub secret: String,
+    /// HS256 secret of JWT client tokens.
+    pub jwt_secret: String,
+    /// PEM public key (RSA → RS256, P-256 → ES256) of JWT client tokens.
+    pub jwt_public_key_file: String,
+    /// JWKS file (`{"keys":[...]}`) of JWT client tokens; the token's `kid` picks the key.
+    pub jwks_file: String,
+    /// When set, a JWT must carry this `aud`.
+    pub jwt_audience: String,
+    /// When set, a JWT must carry this `iss`.
+    pub jwt_issuer: String,
+}
+
+impl AuthConfig {
+    /// Whether any JWT key source is configured.
+    pub fn jwt(&self) -> bool {
+        !(self.jwt_secret.is_empty()
+            && self.jwt_public_key_file.is_empty()
+            && self.jwks_file.is_empty())
+    }
+}
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -50,9 +92,24 @@ pub enum TokenError {
     /// Signature fine but past its expiry.
     #[error("token expired")]
     Expired,
-    /// Malformed, wrong mid or wrong signature.
+    /// Malformed, wrong mid, wrong signature, or a kind of token no key is configured for.
     #[error("token invalid")]
     Invalid,
+    /// A JWT whose `nbf` is still ahead.
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// A JWT without the configured `auth.jwt_audience`.
+    #[error("token audience rejected")]
+    Audience,
+    /// A JWT without the configured `auth.jwt_issuer`.
+    #[error("token issuer rejected")]
+    Issuer,
+    /// A JWT whose `sub` is not the mid of the Auth body.
+    #[error("token subject is not this mid")]
+    Subject,
+    /// The Auth body's room is not among the JWT's `rooms`.
+    #[error("room not allowed by token")]
+    Room,
 }
 
 /// Checks `token` for `mid` at the current time.

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+pub use crate::auth::{AuthConfig, AuthMode};
 use rim_proto::room::RoomId;
 pub use rim_runtime::cluster::ClusterConfig;
 pub use rim_runtime::redis::RedisConfig;
@@ -203,27 +204,6 @@ impl Default for Backoff {
     }
 }
 
-/// How a client's Auth is checked.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AuthMode {
-    /// A token is required (v1 HMAC, signed with `auth.secret`); the default.
-    #[default]
-    Token,
-    /// The mid a client claims is believed (goim compatibility; dev only, logged at start).
-    Trust,
-}
-
-/// Client authentication.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    /// `"token"` (default) or `"trust"`.
-    pub mode: AuthMode,
-    /// HMAC secret of client tokens; required in token mode.
-    pub secret: String,
-}
-
 /// Push streams.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -398,13 +378,15 @@ impl Validate for Config {
     fn validate(&self) -> Result<(), SettingsError> {
         let http = socket_addr("listen.http", &self.listen.http)?;
         socket_addr("listen.rpc", &self.listen.rpc)?;
-        if self.auth.mode == AuthMode::Token && self.auth.secret.is_empty() {
+        if self.auth.mode == AuthMode::Token && self.auth.secret.is_empty() && !self.auth.jwt() {
             return Err(SettingsError::invalid(
                 "auth.secret",
-                "must be set when auth.mode is \"token\" (the default); auth.mode = \"trust\" \
-                 believes the mid a client claims instead (goim compatibility, dev only)",
+                "must be set when auth.mode is \"token\" (the default), unless a JWT key is \
+                 (auth.jwt_secret, auth.jwt_public_key_file or auth.jwks_file); auth.mode = \
+                 \"trust\" believes the mid a client claims instead (goim compatibility, dev only)",
             ));
         }
+        crate::jwt::Verifier::load(&self.auth)?;
         if self.push.secret.is_empty() && !http.ip().is_loopback() {
             return Err(SettingsError::invalid(
                 "push.secret",

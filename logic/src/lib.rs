@@ -2,7 +2,7 @@
 //! sessions, nodes and push jobs in Redis (see docs/architecture.md).
 //!
 //! * [`config`]: configuration and validation.
-//! * [`auth`]: client tokens and the push bearer secret.
+//! * [`auth`]: v1 client tokens and the push bearer secret; [`jwt`]: JWT client tokens.
 //! * `store`: everything kept in Redis, behind typed store traits (and in memory for tests).
 //! * `publish`: pushes → partitioned stream entries.
 //! * `registry`: sessions and comets in Redis, the cached cluster view.
@@ -18,6 +18,7 @@ mod chat;
 pub mod config;
 mod directory;
 mod http;
+pub mod jwt;
 mod metrics;
 mod online;
 mod publish;
@@ -86,6 +87,8 @@ pub(crate) struct App {
     pub(crate) view: ViewCache,
     /// The bot webhook's queue, when `[webhook]` is on.
     pub(crate) webhook: Option<webhook::Webhook>,
+    /// Checks client tokens (v1 and JWT), keys loaded from `[auth]` at start.
+    pub(crate) tokens: jwt::Verifier,
 }
 
 #[cfg(test)]
@@ -93,7 +96,9 @@ impl App {
     /// An app on in-memory stores, for unit tests of the domain rules.
     pub(crate) fn in_memory(config: Config) -> (Arc<App>, Arc<store::memory::Memory>) {
         let (store, memory) = Stores::memory();
+        let tokens = jwt::Verifier::load(&config.auth).expect("test auth config loads");
         let app = App {
+            tokens,
             config,
             store,
             metrics: Arc::new(Metrics::default()),
@@ -133,7 +138,9 @@ pub async fn run(
         Some((h, w)) => (Some(h), Some(w)),
         None => (None, None),
     };
+    let tokens = jwt::Verifier::load(&config.auth)?;
     let app = Arc::new(App {
+        tokens,
         config,
         store,
         metrics: Arc::new(Metrics::default()),
