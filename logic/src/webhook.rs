@@ -54,6 +54,9 @@ pub(crate) fn setup(
     }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(config.timeout_ms))
+        // The bot is at the configured URL: a redirect elsewhere (another host, a metadata
+        // endpoint) is not followed but fails the attempt.
+        .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let (tx, rx) = mpsc::channel(config.queue.max(1));
     Ok(Some((
@@ -115,12 +118,44 @@ enum Attempt {
     Fail(String),
 }
 
+/// Largest bot answer read; a longer one fails the attempt instead of filling memory.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// Reads the answer's body, at most [`MAX_ANSWER_BYTES`].
+async fn read_bounded(mut resp: reqwest::Response) -> Result<bytes::Bytes, Attempt> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(Attempt::Fail(format!(
+            "answer longer than {MAX_ANSWER_BYTES} bytes"
+        )));
+    }
+    let mut body = bytes::BytesMut::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    return Err(Attempt::Fail(format!(
+                        "answer longer than {MAX_ANSWER_BYTES} bytes"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) if e.is_timeout() => {
+                return Err(Attempt::Retry(format!("reading the answer: {e}")));
+            }
+            Err(e) => return Err(Attempt::Fail(format!("reading the answer: {e}"))),
+        }
+    }
+}
+
 async fn attempt(client: &reqwest::Client, url: &str, payload: &Value) -> Attempt {
     match client.post(url).json(payload).send().await {
-        Ok(resp) if resp.status().is_success() => match resp.bytes().await {
+        Ok(resp) if resp.status().is_success() => match read_bounded(resp).await {
             Ok(b) => Attempt::Done(b),
-            Err(e) if e.is_timeout() => Attempt::Retry(format!("reading the answer: {e}")),
-            Err(e) => Attempt::Fail(format!("reading the answer: {e}")),
+            Err(failed) => failed,
         },
         Ok(resp) if resp.status().is_server_error() => {
             Attempt::Retry(format!("status {}", resp.status()))

@@ -782,6 +782,77 @@ async fn webhook_timeout_never_delays_send_and_counts_a_failure() {
     logic.stop().await;
 }
 
+/// A bot that answers every forward with a redirect to `/elsewhere` (counting visits there) or,
+/// at `/big`, with a 2 MiB body.
+async fn misbehaving_bot() -> (String, Arc<AtomicUsize>) {
+    let followed = Arc::new(AtomicUsize::new(0));
+    let seen = followed.clone();
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(|| async {
+                (
+                    axum::http::StatusCode::TEMPORARY_REDIRECT,
+                    [(axum::http::header::LOCATION, "/elsewhere")],
+                )
+            }),
+        )
+        .route(
+            "/elsewhere",
+            axum::routing::post(move || {
+                seen.fetch_add(1, Ordering::SeqCst);
+                async { axum::Json(json!({"replies": []})) }
+            }),
+        )
+        .route(
+            "/big",
+            axum::routing::post(|| async { " ".repeat(2 << 20) }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (base, followed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_answers_are_not_followed_elsewhere_nor_read_past_a_bound() {
+    let (base, followed) = misbehaving_bot().await;
+    for (path, failures) in [("/hook", 1), ("/big", 1)] {
+        let redis = RedisServer::start();
+        let logic = Logic::start(&redis, |c| {
+            c.webhook.url = format!("{base}{path}");
+            c.webhook.room_types = vec!["chat".into()];
+            c.webhook.retries = 0;
+        })
+        .await;
+        let rpc = logic.client().await;
+        connect(&rpc, "c1", 5, "k5", "chat://lobby").await;
+        rpc.send_msg(
+            ctx(),
+            msg(
+                sref("c1", 5, "k5"),
+                Some("chat://lobby"),
+                SendTarget::Room(room("chat://lobby")),
+                "1",
+            ),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let counted = format!("rim_logic_webhook_failures_total {failures}");
+        eventually("webhook failure counted", || async {
+            logic.metrics().await.contains(&counted)
+        })
+        .await;
+        logic.stop().await;
+    }
+    assert_eq!(
+        followed.load(Ordering::SeqCst),
+        0,
+        "the redirect was not followed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_login_and_demo_page() {
     let redis = RedisServer::start();
