@@ -21,14 +21,21 @@ use crate::outbound::{CloseSpec, Outbound};
 use crate::session::{MAX_ACCEPTS, Session};
 use crate::writer::Out;
 
-/// Counts an open connection; the count drops with the guard.
+/// Counts an open connection; the count drops with the guard. The connection's count at its
+/// address (`limits`) is released by [`ConnGuard::end`] with the peer the driver holds anyway:
+/// keeping the address in the guard would grow every idle session's task by 16 bytes. The
+/// driver always runs to its end (sessions are closed, never dropped, on shutdown), so `end`
+/// is called exactly once for every admitted connection.
 pub(crate) struct ConnGuard {
     ctx: Arc<Ctx>,
     transport: Transport,
+    /// Counted by the per-address limits (released by `end`).
+    counted: bool,
 }
 
 /// Admits a new connection: `None` (its close requested on `out`, counted as refused) while
-/// draining or when `session.max_connections` are open already.
+/// draining, when `session.max_connections` are open already, or when a per-address limit
+/// (`[limits]`, see `limits`) refuses the peer.
 pub(crate) fn admit(
     ctx: &Arc<Ctx>,
     out: &Outbound,
@@ -46,7 +53,18 @@ pub(crate) fn admit(
         tracing::warn!(%peer, "max_connections reached, refusing connection");
         out.close(CloseSpec::reason("too many connections", 1013));
     }
-    g
+    let mut g = g?;
+    match ctx.limits.admit(peer.ip(), tokio::time::Instant::now()) {
+        Ok(()) => g.counted = true,
+        Err(r) => {
+            ctx.metrics.limit_refused(r.label());
+            // Debug: a flood must not flood the log too; the metric counts every refusal.
+            tracing::debug!(%peer, limit = r.label(), "connection refused by a per-address limit");
+            out.close(CloseSpec::policy(r.reason()));
+            return None;
+        }
+    }
+    Some(g)
 }
 
 impl ConnGuard {
@@ -65,7 +83,16 @@ impl ConnGuard {
         Some(ConnGuard {
             ctx: ctx.clone(),
             transport,
+            counted: false,
         })
+    }
+
+    /// Ends the connection admitted from `peer`: releases its per-address count, then (on drop)
+    /// the connection count.
+    pub(crate) fn end(self, peer: SocketAddr) {
+        if self.counted {
+            self.ctx.limits.release(peer.ip());
+        }
     }
 }
 
@@ -280,5 +307,79 @@ mod tests {
         assert_eq!(spec, CloseSpec::policy("auth timeout"));
         assert_eq!(t0.elapsed(), Duration::from_millis(5000));
         assert_eq!(ctx.metrics.auth_failures[0].get(), 1, "reason=timeout");
+    }
+
+    /// The guard lives in every session's task: the per-address count must not grow it.
+    #[test]
+    fn conn_guard_stays_two_words() {
+        assert_eq!(std::mem::size_of::<ConnGuard>(), 16);
+    }
+
+    /// `limits.sessions_per_ip = 2`: a third connection from the same address is refused before
+    /// its Auth with op 6 "too many sessions from this address" (1008), counted; once one of the
+    /// two ends, the next is admitted.
+    #[tokio::test(start_paused = true)]
+    async fn sessions_per_ip_refuses_the_third_and_admits_after_one_ends() {
+        let logic = MemLogic::new(30);
+        let ctx = comet(logic.clone(), |c| {
+            c.limits.sessions_per_ip = 2;
+            c.limits.exempt_loopback = false;
+        });
+        let mut a = connect(&ctx);
+        a.auth(&auth_body("a", "")).await;
+        let mut b = connect(&ctx);
+        b.auth(&auth_body("b", "")).await;
+        let mut c = connect(&ctx);
+        let spec = c.closed(WAIT).await.expect("refused");
+        assert_eq!(
+            spec,
+            CloseSpec::policy("too many sessions from this address")
+        );
+        assert_eq!((spec.ws_code, spec.op6_on_ws), (1008, true));
+        c.task.await.unwrap();
+        assert_eq!(
+            ctx.metrics.limit_refused[0].get(),
+            1,
+            "limit=sessions_per_ip"
+        );
+        assert_eq!(ctx.metrics.conn_tcp.get(), 2);
+        assert_eq!(logic.calls_of("connect").len(), 2, "refused before auth");
+
+        a.hang_up();
+        a.task.await.unwrap();
+        let mut d = connect(&ctx);
+        d.auth(&auth_body("d", "")).await;
+        assert_eq!(ctx.metrics.limit_refused[0].get(), 1);
+        b.hang_up();
+        d.hang_up();
+        b.task.await.unwrap();
+        d.task.await.unwrap();
+        assert_eq!(ctx.limits.tracked().0, 0, "released exactly once each");
+    }
+
+    /// `limits.auth_per_ip_per_sec = 1`, burst 2: the third connection at once is refused with
+    /// "too many attempts", counted; a second later one is admitted again.
+    #[tokio::test(start_paused = true)]
+    async fn auth_attempts_per_ip_trip_and_recover() {
+        let logic = MemLogic::new(30);
+        let ctx = comet(logic.clone(), |c| {
+            c.limits.auth_per_ip_per_sec = 1;
+            c.limits.auth_per_ip_burst = 2;
+            c.limits.exempt_loopback = false;
+        });
+        let mut a = connect(&ctx);
+        a.auth(&auth_body("a", "")).await;
+        let mut b = connect(&ctx);
+        b.auth(&auth_body("b", "")).await;
+        let mut c = connect(&ctx);
+        assert_eq!(
+            c.closed(WAIT).await.expect("refused"),
+            CloseSpec::policy("too many attempts")
+        );
+        assert_eq!(ctx.metrics.limit_refused[1].get(), 1, "limit=auth_per_ip");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let mut d = connect(&ctx);
+        d.auth(&auth_body("d", "")).await;
+        assert_eq!(ctx.metrics.limit_refused[1].get(), 1);
     }
 }

@@ -23,6 +23,10 @@ pub struct Config {
     pub logic: Logic,
     /// Client session limits and timers.
     pub session: SessionConfig,
+    /// Per-address limits on the client ports.
+    pub limits: LimitsConfig,
+    /// WebSocket-only settings.
+    pub websocket: WebSocketConfig,
     /// Session sharding.
     pub bucket: BucketConfig,
     /// Node renewal.
@@ -102,6 +106,33 @@ pub struct SessionConfig {
     pub send_burst: u32,
 }
 
+/// Per-address limits on the client ports. Addresses are counted as IPv4 addresses and IPv6
+/// /64 prefixes (one host usually holds a whole /64).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open connections (authenticated or not) from one address; 0 = no limit.
+    pub sessions_per_ip: u32,
+    /// New connections (each one Auth attempt) per second from one address, sustained;
+    /// 0 = no limit.
+    pub auth_per_ip_per_sec: u32,
+    /// Connections from one address at once before `auth_per_ip_per_sec` applies.
+    pub auth_per_ip_burst: u32,
+    /// Loopback peers (a TLS proxy on the same host, local tools) are not limited per address:
+    /// such a peer carries many clients, and counting it would cap all of them together.
+    pub exempt_loopback: bool,
+}
+
+/// WebSocket settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// `Origin` values a browser may upgrade `/sub` from (exact match, e.g.
+    /// `https://app.example.com`); empty = any. A request without `Origin` (not a browser) is
+    /// always allowed.
+    pub allowed_origins: Vec<String>,
+}
+
 /// Bucket sharding.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -126,6 +157,8 @@ impl Default for Config {
             advertise: Advertise::default(),
             logic: Logic::default(),
             session: SessionConfig::default(),
+            limits: LimitsConfig::default(),
+            websocket: WebSocketConfig::default(),
             bucket: BucketConfig::default(),
             renew: Renew::default(),
             cluster: ClusterConfig::default(),
@@ -180,6 +213,17 @@ impl Default for SessionConfig {
             write_timeout_ms: 10_000,
             send_rate_per_sec: 20,
             send_burst: 40,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            sessions_per_ip: 1000,
+            auth_per_ip_per_sec: 20,
+            auth_per_ip_burst: 100,
+            exempt_loopback: true,
         }
     }
 }
@@ -252,6 +296,20 @@ impl Validate for Config {
             u64::from(self.session.send_rate_per_sec),
         )?;
         positive("session.send_burst", u64::from(self.session.send_burst))?;
+        if self.limits.auth_per_ip_per_sec > 0 {
+            positive(
+                "limits.auth_per_ip_burst",
+                u64::from(self.limits.auth_per_ip_burst),
+            )?;
+        }
+        for o in &self.websocket.allowed_origins {
+            if o.trim().is_empty() || o.ends_with('/') {
+                return Err(SettingsError::invalid(
+                    "websocket.allowed_origins",
+                    "each entry is an origin like https://app.example.com (no path, no trailing /)",
+                ));
+            }
+        }
         positive("bucket.count", self.bucket.count as u64)?;
         if self.bucket.count > usize::from(u16::MAX) {
             return Err(SettingsError::invalid(

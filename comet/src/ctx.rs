@@ -1,5 +1,5 @@
 //! State shared by every task of one comet ([`Ctx`]). It sits at the bottom of the comet's module
-//! graph: it names the state (config, logic, buckets, rooms, metrics, the paced queue) and imports
+//! graph: it names the state (config, logic, buckets, rooms, limits, metrics, the paced queue) and imports
 //! none of the modules that run on it (sessions, delivery, renewal, transports, server), so
 //! those can all depend on it without a cycle.
 
@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bucket::Buckets;
 use crate::config::Config;
+use crate::limits::PeerLimits;
 use crate::logic::{Logic, Notice};
 use crate::metrics::Metrics;
 use crate::push::PacedJob;
@@ -30,6 +31,8 @@ pub(crate) struct Ctx {
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     pub conns: AtomicUsize,
+    /// Per-address limits (`[limits]`).
+    pub limits: PeerLimits,
     pub next_id: AtomicU64,
     /// Set after the first successful renewal: job can find this node.
     pub registered: AtomicBool,
@@ -59,6 +62,7 @@ impl Ctx {
             shutdown,
             tracker,
             conns: AtomicUsize::new(0),
+            limits: PeerLimits::new(&cfg.limits),
             next_id: AtomicU64::new(1),
             registered: AtomicBool::new(false),
             logic_ok: AtomicBool::new(false),

@@ -44,7 +44,9 @@ pub(crate) async fn drive<C: Connection>(
     // Boxed like the other rare or bulky phases, so an idle session's task holds only the
     // frame loop's state.
     Box::pin(close(&mut conn, &out, wt)).await;
-    drop(guard);
+    if let Some(g) = guard {
+        g.end(peer);
+    }
 }
 
 /// The frame loop of an authenticated session: writes what is queued, reads frames, closes a

@@ -10,7 +10,7 @@ use rim_runtime::cli::{Tier, bind};
 const TIER: Tier = Tier {
     bin: "rim-comet",
     name: "comet",
-    list_keys: &["logic.addrs"],
+    list_keys: &["logic.addrs", "websocket.allowed_origins"],
 };
 
 /// rim comet: client connections and push delivery.

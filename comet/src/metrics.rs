@@ -14,6 +14,9 @@ pub const AUTH_REASONS: [&str; 5] = [
 /// Why a client frame was rejected (label values of `rim_comet_frames_rejected_total`).
 pub const FRAME_REASONS: [&str; 4] = ["malformed", "too_big", "bad_json", "io"];
 
+/// Limits that refuse clients (label values of `rim_comet_limit_refused_total`).
+pub const LIMITS: [&str; 3] = ["sessions_per_ip", "auth_per_ip", "ws_origin"];
+
 /// Codes a refused upstream message (op 5) can carry (label values of
 /// `rim_comet_upstream_refused_total`); codes outside this list count as `-500`.
 pub const SEND_CODES: [&str; 7] = ["-400", "-401", "-403", "-404", "-429", "-500", "-503"];
@@ -29,6 +32,8 @@ pub struct Metrics {
     pub conn_ws: Gauge,
     /// Connections refused by `max_connections` or shutdown.
     pub conn_refused: Counter,
+    /// Connections refused by a client-port limit, indexed like [`LIMITS`].
+    pub limit_refused: [Counter; 3],
     /// Auth failures, indexed like [`AUTH_REASONS`].
     pub auth_failures: [Counter; 5],
     /// Rejected frames, indexed like [`FRAME_REASONS`].
@@ -62,6 +67,13 @@ impl Metrics {
     pub fn auth_failed(&self, reason: &str) {
         if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
             self.auth_failures[i].inc();
+        }
+    }
+
+    /// Counts a connection refused by a limit (unknown limits are ignored).
+    pub fn limit_refused(&self, limit: &str) {
+        if let Some(i) = LIMITS.iter().position(|r| *r == limit) {
+            self.limit_refused[i].inc();
         }
     }
 
@@ -101,6 +113,11 @@ impl Metrics {
             .zip(&self.upstream_refused)
             .map(|(r, c)| (*r, c.get()))
             .collect();
+        let limits: Vec<(&str, u64)> = LIMITS
+            .iter()
+            .zip(&self.limit_refused)
+            .map(|(r, c)| (*r, c.get()))
+            .collect();
         let mut e = Exposition::new();
         e.gauge(
             "rim_comet_connections_tcp",
@@ -116,6 +133,12 @@ impl Metrics {
             "rim_comet_connections_refused_total",
             "Connections refused (limit or shutdown).",
             self.conn_refused.get(),
+        )
+        .labeled_counter(
+            "rim_comet_limit_refused_total",
+            "Clients refused by a client-port limit ([limits], [websocket]), by limit.",
+            "limit",
+            &limits,
         )
         .labeled_counter(
             "rim_comet_auth_failures_total",

@@ -6,8 +6,6 @@
 //! current room: anything in the body that claims otherwise (`from`, `mid_from`, ...) is ignored,
 //! so a client cannot post in someone else's name.
 
-use std::time::Duration;
-
 use rim_proto::msg::{SendMsgBody, SendMsgReplyBody};
 use rim_proto::op;
 use rim_proto::room::RoomId;
@@ -19,55 +17,14 @@ use crate::ctx::Ctx;
 use crate::logic::LogicCallError;
 use crate::session::Session;
 
+pub use crate::rate::TokenBucket;
+
 /// Code of a refused SendMsg whose body is invalid.
 pub const BAD_REQUEST: i32 = -400;
 /// Code of a SendMsg over the session's rate limit.
 pub const RATE_LIMITED: i32 = -429;
 /// Code of a SendMsg that could not reach logic.
 pub const UNAVAILABLE: i32 = -503;
-
-/// A token bucket: `rate` tokens per second, holding at most `burst`; one token per message.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket (a new session may send a burst at once).
-    pub fn new(rate_per_sec: u32, burst: u32, now: Instant) -> Self {
-        let burst = f64::from(burst.max(1));
-        TokenBucket {
-            rate: f64::from(rate_per_sec),
-            burst,
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    /// Takes a token if one is there.
-    pub fn try_take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// How long until the next token (for the refusal message).
-    fn wait(&self) -> Duration {
-        if self.rate <= 0.0 {
-            return Duration::MAX;
-        }
-        Duration::from_secs_f64(((1.0 - self.tokens).max(0.0)) / self.rate)
-    }
-}
 
 /// A validated SendMsg body.
 #[derive(Debug, Clone, PartialEq)]
@@ -188,26 +145,6 @@ async fn handle_inner(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bucket_allows_burst_then_rate() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(2, 3, t0);
-        assert!(b.try_take(t0));
-        assert!(b.try_take(t0));
-        assert!(b.try_take(t0));
-        assert!(!b.try_take(t0), "burst used up");
-        assert!(b.wait() > Duration::ZERO);
-        assert!(!b.try_take(t0 + Duration::from_millis(400)));
-        assert!(
-            b.try_take(t0 + Duration::from_millis(500)),
-            "refilled at 2/s"
-        );
-        // Refill never exceeds the burst.
-        let later = t0 + Duration::from_secs(60);
-        assert!((0..3).all(|_| b.try_take(later)));
-        assert!(!b.try_take(later));
-    }
 
     #[test]
     fn parse_validates_and_ignores_sender_claims() {

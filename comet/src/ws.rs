@@ -7,7 +7,8 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -31,11 +32,31 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
     Router::new().route("/sub", get(upgrade)).with_state(ctx)
 }
 
+/// Whether a request with this `Origin` header may upgrade: any when `allowed` is empty, and a
+/// request without `Origin` (not from a browser) always; else an exact match.
+pub(crate) fn origin_allowed(allowed: &[String], origin: Option<&HeaderValue>) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = origin else { return true };
+    let origin = origin.to_str().unwrap_or_default();
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+}
+
 async fn upgrade(
     State(ctx): State<Arc<Ctx>>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if !origin_allowed(
+        &ctx.cfg.websocket.allowed_origins,
+        headers.get(header::ORIGIN),
+    ) {
+        ctx.metrics.limit_refused("ws_origin");
+        tracing::debug!(%peer, origin = ?headers.get(header::ORIGIN), "websocket origin not allowed");
+        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+    }
     // Leave room above the frame limit so oversize frames reach our check and get close 1009.
     let limit = (16 + ctx.cfg.session.max_body) * 2 + 1024;
     ws.max_message_size(limit)
@@ -142,5 +163,32 @@ impl Connection for WsConn {
             .map_err(|e| e.to_string())?;
         let _ = self.ws.close().await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_allow_list() {
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        assert!(origin_allowed(&[], Some(&v("https://evil.example"))));
+        let allowed = vec!["https://app.example.com".to_string()];
+        assert!(origin_allowed(&allowed, None), "not a browser");
+        assert!(origin_allowed(
+            &allowed,
+            Some(&v("https://app.example.com"))
+        ));
+        assert!(origin_allowed(
+            &allowed,
+            Some(&v("HTTPS://APP.example.com"))
+        ));
+        assert!(!origin_allowed(&allowed, Some(&v("https://evil.example"))));
+        assert!(!origin_allowed(
+            &allowed,
+            Some(&v("https://app.example.com.evil"))
+        ));
+        assert!(!origin_allowed(&allowed, Some(&v("null"))));
     }
 }
