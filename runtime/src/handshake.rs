@@ -57,6 +57,21 @@ pub enum HandshakeError {
     Io(std::io::Error),
 }
 
+impl HandshakeError {
+    /// Whether the peer is up and answered, but the two sides do not share a cluster secret (a
+    /// configuration to fix, not a fault that passes).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            HandshakeError::NotAPeer
+                | HandshakeError::Unexpected
+                | HandshakeError::Version(_)
+                | HandshakeError::WrongSecret
+                | HandshakeError::Closed
+        )
+    }
+}
+
 impl From<std::io::Error> for HandshakeError {
     fn from(e: std::io::Error) -> Self {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {

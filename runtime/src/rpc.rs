@@ -101,6 +101,17 @@ pub enum LinkError {
         /// Last connection error.
         last: String,
     },
+    /// A peer answered but refused the cluster handshake (or was refused): the two sides do
+    /// not share `cluster.secret`. Retrying helps only once the configuration is fixed.
+    #[error("{name} at {addrs:?} refused the cluster handshake: {last}")]
+    Refused {
+        /// Link name.
+        name: String,
+        /// Addresses tried.
+        addrs: Vec<String>,
+        /// Last handshake error.
+        last: String,
+    },
     /// The call failed (the link is reset when the failure was the connection's).
     #[error("{name} rpc failed: {source}")]
     Call {
@@ -161,6 +172,7 @@ impl<C: Clone + Send + 'static> Link<C> {
         }
         let start = self.next_start.load(Ordering::Relaxed);
         let mut last = String::from("no address configured");
+        let mut refused = false;
         for i in 0..self.addrs.len() {
             let idx = (start + i) % self.addrs.len();
             let addr = &self.addrs[idx];
@@ -169,6 +181,7 @@ impl<C: Clone + Send + 'static> Link<C> {
             {
                 Ok(Ok(mut stream)) => {
                     if let Err(e) = self.cluster.dial(&mut stream, addr).await {
+                        refused |= e.is_refusal();
                         last = format!("{addr}: {e}");
                         continue;
                     }
@@ -183,10 +196,11 @@ impl<C: Clone + Send + 'static> Link<C> {
                 }
             }
         }
-        Err(LinkError::Connect {
-            name: self.name.clone(),
-            addrs: self.addrs.clone(),
-            last,
+        let (name, addrs) = (self.name.clone(), self.addrs.clone());
+        Err(if refused {
+            LinkError::Refused { name, addrs, last }
+        } else {
+            LinkError::Connect { name, addrs, last }
         })
     }
 

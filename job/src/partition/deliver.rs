@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rim_proto::rpc::Delivery;
 use rim_runtime::backoff::Backoff;
+use rim_runtime::rpc::LinkError;
 use tokio_util::sync::CancellationToken;
 
 use super::{Partition, pause, redis_backoff};
@@ -99,6 +100,18 @@ impl Partition {
                     ctx.metrics.deliveries.add(items.len() as u64);
                     ctx.metrics.add_report(&report);
                     return Outcome::Confirmed;
+                }
+                Ok(Err(e @ LinkError::Refused { .. })) => {
+                    // Not an unreachable comet but a cluster.secret mismatch: giving up would
+                    // drop every push until an operator noticed. The batch waits (and the
+                    // backlog, bounded by logic's stream.max_backlog, shows it) until fixed.
+                    ctx.metrics.rpc_failures.inc();
+                    let delay = bo.next_delay();
+                    tracing::error!(partition = self.partition, %server, attempt, ?delay, error = %e, "comet refused the cluster handshake; deliveries wait for cluster.secret to match");
+                    if !pause(stop, delay).await {
+                        return Outcome::Abandoned;
+                    }
+                    continue;
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "deliver call overdue".to_string(),

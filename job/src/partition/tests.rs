@@ -50,6 +50,15 @@ impl Call {
         }));
     }
 
+    /// The comet is up but refuses this worker's cluster secret.
+    fn refuse(self) {
+        let _ = self.reply.send(Err(LinkError::Refused {
+            name: format!("comet {}", self.server),
+            addrs: Vec::new(),
+            last: "cluster secret mismatch".into(),
+        }));
+    }
+
     fn fail(self) {
         let _ = self.reply.send(Err(LinkError::Connect {
             name: format!("comet {}", self.server),
@@ -329,6 +338,38 @@ async fn a_comet_failing_for_give_up_ms_is_given_up_and_the_batch_acked() {
     );
     assert_eq!(w.ctx.metrics.dropped_comet_unreachable.get(), 1);
     assert_eq!(w.ctx.metrics.deliveries.get(), 0);
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_comet_refusing_the_cluster_secret_is_never_given_up() {
+    let mut cfg = config();
+    cfg.delivery.give_up_ms = 1000;
+    let mut w = world(cfg).await;
+    let id = w.append("a");
+    let running = w.start_partition();
+
+    // Refused for ten times give_up_ms: the batch is neither dropped nor acknowledged.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        let call = tokio::time::timeout(WAIT, w.calls.recv())
+            .await
+            .expect("retried")
+            .expect("comets alive");
+        call.refuse();
+    }
+    assert_eq!(w.pending_ids(), vec![id]);
+    assert_eq!(w.ctx.metrics.dropped_comet_unreachable.get(), 0);
+    assert_eq!(w.ctx.metrics.acked.get(), 0);
+    // Once the secrets match, the same batch is delivered and acknowledged.
+    let call = tokio::time::timeout(WAIT, w.calls.recv())
+        .await
+        .expect("retried")
+        .expect("comets alive");
+    assert_eq!(call.seqs().len(), 1);
+    call.confirm();
+    let acked = w.streams.wait_until(|s| s.pending(P).is_empty());
+    tokio::time::timeout(WAIT, acked).await.expect("acked");
     running.stop().await;
 }
 
