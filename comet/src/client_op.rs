@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::config::SessionConfig;
 use crate::ctx::Ctx;
+use crate::outbound::CloseSpec;
 use crate::session::{MAX_ACCEPTS, Session};
 use crate::upstream::{self, TokenBucket};
 use crate::writer::Out;
@@ -97,6 +98,9 @@ impl ClientOp {
     pub(crate) async fn apply(self, ctx: &Ctx, s: &Arc<Session>, st: &mut FrameState) {
         let reply = match self {
             ClientOp::Heartbeat { seq } => {
+                if !st.admit_frame(ctx, s, "heartbeat") {
+                    return;
+                }
                 let n = ctx.rooms.online_count(&ctx.buckets, s.room().as_ref());
                 Frame::new(op::HEARTBEAT_REPLY, seq, n.to_be_bytes().to_vec())
             }
@@ -127,6 +131,7 @@ impl ClientOp {
                 Frame::new(op::SEND_MSG_REPLY, seq, body)
             }
             ClientOp::Unknown { op: code } => {
+                st.admit_frame(ctx, s, "unknown op");
                 tracing::debug!(peer = %s.peer, op = code, name = op::name(code), "ignoring client op");
                 return;
             }
@@ -194,7 +199,15 @@ fn error_body(msg: &str) -> Bytes {
 pub(crate) struct FrameState {
     limit: TokenBucket,
     last_info: Option<Instant>,
+    /// Heartbeats and unknown ops over the rate since the bucket was last full (see
+    /// [`FrameState::admit_frame`]).
+    strikes: u8,
 }
+
+/// Heartbeats and unknown ops over the session's rate, without the bucket refilling completely
+/// in between, that close the session ("too many frames"). A client whose requests briefly used
+/// up the bucket still gets its heartbeats answered and keeps its session; a flood is closed.
+pub(crate) const MAX_STRIKES: u8 = 8;
 
 /// At most one info line per session per this; the rest of a session's refusals go to debug, so
 /// a client sending bad frames in a loop cannot flood the logs.
@@ -206,7 +219,33 @@ impl FrameState {
         FrameState {
             limit: TokenBucket::new(cfg.send_rate_per_sec, cfg.send_burst, Instant::now()),
             last_info: None,
+            strikes: 0,
         }
+    }
+
+    /// Takes a token for a heartbeat or an unknown op (they cost one like a request, so a
+    /// client cannot keep the comet busy with them). Over the rate the frame is still handled
+    /// (a client that spent its budget on requests keeps its heartbeat replies) but counted, and
+    /// the [`MAX_STRIKES`]-th such frame before the bucket is full again closes the session:
+    /// false then.
+    fn admit_frame(&mut self, ctx: &Ctx, s: &Session, what: &str) -> bool {
+        let now = Instant::now();
+        if self.strikes > 0 && self.limit.is_full(now) {
+            self.strikes = 0;
+        }
+        if self.limit.try_take(now) {
+            return true;
+        }
+        ctx.metrics.requests_rate_limited.inc();
+        self.strikes = self.strikes.saturating_add(1);
+        if self.strikes < MAX_STRIKES {
+            self.log_refusal(s, what, "over the rate");
+            return true;
+        }
+        ctx.metrics.limit_refused("frame_rate");
+        tracing::info!(peer = %s.peer, key = %s.key, "too many frames, closing the session");
+        s.out.close(CloseSpec::policy("too many frames"));
+        false
     }
 
     /// Logs a refused request: at info at most once per [`REFUSAL_LOG_EVERY`], else at debug.
@@ -238,7 +277,7 @@ impl FrameState {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::testing::authed;
+    use crate::testing::{WAIT, authed};
 
     fn room(r: &str) -> RoomId {
         RoomId::parse(r).unwrap()
@@ -415,5 +454,81 @@ mod tests {
             f(op::AUTH, "{}"),
             ClientOp::Unknown { op: op::AUTH }
         ));
+    }
+
+    /// Heartbeats cost a token: past the rate (1/s, burst 2) they are still answered but
+    /// counted, and the MAX_STRIKES-th one before the bucket refills closes the session as "too
+    /// many frames" (WebSocket 1008).
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_flood_closes_the_session() {
+        let (logic, ctx, mut c) = authed(30, one_per_second_burst_two, "hb", "").await;
+        for seq in 2..2 + 2 + i32::from(MAX_STRIKES) {
+            c.send(op::HEARTBEAT, seq, Bytes::new());
+        }
+        let spec = c.closed(WAIT).await.expect("closed");
+        assert_eq!(spec, CloseSpec::policy("too many frames"));
+        let answered: Vec<i32> = (2..1 + 2 + i32::from(MAX_STRIKES)).collect();
+        assert_eq!(
+            c.pending_reply_seqs(),
+            answered,
+            "all but the one that closed"
+        );
+        assert_eq!(
+            ctx.metrics.requests_rate_limited.get(),
+            u64::from(MAX_STRIKES)
+        );
+        assert_eq!(ctx.metrics.limit_refused[3].get(), 1, "limit=frame_rate");
+        logic.called("disconnect hb").await;
+    }
+
+    /// Unknown ops cost a token like heartbeats and count as strikes too.
+    #[tokio::test(start_paused = true)]
+    async fn unknown_ops_count_against_the_rate() {
+        let (_logic, ctx, mut c) = authed(30, one_per_second_burst_two, "uk", "").await;
+        c.send(99, 2, Bytes::new());
+        c.send(op::AUTH, 3, Bytes::new());
+        c.send(op::HEARTBEAT, 4, Bytes::new());
+        for seq in 5..5 + i32::from(MAX_STRIKES) - 1 {
+            c.send(99, seq, Bytes::new());
+        }
+        let spec = c.closed(WAIT).await.expect("closed");
+        assert_eq!(spec, CloseSpec::policy("too many frames"));
+        assert_eq!(c.pending_reply_seqs(), vec![4], "the heartbeat is answered");
+        assert_eq!(ctx.metrics.limit_refused[3].get(), 1);
+    }
+
+    /// Strikes are forgiven once the bucket is full again: a client that briefly went over keeps
+    /// its session, and one heartbeating like goim (every 30 s) is always answered.
+    #[tokio::test(start_paused = true)]
+    async fn heartbeat_strikes_reset_once_the_bucket_refills() {
+        let (_logic, ctx, mut c) = authed(30, one_per_second_burst_two, "ok", "").await;
+        let below = i32::from(MAX_STRIKES) - 1;
+        for seq in 2..4 + below {
+            c.send(op::HEARTBEAT, seq, Bytes::new());
+        }
+        assert!(c.closed(Duration::from_millis(10)).await.is_none());
+        assert_eq!(c.pending_reply_seqs(), (2..4 + below).collect::<Vec<_>>());
+        for _ in 2..4 + below {
+            c.reply().await;
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // Full again: the strikes are forgiven, another round below the limit keeps the session.
+        for seq in 100..102 + below {
+            c.send(op::HEARTBEAT, seq, Bytes::new());
+        }
+        assert!(c.closed(Duration::from_millis(10)).await.is_none());
+        assert_eq!(
+            c.pending_reply_seqs(),
+            (100..102 + below).collect::<Vec<_>>()
+        );
+        for _ in 100..102 + below {
+            c.reply().await;
+        }
+        for i in 0..10 {
+            tokio::time::advance(Duration::from_secs(30)).await;
+            let r = c.request(op::HEARTBEAT, 200 + i, Bytes::new()).await;
+            assert_eq!(r.op, op::HEARTBEAT_REPLY);
+        }
+        assert_eq!(ctx.metrics.limit_refused[3].get(), 0);
     }
 }

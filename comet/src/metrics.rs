@@ -14,8 +14,9 @@ pub const AUTH_REASONS: [&str; 5] = [
 /// Why a client frame was rejected (label values of `rim_comet_frames_rejected_total`).
 pub const FRAME_REASONS: [&str; 4] = ["malformed", "too_big", "bad_json", "io"];
 
-/// Limits that refuse clients (label values of `rim_comet_limit_refused_total`).
-pub const LIMITS: [&str; 3] = ["sessions_per_ip", "auth_per_ip", "ws_origin"];
+/// Limits that refuse clients (label values of `rim_comet_limit_refused_total`); `frame_rate`
+/// counts sessions closed for heartbeats or unknown ops over their rate.
+pub const LIMITS: [&str; 4] = ["sessions_per_ip", "auth_per_ip", "ws_origin", "frame_rate"];
 
 /// Codes a refused upstream message (op 5) can carry (label values of
 /// `rim_comet_upstream_refused_total`); codes outside this list count as `-500`.
@@ -33,7 +34,7 @@ pub struct Metrics {
     /// Connections refused by `max_connections` or shutdown.
     pub conn_refused: Counter,
     /// Connections refused by a client-port limit, indexed like [`LIMITS`].
-    pub limit_refused: [Counter; 3],
+    pub limit_refused: [Counter; 4],
     /// Auth failures, indexed like [`AUTH_REASONS`].
     pub auth_failures: [Counter; 5],
     /// Rejected frames, indexed like [`FRAME_REASONS`].
@@ -48,7 +49,8 @@ pub struct Metrics {
     pub pushes_dropped_closing: Counter,
     /// Paced broadcasts delivered at once because the paced queue was full.
     pub paced_overflow: Counter,
-    /// ChangeRoom, Sub and Unsub frames refused by the session's rate limit.
+    /// ChangeRoom, Sub, Unsub, heartbeat and unknown-op frames refused by the session's rate
+    /// limit.
     pub requests_rate_limited: Counter,
     /// Sessions closed after heartbeat silence.
     pub heartbeat_timeouts: Counter,
@@ -180,7 +182,7 @@ impl Metrics {
         )
         .counter(
             "rim_comet_requests_rate_limited_total",
-            "ChangeRoom, Sub and Unsub frames refused by the per-session rate limit.",
+            "ChangeRoom, Sub, Unsub, heartbeat and unknown-op frames refused by the per-session rate limit.",
             self.requests_rate_limited.get(),
         )
         .counter(

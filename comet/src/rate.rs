@@ -7,10 +7,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// A token bucket: `rate` tokens per second, holding at most `burst`; one token per message.
+/// Rate and burst are kept as the configured integers (8 bytes, not 16): every session holds one.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
+    rate: u32,
+    burst: u32,
     tokens: f64,
     last: Instant,
 }
@@ -18,11 +19,11 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// A full bucket (a new session may send a burst at once).
     pub fn new(rate_per_sec: u32, burst: u32, now: Instant) -> Self {
-        let burst = f64::from(burst.max(1));
+        let burst = burst.max(1);
         TokenBucket {
-            rate: f64::from(rate_per_sec),
+            rate: rate_per_sec,
             burst,
-            tokens: burst,
+            tokens: f64::from(burst),
             last: now,
         }
     }
@@ -31,7 +32,7 @@ impl TokenBucket {
     pub fn try_take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens = (self.tokens + elapsed * f64::from(self.rate)).min(f64::from(self.burst));
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -44,15 +45,15 @@ impl TokenBucket {
     /// bucket would behave the same).
     pub(crate) fn is_full(&self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens + elapsed * self.rate >= self.burst
+        self.tokens + elapsed * f64::from(self.rate) >= f64::from(self.burst)
     }
 
     /// How long until the next token (for the refusal message).
     pub(crate) fn wait(&self) -> Duration {
-        if self.rate <= 0.0 {
+        if self.rate == 0 {
             return Duration::MAX;
         }
-        Duration::from_secs_f64(((1.0 - self.tokens).max(0.0)) / self.rate)
+        Duration::from_secs_f64(((1.0 - self.tokens).max(0.0)) / f64::from(self.rate))
     }
 }
 

@@ -431,6 +431,17 @@ impl Client {
         r
     }
 
+    /// The seqs of the replies written and not read yet (e.g. before a close).
+    pub(crate) fn pending_reply_seqs(&self) -> Vec<i32> {
+        self.pending
+            .iter()
+            .filter_map(|o| match o {
+                Out::Reply(f) => Some(f.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// How the comet closed the connection (within `wait`); items written before are skipped.
     pub(crate) async fn closed(&mut self, wait: Duration) -> Option<CloseSpec> {
         let deadline = tokio::time::Instant::now() + wait;
