@@ -7,9 +7,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use sha2::Sha256;
 
 /// How a client's Auth is checked.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -51,24 +49,11 @@ impl AuthConfig {
     }
 }
 
-type HmacSha256 = Hmac<Sha256>;
-
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn sign(secret: &str, payload: &str) -> Vec<u8> {
-    // HMAC accepts keys of any length, so this never fails; fall back to empty rather than panic.
-    match HmacSha256::new_from_slice(secret.as_bytes()) {
-        Ok(mut mac) => {
-            mac.update(payload.as_bytes());
-            mac.finalize().into_bytes().to_vec()
-        }
-        Err(_) => Vec::new(),
-    }
 }
 
 /// Issues a token for `mid` valid for `ttl` from now.
@@ -79,7 +64,10 @@ pub fn issue_token(secret: &str, mid: i64, ttl: Duration) -> String {
 /// Issues a token for `mid` expiring at `expiry` (unix seconds).
 pub fn issue_token_until(secret: &str, mid: i64, expiry: u64) -> String {
     let payload = format!("v1.{mid}.{expiry}");
-    let sig = hex::encode(sign(secret, &payload));
+    let sig = hex::encode(rim_runtime::hmac::sign(
+        secret.as_bytes(),
+        &[payload.as_bytes()],
+    ));
     format!("{payload}.{sig}")
 }
 
@@ -137,12 +125,9 @@ pub fn verify_token_at(secret: &str, mid: i64, token: &str, now: u64) -> Result<
     else {
         return Err(TokenError::Invalid);
     };
-    let Ok(mut mac) = HmacSha256::new_from_slice(secret.as_bytes()) else {
-        return Err(TokenError::Invalid);
-    };
-    mac.update(format!("v1.{tmid}.{texp}").as_bytes());
-    // verify_slice compares in constant time.
-    if mac.verify_slice(&sig).is_err() || tmid != mid {
+    let payload = format!("v1.{tmid}.{texp}");
+    // Compared in constant time.
+    if !rim_runtime::hmac::verify(secret.as_bytes(), &[payload.as_bytes()], &sig) || tmid != mid {
         return Err(TokenError::Invalid);
     }
     if texp <= now {

@@ -14,11 +14,7 @@
 //! (no secret) fails at the magic: a frame's 4-byte length prefix never reads "RIMC" under any
 //! permitted frame limit (see [`MAGIC_DIAL`]).
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// First bytes a dialer sends. Read as a big-endian frame length this is 1 380 535 619, above
 /// the largest `cluster.max_frame_bytes` allowed, so it is never the start of a valid frame.
@@ -27,7 +23,7 @@ pub const MAGIC_DIAL: [u8; 4] = *b"RIMC";
 const MAGIC_SERVE: [u8; 4] = *b"RIMS";
 const VERSION: u8 = 1;
 const NONCE: usize = 32;
-const PROOF: usize = 32;
+const PROOF: usize = crate::hmac::TAG_LEN;
 const SERVER_LABEL: &[u8] = b"rim cluster handshake v1: server";
 const DIAL_LABEL: &[u8] = b"rim cluster handshake v1: dialer";
 
@@ -82,17 +78,8 @@ impl From<std::io::Error> for HandshakeError {
     }
 }
 
-/// `None` never happens in practice: HMAC takes keys of any length.
-fn mac(secret: &[u8], dial: &[u8; NONCE], serve: &[u8; NONCE], label: &[u8]) -> Option<HmacSha256> {
-    let mut mac = HmacSha256::new_from_slice(secret).ok()?;
-    mac.update(dial);
-    mac.update(serve);
-    mac.update(label);
-    Some(mac)
-}
-
 fn proof(secret: &[u8], dial: &[u8; NONCE], serve: &[u8; NONCE], label: &[u8]) -> [u8; PROOF] {
-    mac(secret, dial, serve, label).map_or([0; PROOF], |m| m.finalize().into_bytes().into())
+    crate::hmac::sign(secret, &[dial, serve, label])
 }
 
 /// Constant-time check of a peer's proof.
@@ -103,7 +90,7 @@ fn verify(
     label: &[u8],
     claimed: &[u8],
 ) -> bool {
-    mac(secret, dial, serve, label).is_some_and(|m| m.verify_slice(claimed).is_ok())
+    crate::hmac::verify(secret, &[dial, serve, label], claimed)
 }
 
 /// The dialing side: proves `secret` to the server and checks the server's proof.

@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod cli;
 pub mod cluster;
 pub mod handshake;
+pub mod hmac;
 pub mod http;
 pub mod listener;
 pub mod logging;
