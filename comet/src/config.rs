@@ -121,6 +121,10 @@ pub struct LimitsConfig {
     /// Loopback peers (a TLS proxy on the same host, local tools) are not limited per address:
     /// such a peer carries many clients, and counting it would cap all of them together.
     pub exempt_loopback: bool,
+    /// Proxies (IPs or CIDRs like `10.0.0.0/8`) whose `X-Forwarded-For` names the client of a
+    /// WebSocket: only when the TCP peer is one of them is the header read (the last address not
+    /// itself a trusted proxy). Empty = the header is never believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// WebSocket settings.
@@ -224,6 +228,7 @@ impl Default for LimitsConfig {
             auth_per_ip_per_sec: 20,
             auth_per_ip_burst: 100,
             exempt_loopback: true,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -301,6 +306,14 @@ impl Validate for Config {
                 "limits.auth_per_ip_burst",
                 u64::from(self.limits.auth_per_ip_burst),
             )?;
+        }
+        for p in &self.limits.trusted_proxies {
+            if crate::limits::Cidr::parse(p).is_none() {
+                return Err(SettingsError::invalid(
+                    "limits.trusted_proxies",
+                    "each entry is an IP address or a CIDR like 10.0.0.0/8",
+                ));
+            }
         }
         for o in &self.websocket.allowed_origins {
             if o.trim().is_empty() || o.ends_with('/') {

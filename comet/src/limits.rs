@@ -73,9 +73,48 @@ struct Attempts {
     last_sweep: Option<Instant>,
 }
 
+/// An address range of `limits.trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// `ip` or `ip/bits`; `None` when it is neither.
+    pub(crate) fn parse(s: &str) -> Option<Cidr> {
+        let s = s.trim();
+        let (ip, bits) = match s.split_once('/') {
+            Some((ip, bits)) => (ip, Some(bits.parse::<u8>().ok()?)),
+            None => (s, None),
+        };
+        let net = ip.parse::<IpAddr>().ok()?.to_canonical();
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = bits.unwrap_or(max);
+        (bits <= max).then_some(Cidr { net, bits })
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The per-address counts of one comet.
 pub(crate) struct PeerLimits {
     cfg: LimitsConfig,
+    proxies: Vec<Cidr>,
     sessions: Mutex<HashMap<IpAddr, u32>>,
     attempts: Mutex<Attempts>,
 }
@@ -83,6 +122,11 @@ pub(crate) struct PeerLimits {
 impl PeerLimits {
     pub(crate) fn new(cfg: &LimitsConfig) -> Self {
         PeerLimits {
+            proxies: cfg
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| Cidr::parse(p))
+                .collect(),
             cfg: cfg.clone(),
             sessions: Mutex::new(HashMap::new()),
             attempts: Mutex::new(Attempts {
@@ -126,6 +170,32 @@ impl PeerLimits {
                 *e.get_mut() -= 1;
             }
         }
+    }
+
+    /// The client's address of a WebSocket request from `peer` carrying `forwarded`
+    /// (`X-Forwarded-For` values, in order): `peer` unless it is a trusted proxy; else the last
+    /// forwarded address that is not a trusted proxy (the first entries are the client's own
+    /// claim, which only the hop after it can vouch for). An unparsable entry ends the walk.
+    pub(crate) fn client_ip<'a>(
+        &self,
+        peer: IpAddr,
+        forwarded: impl DoubleEndedIterator<Item = &'a str>,
+    ) -> IpAddr {
+        let trusted = |ip: IpAddr| self.proxies.iter().any(|c| c.contains(ip));
+        if !trusted(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for hop in forwarded.rev().flat_map(|v| v.rsplit(',')) {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                break;
+            };
+            client = ip.to_canonical();
+            if !trusted(client) {
+                break;
+            }
+        }
+        client
     }
 
     /// Whether `ip` is not limited (`limits.exempt_loopback`).
@@ -181,6 +251,7 @@ mod tests {
             auth_per_ip_per_sec: rate,
             auth_per_ip_burst: burst,
             exempt_loopback: true,
+            trusted_proxies: Vec::new(),
         })
     }
 
@@ -203,6 +274,40 @@ mod tests {
         });
         assert_eq!(l.admit(lo, Instant::now()), Ok(()));
         assert_eq!(l.admit(lo, Instant::now()), Err(Refusal::Sessions));
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let l = PeerLimits::new(&LimitsConfig {
+            trusted_proxies: vec!["10.0.0.0/8".into(), "192.0.2.1".into()],
+            ..LimitsConfig::default()
+        });
+        let one = |peer: &str, xff: &[&'static str]| l.client_ip(ip(peer), xff.iter().copied());
+        // An untrusted peer's header is ignored.
+        assert_eq!(one("203.0.113.5", &["198.51.100.1"]), ip("203.0.113.5"));
+        // Trusted: the last hop that is not a trusted proxy, across header lines.
+        assert_eq!(one("10.1.2.3", &["198.51.100.1"]), ip("198.51.100.1"));
+        assert_eq!(
+            one("10.1.2.3", &["1.1.1.1, 198.51.100.1", "192.0.2.1"]),
+            ip("198.51.100.1"),
+            "a client's own claim (1.1.1.1) is not believed"
+        );
+        assert_eq!(one("192.0.2.1", &[]), ip("192.0.2.1"));
+        assert_eq!(
+            one("10.1.2.3", &["10.9.9.9"]),
+            ip("10.9.9.9"),
+            "all trusted"
+        );
+        assert_eq!(one("10.1.2.3", &["junk, 198.51.100.1"]), ip("198.51.100.1"));
+        assert_eq!(one("10.1.2.3", &["198.51.100.1, junk"]), ip("10.1.2.3"));
+        assert_eq!(Cidr::parse("10.0.0.0/33"), None);
+        assert_eq!(Cidr::parse("nope"), None);
+        assert!(Cidr::parse("::/0").unwrap().contains(ip("2001:db8::1")));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains(ip("::ffff:1.2.3.4"))
+        );
     }
 
     #[test]

@@ -10,7 +10,11 @@ use rim_runtime::cli::{Tier, bind};
 const TIER: Tier = Tier {
     bin: "rim-comet",
     name: "comet",
-    list_keys: &["logic.addrs", "websocket.allowed_origins"],
+    list_keys: &[
+        "logic.addrs",
+        "websocket.allowed_origins",
+        "limits.trusted_proxies",
+    ],
 };
 
 /// rim comet: client connections and push delivery.

@@ -57,6 +57,15 @@ async fn upgrade(
         tracing::debug!(%peer, origin = ?headers.get(header::ORIGIN), "websocket origin not allowed");
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
+    // Behind a trusted proxy the client is the one it names; limits and logs use that address.
+    let client = ctx.limits.client_ip(
+        peer.ip(),
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
+    let peer = std::net::SocketAddr::new(client, peer.port());
     // Leave room above the frame limit so oversize frames reach our check and get close 1009.
     let limit = (16 + ctx.cfg.session.max_body) * 2 + 1024;
     ws.max_message_size(limit)

@@ -16,7 +16,7 @@ use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{self, CometAddrs, Proc, free_addr};
 use rim_testkit::redis::RedisServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -199,13 +199,21 @@ async fn auth_flood_from_one_address_trips_then_recovers() {
 
 /// Sends a WebSocket upgrade of `/sub` with `origin` and returns the response's status line.
 async fn upgrade_status(http: SocketAddr, origin: Option<&str>) -> String {
-    let mut s = TcpStream::connect(http).await.unwrap();
-    let origin = origin
+    let headers = origin
         .map(|o| format!("Origin: {o}\r\n"))
         .unwrap_or_default();
+    upgrade(http, "127.0.0.1", &headers).await.1
+}
+
+/// Sends a WebSocket upgrade of `/sub` from source address `local` with extra `headers` (each
+/// ending in CRLF); returns the socket (to keep the session open) and the status line.
+async fn upgrade(http: SocketAddr, local: &str, headers: &str) -> (TcpStream, String) {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(ip(local), 0)).unwrap();
+    let mut s = sock.connect(http).await.unwrap();
     let req = format!(
         "GET /sub HTTP/1.1\r\nHost: {http}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{origin}\r\n"
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{headers}\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 1024];
@@ -219,7 +227,40 @@ async fn upgrade_status(http: SocketAddr, origin: Option<&str>) -> String {
         got.extend_from_slice(&buf[..n]);
     }
     let text = String::from_utf8_lossy(&got);
-    text.lines().next().unwrap_or_default().to_string()
+    let status = text.lines().next().unwrap_or_default().to_string();
+    (s, status)
+}
+
+/// `limits.trusted_proxies`: from a trusted proxy (127.0.0.6) the client is the address its
+/// `X-Forwarded-For` names, so two clients behind it are limited separately
+/// (`sessions_per_ip = 1`); from any other peer (127.0.0.7) the header is ignored and the peer
+/// itself is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
+    let c = cluster(&[
+        ("RIM_COMET__LIMITS__SESSIONS_PER_IP", "1".into()),
+        ("RIM_COMET__LIMITS__AUTH_PER_IP_PER_SEC", "0".into()),
+        ("RIM_COMET__LIMITS__TRUSTED_PROXIES", "127.0.0.6".into()),
+        // The raw sessions below never authenticate; keep them open for the test.
+        ("RIM_COMET__SESSION__HANDSHAKE_TIMEOUT_MS", "120000".into()),
+    ])
+    .await;
+    let http = c.comet.http;
+    let xff = |a: &str| format!("X-Forwarded-For: {a}\r\n");
+    let mut held = Vec::new();
+    for (local, client) in [
+        ("127.0.0.6", "198.51.100.7"),
+        ("127.0.0.6", "198.51.100.7"), // the same client again: refused
+        ("127.0.0.6", "198.51.100.8"), // another client behind the proxy
+        ("127.0.0.7", "198.51.100.9"),
+        ("127.0.0.7", "198.51.100.10"), // untrusted peer: counted as 127.0.0.7, refused
+    ] {
+        let (sock, status) = upgrade(http, local, &xff(client)).await;
+        assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+        held.push(sock);
+    }
+    metric_is(http, SESSIONS_REFUSED, 2).await;
+    metric_is(http, "rim_comet_connections_ws", 3).await;
 }
 
 /// `websocket.allowed_origins` (a list from the environment): another site's Origin gets 403
