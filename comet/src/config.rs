@@ -308,7 +308,7 @@ impl Validate for Config {
             )?;
         }
         for p in &self.limits.trusted_proxies {
-            if crate::limits::Cidr::parse(p).is_none() {
+            if crate::cidr::Cidr::parse(p).is_none() {
                 return Err(SettingsError::invalid(
                     "limits.trusted_proxies",
                     "each entry is an IP address or a CIDR like 10.0.0.0/8",

@@ -10,7 +10,7 @@
 //! * [`bucket`]: the sharded session registry; [`room`]: joins, leaves and room changes, and how
 //!   logic is told of them.
 //! * `logic`: every call to logic, behind a trait; `push`: one push offered to sessions.
-//! * `rate`: the token bucket; `limits`: per-address connection and attempt limits.
+//! * `cidr`: address ranges; `rate`: the token bucket; `limits`: per-address connection and attempt limits.
 //! * `ctx`: the state shared by every task (it imports none of the modules above it).
 //! * `connection`: what the driver needs of a transport; `io`: writing the queue and closing;
 //!   `admission`: the connection cap, Auth and registration; `client_op`: op dispatch (a frame
@@ -24,6 +24,7 @@
 
 mod admission;
 pub mod bucket;
+mod cidr;
 mod client_op;
 pub mod config;
 mod connection;
