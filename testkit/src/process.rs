@@ -9,6 +9,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -36,7 +37,29 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// A loopback address with a port free at the time of the call.
+///
+/// The port is taken below the kernel's ephemeral range (32768-60999 on Linux): a port from
+/// `bind(0)` comes from that range, and between this call and the child process binding it, any
+/// outgoing connection of the many tests running in parallel could be given the same port. A
+/// process-wide counter (started at a per-process offset) keeps two tests of this process from
+/// picking the same one.
 pub fn free_addr() -> SocketAddr {
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000; // 10000..32000
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
