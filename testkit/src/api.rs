@@ -178,6 +178,20 @@ impl Api {
     }
 }
 
+/// One sample of the `/metrics` served at `http` (`name` may carry labels, e.g.
+/// `x{side="accept"}`); `None` when the scrape failed or the series is absent.
+pub async fn metric(http: std::net::SocketAddr, name: &str) -> Option<u64> {
+    let text = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// Polls `check` until it returns `Some`, failing after `wait`. For state that has no event to
 /// subscribe to (Redis keys, a process's HTTP readiness).
 pub async fn eventually<T, F, Fut>(what: &str, wait: Duration, mut check: F) -> anyhow::Result<T>

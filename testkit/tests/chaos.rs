@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rim_proto::msg::AuthBody;
-use rim_testkit::api::{Api, eventually};
+use rim_testkit::api::{Api, eventually, metric};
 use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{CLUSTER_SECRET, Proc, free_addr};
 use rim_testkit::redis::RedisServer;
@@ -458,14 +458,6 @@ const COUNT: u64 = 150;
 const WAIT: Duration = Duration::from_secs(10);
 const GAP: Duration = Duration::from_millis(5);
 
-/// One un-labelled sample from a tier's /metrics.
-async fn metric(url: &str, name: &str) -> Option<u64> {
-    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-    text.lines()
-        .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 /// Entries a job worker has read but not acknowledged, over all push streams.
 fn pending_of(conn: &mut redis::Connection, worker: &str) -> u64 {
     (0..16u16)
@@ -792,8 +784,7 @@ async fn a_client_that_never_reads_is_disconnected_and_counted() {
     let mut healthy = Conn::connect(Transport::WsBinary, comet.http, &auth(2))
         .await
         .unwrap();
-    let metrics_url = format!("http://{}/metrics", comet.http);
-    let slow_closed = || metric(&metrics_url, "rim_comet_slow_consumer_closed_total");
+    let slow_closed = || metric(comet.http, "rim_comet_slow_consumer_closed_total");
     assert_eq!(slow_closed().await, Some(0));
 
     // Room pushes big enough to fill the kernel buffers and then the 8-slot queue.

@@ -13,7 +13,7 @@ use rim_proto::msg::AuthBody;
 use rim_proto::rpc::{CometRpcClient, DeliverTarget, Delivery, LogicRpcClient, PushId};
 use rim_runtime::cluster::{Cluster, ClusterConfig};
 use rim_runtime::rpc::Link;
-use rim_testkit::api::{Api, eventually, streams_drained};
+use rim_testkit::api::{Api, eventually, metric, streams_drained};
 use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{self, CLUSTER_SECRET, CometAddrs, binary, free_addr, repo};
 use rim_testkit::redis::RedisServer;
@@ -22,19 +22,6 @@ use tokio::net::TcpStream;
 
 const WRONG: &str = "a wrong secret of enough length";
 const WAIT: Duration = Duration::from_secs(20);
-
-/// One sample of a tier's /metrics (`name` may carry labels, e.g. `x{side="accept"}`).
-async fn metric(http: SocketAddr, name: &str) -> Option<u64> {
-    let text = reqwest::get(format!("http://{http}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
 
 /// Waits until `name` on `http` is at least `n`.
 async fn metric_reaches(http: SocketAddr, name: &str, n: u64) {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rim_client::{ClientError, ConnectOptions};
 use rim_proto::msg::AuthBody;
-use rim_testkit::api::{Api, eventually};
+use rim_testkit::api::{Api, eventually, metric};
 use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{self, CometAddrs, Proc, free_addr};
 use rim_testkit::redis::RedisServer;
@@ -71,19 +71,6 @@ async fn connect(o: &ConnectOptions, a: &AuthBody) -> Result<Conn, ClientError> 
     let mut c = Conn::open_with(o).await?;
     c.auth(a).await?;
     Ok(c)
-}
-
-/// One sample of comet's /metrics (`name` may carry labels).
-async fn metric(http: SocketAddr, name: &str) -> Option<u64> {
-    let text = reqwest::get(format!("http://{http}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Waits until `name` on `http` equals `n`.
