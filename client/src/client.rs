@@ -1,10 +1,11 @@
 //! A session that keeps itself connected: it authenticates, sends heartbeats at the interval the
-//! server asked for, answers requests (SendMsg, ChangeRoom, Sub, Unsub) by seq, hands pushes to
+//! server asked for, answers requests (SendMsg, ChangeRoom, Sub, Unsub, RefreshToken) by seq, hands pushes to
 //! the application as [`Event`]s, and after a transient failure reconnects with jittered
 //! exponential backoff under the key the server assigned, so the server sees the same session
 //! come back. A refusal that reconnecting cannot fix (a bad credential) stops it with the reason.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -80,6 +81,8 @@ enum Cmd {
 #[derive(Debug)]
 pub struct Client {
     cmds: mpsc::Sender<Cmd>,
+    /// The last token accepted by op 22, used by every reconnect from then on.
+    fresh_token: Arc<Mutex<Option<String>>>,
     events: mpsc::Receiver<Event>,
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -97,9 +100,17 @@ impl Client {
         let (cmds, cmd_rx) = mpsc::channel(64);
         let (ev_tx, events) = mpsc::channel(config.event_queue.max(1));
         let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(run(config, cmd_rx, ev_tx, stop.clone()));
+        let fresh_token = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(run(
+            config,
+            cmd_rx,
+            ev_tx,
+            stop.clone(),
+            fresh_token.clone(),
+        ));
         Client {
             cmds,
+            fresh_token,
             events,
             stop,
             task,
@@ -167,6 +178,26 @@ impl Client {
         refusal("ChangeRoom", &r)
     }
 
+    /// RefreshToken (op 22): puts a fresh token in force before the session's one expires (the
+    /// server closes the session with op 6 `token expired` otherwise); reconnects use it from
+    /// then on. Returns when the session now ends (unix ms, 0 = never).
+    pub async fn refresh_token(&self, token: &str) -> Result<u64, ClientError> {
+        let body = Bytes::copy_from_slice(token.as_bytes());
+        let r = self
+            .request(op::REFRESH_TOKEN, op::REFRESH_TOKEN_REPLY, body)
+            .await?;
+        refusal("RefreshToken", &r)?;
+        let v = match &r.json_body {
+            Some(v) => v.clone(),
+            None => serde_json::from_slice::<Value>(&r.frame.body)
+                .map_err(|e| ClientError::Protocol(format!("RefreshToken reply: {e}")))?,
+        };
+        if let Ok(mut t) = self.fresh_token.lock() {
+            *t = Some(token.to_string());
+        }
+        Ok(v.get("expires_ms").and_then(Value::as_u64).unwrap_or(0))
+    }
+
     /// Sub (op 14): also accept pushes of `ops`.
     pub async fn sub(&self, ops: &[i32]) -> Result<(), ClientError> {
         let r = self.request(op::SUB, op::SUB_REPLY, op_list(ops)).await?;
@@ -222,9 +253,13 @@ async fn run(
     mut cmds: mpsc::Receiver<Cmd>,
     events: mpsc::Sender<Event>,
     stop: tokio_util::sync::CancellationToken,
+    fresh_token: Arc<Mutex<Option<String>>>,
 ) {
     let mut attempt = 0u32;
     loop {
+        if let Some(t) = fresh_token.lock().ok().and_then(|mut t| t.take()) {
+            config.auth.token = t;
+        }
         let outcome = tokio::select! {
             _ = stop.cancelled() => return,
             r = connect(&config) => r,

@@ -195,6 +195,8 @@ pub(crate) async fn authenticate<C: Connection>(
         )
         .with_since(reply.since_ms),
     );
+    session.set_grant(reply.grant.clone());
+    ctx.set_guarded_room_types(&reply.guarded_room_types);
     if reply.replaced_elsewhere {
         // The older session elsewhere is closed by a kick job logic queued; nothing to do here.
         tracing::debug!(%peer, key = %reply.key, "session replaces one on another comet");
@@ -215,6 +217,7 @@ pub(crate) async fn authenticate<C: Connection>(
             .map(|r| r.to_string())
             .unwrap_or_default(),
         heartbeat: reply.heartbeat_secs,
+        token_expires_ms: reply.grant.expires_ms,
     };
     let body = serde_json::to_vec(&body).unwrap_or_default();
     session.out.offer(

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::config::SessionConfig;
 use crate::ctx::Ctx;
+use crate::logic::LogicCallError;
 use crate::outbound::CloseSpec;
 use crate::session::{MAX_ACCEPTS, Session};
 use crate::upstream::{self, TokenBucket};
@@ -49,6 +50,11 @@ pub(crate) enum ClientOp {
         seq: i32,
         body: Bytes,
         ops: Result<Vec<i32>, String>,
+    },
+    /// Op 22: a fresh token for this session (body: the token).
+    RefreshToken {
+        seq: i32,
+        token: Result<String, String>,
     },
     /// Op 4: an upstream message for logic (see `upstream`).
     SendMsg {
@@ -89,6 +95,10 @@ impl ClientOp {
                 seq,
                 msg: upstream::parse(&body),
             },
+            op::REFRESH_TOKEN => ClientOp::RefreshToken {
+                seq,
+                token: parse_token(&body),
+            },
             code => ClientOp::Unknown { op: code },
         }
     }
@@ -110,12 +120,18 @@ impl ClientOp {
                     reply(error_body("rate limited"))
                 } else {
                     match to {
-                        Ok(to) => {
-                            // Awaited before replying: logic's membership is updated once op 13
-                            // is seen.
-                            ctx.rooms.change(&ctx.buckets, s, to).await;
-                            reply(body)
-                        }
+                        Ok(to) => match may_join(ctx, s, to.as_ref()).await {
+                            Ok(()) => {
+                                // Awaited before replying: logic's membership is updated once
+                                // op 13 is seen.
+                                ctx.rooms.change(&ctx.buckets, s, to).await;
+                                reply(body)
+                            }
+                            Err(msg) => {
+                                st.log_refusal(s, "change room", &msg);
+                                reply(error_body(&msg))
+                            }
+                        },
                         Err(msg) => {
                             st.log_refusal(s, "change room", &msg);
                             reply(error_body(&msg))
@@ -125,6 +141,24 @@ impl ClientOp {
             }
             ClientOp::Sub { seq, body, ops } => filter(ctx, s, st, true, seq, body, ops),
             ClientOp::Unsub { seq, body, ops } => filter(ctx, s, st, false, seq, body, ops),
+            ClientOp::RefreshToken { seq, token } => {
+                let body = if !st.admit(ctx, s, "refresh token") {
+                    error_body("rate limited")
+                } else {
+                    match refresh(ctx, s, token).await {
+                        Ok(expires_ms) => {
+                            serde_json::to_vec(&serde_json::json!({ "expires_ms": expires_ms }))
+                                .unwrap_or_default()
+                                .into()
+                        }
+                        Err(msg) => {
+                            st.log_refusal(s, "refresh token", &msg);
+                            error_body(&msg)
+                        }
+                    }
+                };
+                Frame::new(op::REFRESH_TOKEN_REPLY, seq, body)
+            }
             ClientOp::SendMsg { seq, msg } => {
                 let body = upstream::handle(ctx, s, msg, &mut st.limit).await;
                 let body = serde_json::to_vec(&body).unwrap_or_default();
@@ -137,6 +171,58 @@ impl ClientOp {
             }
         };
         s.out.offer(Out::Reply(reply), &ctx.metrics);
+    }
+}
+
+/// Whether `s` may move into `to`: its token's `rooms` claim first (checked here), then, for a
+/// room type logic guards, logic's verdict. Leaving a room is always allowed.
+async fn may_join(ctx: &Ctx, s: &Session, to: Option<&RoomId>) -> Result<(), String> {
+    let Some(room) = to else {
+        return Ok(());
+    };
+    if s.room().as_ref() == Some(room) {
+        return Ok(());
+    }
+    if !s.token_allows(room) {
+        return Err("room not allowed by token".into());
+    }
+    if !ctx.join_needs_check(room) {
+        return Ok(());
+    }
+    let sref = s.session_ref(&ctx.cfg.server_id);
+    match ctx.logic.check_join(sref, room.clone(), s.grant()).await {
+        Ok(()) => Ok(()),
+        Err(LogicCallError::Refused(e)) => Err(e.to_string()),
+        Err(LogicCallError::Unreachable(_)) => Err("logic unavailable".into()),
+    }
+}
+
+/// Checks a fresh token at logic and puts what it grants in force; answers the session's new end
+/// (unix ms, 0 = never). A token that would not allow the session's current room is refused.
+async fn refresh(ctx: &Ctx, s: &Session, token: Result<String, String>) -> Result<u64, String> {
+    let token = token?;
+    let sref = s.session_ref(&ctx.cfg.server_id);
+    let grant = match ctx.logic.refresh_token(sref, token).await {
+        Ok(g) => g,
+        Err(LogicCallError::Refused(e)) => return Err(e.to_string()),
+        Err(LogicCallError::Unreachable(_)) => return Err("logic unavailable".into()),
+    };
+    if let Some(room) = s.room()
+        && !grant.allows_room(room.as_str())
+    {
+        return Err("room not allowed by token".into());
+    }
+    let expires_ms = grant.expires_ms;
+    s.set_grant(grant);
+    Ok(expires_ms)
+}
+
+/// A RefreshToken body: the token, blanks around it ignored.
+fn parse_token(body: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "token is not UTF-8".to_string())?;
+    match text.trim() {
+        "" => Err("token required".into()),
+        t => Ok(t.to_string()),
     }
 }
 
@@ -274,261 +360,5 @@ impl FrameState {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use crate::testing::{WAIT, authed};
-
-    fn room(r: &str) -> RoomId {
-        RoomId::parse(r).unwrap()
-    }
-
-    fn one_per_second_burst_two(c: &mut crate::config::Config) {
-        c.session.send_rate_per_sec = 1;
-        c.session.send_burst = 2;
-    }
-
-    /// ChangeRoom moves the membership, tells logic, and replies only once logic answered; a
-    /// change to the same room, or out of no room, tells logic nothing.
-    #[tokio::test(start_paused = true)]
-    async fn change_room_tells_logic_and_moves_the_membership() {
-        let (logic, ctx, mut c) = authed(30, |_| {}, "mv", "chat://1").await;
-        assert_eq!(ctx.buckets.room_len(&room("chat://1")), 1);
-
-        logic.hold("room_changed");
-        c.send(op::CHANGE_ROOM, 2, "chat://2");
-        logic.called("room_changed mv chat://1 chat://2").await;
-        // Moved on this comet already, but no reply while logic has not answered.
-        assert_eq!(ctx.buckets.room_len(&room("chat://1")), 0);
-        assert_eq!(ctx.buckets.room_len(&room("chat://2")), 1);
-        assert_eq!(
-            ctx.buckets.get("mv").unwrap().room(),
-            Some(room("chat://2"))
-        );
-        assert!(c.next_item(Duration::from_secs(10)).await.is_none());
-        logic.release();
-        let r = c.reply().await;
-        assert_eq!(
-            (r.op, r.seq, &r.body[..]),
-            (op::CHANGE_ROOM_REPLY, 2, &b"chat://2"[..])
-        );
-
-        // Same room: answered, logic not called.
-        let r = c.request(op::CHANGE_ROOM, 3, "chat://2").await;
-        assert_eq!(&r.body[..], b"chat://2");
-        // Out of the room, then again out of no room.
-        let r = c.request(op::CHANGE_ROOM, 4, Bytes::new()).await;
-        assert_eq!((r.op, &r.body[..]), (op::CHANGE_ROOM_REPLY, &b""[..]));
-        assert_eq!(ctx.buckets.room_len(&room("chat://2")), 0);
-        c.request(op::CHANGE_ROOM, 5, " ").await;
-        // A bad room id: refused, the session stays where it is.
-        let r = c.request(op::CHANGE_ROOM, 6, "nope").await;
-        assert!(
-            String::from_utf8_lossy(&r.body).contains("bad room id"),
-            "{r:?}"
-        );
-
-        c.hang_up();
-        c.task.await.unwrap();
-        ctx.tracker.close();
-        ctx.tracker.wait().await;
-        assert_eq!(
-            logic.calls(),
-            vec![
-                "connect mv",
-                "room_joined chat://1",
-                "room_joined chat://2",
-                "room_changed mv chat://1 chat://2",
-                "room_changed mv chat://2 -",
-                "disconnect mv",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect::<Vec<_>>(),
-            "one room_changed per change, nothing late"
-        );
-    }
-
-    /// op 4 past the token bucket (1/s, burst 2) is refused with -429 without reaching logic;
-    /// a token later (1 s on the paused clock) it goes through again.
-    #[tokio::test(start_paused = true)]
-    async fn upstream_messages_past_the_token_bucket_are_refused() {
-        let (logic, ctx, mut c) = authed(30, one_per_second_burst_two, "fast", "").await;
-        let mut send = async |seq: i32| {
-            let r = c.request(op::SEND_MSG, seq, r#"{"mid":5,"op":1000}"#).await;
-            assert_eq!(r.op, op::SEND_MSG_REPLY);
-            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()
-        };
-        assert_eq!(send(1).await["code"], 0);
-        assert_eq!(send(2).await["code"], 0);
-        let refused = send(3).await;
-        assert_eq!(refused["code"], upstream::RATE_LIMITED);
-        assert_eq!(
-            refused["message"],
-            "rate limited: at most 1 messages per second (burst 2), retry in 1000 ms"
-        );
-        assert_eq!(
-            logic.sends().len(),
-            2,
-            "the refused one never reached logic"
-        );
-        tokio::time::advance(Duration::from_millis(999)).await;
-        assert_eq!(send(4).await["code"], upstream::RATE_LIMITED);
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(send(5).await["code"], 0);
-        assert_eq!(logic.sends().len(), 3);
-        assert_eq!(ctx.metrics.upstream_sent.get(), 3);
-        assert!(
-            ctx.metrics
-                .render()
-                .contains(r#"rim_comet_upstream_refused_total{code="-429"} 2"#)
-        );
-    }
-
-    /// ChangeRoom, Sub and Unsub share the session's token bucket; refusals keep the session.
-    #[tokio::test(start_paused = true)]
-    async fn room_changes_and_subs_share_the_rate_limit() {
-        let (logic, ctx, mut c) = authed(30, one_per_second_burst_two, "rl", "").await;
-        assert_eq!(&c.request(op::SUB, 1, "1001").await.body[..], b"1001");
-        // A bad argument costs a token too.
-        let r = c.request(op::CHANGE_ROOM, 2, "nope").await;
-        assert!(String::from_utf8_lossy(&r.body).contains("bad room id"));
-        for (o, reply) in [
-            (op::CHANGE_ROOM, op::CHANGE_ROOM_REPLY),
-            (op::UNSUB, op::UNSUB_REPLY),
-        ] {
-            let r = c.request(o, 3, "nope").await;
-            assert_eq!(
-                (r.op, &r.body[..]),
-                (reply, &br#"{"error":"rate limited"}"#[..])
-            );
-        }
-        assert_eq!(ctx.metrics.requests_rate_limited.get(), 2);
-        assert!(ctx.buckets.get("rl").unwrap().accepts(1001));
-        assert!(logic.calls_of("room_changed").is_empty());
-    }
-
-    #[test]
-    fn frames_parse_into_requests_with_their_arguments() {
-        let f = |op: i32, body: &'static str| ClientOp::parse(Frame::new(op, 9, body));
-        assert!(matches!(
-            f(op::HEARTBEAT, ""),
-            ClientOp::Heartbeat { seq: 9 }
-        ));
-        assert!(matches!(
-            f(op::CHANGE_ROOM, " live://1 "),
-            ClientOp::ChangeRoom { to: Ok(Some(r)), .. } if r == room("live://1")
-        ));
-        assert!(matches!(
-            f(op::CHANGE_ROOM, ""),
-            ClientOp::ChangeRoom { to: Ok(None), .. }
-        ));
-        assert!(matches!(
-            f(op::CHANGE_ROOM, "x"),
-            ClientOp::ChangeRoom { to: Err(e), .. } if e.starts_with("bad room id")
-        ));
-        assert!(matches!(
-            f(op::SUB, "1000, 1001"),
-            ClientOp::Sub { ops: Ok(o), .. } if o == vec![1000, 1001]
-        ));
-        assert!(matches!(
-            f(op::UNSUB, "a"),
-            ClientOp::Unsub { ops: Err(e), .. } if e.starts_with("bad op list")
-        ));
-        let many = (0..=MAX_ACCEPTS)
-            .map(|i| i.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        assert!(matches!(
-            ClientOp::parse(Frame::new(op::SUB, 1, many)),
-            ClientOp::Sub { ops: Err(e), .. } if e == "too many ops: at most 256"
-        ));
-        assert!(matches!(
-            f(op::SEND_MSG, "{}"),
-            ClientOp::SendMsg {
-                seq: 9,
-                msg: Err(_)
-            }
-        ));
-        assert!(matches!(
-            f(op::AUTH, "{}"),
-            ClientOp::Unknown { op: op::AUTH }
-        ));
-    }
-
-    /// Heartbeats cost a token: past the rate (1/s, burst 2) they are still answered but
-    /// counted, and the MAX_STRIKES-th one before the bucket refills closes the session as "too
-    /// many frames" (WebSocket 1008).
-    #[tokio::test(start_paused = true)]
-    async fn a_heartbeat_flood_closes_the_session() {
-        let (logic, ctx, mut c) = authed(30, one_per_second_burst_two, "hb", "").await;
-        for seq in 2..2 + 2 + i32::from(MAX_STRIKES) {
-            c.send(op::HEARTBEAT, seq, Bytes::new());
-        }
-        let spec = c.closed(WAIT).await.expect("closed");
-        assert_eq!(spec, CloseSpec::policy("too many frames"));
-        let answered: Vec<i32> = (2..1 + 2 + i32::from(MAX_STRIKES)).collect();
-        assert_eq!(
-            c.pending_reply_seqs(),
-            answered,
-            "all but the one that closed"
-        );
-        assert_eq!(
-            ctx.metrics.requests_rate_limited.get(),
-            u64::from(MAX_STRIKES)
-        );
-        assert_eq!(ctx.metrics.limit_refused[3].get(), 1, "limit=frame_rate");
-        logic.called("disconnect hb").await;
-    }
-
-    /// Unknown ops cost a token like heartbeats and count as strikes too.
-    #[tokio::test(start_paused = true)]
-    async fn unknown_ops_count_against_the_rate() {
-        let (_logic, ctx, mut c) = authed(30, one_per_second_burst_two, "uk", "").await;
-        c.send(99, 2, Bytes::new());
-        c.send(op::AUTH, 3, Bytes::new());
-        c.send(op::HEARTBEAT, 4, Bytes::new());
-        for seq in 5..5 + i32::from(MAX_STRIKES) - 1 {
-            c.send(99, seq, Bytes::new());
-        }
-        let spec = c.closed(WAIT).await.expect("closed");
-        assert_eq!(spec, CloseSpec::policy("too many frames"));
-        assert_eq!(c.pending_reply_seqs(), vec![4], "the heartbeat is answered");
-        assert_eq!(ctx.metrics.limit_refused[3].get(), 1);
-    }
-
-    /// Strikes are forgiven once the bucket is full again: a client that briefly went over keeps
-    /// its session, and one heartbeating like goim (every 30 s) is always answered.
-    #[tokio::test(start_paused = true)]
-    async fn heartbeat_strikes_reset_once_the_bucket_refills() {
-        let (_logic, ctx, mut c) = authed(30, one_per_second_burst_two, "ok", "").await;
-        let below = i32::from(MAX_STRIKES) - 1;
-        for seq in 2..4 + below {
-            c.send(op::HEARTBEAT, seq, Bytes::new());
-        }
-        assert!(c.closed(Duration::from_millis(10)).await.is_none());
-        assert_eq!(c.pending_reply_seqs(), (2..4 + below).collect::<Vec<_>>());
-        for _ in 2..4 + below {
-            c.reply().await;
-        }
-        tokio::time::advance(Duration::from_secs(2)).await;
-        // Full again: the strikes are forgiven, another round below the limit keeps the session.
-        for seq in 100..102 + below {
-            c.send(op::HEARTBEAT, seq, Bytes::new());
-        }
-        assert!(c.closed(Duration::from_millis(10)).await.is_none());
-        assert_eq!(
-            c.pending_reply_seqs(),
-            (100..102 + below).collect::<Vec<_>>()
-        );
-        for _ in 100..102 + below {
-            c.reply().await;
-        }
-        for i in 0..10 {
-            tokio::time::advance(Duration::from_secs(30)).await;
-            let r = c.request(op::HEARTBEAT, 200 + i, Bytes::new()).await;
-            assert_eq!(r.op, op::HEARTBEAT_REPLY);
-        }
-        assert_eq!(ctx.metrics.limit_refused[3].get(), 0);
-    }
-}
+#[path = "client_op_tests.rs"]
+mod tests;

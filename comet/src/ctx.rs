@@ -42,6 +42,9 @@ pub(crate) struct Ctx {
     pub node: NodeInfo,
     /// Queue of the paced broadcast worker (see `deliver`).
     pub paced: mpsc::Sender<PacedJob>,
+    /// Room types whose joins logic must approve, as its last `ConnectReply` said (logic's
+    /// `[rooms]` policies; the same for every session).
+    guarded_room_types: parking_lot::RwLock<Vec<String>>,
 }
 
 impl Ctx {
@@ -68,8 +71,24 @@ impl Ctx {
             logic_ok: AtomicBool::new(false),
             node,
             paced,
+            guarded_room_types: parking_lot::RwLock::new(Vec::new()),
             cfg,
         }
+    }
+
+    /// Records which room types logic guards (from a `ConnectReply`); written only on change.
+    pub fn set_guarded_room_types(&self, types: &[String]) {
+        if *self.guarded_room_types.read() != types {
+            *self.guarded_room_types.write() = types.to_vec();
+        }
+    }
+
+    /// Whether joining `room` needs logic's approval ([`crate::logic::Logic::check_join`]).
+    pub fn join_needs_check(&self, room: &rim_proto::room::RoomId) -> bool {
+        self.guarded_room_types
+            .read()
+            .iter()
+            .any(|t| t == room.room_type())
     }
 
     /// Sends `notice` about `s` to logic in the background (see [`crate::logic::notify`]).

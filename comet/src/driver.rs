@@ -68,6 +68,10 @@ async fn serve<C: Connection>(
     let mut last_renew = Instant::now();
     // Only client frames move the deadline; pushes going out do not keep a silent client alive.
     let mut deadline = Instant::now() + idle;
+    // The token's end, on the runtime's clock; recomputed only when a fresh token (op 22) moved
+    // it, so converting from wall-clock time happens once per token.
+    let mut expires_ms = session.expires_ms();
+    let mut token_end = token_deadline(expires_ms);
     let mut st = FrameState::new(&ctx.cfg.session);
     loop {
         // Boxed, at one allocation per written batch (which already allocates its messages): the
@@ -87,10 +91,16 @@ async fn serve<C: Connection>(
                 out.close(CloseSpec::shutdown());
                 break;
             }
-            r = tokio::time::timeout_at(deadline, conn.next()) => r,
+            r = tokio::time::timeout_at(token_end.map_or(deadline, |t| t.min(deadline)), conn.next()) => r,
             _ = out.changed() => continue,
         };
         match r {
+            Err(_) if token_end.is_some_and(|t| t <= Instant::now()) => {
+                ctx.metrics.token_expired.inc();
+                tracing::info!(%peer, key = %session.key, "token expired");
+                out.close(CloseSpec::policy("token expired"));
+                break;
+            }
             Err(_) => {
                 ctx.metrics.heartbeat_timeouts.inc();
                 tracing::info!(%peer, key = %session.key, "heartbeat timeout");
@@ -116,9 +126,24 @@ async fn serve<C: Connection>(
                 // Boxed: handlers that wait on logic are large and rare; the task stays small.
                 let work = Box::pin(ClientOp::parse(f).apply(ctx, session, &mut st));
                 Box::pin(while_writing(conn, out, wt, work)).await;
+                if session.expires_ms() != expires_ms {
+                    expires_ms = session.expires_ms();
+                    token_end = token_deadline(expires_ms);
+                }
             }
         }
     }
+}
+
+/// When a token ending at `expires_ms` (unix ms; 0 = never) ends, on the runtime's clock.
+/// An end too far ahead to represent is treated as never (a JWT may carry any `exp`).
+fn token_deadline(expires_ms: u64) -> Option<Instant> {
+    if expires_ms == 0 {
+        return None;
+    }
+    Instant::now().checked_add(Duration::from_millis(
+        expires_ms.saturating_sub(rim_runtime::unix_ms()),
+    ))
 }
 
 /// How often a session's registration is renewed at logic at most. logic's TTL is

@@ -38,7 +38,6 @@ pub mod metrics;
 mod node;
 pub mod outbound;
 mod push;
-mod rate;
 mod renew;
 pub mod room;
 mod server;

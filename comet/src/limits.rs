@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::cidr::Cidr;
 use crate::config::LimitsConfig;
-use crate::rate::TokenBucket;
+use rim_runtime::rate::TokenBucket;
 
 /// Most addresses whose attempt buckets are remembered at once.
 pub(crate) const MAX_TRACKED: usize = 65_536;

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{
     ConnectReply, ConnectRequest, LogicError, LogicRpcClient, NodeInfo, OnlineCounts, OnlineReport,
-    PushAccepted, SendMsgRequest, SessionRef,
+    PushAccepted, SendMsgRequest, SessionRef, TokenGrant,
 };
 use rim_runtime::cluster::Cluster;
 use rim_runtime::rpc::{Link, LinkError};
@@ -62,6 +62,19 @@ pub trait Logic: Send + Sync {
     async fn unregister_node(&self, server: String) -> Result<(), LogicCallError>;
     /// Publishes a client's upstream message (op 4).
     async fn send_msg(&self, req: SendMsgRequest) -> Result<PushAccepted, LogicCallError>;
+    /// Asks whether a session holding `grant` may join `room` (a room of a guarded type).
+    async fn check_join(
+        &self,
+        session: SessionRef,
+        room: RoomId,
+        grant: TokenGrant,
+    ) -> Result<(), LogicCallError>;
+    /// Checks a fresh token (op 22) for a live session; answers what it grants.
+    async fn refresh_token(
+        &self,
+        session: SessionRef,
+        token: String,
+    ) -> Result<TokenGrant, LogicCallError>;
 }
 
 /// [`Logic`] over tarpc: one reconnecting link to logic's addresses, each call bounded by
@@ -152,6 +165,25 @@ impl Logic for LogicClient {
 
     async fn send_msg(&self, req: SendMsgRequest) -> Result<PushAccepted, LogicCallError> {
         self.call(|c, cx| async move { c.send_msg(cx, req).await })
+            .await
+    }
+
+    async fn check_join(
+        &self,
+        session: SessionRef,
+        room: RoomId,
+        grant: TokenGrant,
+    ) -> Result<(), LogicCallError> {
+        self.call(|c, cx| async move { c.check_join(cx, session, room, grant).await })
+            .await
+    }
+
+    async fn refresh_token(
+        &self,
+        session: SessionRef,
+        token: String,
+    ) -> Result<TokenGrant, LogicCallError> {
+        self.call(|c, cx| async move { c.refresh_token(cx, session, token).await })
             .await
     }
 }

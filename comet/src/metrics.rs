@@ -54,6 +54,8 @@ pub struct Metrics {
     pub requests_rate_limited: Counter,
     /// Sessions closed after heartbeat silence.
     pub heartbeat_timeouts: Counter,
+    /// Sessions closed because their token expired (no fresh one by op 22).
+    pub token_expired: Counter,
     /// Successful node renewals.
     pub renewals: Counter,
     /// Failed node renewals.
@@ -189,6 +191,11 @@ impl Metrics {
             "rim_comet_heartbeat_timeouts_total",
             "Sessions closed after heartbeat silence.",
             self.heartbeat_timeouts.get(),
+        )
+        .counter(
+            "rim_comet_token_expired_total",
+            "Sessions closed with op 6 \"token expired\" (no fresh token by op 22).",
+            self.token_expired.get(),
         )
         .counter(
             "rim_comet_renewals_total",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use rim_proto::room::RoomId;
-use rim_proto::rpc::{PushId, SessionRef};
+use rim_proto::rpc::{PushId, SessionRef, TokenGrant};
 
 use crate::outbound::Outbound;
 
@@ -33,6 +33,8 @@ pub struct Session {
     /// partitions, so a small vec.
     marks: Mutex<Vec<(u32, u64, u64)>>,
     room: Mutex<Option<RoomId>>,
+    /// What the client's token grants (rooms, end of the session); replaced by op 22.
+    grant: Mutex<TokenGrant>,
 }
 
 /// `ops` sorted and deduplicated, holding no spare capacity.
@@ -91,6 +93,7 @@ impl Session {
             accepts: RwLock::new(sorted_ops(accepts.iter().copied().take(MAX_ACCEPTS))),
             marks: Mutex::new(Vec::new()),
             room: Mutex::new(None),
+            grant: Mutex::new(TokenGrant::default()),
         }
     }
 
@@ -157,6 +160,26 @@ impl Session {
                 None => mine.push((key, ms, seq)),
             }
         }
+    }
+
+    /// Sets what the client's token grants (at Auth, and when op 22 brings a fresh token).
+    pub fn set_grant(&self, grant: TokenGrant) {
+        *self.grant.lock() = grant;
+    }
+
+    /// What the client's token grants.
+    pub fn grant(&self) -> TokenGrant {
+        self.grant.lock().clone()
+    }
+
+    /// When the session must end unless a fresh token arrives (unix ms; 0 = never).
+    pub fn expires_ms(&self) -> u64 {
+        self.grant.lock().expires_ms
+    }
+
+    /// Whether the client's token lets it be in `room`.
+    pub fn token_allows(&self, room: &RoomId) -> bool {
+        self.grant.lock().allows_room(room.as_str())
     }
 
     /// The session's room.

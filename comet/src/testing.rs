@@ -18,7 +18,7 @@ use rim_proto::op;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{
     ConnectReply, ConnectRequest, LogicError, NodeInfo, OnlineCounts, OnlineReport, PushAccepted,
-    SendMsgRequest, SessionRef,
+    SendMsgRequest, SessionRef, TokenGrant,
 };
 use rim_runtime::rpc::LinkError;
 use tokio::sync::{mpsc, watch};
@@ -35,6 +35,25 @@ use crate::writer::Out;
 
 /// How long a test waits for something that must happen (virtual time under a paused clock).
 pub(crate) const WAIT: Duration = Duration::from_secs(30);
+
+/// The grant of a test token: `ttl=<secs>` expires that long from now (wall clock, as logic's),
+/// `rooms=<a>,<b>` limits rooms (both may be joined with `;`); `deny` is refused; anything else
+/// grants everything forever.
+fn mem_grant(token: &str) -> Result<TokenGrant, LogicCallError> {
+    if token == "deny" {
+        return Err(LogicError::Unauthorized("token invalid".into()).into());
+    }
+    let mut g = TokenGrant::default();
+    for part in token.split(';') {
+        if let Some(ttl) = part.strip_prefix("ttl=") {
+            let secs: u64 = ttl.parse().unwrap();
+            g.expires_ms = rim_runtime::unix_ms() + secs * 1000;
+        } else if let Some(rooms) = part.strip_prefix("rooms=") {
+            g.rooms = Some(rooms.split(',').map(str::to_string).collect());
+        }
+    }
+    Ok(g)
+}
 
 /// An in-memory logic. Every call is recorded as a line (`connect k`, `room_joined live://1`,
 /// `room_changed k live://1 -`, ...) before it is answered; calls whose line starts with a held
@@ -168,6 +187,7 @@ impl Logic for MemLogic {
         if req.auth.token == "deny" {
             return Err(LogicError::Unauthorized("bad token".into()).into());
         }
+        let grant = mem_grant(&req.auth.token)?;
         let room = match req.auth.room_id.as_str() {
             "" => None,
             r => Some(RoomId::parse(r).map_err(|e| LogicError::BadRequest(e.to_string()))?),
@@ -180,7 +200,33 @@ impl Logic for MemLogic {
             accepts: req.auth.accepts,
             heartbeat_secs: self.heartbeat_secs,
             replaced_elsewhere: false,
+            grant,
+            guarded_room_types: vec!["guarded".into()],
         })
+    }
+
+    async fn check_join(
+        &self,
+        s: SessionRef,
+        room: RoomId,
+        grant: TokenGrant,
+    ) -> Result<(), LogicCallError> {
+        self.call(format!("check_join {} {room}", s.key)).await?;
+        if grant.names_room(room.as_str()) {
+            Ok(())
+        } else {
+            Err(LogicError::Forbidden("room requires a token that names it".into()).into())
+        }
+    }
+
+    async fn refresh_token(
+        &self,
+        s: SessionRef,
+        token: String,
+    ) -> Result<TokenGrant, LogicCallError> {
+        self.call(format!("refresh_token {} {token}", s.key))
+            .await?;
+        mem_grant(&token)
     }
 
     async fn disconnect(&self, s: SessionRef) -> Result<(), LogicCallError> {

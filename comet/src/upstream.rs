@@ -17,7 +17,7 @@ use crate::ctx::Ctx;
 use crate::logic::LogicCallError;
 use crate::session::Session;
 
-pub use crate::rate::TokenBucket;
+pub use rim_runtime::rate::TokenBucket;
 
 /// Code of a refused SendMsg whose body is invalid.
 pub const BAD_REQUEST: i32 = -400;
@@ -126,6 +126,7 @@ async fn handle_inner(
         target: parsed.target,
         op: parsed.op,
         data_json: parsed.data_json,
+        grant: s.grant(),
     };
     match ctx.logic.send_msg(req).await {
         Ok(accepted) => SendMsgReplyBody {

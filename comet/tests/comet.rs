@@ -20,7 +20,7 @@ use rim_proto::room::RoomId;
 use rim_proto::rpc::{
     CometRpcClient, ConnectReply, ConnectRequest, DeliverReport, DeliverTarget, Delivery,
     LogicError, LogicRpc, NodeInfo, OnlineCounts, OnlineReport, PushAccepted, PushId,
-    SendMsgRequest, SendTarget, SessionRef,
+    SendMsgRequest, SendTarget, SessionRef, TokenGrant,
 };
 use rim_testkit::client::raw_frame;
 use tarpc::context::Context;
@@ -82,6 +82,8 @@ impl LogicRpc for FakeLogic {
             accepts: req.auth.accepts,
             heartbeat_secs: self.heartbeat_secs,
             replaced_elsewhere: false,
+            grant: TokenGrant::default(),
+            guarded_room_types: Vec::new(),
         })
     }
     async fn disconnect(self, _: Context, s: SessionRef) -> Result<(), LogicError> {
@@ -201,6 +203,23 @@ impl LogicRpc for FakeLogic {
             room_name(&to)
         ));
         Ok(())
+    }
+    async fn check_join(
+        self,
+        _: Context,
+        _: SessionRef,
+        _: RoomId,
+        _: TokenGrant,
+    ) -> Result<(), LogicError> {
+        Ok(())
+    }
+    async fn refresh_token(
+        self,
+        _: Context,
+        _: SessionRef,
+        _: String,
+    ) -> Result<TokenGrant, LogicError> {
+        Ok(TokenGrant::default())
     }
 }
 

@@ -100,13 +100,13 @@ pub enum TokenError {
     Room,
 }
 
-/// Checks `token` for `mid` at the current time.
-pub fn verify_token(secret: &str, mid: i64, token: &str) -> Result<(), TokenError> {
+/// Checks `token` for `mid` at the current time; `Ok` holds its expiry (unix seconds).
+pub fn verify_token(secret: &str, mid: i64, token: &str) -> Result<u64, TokenError> {
     verify_token_at(secret, mid, token, now_secs())
 }
 
-/// Checks `token` for `mid` as of `now` (unix seconds).
-pub fn verify_token_at(secret: &str, mid: i64, token: &str, now: u64) -> Result<(), TokenError> {
+/// Checks `token` for `mid` as of `now` (unix seconds); `Ok` holds its expiry.
+pub fn verify_token_at(secret: &str, mid: i64, token: &str, now: u64) -> Result<u64, TokenError> {
     if token.is_empty() {
         return Err(TokenError::Missing);
     }
@@ -133,7 +133,7 @@ pub fn verify_token_at(secret: &str, mid: i64, token: &str, now: u64) -> Result<
     if texp <= now {
         return Err(TokenError::Expired);
     }
-    Ok(())
+    Ok(texp)
 }
 
 /// Constant-time check of an `Authorization` header value against `Bearer <secret>`.
@@ -156,7 +156,7 @@ mod tests {
     #[test]
     fn tokens_verify_and_refuse() {
         let t = issue_token_until("s3cret", 42, 1_000);
-        assert_eq!(verify_token_at("s3cret", 42, &t, 999), Ok(()));
+        assert_eq!(verify_token_at("s3cret", 42, &t, 999), Ok(1_000));
         assert_eq!(
             verify_token_at("s3cret", 42, &t, 1_000),
             Err(TokenError::Expired)
@@ -183,7 +183,7 @@ mod tests {
             Err(TokenError::Invalid)
         );
         let live = issue_token("k", -7, Duration::from_secs(60));
-        assert_eq!(verify_token("k", -7, &live), Ok(()));
+        assert!(verify_token("k", -7, &live).is_ok());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use rim_proto::rpc::{LogicError as RpcError, PushAccepted, SendMsgRequest, SendT
 
 use crate::App;
 use crate::publish::new_msg_id;
+use crate::room_policy::Action;
 use crate::store::Membership;
 
 /// The JSON body recipients of a message from `from` receive.
@@ -69,6 +70,14 @@ impl App {
                 if req.sender_room.as_ref() != Some(room) {
                     return Err(RpcError::Forbidden(format!("not a member of {room}")));
                 }
+                self.check_room(
+                    Action::Post,
+                    req.sender.mid,
+                    &req.sender.key,
+                    room,
+                    &req.grant,
+                )
+                .await?;
                 let body = chat_body(req.sender.mid, data)?;
                 let exclude = (!chat.echo_to_sender).then_some(req.sender.key.as_str());
                 let p = job::room_partition(room, self.config.stream.partitions);

@@ -2,9 +2,11 @@
 //! lifetimes, partition count, chat policy, bot webhook and demo. Every field has a default (dev
 //! defaults are marked in `config/logic.toml`); [`Validate`] names the first bad field.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 pub use crate::auth::{AuthConfig, AuthMode};
+pub use crate::room_policy::{Access, RoomHookConfig, RoomTypePolicy};
 use rim_proto::room::RoomId;
 pub use rim_runtime::cluster::ClusterConfig;
 pub use rim_runtime::redis::RedisConfig;
@@ -40,6 +42,10 @@ pub struct Config {
     pub chat: ChatConfig,
     /// Bot webhook that upstream messages are forwarded to.
     pub webhook: WebhookConfig,
+    /// Room permissions per room type (`[rooms.<type>]`: who may join, who may post).
+    pub rooms: HashMap<String, RoomTypePolicy>,
+    /// The backend asked about rooms whose policy is `backend`.
+    pub room_hook: RoomHookConfig,
     /// Demo page and dev sign-in.
     pub demo: DemoConfig,
     /// Shared secret and bounds of internal RPC (`LogicRpc`).
@@ -64,6 +70,8 @@ impl Default for Config {
             stream: StreamConfig::default(),
             chat: ChatConfig::default(),
             webhook: WebhookConfig::default(),
+            rooms: HashMap::new(),
+            room_hook: RoomHookConfig::default(),
             demo: DemoConfig::default(),
             cluster: ClusterConfig::default(),
             shutdown_grace_ms: 10_000,
@@ -119,6 +127,11 @@ pub struct PushConfig {
     /// Whether online, node and room member routes stay open without the secret (the user
     /// sessions route never does: it lists session keys).
     pub open_online: bool,
+    /// Push requests per second accepted for the push secret (rim has one secret, so one
+    /// bucket per logic); past it 429. 0 = no limit.
+    pub rate_per_sec: u32,
+    /// Push requests that may arrive at once above `rate_per_sec` (0 = `rate_per_sec`).
+    pub rate_burst: u32,
 }
 
 impl Default for PushConfig {
@@ -129,6 +142,8 @@ impl Default for PushConfig {
             max_targets: 1_000,
             secret: String::new(),
             open_online: false,
+            rate_per_sec: 0,
+            rate_burst: 0,
         }
     }
 }
@@ -141,6 +156,10 @@ pub struct SessionConfig {
     pub heartbeat_secs: u32,
     /// Heartbeats a session may miss before it is dropped.
     pub heartbeat_misses: u32,
+    /// Most sessions one mid may have at once, cluster-wide; past it a new session's Auth is
+    /// refused (`too many sessions for this user`). Re-authenticating a key the mid already
+    /// holds does not count twice. 0 = no limit.
+    pub max_per_mid: u32,
 }
 
 impl Default for SessionConfig {
@@ -148,6 +167,7 @@ impl Default for SessionConfig {
         SessionConfig {
             heartbeat_secs: 60,
             heartbeat_misses: 5,
+            max_per_mid: 100,
         }
     }
 }
@@ -387,6 +407,7 @@ impl Validate for Config {
             ));
         }
         crate::jwt::Verifier::load(&self.auth)?;
+        crate::room_policy::validate(&self.rooms, &self.room_hook)?;
         if self.push.secret.is_empty() && !http.ip().is_loopback() {
             return Err(SettingsError::invalid(
                 "push.secret",

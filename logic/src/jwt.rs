@@ -16,32 +16,12 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use rim_runtime::settings::SettingsError;
 use serde::Deserialize;
 
+use rim_proto::rpc::TokenGrant;
+
 use crate::auth::{self, AuthConfig, TokenError};
 
 /// Clock skew allowed on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECS: u64 = 30;
-
-/// What a verified token grants beyond the mid.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Grant {
-    /// Rooms the session may be in (`None` = any): exact ids or `type://*`.
-    pub rooms: Option<Vec<String>>,
-    /// When the token expires (unix seconds; 0 = not known).
-    pub expires: u64,
-}
-
-impl Grant {
-    /// Whether `room` (a valid `type://id`) is allowed.
-    pub fn allows_room(&self, room: &str) -> bool {
-        let Some(rooms) = &self.rooms else {
-            return true;
-        };
-        rooms.iter().any(|r| match r.strip_suffix('*') {
-            Some(prefix) if prefix.ends_with("://") => room.starts_with(prefix),
-            _ => r == room,
-        })
-    }
-}
 
 /// The JWT claims rim reads (others are ignored).
 #[derive(Debug, Deserialize)]
@@ -168,7 +148,9 @@ impl Verifier {
     }
 
     /// Checks `token` for `mid`: a v1 token grants any room, a JWT what its claims say.
-    pub fn verify(&self, mid: i64, token: &str) -> Result<Grant, TokenError> {
+    /// Checks a client token for `mid`: what it grants, with the session's end (the expiry, plus
+    /// [`LEEWAY_SECS`] for a JWT, since that is how long it is accepted).
+    pub fn verify(&self, mid: i64, token: &str) -> Result<TokenGrant, TokenError> {
         if token.is_empty() {
             return Err(TokenError::Missing);
         }
@@ -176,8 +158,11 @@ impl Verifier {
             if self.v1_secret.is_empty() {
                 return Err(TokenError::Invalid);
             }
-            auth::verify_token(&self.v1_secret, mid, token)?;
-            return Ok(Grant::default());
+            let expiry = auth::verify_token(&self.v1_secret, mid, token)?;
+            return Ok(TokenGrant {
+                rooms: None,
+                expires_ms: expiry.saturating_mul(1000),
+            });
         }
         if token.bytes().filter(|b| *b == b'.').count() != 2 {
             return Err(TokenError::Invalid);
@@ -199,7 +184,7 @@ impl Verifier {
         }
     }
 
-    fn verify_jwt(&self, mid: i64, token: &str) -> Result<Grant, TokenError> {
+    fn verify_jwt(&self, mid: i64, token: &str) -> Result<TokenGrant, TokenError> {
         // An unknown alg (including "none") fails to parse here.
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
         let key = self.key_for(&header).ok_or(TokenError::Invalid)?;
@@ -236,9 +221,9 @@ impl Verifier {
         if sub != Some(mid) {
             return Err(TokenError::Subject);
         }
-        Ok(Grant {
+        Ok(TokenGrant {
             rooms: c.rooms,
-            expires: c.exp,
+            expires_ms: c.exp.saturating_add(LEEWAY_SECS).saturating_mul(1000),
         })
     }
 }

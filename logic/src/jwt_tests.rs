@@ -74,7 +74,7 @@ fn hs256_good_and_sub_as_number() {
         .verify(MID, &hs("jwt-s3cret", &claims(json!({}))))
         .unwrap();
     assert_eq!(g.rooms, None);
-    assert!(g.expires > 0);
+    assert!(g.expires_ms > 0);
     let numeric = hs("jwt-s3cret", &claims(json!({"sub": MID})));
     assert!(v.verify(MID, &numeric).is_ok());
 }
@@ -205,16 +205,19 @@ fn sub_must_be_the_mid() {
 #[test]
 fn rooms_claim_limits_rooms() {
     let v = hs_verifier();
-    let t = hs(
-        "jwt-s3cret",
-        &claims(json!({"rooms": ["live://1000", "chat://*"]})),
-    );
+    let c = claims(json!({"rooms": ["live://1000", "chat://*"]}));
+    let t = hs("jwt-s3cret", &c);
     let g = v.verify(MID, &t).unwrap();
     assert!(g.allows_room("live://1000"));
     assert!(g.allows_room("chat://anything"));
     assert!(!g.allows_room("live://1001"));
     assert!(!g.allows_room("chatroom://x"));
-    assert!(Grant::default().allows_room("live://1001"));
+    assert!(!g.names_room("live://1001"));
+    assert!(TokenGrant::default().allows_room("live://1001"));
+    assert!(!TokenGrant::default().names_room("live://1001"));
+    // The session may last as long as the token is accepted: exp plus the leeway.
+    let exp = c["exp"].as_u64().unwrap();
+    assert_eq!(g.expires_ms, (exp + LEEWAY_SECS) * 1000);
     let junk = hs("jwt-s3cret", &claims(json!({"rooms": "live://1"})));
     assert_eq!(refusal(&v, &junk), "token invalid");
 }
@@ -225,8 +228,15 @@ fn v1_tokens_still_work() {
         c.secret = "v1-s3cret".into();
         c.jwt_secret = "jwt-s3cret".into();
     });
-    let t = auth::issue_token("v1-s3cret", MID, std::time::Duration::from_secs(60));
-    assert_eq!(v.verify(MID, &t).unwrap(), Grant::default());
+    let exp = now() as u64 + 60;
+    let t = auth::issue_token_until("v1-s3cret", MID, exp);
+    assert_eq!(
+        v.verify(MID, &t).unwrap(),
+        TokenGrant {
+            rooms: None,
+            expires_ms: exp * 1000
+        }
+    );
     assert_eq!(refusal(&v, &t.replace("v1.42", "v1.43")), "token invalid");
     // JWT-only: a v1 token is refused, not checked against an empty secret.
     let jwt_only = hs_verifier();

@@ -10,6 +10,8 @@
 //! * `chat`: upstream messages under the send policy, presence events.
 //! * `directory`: room member and user session listings, the demo's dev sign-in.
 //! * `webhook`: forwarding messages to a bot and publishing its replies.
+//! * `room_policy`: who may join and post per room type, the room hook; `hook_answer`: capped
+//!   reads of the hooks' answers.
 //! * `http`, `rpc`: the two front doors; `reaper`: removal of dead comets.
 #![forbid(unsafe_code)]
 
@@ -17,6 +19,7 @@ pub mod auth;
 mod chat;
 pub mod config;
 mod directory;
+mod hook_answer;
 mod http;
 pub mod jwt;
 mod metrics;
@@ -24,6 +27,7 @@ mod online;
 mod publish;
 mod reaper;
 mod registry;
+mod room_policy;
 mod rpc;
 mod store;
 mod webhook;
@@ -74,6 +78,9 @@ pub enum RunError {
     /// The webhook client could not be built.
     #[error(transparent)]
     Webhook(#[from] webhook::WebhookError),
+    /// The room hook client could not be built.
+    #[error(transparent)]
+    RoomHook(#[from] room_policy::RoomHookError),
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Http(#[from] std::io::Error),
@@ -89,6 +96,26 @@ pub(crate) struct App {
     pub(crate) webhook: Option<webhook::Webhook>,
     /// Checks client tokens (v1 and JWT), keys loaded from `[auth]` at start.
     pub(crate) tokens: jwt::Verifier,
+    /// The client of `[room_hook]`, when set.
+    pub(crate) room_hook: Option<room_policy::RoomHook>,
+    /// `push.rate_per_sec` for the push secret, when set.
+    pub(crate) push_rate: Option<parking_lot::Mutex<rim_runtime::rate::TokenBucket>>,
+}
+
+/// The push API's token bucket, when `push.rate_per_sec` is set.
+fn push_rate(c: &config::PushConfig) -> Option<parking_lot::Mutex<rim_runtime::rate::TokenBucket>> {
+    (c.rate_per_sec > 0).then(|| {
+        let burst = if c.rate_burst == 0 {
+            c.rate_per_sec
+        } else {
+            c.rate_burst
+        };
+        parking_lot::Mutex::new(rim_runtime::rate::TokenBucket::new(
+            c.rate_per_sec,
+            burst,
+            tokio::time::Instant::now(),
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -97,6 +124,7 @@ impl App {
     pub(crate) fn in_memory(config: Config) -> (Arc<App>, Arc<store::memory::Memory>) {
         let (store, memory) = Stores::memory();
         let tokens = jwt::Verifier::load(&config.auth).expect("test auth config loads");
+        let push_rate = push_rate(&config.push);
         let app = App {
             tokens,
             config,
@@ -104,6 +132,8 @@ impl App {
             metrics: Arc::new(Metrics::default()),
             view: ViewCache::default(),
             webhook: None,
+            room_hook: None,
+            push_rate,
         };
         (Arc::new(app), memory)
     }
@@ -139,8 +169,11 @@ pub async fn run(
         None => (None, None),
     };
     let tokens = jwt::Verifier::load(&config.auth)?;
+    let room_hook = room_policy::RoomHook::setup(&config.room_hook)?;
     let app = Arc::new(App {
         tokens,
+        room_hook,
+        push_rate: push_rate(&config.push),
         config,
         store,
         metrics: Arc::new(Metrics::default()),

@@ -9,7 +9,7 @@ use rim_runtime::ops::OpsSource;
 use crate::store::Stores;
 
 /// HTTP statuses counted individually; anything else lands in "other".
-const STATUSES: [u16; 8] = [200, 400, 401, 403, 404, 405, 500, 503];
+const STATUSES: [u16; 9] = [200, 400, 401, 403, 404, 405, 429, 500, 503];
 
 /// Every counter logic exports.
 #[derive(Debug, Default)]
@@ -60,7 +60,21 @@ pub struct Metrics {
     pub webhook_bad_replies: Counter,
     /// Bot replies queued as pushes.
     pub webhook_replies: Counter,
+    /// Room permission checks by action (join, post) and outcome (allowed, refused,
+    /// unavailable: the room hook failed).
+    room_checks: [[Counter; 3]; 2],
+    /// Connects refused by `session.max_per_mid`.
+    pub sessions_per_mid_refused: Counter,
+    /// Push requests refused by `push.rate_per_sec`.
+    pub push_rate_limited: Counter,
+    /// Token refreshes (op 22) accepted.
+    pub token_refreshes: Counter,
+    /// Token refreshes refused.
+    pub token_refreshes_refused: Counter,
 }
+
+/// Outcomes of a room check, as metric labels.
+const ROOM_CHECK_RESULTS: [&str; 3] = ["allowed", "refused", "unavailable"];
 
 /// Why an upstream message was refused (the `LogicError` variant), as metric labels.
 const REFUSALS: [&str; 6] = [
@@ -100,6 +114,24 @@ impl Metrics {
         }
     }
 
+    /// Counts one room permission check.
+    pub fn room_check(
+        &self,
+        action: crate::room_policy::Action,
+        r: &Result<(), rim_proto::rpc::LogicError>,
+    ) {
+        let a = match action {
+            crate::room_policy::Action::Join => 0,
+            crate::room_policy::Action::Post => 1,
+        };
+        let o = match r {
+            Ok(()) => 0,
+            Err(rim_proto::rpc::LogicError::Unavailable(_)) => 2,
+            Err(_) => 1,
+        };
+        self.room_checks[a][o].inc();
+    }
+
     /// Prometheus text.
     pub fn render(&self) -> String {
         let statuses: Vec<String> = STATUSES.iter().map(|s| s.to_string()).collect();
@@ -113,6 +145,17 @@ impl Metrics {
             .iter()
             .zip(&self.msgs_refused)
             .map(|(r, c)| (*r, c.get()))
+            .collect();
+        let checks: Vec<Vec<(&str, u64)>> = self
+            .room_checks
+            .iter()
+            .map(|per| {
+                ROOM_CHECK_RESULTS
+                    .iter()
+                    .zip(per)
+                    .map(|(r, c)| (*r, c.get()))
+                    .collect()
+            })
             .collect();
         Exposition::new()
             .labeled_counter(
@@ -213,6 +256,38 @@ impl Metrics {
                 "rim_logic_webhook_replies_total",
                 "Bot replies queued as pushes.",
                 self.webhook_replies.get(),
+            )
+            .labeled_counter(
+                "rim_logic_room_join_checks_total",
+                "Room join permission checks, by result (unavailable: the room hook failed).",
+                "result",
+                &checks[0],
+            )
+            .labeled_counter(
+                "rim_logic_room_post_checks_total",
+                "Room post permission checks, by result (unavailable: the room hook failed).",
+                "result",
+                &checks[1],
+            )
+            .labeled_counter(
+                "rim_logic_limit_refused_total",
+                "Requests refused by a limit: sessions_per_mid (session.max_per_mid, at Auth), \
+                 push_rate (push.rate_per_sec, HTTP 429).",
+                "limit",
+                &[
+                    ("sessions_per_mid", self.sessions_per_mid_refused.get()),
+                    ("push_rate", self.push_rate_limited.get()),
+                ],
+            )
+            .counter(
+                "rim_logic_token_refreshes_total",
+                "Fresh tokens (op 22) accepted for live sessions.",
+                self.token_refreshes.get(),
+            )
+            .counter(
+                "rim_logic_token_refreshes_refused_total",
+                "Fresh tokens (op 22) refused.",
+                self.token_refreshes_refused.get(),
             )
             .finish()
     }

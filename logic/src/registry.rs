@@ -12,13 +12,14 @@ use rim_proto::job;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{
     ConnectReply, ConnectRequest, LogicError as RpcError, NodeInfo, OnlineCounts, OnlineReport,
-    SessionRef,
+    SessionRef, TokenGrant,
 };
 use tokio::time::Instant;
 
 use crate::App;
-use crate::auth;
+use crate::auth::TokenError;
 use crate::config::AuthMode;
+use crate::room_policy::Action;
 use crate::store::{Membership, Registration, Replaced, StoreError};
 
 pub use crate::store::LiveNode;
@@ -86,17 +87,13 @@ impl App {
             return Err(RpcError::BadRequest("server: required".into()));
         }
         // Trust mode accepts any mid (goim does); in token mode the token binds the mid.
-        if self.config.auth.mode == AuthMode::Token {
-            let grant = self
-                .tokens
+        let grant = if self.config.auth.mode == AuthMode::Token {
+            self.tokens
                 .verify(a.mid, &a.token)
-                .map_err(|e| RpcError::Unauthorized(e.to_string()))?;
-            // A JWT's `rooms` claim bounds the room joined at connect (ChangeRoom is comet's,
-            // not enforced yet: docs/security.md).
-            if !a.room_id.is_empty() && !grant.allows_room(&a.room_id) {
-                return Err(RpcError::Unauthorized(auth::TokenError::Room.to_string()));
-            }
-        }
+                .map_err(|e| RpcError::Unauthorized(e.to_string()))?
+        } else {
+            TokenGrant::default()
+        };
         let room = if a.room_id.is_empty() {
             None
         } else {
@@ -116,6 +113,7 @@ impl App {
             a.key.clone()
         };
         let old = self.store.sessions.head(&key).await.map_err(unavailable)?;
+        self.check_sessions_per_mid(a.mid, &key).await?;
         // A key registered to another user is not up for grabs: keys are listed by
         // /rim/users/{mid}/sessions, and taking one over would kick its owner and route the
         // owner's pushes by key to the taker. A free (lapsed or disconnected) key may be reused.
@@ -123,6 +121,18 @@ impl App {
             && om.parse::<i64>().ok() != Some(a.mid)
         {
             return Err(RpcError::Unauthorized("key belongs to another user".into()));
+        }
+        // The room joined at connect answers to the same permissions as a ChangeRoom into it.
+        if let Some(r) = &room {
+            self.check_room(Action::Join, a.mid, &key, r, &grant)
+                .await
+                .map_err(|e| match e {
+                    // A room refused by the token's claim is an auth failure, as it always was.
+                    RpcError::Forbidden(m) if m == TokenError::Room.to_string() => {
+                        RpcError::Unauthorized(m)
+                    }
+                    e => e,
+                })?;
         }
         let since = rim_runtime::unix_ms();
         // The kick names the replaced session by its `since`, so a late kick cannot close a
@@ -176,6 +186,8 @@ impl App {
             heartbeat_secs: self.config.session.heartbeat_secs,
             replaced_elsewhere,
             since_ms: since,
+            grant,
+            guarded_room_types: self.guarded_room_types(),
         })
     }
 
@@ -234,6 +246,47 @@ impl App {
             self.presence(mid, moved.membership).await;
         }
         Ok(())
+    }
+
+    /// Refuses a new session past `session.max_per_mid` for `mid` (a key the mid already holds
+    /// is a re-authentication, not a new session). Read, then registered: connects racing each
+    /// other can pass together, so the bound may be exceeded by that many.
+    async fn check_sessions_per_mid(&self, mid: i64, key: &str) -> Result<(), RpcError> {
+        let max = self.config.session.max_per_mid;
+        if max == 0 {
+            return Ok(());
+        }
+        let sessions = self.store.sessions.of_mid(mid).await.map_err(unavailable)?;
+        let others = sessions.keys().filter(|k| k.as_str() != key).count();
+        if others >= max as usize {
+            self.metrics.sessions_per_mid_refused.inc();
+            return Err(RpcError::Forbidden(format!(
+                "too many sessions for this user (session.max_per_mid is {max})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a fresh token (op 22) for a live session: the same checks as at connect, for the
+    /// session's mid.
+    pub(crate) fn refresh_token(
+        &self,
+        s: &SessionRef,
+        token: &str,
+    ) -> Result<TokenGrant, RpcError> {
+        let r = if self.config.auth.mode == AuthMode::Token {
+            self.tokens
+                .verify(s.mid, token)
+                .map_err(|e| RpcError::Unauthorized(e.to_string()))
+        } else {
+            // Trust mode: nothing expires, nothing to refresh.
+            Ok(TokenGrant::default())
+        };
+        match &r {
+            Ok(_) => self.metrics.token_refreshes.inc(),
+            Err(_) => self.metrics.token_refreshes_refused.inc(),
+        }
+        r
     }
 
     /// Renews a session's TTL (re-creating it when Redis lost it).

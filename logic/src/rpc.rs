@@ -7,7 +7,7 @@ use bytes::Bytes;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{
     ConnectReply, ConnectRequest, LogicError as RpcError, LogicRpc, NodeInfo, OnlineCounts,
-    OnlineReport, PushAccepted, SendMsgRequest, SessionRef,
+    OnlineReport, PushAccepted, SendMsgRequest, SessionRef, TokenGrant,
 };
 use tarpc::context::Context;
 
@@ -99,5 +99,24 @@ impl LogicRpc for LogicServer {
         to: Option<RoomId>,
     ) -> Result<(), RpcError> {
         self.0.room_changed(session, from, to).await
+    }
+
+    async fn check_join(
+        self,
+        _: Context,
+        session: SessionRef,
+        room: RoomId,
+        grant: TokenGrant,
+    ) -> Result<(), RpcError> {
+        self.0.check_join(&session, &room, &grant).await
+    }
+
+    async fn refresh_token(
+        self,
+        _: Context,
+        session: SessionRef,
+        token: String,
+    ) -> Result<TokenGrant, RpcError> {
+        self.0.refresh_token(&session, &token)
     }
 }

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::App;
 use crate::chat::chat_body;
+use crate::hook_answer::ReadError;
 
 /// First retry delay; doubled per attempt, capped at [`MAX_BACKOFF`].
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
@@ -118,37 +119,14 @@ enum Attempt {
     Fail(String),
 }
 
-/// Largest bot answer read; a longer one fails the attempt instead of filling memory.
-const MAX_ANSWER_BYTES: usize = 1 << 20;
-
-/// Reads the answer's body, at most [`MAX_ANSWER_BYTES`].
-async fn read_bounded(mut resp: reqwest::Response) -> Result<bytes::Bytes, Attempt> {
-    if resp
-        .content_length()
-        .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
-    {
-        return Err(Attempt::Fail(format!(
-            "answer longer than {MAX_ANSWER_BYTES} bytes"
-        )));
-    }
-    let mut body = bytes::BytesMut::new();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                    return Err(Attempt::Fail(format!(
-                        "answer longer than {MAX_ANSWER_BYTES} bytes"
-                    )));
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body.freeze()),
-            Err(e) if e.is_timeout() => {
-                return Err(Attempt::Retry(format!("reading the answer: {e}")));
-            }
-            Err(e) => return Err(Attempt::Fail(format!("reading the answer: {e}"))),
-        }
-    }
+/// [`read_capped`], as the outcome of a webhook attempt.
+async fn read_bounded(resp: reqwest::Response) -> Result<bytes::Bytes, Attempt> {
+    crate::hook_answer::read_capped(resp)
+        .await
+        .map_err(|e| match e {
+            ReadError::Timeout(_) => Attempt::Retry(e.to_string()),
+            _ => Attempt::Fail(e.to_string()),
+        })
 }
 
 async fn attempt(client: &reqwest::Client, url: &str, payload: &Value) -> Attempt {

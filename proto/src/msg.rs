@@ -33,6 +33,14 @@ pub struct AuthReplyBody {
     pub room_id: String,
     /// Heartbeat interval the client should keep, in seconds.
     pub heartbeat: u32,
+    /// rim extension: when the session ends unless the client sends a fresh token with op 22
+    /// (unix ms; absent when the token never expires, as in trust mode).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub token_expires_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Body of op 6 DisconnectReply.

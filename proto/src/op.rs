@@ -39,6 +39,12 @@ pub const UNSUB_REPLY: i32 = 17;
 /// rim extension, server → client: a member joined or left the session's room
 /// (body [`crate::msg::RoomEventBody`]). Sent only for room types configured for it.
 pub const ROOM_EVENT: i32 = 18;
+/// rim extension, client → server: a fresh token for the live session (body: the token), so it
+/// is not closed with op 6 `token expired` when the one it authenticated with expires.
+pub const REFRESH_TOKEN: i32 = 22;
+/// Reply to [`REFRESH_TOKEN`]: `{"expires_ms":N}` (0 = never), or `{"error":"..."}` with the
+/// session's old token still in force.
+pub const REFRESH_TOKEN_REPLY: i32 = 23;
 /// Lowest op an application may push with.
 pub const APP_MIN: i32 = 1000;
 
@@ -64,6 +70,8 @@ pub fn name(op: i32) -> &'static str {
         UNSUB => "Unsub",
         UNSUB_REPLY => "UnsubReply",
         ROOM_EVENT => "RoomEvent",
+        REFRESH_TOKEN => "RefreshToken",
+        REFRESH_TOKEN_REPLY => "RefreshTokenReply",
         op if op >= APP_MIN => "App",
         _ => "Unknown",
     }

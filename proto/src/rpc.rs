@@ -105,6 +105,9 @@ pub struct SendMsgRequest {
     pub op: i32,
     /// The payload as JSON text (kept as text: the RPC codec is positional MessagePack).
     pub data_json: String,
+    /// The sender's token grant (room post policies check it).
+    #[serde(default)]
+    pub grant: TokenGrant,
 }
 
 /// A comet asks logic to authenticate a new session.
@@ -135,6 +138,43 @@ pub struct ConnectReply {
     pub replaced_elsewhere: bool,
     /// When logic registered this session (unix ms, logic's clock); the session's identity in kicks.
     pub since_ms: u64,
+    /// What the client's token grants: the rooms it may be in and when the session must end.
+    #[serde(default)]
+    pub grant: TokenGrant,
+    /// Room types whose joins logic must approve ([`LogicRpc::check_join`]): their policy is
+    /// not `open` (see docs/security.md, room permissions).
+    #[serde(default)]
+    pub guarded_room_types: Vec<String>,
+}
+
+/// What a verified client token grants beyond its mid.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenGrant {
+    /// Rooms the session may be in (`None`: any), as exact ids (`live://1000`) or room types
+    /// (`chat://*`): a JWT's `rooms` claim.
+    pub rooms: Option<Vec<String>>,
+    /// When the session must end unless the client sends a fresh token (unix ms, clock skew
+    /// allowance included; 0 = never: trust mode).
+    pub expires_ms: u64,
+}
+
+impl TokenGrant {
+    /// Whether `room` (a valid `type://id`) is allowed.
+    pub fn allows_room(&self, room: &str) -> bool {
+        let Some(rooms) = &self.rooms else {
+            return true;
+        };
+        rooms.iter().any(|r| match r.strip_suffix('*') {
+            Some(prefix) if prefix.ends_with("://") => room.starts_with(prefix),
+            _ => r == room,
+        })
+    }
+
+    /// Whether the token names `room` explicitly (by id or type): what a room type with the
+    /// `token` join or post policy requires.
+    pub fn names_room(&self, room: &str) -> bool {
+        self.rooms.is_some() && self.allows_room(room)
+    }
 }
 
 /// Identifies one session to logic (disconnect, heartbeat).
@@ -230,6 +270,15 @@ pub trait LogicRpc {
         from: Option<RoomId>,
         to: Option<RoomId>,
     ) -> Result<(), LogicError>;
+    /// Whether a session holding `grant` may join `room` (asked before a ChangeRoom into a room
+    /// of a guarded type); `Forbidden` names the reason.
+    async fn check_join(
+        session: SessionRef,
+        room: RoomId,
+        grant: TokenGrant,
+    ) -> Result<(), LogicError>;
+    /// Checks a fresh token for a live session (op 22): what it grants from now on.
+    async fn refresh_token(session: SessionRef, token: String) -> Result<TokenGrant, LogicError>;
 }
 
 /// Position of a push in its partition stream: the unit of ordering and duplicate suppression.

@@ -40,11 +40,30 @@ pub(super) fn check_secret(app: &App, headers: &HeaderMap, guard: Guard) -> Resu
     }
 }
 
+/// `push.rate_per_sec`: 429 past it, before the body is read.
+fn check_push_rate(app: &App) -> Result<(), ApiError> {
+    let Some(bucket) = &app.push_rate else {
+        return Ok(());
+    };
+    if bucket.lock().try_take(tokio::time::Instant::now()) {
+        return Ok(());
+    }
+    app.metrics.push_rate_limited.inc();
+    Err(ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "push rate over push.rate_per_sec of {}/s: retry later",
+            app.config.push.rate_per_sec
+        ),
+    ))
+}
+
 /// Parses the query and checks the secret, then reads the body (in that order, so a refused
 /// request does not make us read 64 KiB).
 pub(super) async fn push_prelude(app: &App, req: Request) -> Result<(Query, Bytes), ApiError> {
     let (parts, body) = req.into_parts();
     check_secret(app, &parts.headers, Guard::Always).map_err(ApiError::before_body)?;
+    check_push_rate(app).map_err(ApiError::before_body)?;
     let q = Query::parse(parts.uri.query());
     let timeout = std::time::Duration::from_millis(app.config.push.body_timeout_ms);
     let body = read_body(&parts.headers, body, app.config.push.body_limit, timeout).await?;

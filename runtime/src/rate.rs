@@ -1,5 +1,5 @@
-//! A token bucket, the one rate limiter of the comet: a session's requests (`upstream`,
-//! `client_op`) and the per-address auth rate (`limits`) use it.
+//! A token bucket, the one rate limiter of rim: a comet session's requests, the comet's
+//! per-address auth rate and logic's push API rate use it.
 
 use std::time::Duration;
 
@@ -43,13 +43,13 @@ impl TokenBucket {
 
     /// Whether the bucket would be full at `now` (an idle entry that can be forgotten: a new
     /// bucket would behave the same).
-    pub(crate) fn is_full(&self, now: Instant) -> bool {
+    pub fn is_full(&self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens + elapsed * f64::from(self.rate) >= f64::from(self.burst)
     }
 
     /// How long until the next token (for the refusal message).
-    pub(crate) fn wait(&self) -> Duration {
+    pub fn wait(&self) -> Duration {
         if self.rate == 0 {
             return Duration::MAX;
         }
