@@ -148,7 +148,7 @@ impl Rooms {
                 tracing::warn!(%room, error = %e, "room_joined refused")
             }
             Err(LogicCallError::Unreachable(e)) => {
-                tracing::warn!(%room, error = %e, "room_joined failed")
+                rim_runtime::warn_throttled!(%room, error = %e, "room_joined failed")
             }
         }
     }
@@ -192,7 +192,7 @@ impl Rooms {
                 tracing::warn!(key = %s.key, ?from, ?to, error = %e, "room_changed refused")
             }
             Err(LogicCallError::Unreachable(e)) => {
-                tracing::warn!(key = %s.key, ?from, ?to, error = %e, "room_changed failed")
+                rim_runtime::warn_throttled!(key = %s.key, ?from, ?to, error = %e, "room_changed failed")
             }
         }
     }

@@ -136,7 +136,7 @@ async fn handle_inner(
         },
         Err(LogicCallError::Refused(e)) => refused(e.code(), e.to_string()),
         Err(LogicCallError::Unreachable(e)) => {
-            tracing::warn!(key = %s.key, error = %e, "logic unreachable for send msg");
+            rim_runtime::warn_throttled!(key = %s.key, error = %e, "logic unreachable for send msg");
             refused(UNAVAILABLE, "logic unavailable")
         }
     }

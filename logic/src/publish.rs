@@ -22,8 +22,9 @@ pub(crate) fn new_msg_id() -> String {
 
 impl App {
     fn refused(&self, e: StoreError) -> RpcError {
+        // A Redis outage fails every push: one line a second, every refusal counted.
         self.metrics.push_refused.inc();
-        tracing::warn!(error = %e, "push refused");
+        rim_runtime::warn_throttled!(error = %e, "push refused");
         RpcError::Unavailable(e.to_string())
     }
 

@@ -171,7 +171,8 @@ impl RoomHook {
             call = call.bearer_auth(&self.secret);
         }
         let unavailable = |e: &dyn std::fmt::Display| {
-            tracing::warn!(url = %self.url, error = %e, "room hook failed: refusing");
+            // A hook that is down fails every check: one line a second (counted in the metrics).
+            rim_runtime::warn_throttled!(url = %self.url, error = %e, "room hook failed: refusing");
             RpcError::Unavailable("room check unavailable".into())
         };
         let resp = call.send().await.map_err(|e| unavailable(&e))?;

@@ -236,7 +236,7 @@ impl App {
             Ok(()) => self.metrics.webhook_queued.inc(),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.webhook_dropped.inc();
-                tracing::warn!(%id, queue = cfg.queue, "webhook queue full: message not forwarded");
+                rim_runtime::warn_throttled!(%id, queue = cfg.queue, "webhook queue full: message not forwarded");
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.metrics.webhook_dropped.inc();
