@@ -8,6 +8,7 @@ pub mod api;
 pub mod client;
 pub mod process;
 pub mod redis;
+pub mod redis_cluster;
 
 /// Default time a test waits for an event before failing.
 pub const WAIT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -1,0 +1,396 @@
+//! Real multi-node Redis setups on loopback, per test, killed on drop: a Redis Cluster (masters
+//! with replicas, made by `redis-cli --cluster create`, as operators make one) and a
+//! Sentinel-managed primary with a replica and three sentinels. Timeouts are short (1 s node
+//! timeout, 1 s down-after) so failover tests finish in seconds.
+//!
+//! Nodes listen on TCP (cluster and sentinel need it), on ports from [`free_addr`] whose cluster
+//! bus port (+10000) is free too. Setup waits on the state it needs (cluster state `ok` on every
+//! node, sentinels agreeing on the primary), never on a fixed delay.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::process::free_addr;
+
+/// How long setup and failover waits may take before the test fails.
+const SETUP: Duration = Duration::from_secs(30);
+
+/// One `redis-server` (or sentinel) process.
+struct Node {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A port whose cluster bus port (+10000) is free as well.
+fn cluster_port() -> u16 {
+    loop {
+        let port = free_addr().port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn spawn(dir: &std::path::Path, args: &[String]) -> Child {
+    Command::new("redis-server")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (.ci/run installs it)")
+}
+
+fn connection(port: u16) -> Option<::redis::Connection> {
+    let c = ::redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    c.get_connection_with_timeout(Duration::from_millis(500)).ok()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, panicking with `what` after [`SETUP`].
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + SETUP;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running Redis Cluster.
+pub struct RedisCluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` masters with `replicas` replicas each (`--cluster-replicas`), with AOF
+    /// on and fsync on every write, and waits until every node reports `cluster_state:ok`.
+    pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("rim-redis-cluster-")
+            .tempdir()
+            .expect("tempdir");
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            let port = cluster_port();
+            let data = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&data).expect("node dir");
+            let args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                // Any replica may take over, however long it was cut off: tests kill masters.
+                "--cluster-replica-validity-factor",
+                "0",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--dir",
+                &data.to_string_lossy(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let child = spawn(&data, &args);
+            nodes.push(Node {
+                port,
+                child: Some(child),
+            });
+        }
+        for n in &nodes {
+            wait_for(&format!("node {} to answer", n.port), || {
+                let mut c = connection(n.port)?;
+                ::redis::cmd("PING").query::<String>(&mut c).ok()
+            });
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { _dir: dir, nodes };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every live node reports `cluster_state:ok`, every slot is served, and each
+    /// master has as many replicas online as the cluster was made with.
+    pub fn wait_ok(&self) {
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            wait_for(&format!("cluster_state:ok on {}", n.port), || {
+                let mut c = connection(n.port)?;
+                let info: String = ::redis::cmd("CLUSTER").arg("INFO").query(&mut c).ok()?;
+                info.contains("cluster_state:ok").then_some(())
+            });
+        }
+    }
+
+    /// `redis://` seed URLs of every node (what `[redis] nodes` takes).
+    pub fn seed_urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// Port of the master serving `slot`, as a live node sees it.
+    pub fn master_of(&self, slot: u16) -> u16 {
+        wait_for(&format!("the master of slot {slot}"), || {
+            self.nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .find_map(|n| slot_owner(n.port, slot))
+        })
+    }
+
+    /// Kills (SIGKILL) the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
+            n.kill();
+        }
+    }
+
+    /// Waits until a node other than `old` serves `slot` (its replica took over) and the
+    /// cluster is `ok` again; returns the new master's port.
+    pub fn wait_failover(&self, slot: u16, old: u16) -> u16 {
+        let new = wait_for(&format!("a new master for slot {slot}"), || {
+            self.nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .find_map(|n| slot_owner(n.port, slot))
+                .filter(|p| *p != old)
+        });
+        self.wait_ok();
+        new
+    }
+
+    /// A synchronous cluster connection, for test assertions on Redis state.
+    pub fn connection(&self) -> ::redis::cluster::ClusterConnection {
+        ::redis::cluster::ClusterClient::new(self.seed_urls())
+            .and_then(|c| c.get_connection())
+            .expect("connect to the test cluster")
+    }
+}
+
+/// The port of the master serving `slot`, from `CLUSTER SLOTS` asked of the node on `port`.
+fn slot_owner(port: u16, slot: u16) -> Option<u16> {
+    let mut c = connection(port)?;
+    let slots: Vec<::redis::Value> = ::redis::cmd("CLUSTER").arg("SLOTS").query(&mut c).ok()?;
+    for range in slots {
+        let ::redis::Value::Array(items) = range else {
+            continue;
+        };
+        let (Some(lo), Some(hi), Some(::redis::Value::Array(master))) =
+            (items.first(), items.get(1), items.get(2))
+        else {
+            continue;
+        };
+        let (Ok(lo), Ok(hi)) = (
+            ::redis::from_redis_value::<u16>(lo.clone()),
+            ::redis::from_redis_value::<u16>(hi.clone()),
+        ) else {
+            continue;
+        };
+        if (lo..=hi).contains(&slot) {
+            return master
+                .get(1)
+                .and_then(|p| ::redis::from_redis_value::<u16>(p.clone()).ok());
+        }
+    }
+    None
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+    }
+}
+
+/// The master name sentinels monitor in [`SentinelSet`].
+pub const SENTINEL_MASTER: &str = "rim";
+
+/// A primary, one replica and three sentinels (quorum 2) watching them.
+pub struct SentinelSet {
+    dir: tempfile::TempDir,
+    redis: Vec<Node>,
+    sentinels: Vec<Node>,
+}
+
+impl SentinelSet {
+    /// Starts the primary, its replica and three sentinels; waits until the sentinels agree on
+    /// the primary and see the replica.
+    pub fn start() -> SentinelSet {
+        let dir = tempfile::Builder::new()
+            .prefix("rim-redis-sentinel-")
+            .tempdir()
+            .expect("tempdir");
+        let primary = free_addr().port();
+        let mut redis = Vec::new();
+        for replica_of in [None, Some(primary)] {
+            let port = if replica_of.is_none() {
+                primary
+            } else {
+                free_addr().port()
+            };
+            let data = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&data).expect("node dir");
+            let mut args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--dir",
+                &data.to_string_lossy(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if let Some(p) = replica_of {
+                args.extend(["--replicaof".into(), "127.0.0.1".into(), p.to_string()]);
+            }
+            redis.push(Node {
+                port,
+                child: Some(spawn(&data, &args)),
+            });
+        }
+        let mut set = SentinelSet {
+            dir,
+            redis,
+            sentinels: Vec::new(),
+        };
+        for _ in 0..3 {
+            let port = free_addr().port();
+            let conf = set.dir.path().join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\n\
+                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n"
+                ),
+            )
+            .expect("sentinel config");
+            let child = spawn(
+                set.dir.path(),
+                &[conf.to_string_lossy().into_owned(), "--sentinel".into()],
+            );
+            set.sentinels.push(Node {
+                port,
+                child: Some(child),
+            });
+        }
+        for s in &set.sentinels {
+            wait_for(&format!("sentinel {} to see the replica", s.port), || {
+                let mut c = connection(s.port)?;
+                let replicas: Vec<::redis::Value> = ::redis::cmd("SENTINEL")
+                    .arg("REPLICAS")
+                    .arg(SENTINEL_MASTER)
+                    .query(&mut c)
+                    .ok()?;
+                (!replicas.is_empty()).then_some(())
+            });
+        }
+        set
+    }
+
+    /// `redis://` URLs of the sentinels (what `[redis] sentinels` takes).
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// The port of the primary, as the first sentinel that answers sees it.
+    pub fn primary(&self) -> u16 {
+        wait_for("a sentinel naming the primary", || {
+            self.sentinels.iter().find_map(|s| {
+                let mut c = connection(s.port)?;
+                let (_, port): (String, u16) = ::redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(SENTINEL_MASTER)
+                    .query(&mut c)
+                    .ok()?;
+                Some(port)
+            })
+        })
+    }
+
+    /// Kills (SIGKILL) the Redis on `port` (primary or replica).
+    pub fn kill(&mut self, port: u16) {
+        if let Some(n) = self.redis.iter_mut().find(|n| n.port == port) {
+            n.kill();
+        }
+    }
+
+    /// Waits until the sentinels name a primary other than `old` and it answers as a master.
+    pub fn wait_failover(&self, old: u16) -> u16 {
+        let new = wait_for("the sentinels to promote the replica", || {
+            let p = self.primary();
+            (p != old).then_some(p)
+        });
+        wait_for("the promoted replica to act as master", || {
+            let mut c = connection(new)?;
+            let info: String = ::redis::cmd("INFO").arg("replication").query(&mut c).ok()?;
+            info.contains("role:master").then_some(())
+        });
+        new
+    }
+
+    /// Data directory (logs of a failing test).
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for n in self.sentinels.iter_mut().chain(self.redis.iter_mut()) {
+            n.kill();
+        }
+    }
+}
