@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod ops;
 pub mod process;
+pub mod proxy_protocol;
 pub mod rate;
 pub mod redis;
 pub mod rpc;
