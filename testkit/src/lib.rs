@@ -1,10 +1,11 @@
 //! Test kit shared by the integration tests: a throwaway `redis-server` ([`redis`]), the HTTP API
-//! client ([`api`]), process helpers ([`process`]), and the protocol client ([`client`]: rim-client's
-//! `Conn`, plus malformed frames for bad-input tests). It depends on no tier, so tiers can use it
-//! in their own tests.
+//! client ([`api`]), process helpers ([`process`]), the protocol client ([`client`]: rim-client's
+//! `Conn`, plus malformed frames for bad-input tests), and the real-browser tests' prerequisites
+//! ([`browser`]). It depends on no tier, so tiers can use it in their own tests.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod browser;
 pub mod client;
 pub mod process;
 pub mod redis;

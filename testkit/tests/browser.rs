@@ -9,47 +9,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::{Cluster, Options};
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
-}
-
-/// `Some(reason)` when the browser test cannot run on this machine.
-fn missing_prerequisite() -> Option<String> {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_string());
-    if !Path::new(&chromium).exists() {
-        return Some(format!("{chromium} is missing"));
-    }
-    if !browser_dir().join("node_modules/playwright-core").is_dir() {
-        return Some(format!(
-            "{} is missing (npm ci)",
-            browser_dir().join("node_modules/playwright-core").display()
-        ));
-    }
-    match std::process::Command::new("node").arg("--version").output() {
-        Ok(o) if o.status.success() => None,
-        _ => Some("node is missing".into()),
-    }
-}
+use rim_testkit::browser;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_demo_in_a_real_browser() {
-    if std::env::var("RIM_SKIP_BROWSER").as_deref() == Ok("1") {
-        println!("RIM_SKIP_BROWSER=1: skipping the real-browser chat demo test");
+    if !browser::required("the real-browser chat demo test") {
         return;
-    }
-    if let Some(why) = missing_prerequisite() {
-        panic!(
-            "the real-browser test needs Chromium, node and playwright-core: {why}. \
-             Run scripts/test.sh (it installs them), or set RIM_SKIP_BROWSER=1 to skip this test."
-        );
     }
 
     let cluster = Cluster::start_with(Options {
@@ -80,7 +50,7 @@ async fn chat_demo_in_a_real_browser() {
         .arg("chat.mjs")
         .args([&logic_url, &comet_a, &comet_b])
         .arg(&screenshot)
-        .current_dir(browser_dir())
+        .current_dir(browser::dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

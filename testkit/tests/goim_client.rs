@@ -1,0 +1,147 @@
+//! goim's own JavaScript client works, unchanged, against a rim cluster in `auth.mode = "trust"`.
+//!
+//! The built `rim-logic` (trust mode set explicitly), `rim-job` and `rim-comet` run as processes;
+//! `node testkit/browser/goim.mjs` opens goim's `examples/javascript/index.html` + `client.js`
+//! (vendored byte for byte in `testkit/browser/goim/`, checked against goim's git blob ids) in
+//! headless Chromium, with the client's hardcoded `ws://sh.tony.wiki:3102/sub` redirected to the
+//! comet — the only shim. The client authenticates with its fixed body (mid 123, `live://1000`,
+//! accepts 1000-1002) and heartbeats; then this test pushes through goim's HTTP routes exactly as
+//! goim's index.html documents them (by mid, to room `live/1000`, to everyone) and checks that
+//! the page shows each body once, on the one connection it opened, without a script error.
+//!
+//! Needs `cargo build --bins`, `/usr/bin/chromium`, node and `testkit/browser/node_modules`
+//! (`scripts/test.sh` provides all). `RIM_SKIP_BROWSER=1` skips it.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use rim_testkit::api::Api;
+use rim_testkit::browser;
+use rim_testkit::process::{self, CometAddrs, free_addr};
+use rim_testkit::redis::RedisServer;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+/// The mid goim's client.js claims in its Auth body.
+const GOIM_MID: i64 = 123;
+/// The bodies of the three `curl` lines in goim's index.html.
+const MID_BODY: &str = "mid message";
+const ROOM_BODY: &str = "room message";
+const ALL_BODY: &str = "broadcast message";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goims_javascript_client_works_unchanged_in_trust_mode() {
+    if !browser::required("goim's JavaScript client test") {
+        return;
+    }
+    let client_js = std::fs::read_to_string(browser::dir().join("goim/client.js")).unwrap();
+    assert!(
+        client_js.contains(&format!(r#"{{"mid":{GOIM_MID}, "room_id":"live://1000""#)),
+        "goim/client.js no longer authenticates as mid {GOIM_MID} in live://1000"
+    );
+
+    let redis = RedisServer::start();
+    let logic_http = free_addr();
+    let logic_rpc = free_addr();
+    let trust = [("RIM_LOGIC__AUTH__MODE", "trust".to_string())];
+    let _logic = process::logic(&redis.url(), logic_http, logic_rpc, &trust);
+    let _job = process::job(&redis.url(), free_addr(), &[]);
+    let comet_addrs = CometAddrs::free();
+    let _comet = process::comet("goim-js-comet", comet_addrs, logic_rpc, &[]);
+    let api = Api::new(logic_http);
+    api.wait_live_nodes(1, Duration::from_secs(20))
+        .await
+        .unwrap();
+
+    let mut node = tokio::process::Command::new("node")
+        .arg("goim.mjs")
+        .arg(comet_addrs.http.to_string())
+        .args([MID_BODY, ROOM_BODY, ALL_BODY])
+        .current_dir(browser::dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start node goim.mjs");
+    let mut stderr = node.stderr.take().unwrap();
+    let stderr = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s).await;
+        s
+    });
+    let mut stdout = BufReader::new(node.stdout.take().unwrap()).lines();
+
+    // goim.mjs gives up after 60 s on its own; these limits only guard against node hanging.
+    let line = tokio::time::timeout(Duration::from_secs(90), stdout.next_line())
+        .await
+        .expect("goim.mjs said neither `ready` nor anything else within 90 s")
+        .unwrap();
+    if line.as_deref() != Some("ready") {
+        let status = node.wait().await.unwrap();
+        panic!(
+            "goim's client never got ready (first stdout line {line:?}, {status}):\n{}",
+            stderr.await.unwrap()
+        );
+    }
+
+    // goim's index.html: curl -d 'mid message' '.../goim/push/mids?operation=1000&mids=123'
+    let data = api
+        .push_mids(1000, &[GOIM_MID], MID_BODY.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        data["sessions"], 1,
+        "logic believed the mid goim's client claimed: {data}"
+    );
+    // curl -d 'room message' '.../goim/push/room?operation=1000&type=live&room=1000'
+    api.push_room(1000, "live", "1000", ROOM_BODY.as_bytes())
+        .await
+        .unwrap();
+    // curl -d 'broadcast message' '.../goim/push/all?operation=1000'
+    api.push_all(1000, ALL_BODY.as_bytes()).await.unwrap();
+
+    let result = tokio::time::timeout(Duration::from_secs(90), stdout.next_line())
+        .await
+        .expect("goim.mjs printed no result within 90 s")
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), node.wait())
+        .await
+        .expect("goim.mjs did not exit")
+        .unwrap();
+    let stderr = stderr.await.unwrap();
+    println!("--- goim.mjs result\n{result:?}\n--- goim.mjs stderr\n{stderr}---");
+    assert!(
+        status.success(),
+        "goim's client did not show the pushes ({status}):\n{stderr}"
+    );
+
+    let seen: Value = serde_json::from_str(&result.unwrap()).unwrap();
+    let mut messages: Vec<&str> = seen["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    messages.sort_unstable();
+    let mut want = vec![MID_BODY, ROOM_BODY, ALL_BODY];
+    want.sort_unstable();
+    assert_eq!(
+        messages, want,
+        "each push shown exactly once, nothing else: {seen}"
+    );
+    assert_eq!(seen["status"], "ok", "#status after the auth reply: {seen}");
+    assert_eq!(
+        seen["pageErrors"].as_array().map(Vec::len),
+        Some(0),
+        "goim's client threw: {seen}"
+    );
+    let sockets = seen["sockets"].as_array().unwrap();
+    assert_eq!(sockets.len(), 1, "one connection, never re-opened: {seen}");
+    assert_eq!(sockets[0]["requested"], "ws://sh.tony.wiki:3102/sub");
+    assert_eq!(
+        sockets[0]["opened"],
+        format!("ws://{}/sub", comet_addrs.http).as_str()
+    );
+}
