@@ -54,7 +54,8 @@ fn spawn(dir: &std::path::Path, args: &[String]) -> Child {
 
 fn connection(port: u16) -> Option<::redis::Connection> {
     let c = ::redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
-    c.get_connection_with_timeout(Duration::from_millis(500)).ok()
+    c.get_connection_with_timeout(Duration::from_millis(500))
+        .ok()
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, panicking with `what` after [`SETUP`].

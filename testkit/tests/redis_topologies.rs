@@ -11,9 +11,15 @@ use rim_testkit::redis_cluster::{RedisCluster, SentinelSet};
 fn a_cluster_replica_takes_over_a_killed_master_with_its_data() {
     let mut cluster = RedisCluster::start(3, 1);
     let mut conn = cluster.connection();
-    let masters: std::collections::BTreeSet<u16> =
-        [0u16, 6000, 12000].iter().map(|s| cluster.master_of(*s)).collect();
-    assert_eq!(masters.len(), 3, "three masters share the slots: {masters:?}");
+    let masters: std::collections::BTreeSet<u16> = [0u16, 6000, 12000]
+        .iter()
+        .map(|s| cluster.master_of(*s))
+        .collect();
+    assert_eq!(
+        masters.len(),
+        3,
+        "three masters share the slots: {masters:?}"
+    );
 
     // "{rim}" hashes to one slot; WAIT makes the write reach the replica before the kill.
     let _: () = conn.set("{rim}:k", "v").unwrap();
@@ -26,10 +32,12 @@ fn a_cluster_replica_takes_over_a_killed_master_with_its_data() {
     let acked: i64 = redis::cmd("WAIT")
         .arg(1)
         .arg(5000)
-        .query(&mut redis::Client::open(format!("redis://127.0.0.1:{old}"))
-            .unwrap()
-            .get_connection()
-            .unwrap())
+        .query(
+            &mut redis::Client::open(format!("redis://127.0.0.1:{old}"))
+                .unwrap()
+                .get_connection()
+                .unwrap(),
+        )
         .unwrap();
     assert_eq!(acked, 1);
     cluster.kill(old);
@@ -49,7 +57,11 @@ fn sentinels_promote_the_replica_when_the_primary_dies() {
         .get_connection()
         .unwrap();
     let _: () = primary.set("k", "v").unwrap();
-    let acked: i64 = redis::cmd("WAIT").arg(1).arg(5000).query(&mut primary).unwrap();
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut primary)
+        .unwrap();
     assert_eq!(acked, 1);
     set.kill(old);
     let new = set.wait_failover(old);
