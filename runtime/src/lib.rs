@@ -4,7 +4,8 @@
 //! ([`http`], [`listener`]), the ops HTTP routes and Prometheus text ([`ops`], [`metrics`],
 //! [`process`]), tarpc serving and reconnecting client links ([`rpc`]) behind the cluster
 //! secret handshake and RPC bounds ([`cluster`], [`handshake`]), the Redis connection
-//! and shared `[redis]` / partition settings ([`redis`]), and retry delays ([`backoff`]).
+//! and shared `[redis]` / partition settings ([`redis`]), TLS with certificate reload on SIGHUP
+//! ([`tls`]), and retry delays ([`backoff`]).
 #![forbid(unsafe_code)]
 
 pub mod backoff;
@@ -22,6 +23,7 @@ pub mod redis;
 pub mod rpc;
 pub mod settings;
 pub mod shutdown;
+pub mod tls;
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
