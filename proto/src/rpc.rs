@@ -173,6 +173,10 @@ pub struct NodeInfo {
     pub started_ms: u64,
     /// Last renewal (unix ms), stamped by logic.
     pub renewed_ms: u64,
+    /// Client-facing TCP over TLS address (goim frames inside TLS), if on. Last and defaulted,
+    /// so a `NodeInfo` from a comet without it still decodes.
+    #[serde(default)]
+    pub tls_addr: String,
 }
 
 /// Room member counts a comet reports with its renewal.

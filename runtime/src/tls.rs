@@ -484,8 +484,7 @@ mod tests {
             let mut s = connector.connect(name, tcp).await.unwrap();
             let mut b = [0u8; 2];
             s.read_exact(&mut b).await.unwrap();
-            let leaf = s.get_ref().1.peer_certificates().unwrap()[0].to_vec();
-            leaf
+            s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
         });
         let (tcp, peer) = listener.accept().await.unwrap();
         let mut s = acceptor.accept(tcp, peer).await.unwrap();
