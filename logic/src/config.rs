@@ -9,6 +9,7 @@ use rim_proto::room::RoomId;
 pub use rim_runtime::cluster::ClusterConfig;
 pub use rim_runtime::redis::RedisConfig;
 use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
+pub use rim_runtime::tls::TlsConfig;
 use serde::Deserialize;
 
 /// Dotted fields that take comma-separated lists from the environment.
@@ -44,6 +45,8 @@ pub struct Config {
     pub demo: DemoConfig,
     /// Shared secret and bounds of internal RPC (`LogicRpc`).
     pub cluster: ClusterConfig,
+    /// Certificate for HTTPS on `listen.http` (off when unset), reloaded on SIGHUP.
+    pub tls: TlsConfig,
     /// How long in-flight work may take to finish at shutdown (ms).
     pub shutdown_grace_ms: u64,
     /// Log filter used when `RUST_LOG` is unset.
@@ -66,6 +69,7 @@ impl Default for Config {
             webhook: WebhookConfig::default(),
             demo: DemoConfig::default(),
             cluster: ClusterConfig::default(),
+            tls: TlsConfig::default(),
             shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_json: false,
@@ -401,6 +405,7 @@ impl Validate for Config {
         positive("listen.idle_timeout_ms", self.listen.idle_timeout_ms)?;
         positive("listen.header_timeout_ms", self.listen.header_timeout_ms)?;
         self.redis.validate()?;
+        self.tls.validate()?;
         self.cluster
             .validate(&[("listen.rpc", self.listen.rpc.as_str())])?;
         positive("push.body_limit", self.push.body_limit as u64)?;

@@ -34,6 +34,7 @@ use futures::StreamExt;
 use rim_proto::rpc::LogicRpc;
 use rim_runtime::redis::{ConnectOptions, RedisStartError};
 use rim_runtime::settings::Validate;
+use rim_runtime::tls::{TlsServer, reload_on_sighup};
 use std::time::Duration;
 use tarpc::server::{BaseChannel, Channel};
 
@@ -77,6 +78,9 @@ pub enum RunError {
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Http(#[from] std::io::Error),
+    /// The `[tls]` certificate could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] rim_runtime::tls::TlsError),
 }
 
 /// State shared by the HTTP handlers, RPC server and reaper.
@@ -139,11 +143,21 @@ pub async fn run(
         None => (None, None),
     };
     let tokens = jwt::Verifier::load(&config.auth)?;
+    let metrics = Metrics::default();
+    let https = match config.tls.enabled() {
+        true => Some(TlsServer::load(
+            "tls",
+            &config.tls.cert_file,
+            &config.tls.key_file,
+            metrics.tls.clone(),
+        )?),
+        false => None,
+    };
     let app = Arc::new(App {
         tokens,
         config,
         store,
-        metrics: Arc::new(Metrics::default()),
+        metrics: Arc::new(metrics),
         view: ViewCache::default(),
         webhook: hook,
     });
@@ -187,17 +201,24 @@ pub async fn run(
             read_idle: Some(idle),
         },
     );
+    let header_timeout = Duration::from_millis(app.config.listen.header_timeout_ms);
     let opts = rim_runtime::http::ServeOptions {
-        header_timeout: Duration::from_millis(app.config.listen.header_timeout_ms),
+        header_timeout,
         grace,
     };
-    let result = rim_runtime::http::serve(
-        http_listener,
-        http::router(app.clone()),
-        shutdown.clone(),
-        opts,
-    )
-    .await;
+    let router = http::router(app.clone());
+    let result = match https {
+        None => rim_runtime::http::serve(http_listener, router, shutdown.clone(), opts).await,
+        Some(server) => {
+            if let Some(reload) = reload_on_sighup(vec![server.clone()], shutdown.clone()) {
+                tracker.spawn(reload);
+            }
+            // The handshake gets the header deadline too: a stalled one is closed.
+            let acceptor = server.acceptor(&[b"http/1.1"], header_timeout)?;
+            rim_runtime::http::serve_tls(http_listener, router, shutdown.clone(), opts, acceptor)
+                .await
+        }
+    };
     // The HTTP server returns once shutdown began (or on a fatal error): stop the rest too.
     shutdown.cancel();
     rim_runtime::shutdown::drain(&tracker, grace, "logic").await;

@@ -14,7 +14,7 @@ use rim_testkit::api::{Api, eventually, metric};
 use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{self, CometAddrs, Proc, binary, free_addr, repo};
 use rim_testkit::redis::RedisServer;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -260,6 +260,82 @@ async fn a_stalled_or_plain_client_on_a_tls_port_is_closed_and_counted() {
     .await;
 }
 
+/// One HTTP/1.1 request over TLS to `addr` (trusting `pki`'s CA, as `localhost`); the whole
+/// response, or why the connection failed.
+async fn https(pki: &Pki, addr: SocketAddr, method: &str, path: &str) -> Result<String, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(pki.client().config);
+    let mut s = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    // Ends at the server's close (an error after the whole answer counts as the end too).
+    let _ = s.read_to_end(&mut out).await;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logic_serves_its_http_api_over_https() {
+    let pki = Pki::new();
+    pki.leaf("logic", "logic");
+    let redis = RedisServer::start();
+    let (http, rpc) = (free_addr(), free_addr());
+    let env = [
+        (
+            "RIM_LOGIC__TLS__CERT_FILE",
+            env_path(&pki.path("logic.crt")),
+        ),
+        ("RIM_LOGIC__TLS__KEY_FILE", env_path(&pki.path("logic.key"))),
+    ];
+    let _logic = process::logic(&redis.url(), http, rpc, &env);
+    let _job = process::job(&redis.url(), free_addr(), &[]);
+    let addrs = CometAddrs::free();
+    let _comet = process::comet("comet-1", addrs, rpc, &[]);
+    eventually("logic answering https", WAIT, || async {
+        let r = https(&pki, http, "GET", "/goim/nodes/instances")
+            .await
+            .ok()?;
+        (r.starts_with("HTTP/1.1 200") && r.contains("comet-1")).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // A push through the HTTPS API reaches a session.
+    let mut c = Conn::connect(Transport::Tcp, addrs.tcp, &auth(7))
+        .await
+        .unwrap();
+    let r = https(&pki, http, "POST", "/goim/push/mids?operation=1000&mids=7")
+        .await
+        .unwrap();
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("\"code\":0"),
+        "{r}"
+    );
+    assert!(c.recv_push().await.is_ok());
+
+    // Its /metrics (over HTTPS) carries the TLS counters; plain HTTP gets no answer.
+    let m = https(&pki, http, "GET", "/metrics").await.unwrap();
+    assert!(m.contains("rim_tls_reloads_total{result=\"ok\"} 0"), "{m}");
+    assert!(Api::new(http).get("/healthz").await.is_err());
+    eventually("plain request counted", WAIT, || async {
+        let m = https(&pki, http, "GET", "/metrics").await.ok()?;
+        m.contains("rim_tls_handshake_failures_total{reason=\"error\"} 1")
+            .then_some(())
+    })
+    .await
+    .unwrap();
+}
+
 /// `--check` of `bin` with `env`: exit code and stderr.
 fn check(bin: &str, config: &str, env: &[(&str, String)]) -> (Option<i32>, String) {
     let out = Command::new(binary(bin))
@@ -325,6 +401,15 @@ fn tls_config_errors_exit_64_naming_the_field() {
                 ("RIM_COMET__TLS__KEY_FILE", cert.clone()),
             ],
             "tls.key_file",
+        ),
+        (
+            "rim-logic",
+            "logic.toml",
+            vec![
+                ("RIM_LOGIC__TLS__CERT_FILE", missing.clone()),
+                ("RIM_LOGIC__TLS__KEY_FILE", key.clone()),
+            ],
+            "tls.cert_file",
         ),
     ];
     for (bin, config, env, field) in cases {
