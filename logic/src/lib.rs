@@ -127,7 +127,7 @@ pub async fn run(
     // Like job, logic waits for Redis rather than exiting when it starts first: an operator's
     // start order (or a Redis restart under systemd) must not need a restart loop.
     let Some((_, conn)) = rim_runtime::redis::connect(
-        &config.redis.url,
+        &config.redis,
         ConnectOptions::from_config(&config.redis),
         config.stream.partitions,
         &shutdown,

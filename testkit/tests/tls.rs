@@ -336,6 +336,82 @@ async fn logic_serves_its_http_api_over_https() {
     .unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logic_and_job_use_redis_over_rediss() {
+    let pki = Pki::new();
+    pki.leaf("redis", "redis");
+    let ca = pki.path("ca.pem");
+    let redis = RedisServer::start_tls(&pki.path("redis.crt"), &pki.path("redis.key"), &ca);
+    let url = redis.tls_url().unwrap();
+    let ca = env_path(&ca);
+    let (http, rpc) = (free_addr(), free_addr());
+    let logic_env = [("RIM_LOGIC__REDIS__CA_FILE", ca.clone())];
+    let _logic = process::logic(&url, http, rpc, &logic_env);
+    let _job = process::job(&url, free_addr(), &[("RIM_JOB__REDIS__CA_FILE", ca)]);
+    let addrs = CometAddrs::free();
+    let _comet = process::comet("comet-1", addrs, rpc, &[]);
+    let api = Api::new(http);
+    api.wait_live_nodes(1, WAIT).await.unwrap();
+
+    // A push goes logic → Redis (XADD over TLS) → job (XREADGROUP over TLS) → comet.
+    let mut c = Conn::connect(Transport::Tcp, addrs.tcp, &auth(7))
+        .await
+        .unwrap();
+    api.push_mids(1000, &[7], b"via rediss").await.unwrap();
+    assert_eq!(&c.recv_push().await.unwrap().frame.body[..], b"via rediss");
+    // And it really went through that server (read back over its unix socket).
+    let nodes: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("rim:nodes")
+        .query(&mut redis.connection())
+        .unwrap();
+    assert!(nodes.contains_key("comet-1"), "{nodes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_verifies_the_server_against_redis_ca_file() {
+    let pki = Pki::new();
+    pki.leaf("redis", "redis");
+    let other = Pki::new();
+    let redis = RedisServer::start_tls(
+        &pki.path("redis.crt"),
+        &pki.path("redis.key"),
+        &pki.path("ca.pem"),
+    );
+    let url = redis.tls_url().unwrap();
+    let cfg = |ca_file: String| rim_runtime::redis::RedisConfig {
+        url: url.clone(),
+        ca_file,
+        ..Default::default()
+    };
+    let ping = |cfg: rim_runtime::redis::RedisConfig| async move {
+        let client = cfg.client().map_err(|e| e.to_string())?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(ping(cfg(pki.ca())).await.as_deref(), Ok("PONG"));
+    // A CA that did not sign the server's certificate: no connection.
+    let refused = ping(cfg(other.ca())).await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    // An unreadable CA file stops the tier at start, naming the field.
+    let missing = vec![
+        ("RIM_LOGIC__REDIS__URL", url.clone()),
+        (
+            "RIM_LOGIC__REDIS__CA_FILE",
+            env_path(&other.path("nope.pem")),
+        ),
+    ];
+    let (code, stderr) = check("rim-logic", "logic.toml", &missing);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("redis.ca_file"), "{stderr}");
+}
+
 /// `--check` of `bin` with `env`: exit code and stderr.
 fn check(bin: &str, config: &str, env: &[(&str, String)]) -> (Option<i32>, String) {
     let out = Command::new(binary(bin))
