@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use rim_proto::rpc::CometRpc;
 use rim_runtime::cluster::{Cluster, RpcMetrics};
+use rim_runtime::rpc_tls::RpcTls;
 use rim_runtime::settings::SettingsError;
 use rim_runtime::tls::{TlsMetrics, TlsServer, reload_on_sighup};
 use tarpc::server::Channel;
@@ -64,7 +65,14 @@ pub(crate) async fn run(
     let node = crate::node::node_info(&config, &bound);
     // One `[cluster]` for both directions: CometRpc served to job, the link dialled to logic.
     let rpc_metrics = Arc::new(RpcMetrics::default());
-    let cluster = Cluster::new(&config.cluster, "comet", rpc_metrics.clone());
+    let rpc_tls = RpcTls::load(
+        &config.cluster,
+        Duration::from_millis(config.cluster.handshake_timeout_ms),
+        tls_metrics.clone(),
+    )?;
+    // Every certificate of this process reloads on SIGHUP: [tls] and [cluster] tls_cert_file.
+    let reloadable: Vec<TlsServer> = tls.iter().chain(&rpc_tls.server).cloned().collect();
+    let cluster = Cluster::with_tls(&config.cluster, "comet", rpc_metrics.clone(), rpc_tls);
     let logic = Arc::new(LogicClient::new(&config, cluster.clone()));
     let tracker = TaskTracker::new();
     let (paced, paced_rx) = mpsc::channel(crate::deliver::PACED_QUEUE);
@@ -118,14 +126,12 @@ pub(crate) async fn run(
     if let Some(tcp) = listeners.tcp {
         tracker.spawn(crate::tcp::accept_loop(ctx.clone(), tcp, None));
     }
-    if let Some(server) = &tls {
-        if let Some(reload) = reload_on_sighup(vec![server.clone()], shutdown.clone()) {
-            tracker.spawn(reload);
-        }
-        if let Some(l) = listeners.tls {
-            let acceptor = server.acceptor(&[], handshake)?;
-            tracker.spawn(crate::tcp::accept_loop(ctx.clone(), l, Some(acceptor)));
-        }
+    if let Some(reload) = reload_on_sighup(reloadable, shutdown.clone()) {
+        tracker.spawn(reload);
+    }
+    if let (Some(server), Some(l)) = (&tls, listeners.tls) {
+        let acceptor = server.acceptor(&[], handshake)?;
+        tracker.spawn(crate::tcp::accept_loop(ctx.clone(), l, Some(acceptor)));
     }
 
     let app =

@@ -58,6 +58,9 @@ pub enum RunError {
     /// The ops HTTP server failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A `[cluster]` TLS file could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] rim_runtime::tls::TlsError),
 }
 
 /// State shared by the lease manager and every partition task.
@@ -151,7 +154,15 @@ pub async fn run(
     let stores = redis.stores();
 
     let metrics = Arc::new(Metrics::default());
-    let cluster = rim_runtime::cluster::Cluster::new(&config.cluster, "job", metrics.rpc.clone());
+    // job only dials RPC: of [cluster]'s TLS settings only tls_ca_file applies.
+    let handshake = Duration::from_millis(config.cluster.handshake_timeout_ms);
+    let rpc_tls = rim_runtime::rpc_tls::RpcTls::load(&config.cluster, handshake, Arc::default())?;
+    let cluster = rim_runtime::cluster::Cluster::with_tls(
+        &config.cluster,
+        "job",
+        metrics.rpc.clone(),
+        rpc_tls,
+    );
     let registry = Arc::new(Registry::new(
         stores.directory.clone(),
         config.rpc_timeout(),

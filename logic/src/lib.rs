@@ -33,6 +33,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use rim_proto::rpc::LogicRpc;
 use rim_runtime::redis::{ConnectOptions, RedisStartError};
+use rim_runtime::rpc_tls::RpcTls;
 use rim_runtime::settings::Validate;
 use rim_runtime::tls::{TlsServer, reload_on_sighup};
 use std::time::Duration;
@@ -170,8 +171,16 @@ pub async fn run(
         tracing::info!(http = %h, rpc = %r, "logic serving");
     }
     let server = rpc::LogicServer(app.clone());
+    let cfg = &app.config.cluster;
+    let handshake = Duration::from_millis(cfg.handshake_timeout_ms);
+    let rpc_tls = RpcTls::load(cfg, handshake, app.metrics.tls.clone())?;
+    // Every certificate of this process reloads on SIGHUP: [tls] and [cluster] tls_cert_file.
+    let reloadable: Vec<TlsServer> = https.iter().chain(&rpc_tls.server).cloned().collect();
+    if let Some(reload) = reload_on_sighup(reloadable, shutdown.clone()) {
+        tracker.spawn(reload);
+    }
     let cluster =
-        rim_runtime::cluster::Cluster::new(&app.config.cluster, "logic", app.metrics.rpc.clone());
+        rim_runtime::cluster::Cluster::with_tls(cfg, "logic", app.metrics.rpc.clone(), rpc_tls);
     tracker.spawn(rim_runtime::rpc::accept_loop(
         listeners.rpc,
         "logic",
@@ -210,9 +219,6 @@ pub async fn run(
     let result = match https {
         None => rim_runtime::http::serve(http_listener, router, shutdown.clone(), opts).await,
         Some(server) => {
-            if let Some(reload) = reload_on_sighup(vec![server.clone()], shutdown.clone()) {
-                tracker.spawn(reload);
-            }
             // The handshake gets the header deadline too: a stalled one is closed.
             let acceptor = server.acceptor(&[b"http/1.1"], header_timeout)?;
             rim_runtime::http::serve_tls(http_listener, router, shutdown.clone(), opts, acceptor)

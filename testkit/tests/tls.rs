@@ -412,6 +412,88 @@ async fn rediss_verifies_the_server_against_redis_ca_file() {
     assert!(stderr.contains("redis.ca_file"), "{stderr}");
 }
 
+/// `[cluster]` TLS for tier `TIER`: the listener's certificate (where it has one) and the CA
+/// its dialers verify against.
+fn rpc_tls_env(tier: &'static str, pki: &Pki) -> Vec<(String, String)> {
+    let mut env = vec![(format!("RIM_{tier}__CLUSTER__TLS_CA_FILE"), pki.ca())];
+    if tier != "JOB" {
+        env.push((
+            format!("RIM_{tier}__CLUSTER__TLS_CERT_FILE"),
+            env_path(&pki.path("rpc.crt")),
+        ));
+        env.push((
+            format!("RIM_{tier}__CLUSTER__TLS_KEY_FILE"),
+            env_path(&pki.path("rpc.key")),
+        ));
+    }
+    env
+}
+
+fn as_env(v: &[(String, String)]) -> Vec<(&str, String)> {
+    v.iter().map(|(k, v)| (k.as_str(), v.clone())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_rpc_runs_over_tls_under_the_cluster_handshake() {
+    let pki = Pki::new();
+    pki.leaf("rpc", "rim rpc");
+    let redis = RedisServer::start();
+    let (http, rpc) = (free_addr(), free_addr());
+    let _logic = process::logic(
+        &redis.url(),
+        http,
+        rpc,
+        &as_env(&rpc_tls_env("LOGIC", &pki)),
+    );
+    let _job = process::job(
+        &redis.url(),
+        free_addr(),
+        &as_env(&rpc_tls_env("JOB", &pki)),
+    );
+    let addrs = CometAddrs::free();
+    let comet_env = rpc_tls_env("COMET", &pki);
+    let _comet = process::comet("comet-1", addrs, rpc, &as_env(&comet_env));
+    let api = Api::new(http);
+    // comet → logic (LogicRpc over TLS): registered, and sessions authenticate through it.
+    api.wait_live_nodes(1, WAIT).await.unwrap();
+    let mut c = Conn::connect(Transport::Tcp, addrs.tcp, &auth(7))
+        .await
+        .unwrap();
+    // job → comet (CometRpc over TLS): the push is delivered.
+    api.push_mids(1000, &[7], b"over rpc tls").await.unwrap();
+    assert_eq!(
+        &c.recv_push().await.unwrap().frame.body[..],
+        b"over rpc tls"
+    );
+
+    // A dialer with the right secret but without TLS gets nothing from either RPC port.
+    let plain = rim_runtime::cluster::Cluster::new(
+        &rim_runtime::cluster::ClusterConfig {
+            secret: process::CLUSTER_SECRET.into(),
+            ..Default::default()
+        },
+        "test",
+        Default::default(),
+    );
+    for (port, ops) in [(rpc, http), (addrs.rpc, addrs.http)] {
+        let s = tokio::net::TcpStream::connect(port).await.unwrap();
+        assert!(plain.dial(s, &port.to_string()).await.is_err());
+        metric_reaches(ops, "rim_tls_handshake_failures_total{reason=\"error\"}", 1).await;
+    }
+    // One that trusts another CA refuses the server's certificate.
+    let other = Pki::new();
+    let cfg = rim_runtime::cluster::ClusterConfig {
+        secret: process::CLUSTER_SECRET.into(),
+        tls_ca_file: other.ca(),
+        ..Default::default()
+    };
+    let tls = rim_runtime::rpc_tls::RpcTls::load(&cfg, WAIT, Default::default()).unwrap();
+    let untrusting = rim_runtime::cluster::Cluster::with_tls(&cfg, "test", Default::default(), tls);
+    let s = tokio::net::TcpStream::connect(rpc).await.unwrap();
+    let err = untrusting.dial(s, &rpc.to_string()).await.unwrap_err();
+    assert!(err.to_string().contains("tls"), "{err}");
+}
+
 /// `--check` of `bin` with `env`: exit code and stderr.
 fn check(bin: &str, config: &str, env: &[(&str, String)]) -> (Option<i32>, String) {
     let out = Command::new(binary(bin))
@@ -477,6 +559,18 @@ fn tls_config_errors_exit_64_naming_the_field() {
                 ("RIM_COMET__TLS__KEY_FILE", cert.clone()),
             ],
             "tls.key_file",
+        ),
+        (
+            "rim-logic",
+            "logic.toml",
+            vec![("RIM_LOGIC__CLUSTER__TLS_CERT_FILE", cert.clone())],
+            "cluster.tls_key_file",
+        ),
+        (
+            "rim-comet",
+            "comet.toml",
+            vec![("RIM_COMET__CLUSTER__TLS_CA_FILE", missing.clone())],
+            "cluster.tls_ca_file",
         ),
         (
             "rim-logic",
