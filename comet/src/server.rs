@@ -9,7 +9,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use rim_proto::rpc::CometRpc;
 use rim_runtime::cluster::{Cluster, RpcMetrics};
-use rim_runtime::rpc_tls::RpcTls;
 use rim_runtime::settings::SettingsError;
 use rim_runtime::tls::{TlsMetrics, TlsServer, reload_on_sighup};
 use tarpc::server::Channel;
@@ -65,11 +64,7 @@ pub(crate) async fn run(
     let node = crate::node::node_info(&config, &bound);
     // One `[cluster]` for both directions: CometRpc served to job, the link dialled to logic.
     let rpc_metrics = Arc::new(RpcMetrics::default());
-    let rpc_tls = RpcTls::load(
-        &config.cluster,
-        Duration::from_millis(config.cluster.handshake_timeout_ms),
-        tls_metrics.clone(),
-    )?;
+    let rpc_tls = config.cluster.rpc_tls(tls_metrics.clone())?;
     // Every certificate of this process reloads on SIGHUP: [tls] and [cluster] tls_cert_file.
     let reloadable: Vec<TlsServer> = tls.iter().chain(&rpc_tls.server).cloned().collect();
     let cluster = Cluster::with_tls(&config.cluster, "comet", rpc_metrics.clone(), rpc_tls);

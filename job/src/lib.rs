@@ -155,8 +155,7 @@ pub async fn run(
 
     let metrics = Arc::new(Metrics::default());
     // job only dials RPC: of [cluster]'s TLS settings only tls_ca_file applies.
-    let handshake = Duration::from_millis(config.cluster.handshake_timeout_ms);
-    let rpc_tls = rim_runtime::rpc_tls::RpcTls::load(&config.cluster, handshake, Arc::default())?;
+    let rpc_tls = config.cluster.rpc_tls(Arc::default())?;
     let cluster = rim_runtime::cluster::Cluster::with_tls(
         &config.cluster,
         "job",

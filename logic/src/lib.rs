@@ -33,7 +33,6 @@ use std::sync::Arc;
 use futures::StreamExt;
 use rim_proto::rpc::LogicRpc;
 use rim_runtime::redis::{ConnectOptions, RedisStartError};
-use rim_runtime::rpc_tls::RpcTls;
 use rim_runtime::settings::Validate;
 use rim_runtime::tls::{TlsServer, reload_on_sighup};
 use std::time::Duration;
@@ -172,8 +171,7 @@ pub async fn run(
     }
     let server = rpc::LogicServer(app.clone());
     let cfg = &app.config.cluster;
-    let handshake = Duration::from_millis(cfg.handshake_timeout_ms);
-    let rpc_tls = RpcTls::load(cfg, handshake, app.metrics.tls.clone())?;
+    let rpc_tls = cfg.rpc_tls(app.metrics.tls.clone())?;
     // Every certificate of this process reloads on SIGHUP: [tls] and [cluster] tls_cert_file.
     let reloadable: Vec<TlsServer> = https.iter().chain(&rpc_tls.server).cloned().collect();
     if let Some(reload) = reload_on_sighup(reloadable, shutdown.clone()) {

@@ -20,8 +20,9 @@ use tokio_util::codec::LengthDelimitedCodecError;
 
 use crate::handshake::{self, HandshakeError, MAGIC_DIAL};
 use crate::metrics::{Counter, Exposition, Gauge};
-use crate::rpc_tls::{RpcStream, RpcTls};
+use crate::rpc_tls::{RpcStream, RpcTls, RpcTlsFiles};
 use crate::settings::{SettingsError, positive};
+use crate::tls::{TlsError, TlsMetrics};
 
 /// Largest `cluster.max_frame_bytes` accepted (1 GiB; the handshake magic reads as a larger
 /// frame length, so a handshake is never mistaken for a frame).
@@ -122,7 +123,23 @@ impl ClusterConfig {
         }
         positive("cluster.max_connections", self.max_connections as u64)?;
         positive("cluster.handshake_timeout_ms", self.handshake_timeout_ms)?;
-        crate::rpc_tls::validate(self)
+        self.tls_files().validate()
+    }
+
+    /// The TLS files of `[cluster]`.
+    pub fn tls_files(&self) -> RpcTlsFiles<'_> {
+        RpcTlsFiles {
+            cert: &self.tls_cert_file,
+            key: &self.tls_key_file,
+            ca: &self.tls_ca_file,
+        }
+    }
+
+    /// The TLS sides these settings turn on, handshakes bounded by `handshake_timeout_ms`,
+    /// counted in `metrics`.
+    pub fn rpc_tls(&self, metrics: Arc<TlsMetrics>) -> Result<RpcTls, TlsError> {
+        let deadline = Duration::from_millis(self.handshake_timeout_ms);
+        RpcTls::load(self.tls_files(), deadline, metrics)
     }
 }
 
@@ -221,7 +238,7 @@ impl Cluster {
         Self::with_tls(cfg, tier, metrics, RpcTls::default())
     }
 
-    /// [`Cluster::new`] with the TLS sides loaded from `cfg` ([`RpcTls::load`]).
+    /// [`Cluster::new`] with the TLS sides loaded from `cfg` ([`ClusterConfig::rpc_tls`]).
     pub fn with_tls(
         cfg: &ClusterConfig,
         tier: &str,

@@ -17,7 +17,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
 
-use crate::cluster::ClusterConfig;
 use crate::settings::SettingsError;
 use crate::tls::{Acceptor, TlsError, TlsMetrics, TlsServer, check_pair, client_config};
 
@@ -89,19 +88,33 @@ impl AsyncWrite for RpcStream {
     }
 }
 
-/// Checks the `cluster.tls_*` fields: cert and key together and a matching pair, a readable CA.
-pub fn validate(cfg: &ClusterConfig) -> Result<(), SettingsError> {
-    if !cfg.tls_cert_file.is_empty() || !cfg.tls_key_file.is_empty() {
-        check_pair(
-            ("cluster.tls_cert_file", &cfg.tls_cert_file),
-            ("cluster.tls_key_file", &cfg.tls_key_file),
-        )?;
+/// The `[cluster]` TLS files (`tls_cert_file`, `tls_key_file`, `tls_ca_file`); empty = unset.
+#[derive(Debug, Clone, Copy)]
+pub struct RpcTlsFiles<'a> {
+    /// The RPC listener's certificate chain.
+    pub cert: &'a str,
+    /// Its private key.
+    pub key: &'a str,
+    /// The CA dialled peers are verified against.
+    pub ca: &'a str,
+}
+
+impl RpcTlsFiles<'_> {
+    /// Checks them: cert and key together and a matching pair, a readable CA (fields named
+    /// `cluster.tls_*`).
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if !self.cert.is_empty() || !self.key.is_empty() {
+            check_pair(
+                ("cluster.tls_cert_file", self.cert),
+                ("cluster.tls_key_file", self.key),
+            )?;
+        }
+        if !self.ca.is_empty() {
+            client_config(self.ca)
+                .map_err(|e| SettingsError::invalid("cluster.tls_ca_file", e.to_string()))?;
+        }
+        Ok(())
     }
-    if !cfg.tls_ca_file.is_empty() {
-        client_config(&cfg.tls_ca_file)
-            .map_err(|e| SettingsError::invalid("cluster.tls_ca_file", e.to_string()))?;
-    }
-    Ok(())
 }
 
 /// The TLS sides `[cluster]` turns on.
@@ -123,23 +136,20 @@ impl std::fmt::Debug for RpcTls {
 }
 
 impl RpcTls {
-    /// Loads what `cfg` names; handshakes bounded by `deadline`, counted in `metrics`.
+    /// Loads what `files` names; handshakes bounded by `deadline`, counted in `metrics`.
     pub fn load(
-        cfg: &ClusterConfig,
+        files: RpcTlsFiles<'_>,
         deadline: Duration,
         metrics: Arc<TlsMetrics>,
     ) -> Result<RpcTls, TlsError> {
         let mut tls = RpcTls::default();
-        if !cfg.tls_cert_file.is_empty() {
-            let server =
-                TlsServer::load("cluster", &cfg.tls_cert_file, &cfg.tls_key_file, metrics)?;
+        if !files.cert.is_empty() {
+            let server = TlsServer::load("cluster", files.cert, files.key, metrics)?;
             tls.acceptor = Some(server.acceptor(&[], deadline)?);
             tls.server = Some(server);
         }
-        if !cfg.tls_ca_file.is_empty() {
-            tls.connector = Some(tokio_rustls::TlsConnector::from(client_config(
-                &cfg.tls_ca_file,
-            )?));
+        if !files.ca.is_empty() {
+            tls.connector = Some(tokio_rustls::TlsConnector::from(client_config(files.ca)?));
         }
         Ok(tls)
     }

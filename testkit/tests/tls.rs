@@ -487,7 +487,7 @@ async fn internal_rpc_runs_over_tls_under_the_cluster_handshake() {
         tls_ca_file: other.ca(),
         ..Default::default()
     };
-    let tls = rim_runtime::rpc_tls::RpcTls::load(&cfg, WAIT, Default::default()).unwrap();
+    let tls = cfg.rpc_tls(Default::default()).unwrap();
     let untrusting = rim_runtime::cluster::Cluster::with_tls(&cfg, "test", Default::default(), tls);
     let s = tokio::net::TcpStream::connect(rpc).await.unwrap();
     let err = untrusting.dial(s, &rpc.to_string()).await.unwrap_err();
