@@ -326,15 +326,13 @@ impl Acceptor {
 }
 
 /// Starts listening for SIGHUP now (so a signal sent once this returned is not lost) and
-/// returns the task that reloads every one of `servers` on each SIGHUP until `shutdown`.
-/// `None` when there is nothing to reload (SIGHUP then keeps its default action).
+/// returns the task that reloads every one of `servers` on each SIGHUP until `shutdown`. With
+/// no servers a SIGHUP is only logged (it no longer ends the process, so `systemctl reload` is
+/// harmless). `None` when the handler could not be installed (logged).
 pub fn reload_on_sighup(
     servers: Vec<TlsServer>,
     shutdown: CancellationToken,
 ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-    if servers.is_empty() {
-        return None;
-    }
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -351,7 +349,9 @@ pub fn reload_on_sighup(
                     () = shutdown.cancelled() => return,
                     got = hup.recv() => if got.is_none() { return },
                 }
-                tracing::info!("SIGHUP: reloading tls certificates");
+                if servers.is_empty() {
+                    tracing::info!("SIGHUP: no tls certificate configured, nothing to reload");
+                }
                 for s in &servers {
                     // Logged and counted inside; the old pair stays on failure.
                     let _ = s.reload();
