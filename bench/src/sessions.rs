@@ -150,6 +150,7 @@ pub async fn open_all(
                 transport: p.transport,
                 local_ip: Some(p.local_ip),
                 wait,
+                tls: None,
             };
             let mut conn = Conn::open_with(&o).await?;
             let reply = conn.auth(&p.auth).await?;

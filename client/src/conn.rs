@@ -16,13 +16,14 @@ use rim_proto::frame::{Frame, FrameCodec};
 use rim_proto::json::encode_client;
 use rim_proto::msg::{AuthBody, AuthReplyBody};
 use rim_proto::op;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_util::codec::Framed;
 
 use crate::error::{ClientError, Closed};
+use crate::io::{Io, TlsOptions};
 use crate::received::{
     MAX_SERVER_BODY, Received, decode_binary, decode_json, disconnect_reason, online_of,
 };
@@ -75,6 +76,9 @@ pub struct ConnectOptions {
     pub local_ip: Option<IpAddr>,
     /// Bound on each wait (connect, auth, every `recv_*`).
     pub wait: Duration,
+    /// TLS inside the TCP connection (a comet's `listen.tls`, or `listen.wss` for WebSocket);
+    /// `None` = plain.
+    pub tls: Option<TlsOptions>,
 }
 
 impl ConnectOptions {
@@ -85,6 +89,7 @@ impl ConnectOptions {
             transport,
             local_ip: None,
             wait: DEFAULT_WAIT,
+            tls: None,
         }
     }
 }
@@ -101,8 +106,8 @@ fn ws_config() -> WebSocketConfig {
 }
 
 enum Stream {
-    Tcp(Framed<TcpStream, FrameCodec>),
-    Ws(Box<WebSocketStream<TcpStream>>),
+    Tcp(Framed<Io, FrameCodec>),
+    Ws(Box<WebSocketStream<Io>>),
 }
 
 /// A connected protocol client.
@@ -158,12 +163,19 @@ impl Conn {
             Ok::<_, ClientError>(s)
         };
         let open = async {
-            let s = tcp.await?;
+            let s = match &o.tls {
+                None => Io::Plain(tcp.await?),
+                Some(tls) => tls
+                    .connect(tcp.await?)
+                    .await
+                    .map_err(|message| ClientError::Handshake { addr, message })?,
+            };
+            let scheme = if o.tls.is_some() { "wss" } else { "ws" };
             Ok::<_, ClientError>(match o.transport {
                 Transport::Tcp => Stream::Tcp(Framed::new(s, FrameCodec::new(MAX_SERVER_BODY))),
                 Transport::WsBinary | Transport::WsJson => {
                     let (ws, _) = tokio_tungstenite::client_async_with_config(
-                        format!("ws://{addr}/sub"),
+                        format!("{scheme}://{addr}/sub"),
                         s,
                         Some(ws_config()),
                     )
@@ -204,6 +216,14 @@ impl Conn {
         let mut c = Conn::open(transport, addr).await?;
         c.auth(auth).await?;
         Ok(c)
+    }
+
+    /// The certificates the server presented (DER, leaf first) on a TLS connection.
+    pub fn peer_certificates(&self) -> Option<Vec<Vec<u8>>> {
+        match &self.stream {
+            Stream::Tcp(f) => f.get_ref().peer_certificates(),
+            Stream::Ws(ws) => ws.get_ref().peer_certificates(),
+        }
     }
 
     /// The transport in use.

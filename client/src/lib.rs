@@ -6,6 +6,7 @@
 //! * [`Client`]: a session that keeps itself connected: auth, heartbeats at the server's
 //!   interval, requests answered by seq (SendMsg, ChangeRoom, Sub, Unsub), pushes as
 //!   [`Event`]s, and reconnects with jittered backoff ([`Reconnect`]) under the same key.
+//! * [`TlsOptions`]: TLS under either transport (a comet's `listen.tls` / `listen.wss`).
 //! * [`ClientError`]: every failure, each refusal with the server's own reason.
 //!
 //! ```no_run
@@ -28,11 +29,13 @@
 mod client;
 mod conn;
 mod error;
+mod io;
 mod received;
 mod reconnect;
 
 pub use client::{Client, ClientConfig, Event};
 pub use conn::{Conn, ConnectOptions, DEFAULT_WAIT, Transport};
 pub use error::{ClientError, Closed};
+pub use io::TlsOptions;
 pub use received::{MAX_SERVER_BODY, Received, online_of};
 pub use reconnect::Reconnect;

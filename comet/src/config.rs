@@ -7,6 +7,7 @@ use std::time::Duration;
 
 pub use rim_runtime::cluster::ClusterConfig;
 use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
+pub use rim_runtime::tls::TlsConfig;
 use serde::Deserialize;
 
 /// Whole comet configuration.
@@ -33,6 +34,8 @@ pub struct Config {
     pub renew: Renew,
     /// Shared secret and bounds of internal RPC (`CometRpc`, and the link to logic).
     pub cluster: ClusterConfig,
+    /// Certificate of the TLS client listeners (`listen.wss`, `listen.tls`), reloaded on SIGHUP.
+    pub tls: TlsConfig,
     /// How long shutdown waits for sessions and tasks to finish.
     pub shutdown_grace_ms: u64,
     /// `tracing` filter used when `RUST_LOG` is unset.
@@ -49,6 +52,10 @@ pub struct Listen {
     pub http: String,
     /// Raw TCP frames; empty = off.
     pub tcp: String,
+    /// WebSocket over TLS (`/sub`, and the ops routes); empty = off. Needs `[tls]`.
+    pub wss: String,
+    /// Raw TCP frames over TLS; empty = off. Needs `[tls]`.
+    pub tls: String,
     /// `CometRpc` for job.
     pub rpc: String,
 }
@@ -63,6 +70,10 @@ pub struct Advertise {
     pub tcp_addr: String,
     /// Client-facing WebSocket address.
     pub ws_addr: String,
+    /// Client-facing WebSocket over TLS address.
+    pub wss_addr: String,
+    /// Client-facing TCP over TLS address.
+    pub tls_addr: String,
     /// Host name clients should use.
     pub domain: String,
     /// Relative weight for client placement.
@@ -166,6 +177,7 @@ impl Default for Config {
             bucket: BucketConfig::default(),
             renew: Renew::default(),
             cluster: ClusterConfig::default(),
+            tls: TlsConfig::default(),
             shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_json: false,
@@ -178,6 +190,8 @@ impl Default for Listen {
         Listen {
             http: "0.0.0.0:3102".into(),
             tcp: "0.0.0.0:3101".into(),
+            wss: String::new(),
+            tls: String::new(),
             rpc: "127.0.0.1:3109".into(),
         }
     }
@@ -189,6 +203,8 @@ impl Default for Advertise {
             rpc_addr: String::new(),
             tcp_addr: String::new(),
             ws_addr: String::new(),
+            wss_addr: String::new(),
+            tls_addr: String::new(),
             domain: String::new(),
             weight: 10,
         }
@@ -264,6 +280,22 @@ impl Validate for Config {
             socket_addr("listen.tcp", &self.listen.tcp)?;
         }
         socket_addr("listen.rpc", &self.listen.rpc)?;
+        for (field, addr) in [
+            ("listen.wss", &self.listen.wss),
+            ("listen.tls", &self.listen.tls),
+        ] {
+            if addr.is_empty() {
+                continue;
+            }
+            socket_addr(field, addr)?;
+            if !self.tls.enabled() {
+                return Err(SettingsError::invalid(
+                    field,
+                    "needs a certificate: set [tls] cert_file and key_file",
+                ));
+            }
+        }
+        self.tls.validate()?;
         if self.logic.addrs.iter().all(|a| a.trim().is_empty()) {
             return Err(SettingsError::invalid(
                 "logic.addrs",

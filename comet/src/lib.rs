@@ -16,7 +16,8 @@
 //!   `admission`: the connection cap, Auth and registration; `client_op`: op dispatch (a frame
 //!   parsed into a request that applies itself); [`upstream`]: op 4 SendMsg; `driver`: one
 //!   connection from accept to close.
-//! * `ws`, `tcp`: transports, each a `Connection` driven by one task per session.
+//! * `ws`, `tcp`: transports, each a `Connection` driven by one task per session (both also
+//!   over TLS: `listen.wss`, `listen.tls`).
 //! * `deliver`: `CometRpc` (room runs batched per member) and the paced worker; `renew`: node
 //!   registration; `node`: what this comet publishes and its readiness; `server`: wiring and
 //!   drain.
@@ -60,6 +61,10 @@ pub struct Listeners {
     pub http: tokio::net::TcpListener,
     /// Raw TCP frames (`None` = disabled).
     pub tcp: Option<tokio::net::TcpListener>,
+    /// WebSocket over TLS at `/sub`, plus the ops routes (`None` = disabled; needs `[tls]`).
+    pub wss: Option<tokio::net::TcpListener>,
+    /// Raw TCP frames over TLS (`None` = disabled; needs `[tls]`).
+    pub tls: Option<tokio::net::TcpListener>,
     /// `CometRpc` for job.
     pub rpc: tokio::net::TcpListener,
 }
@@ -73,6 +78,9 @@ pub enum RunError {
     /// A listener could not be used.
     #[error("listener error: {0}")]
     Io(#[from] std::io::Error),
+    /// The `[tls]` certificate could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] rim_runtime::tls::TlsError),
 }
 
 /// Runs the comet on already-bound listeners until `shutdown` is cancelled, then drains: every

@@ -29,6 +29,17 @@ struct Cli {
     check: bool,
 }
 
+/// Binds `addr` unless it is empty (the listener is off).
+async fn optional(
+    field: &'static str,
+    addr: &str,
+) -> Result<Option<tokio::net::TcpListener>, rim_runtime::cli::BindError> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    bind(field, addr).await.map(Some)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config: Config = match TIER.load(cli.config.as_deref(), cli.check) {
@@ -37,13 +48,18 @@ fn main() -> ExitCode {
     };
     TIER.serve(config, |config, shutdown| async move {
         let http = bind("listen.http", &config.listen.http).await?;
-        let tcp = if config.listen.tcp.is_empty() {
-            None
-        } else {
-            Some(bind("listen.tcp", &config.listen.tcp).await?)
-        };
+        let tcp = optional("listen.tcp", &config.listen.tcp).await?;
+        let wss = optional("listen.wss", &config.listen.wss).await?;
+        let tls = optional("listen.tls", &config.listen.tls).await?;
         let rpc = bind("listen.rpc", &config.listen.rpc).await?;
-        rim_comet::run(Listeners { http, tcp, rpc }, config, shutdown).await?;
+        let listeners = Listeners {
+            http,
+            tcp,
+            wss,
+            tls,
+            rpc,
+        };
+        rim_comet::run(listeners, config, shutdown).await?;
         Ok::<_, anyhow::Error>(())
     })
 }

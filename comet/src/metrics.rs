@@ -27,6 +27,8 @@ pub const SEND_CODES: [&str; 7] = ["-400", "-401", "-403", "-404", "-429", "-500
 pub struct Metrics {
     /// Internal RPC connections: handshake refusals, cap, frame limit (`rim_rpc_*`).
     pub rpc: std::sync::Arc<rim_runtime::cluster::RpcMetrics>,
+    /// TLS handshakes and certificate reloads (`rim_tls_*`).
+    pub tls: std::sync::Arc<rim_runtime::tls::TlsMetrics>,
     /// Open TCP sessions (connections, authenticated or not).
     pub conn_tcp: Gauge,
     /// Open WebSocket sessions.

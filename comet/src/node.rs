@@ -16,6 +16,8 @@ use crate::ctx::Ctx;
 pub(crate) struct Bound {
     pub http: SocketAddr,
     pub tcp: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
     pub rpc: SocketAddr,
 }
 
@@ -42,7 +44,18 @@ pub(crate) fn node_info(config: &Config, bound: &Bound) -> NodeInfo {
             &config.advertise.domain,
             Some(bound.http),
         ),
-        wss_addr: String::new(),
+        wss_addr: advertised(
+            "advertise.wss_addr",
+            &config.advertise.wss_addr,
+            &config.advertise.domain,
+            bound.wss,
+        ),
+        tls_addr: advertised(
+            "advertise.tls_addr",
+            &config.advertise.tls_addr,
+            &config.advertise.domain,
+            bound.tls,
+        ),
         connections: 0,
         ips: 0,
         weight: config.advertise.weight,
@@ -68,7 +81,7 @@ impl OpsSource for Ops {
     }
 
     fn metrics(&self) -> String {
-        self.0.metrics.render() + &self.0.metrics.rpc.render()
+        self.0.metrics.render() + &self.0.metrics.rpc.render() + &self.0.metrics.tls.render()
     }
 }
 

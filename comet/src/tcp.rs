@@ -1,5 +1,6 @@
-//! Raw TCP transport: frames back to back on the stream, written plain. The socket is one
-//! [`Connection`] driven by one task.
+//! Raw TCP transport: frames back to back on the stream, on a plain socket (`listen.tcp`) or
+//! inside TLS (`listen.tls`, the same frames). The stream is one [`Connection`] driven by one
+//! task; the session code is the same for both.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +8,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rim_proto::frame::{CodecError, Frame, FrameCodec, FrameError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rim_runtime::tls::Acceptor;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
 
@@ -20,13 +22,13 @@ use crate::writer::{Out, disconnect_frame, tcp_bytes};
 /// A TCP session. The read buffer holds at most one frame and is released between frames
 /// (the codec reserves exactly the header, then exactly the body), so an idle session owns
 /// none; a buffered reader would keep 8 KiB per session for nothing.
-pub(crate) struct TcpConn {
-    stream: TcpStream,
+pub(crate) struct TcpConn<S> {
+    stream: S,
     buf: BytesMut,
     codec: FrameCodec,
 }
 
-impl Connection for TcpConn {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection for TcpConn<S> {
     async fn next(&mut self) -> Option<Result<Frame, ReadError>> {
         loop {
             match self.codec.decode(&mut self.buf) {
@@ -73,8 +75,9 @@ impl Connection for TcpConn {
     }
 }
 
-/// Accepts TCP clients until shutdown; each connection runs in its own tracked task.
-pub(crate) async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
+/// Accepts TCP clients until shutdown; each connection runs in its own tracked task. With
+/// `tls`, each connection first finishes its TLS handshake (under the acceptor's deadline).
+pub(crate) async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, tls: Option<Acceptor>) {
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -84,7 +87,10 @@ pub(crate) async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let c = ctx.clone();
-                ctx.tracker.spawn(serve(c, stream, peer));
+                match &tls {
+                    None => ctx.tracker.spawn(serve(c, stream, peer)),
+                    Some(tls) => ctx.tracker.spawn(serve_tls(c, tls.clone(), stream, peer)),
+                };
             }
             Err(e) => {
                 tracing::warn!(error = %e, "tcp accept failed");
@@ -94,7 +100,21 @@ pub(crate) async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
     }
 }
 
-async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
+async fn serve_tls(ctx: Arc<Ctx>, tls: Acceptor, stream: TcpStream, peer: SocketAddr) {
+    let handshake = tokio::select! {
+        s = tls.accept(stream, peer) => s,
+        () = ctx.shutdown.cancelled() => None,
+    };
+    if let Some(stream) = handshake {
+        serve(ctx, stream, peer).await;
+    }
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    ctx: Arc<Ctx>,
+    stream: S,
+    peer: SocketAddr,
+) {
     let conn = TcpConn {
         stream,
         buf: BytesMut::new(),

@@ -306,6 +306,7 @@ pub(crate) fn comet(logic: Arc<MemLogic>, tweak: impl FnOnce(&mut Config)) -> Ar
         tcp_addr: String::new(),
         ws_addr: String::new(),
         wss_addr: String::new(),
+        tls_addr: String::new(),
         connections: 0,
         ips: 0,
         weight: 1,

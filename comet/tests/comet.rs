@@ -291,6 +291,8 @@ async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) -> Har
         Listeners {
             http,
             tcp: Some(tcp),
+            wss: None,
+            tls: None,
             rpc,
         },
         cfg,

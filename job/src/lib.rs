@@ -58,6 +58,9 @@ pub enum RunError {
     /// The ops HTTP server failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A `[cluster]` TLS file could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] rim_runtime::tls::TlsError),
 }
 
 /// State shared by the lease manager and every partition task.
@@ -151,7 +154,14 @@ pub async fn run(
     let stores = redis.stores();
 
     let metrics = Arc::new(Metrics::default());
-    let cluster = rim_runtime::cluster::Cluster::new(&config.cluster, "job", metrics.rpc.clone());
+    // job only dials RPC: of [cluster]'s TLS settings only tls_ca_file applies.
+    let rpc_tls = config.cluster.rpc_tls(Arc::default())?;
+    let cluster = rim_runtime::cluster::Cluster::with_tls(
+        &config.cluster,
+        "job",
+        metrics.rpc.clone(),
+        rpc_tls,
+    );
     let registry = Arc::new(Registry::new(
         stores.directory.clone(),
         config.rpc_timeout(),

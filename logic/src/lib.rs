@@ -38,6 +38,7 @@ use futures::StreamExt;
 use rim_proto::rpc::LogicRpc;
 use rim_runtime::redis::{ConnectOptions, RedisStartError};
 use rim_runtime::settings::Validate;
+use rim_runtime::tls::{TlsServer, reload_on_sighup};
 use std::time::Duration;
 use tarpc::server::{BaseChannel, Channel};
 
@@ -84,6 +85,9 @@ pub enum RunError {
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Http(#[from] std::io::Error),
+    /// The `[tls]` certificate could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] rim_runtime::tls::TlsError),
 }
 
 /// State shared by the HTTP handlers, RPC server and reaper.
@@ -153,7 +157,7 @@ pub async fn run(
     // Like job, logic waits for Redis rather than exiting when it starts first: an operator's
     // start order (or a Redis restart under systemd) must not need a restart loop.
     let Some((_, conn)) = rim_runtime::redis::connect(
-        &config.redis.url,
+        &config.redis,
         ConnectOptions::from_config(&config.redis),
         config.stream.partitions,
         &shutdown,
@@ -170,13 +174,23 @@ pub async fn run(
     };
     let tokens = jwt::Verifier::load(&config.auth)?;
     let room_hook = room_policy::RoomHook::setup(&config.room_hook)?;
+    let metrics = Metrics::default();
+    let https = match config.tls.enabled() {
+        true => Some(TlsServer::load(
+            "tls",
+            &config.tls.cert_file,
+            &config.tls.key_file,
+            metrics.tls.clone(),
+        )?),
+        false => None,
+    };
     let app = Arc::new(App {
         tokens,
         room_hook,
         push_rate: push_rate(&config.push),
         config,
         store,
-        metrics: Arc::new(Metrics::default()),
+        metrics: Arc::new(metrics),
         view: ViewCache::default(),
         webhook: hook,
     });
@@ -189,8 +203,15 @@ pub async fn run(
         tracing::info!(http = %h, rpc = %r, "logic serving");
     }
     let server = rpc::LogicServer(app.clone());
+    let cfg = &app.config.cluster;
+    let rpc_tls = cfg.rpc_tls(app.metrics.tls.clone())?;
+    // Every certificate of this process reloads on SIGHUP: [tls] and [cluster] tls_cert_file.
+    let reloadable: Vec<TlsServer> = https.iter().chain(&rpc_tls.server).cloned().collect();
+    if let Some(reload) = reload_on_sighup(reloadable, shutdown.clone()) {
+        tracker.spawn(reload);
+    }
     let cluster =
-        rim_runtime::cluster::Cluster::new(&app.config.cluster, "logic", app.metrics.rpc.clone());
+        rim_runtime::cluster::Cluster::with_tls(cfg, "logic", app.metrics.rpc.clone(), rpc_tls);
     tracker.spawn(rim_runtime::rpc::accept_loop(
         listeners.rpc,
         "logic",
@@ -220,17 +241,21 @@ pub async fn run(
             read_idle: Some(idle),
         },
     );
+    let header_timeout = Duration::from_millis(app.config.listen.header_timeout_ms);
     let opts = rim_runtime::http::ServeOptions {
-        header_timeout: Duration::from_millis(app.config.listen.header_timeout_ms),
+        header_timeout,
         grace,
     };
-    let result = rim_runtime::http::serve(
-        http_listener,
-        http::router(app.clone()),
-        shutdown.clone(),
-        opts,
-    )
-    .await;
+    let router = http::router(app.clone());
+    let result = match https {
+        None => rim_runtime::http::serve(http_listener, router, shutdown.clone(), opts).await,
+        Some(server) => {
+            // The handshake gets the header deadline too: a stalled one is closed.
+            let acceptor = server.acceptor(&[b"http/1.1"], header_timeout)?;
+            rim_runtime::http::serve_tls(http_listener, router, shutdown.clone(), opts, acceptor)
+                .await
+        }
+    };
     // The HTTP server returns once shutdown began (or on a fatal error): stop the rest too.
     shutdown.cancel();
     rim_runtime::shutdown::drain(&tracker, grace, "logic").await;

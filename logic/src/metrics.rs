@@ -16,6 +16,8 @@ const STATUSES: [u16; 9] = [200, 400, 401, 403, 404, 405, 429, 500, 503];
 pub struct Metrics {
     /// Internal RPC connections: handshake refusals, cap, frame limit (`rim_rpc_*`).
     pub rpc: Arc<rim_runtime::cluster::RpcMetrics>,
+    /// HTTPS handshakes and certificate reloads (`rim_tls_*`).
+    pub tls: Arc<rim_runtime::tls::TlsMetrics>,
     /// Pushes accepted, by kind.
     pub push_keys: Counter,
     /// See `push_keys`.
@@ -310,6 +312,6 @@ impl OpsSource for Ops {
     }
 
     fn metrics(&self) -> String {
-        self.metrics.render() + &self.metrics.rpc.render()
+        self.metrics.render() + &self.metrics.rpc.render() + &self.metrics.tls.render()
     }
 }

@@ -136,6 +136,7 @@ impl App {
                     "tcp_addr": i.tcp_addr,
                     "ws_addr": i.ws_addr,
                     "wss_addr": i.wss_addr,
+                    "tls_addr": i.tls_addr,
                     "connections": i.connections,
                     "ips": i.ips,
                     "weight": i.weight,

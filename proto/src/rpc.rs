@@ -1,4 +1,4 @@
-//! RPC between tiers (tarpc over TCP, length-delimited MessagePack).
+//! RPC between tiers (tarpc over TCP or TLS, length-delimited MessagePack).
 //!
 //! * [`LogicRpc`], served by logic: comets authenticate sessions and report liveness through it
 //!   (logic owns every Redis write about sessions and nodes); backends push through it.
@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tarpc::tokio_serde::formats::MessagePack;
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::msg::AuthBody;
@@ -21,8 +22,11 @@ use crate::room::RoomId;
 pub const MAX_RPC_FRAME: usize = 32 * 1024 * 1024;
 
 /// A tarpc transport over a TCP stream with rim's framing and codec.
-pub type Transport<In, Out> =
-    tarpc::serde_transport::Transport<TcpStream, In, Out, MessagePack<In, Out>>;
+pub type Transport<In, Out> = StreamTransport<TcpStream, In, Out>;
+
+/// A tarpc transport over any byte stream (TCP, or TLS over it) with rim's framing and codec.
+pub type StreamTransport<S, In, Out> =
+    tarpc::serde_transport::Transport<S, In, Out, MessagePack<In, Out>>;
 
 /// Wraps a connected stream (either side) in rim's RPC framing and codec.
 pub fn transport<In, Out>(stream: TcpStream) -> Transport<In, Out>
@@ -30,16 +34,18 @@ where
     In: for<'de> Deserialize<'de>,
     Out: Serialize,
 {
+    let _ = stream.set_nodelay(true);
     transport_with_limit(stream, MAX_RPC_FRAME)
 }
 
-/// [`transport`] with another frame limit (either direction; a larger frame fails the stream).
-pub fn transport_with_limit<In, Out>(stream: TcpStream, max_frame: usize) -> Transport<In, Out>
+/// [`transport`] over any stream, with another frame limit (either direction; a larger frame
+/// fails the stream).
+pub fn transport_with_limit<S, In, Out>(stream: S, max_frame: usize) -> StreamTransport<S, In, Out>
 where
+    S: AsyncRead + AsyncWrite,
     In: for<'de> Deserialize<'de>,
     Out: Serialize,
 {
-    let _ = stream.set_nodelay(true);
     let framed = LengthDelimitedCodec::builder()
         .max_frame_length(max_frame)
         .new_framed(stream);
@@ -213,6 +219,10 @@ pub struct NodeInfo {
     pub started_ms: u64,
     /// Last renewal (unix ms), stamped by logic.
     pub renewed_ms: u64,
+    /// Client-facing TCP over TLS address (goim frames inside TLS), if on. Last and defaulted,
+    /// so a `NodeInfo` from a comet without it still decodes.
+    #[serde(default)]
+    pub tls_addr: String,
 }
 
 /// Room member counts a comet reports with its renewal.

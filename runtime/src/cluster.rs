@@ -20,7 +20,9 @@ use tokio_util::codec::LengthDelimitedCodecError;
 
 use crate::handshake::{self, HandshakeError, MAGIC_DIAL};
 use crate::metrics::{Counter, Exposition, Gauge};
+use crate::rpc_tls::{RpcStream, RpcTls, RpcTlsFiles};
 use crate::settings::{SettingsError, positive};
+use crate::tls::{TlsError, TlsMetrics};
 
 /// Largest `cluster.max_frame_bytes` accepted (1 GiB; the handshake magic reads as a larger
 /// frame length, so a handshake is never mistaken for a frame).
@@ -44,6 +46,14 @@ pub struct ClusterConfig {
     pub max_connections: usize,
     /// Time a new RPC connection has to finish the handshake, in milliseconds.
     pub handshake_timeout_ms: u64,
+    /// PEM certificate chain the RPC listener presents; with `tls_key_file`, RPC to this tier
+    /// is accepted over TLS only. Reloaded on SIGHUP. Empty = plain.
+    pub tls_cert_file: String,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: String,
+    /// PEM CA the RPC peers this tier dials are verified against (and the host of the address
+    /// dialled must be in their certificate); set = RPC is dialled over TLS. Empty = plain.
+    pub tls_ca_file: String,
 }
 
 impl Default for ClusterConfig {
@@ -53,6 +63,9 @@ impl Default for ClusterConfig {
             max_frame_bytes: 32 * 1024 * 1024,
             max_connections: 1_024,
             handshake_timeout_ms: 3_000,
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_ca_file: String::new(),
         }
     }
 }
@@ -64,6 +77,9 @@ impl fmt::Debug for ClusterConfig {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("max_connections", &self.max_connections)
             .field("handshake_timeout_ms", &self.handshake_timeout_ms)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -106,7 +122,24 @@ impl ClusterConfig {
             ));
         }
         positive("cluster.max_connections", self.max_connections as u64)?;
-        positive("cluster.handshake_timeout_ms", self.handshake_timeout_ms)
+        positive("cluster.handshake_timeout_ms", self.handshake_timeout_ms)?;
+        self.tls_files().validate()
+    }
+
+    /// The TLS files of `[cluster]`.
+    pub fn tls_files(&self) -> RpcTlsFiles<'_> {
+        RpcTlsFiles {
+            cert: &self.tls_cert_file,
+            key: &self.tls_key_file,
+            ca: &self.tls_ca_file,
+        }
+    }
+
+    /// The TLS sides these settings turn on, handshakes bounded by `handshake_timeout_ms`,
+    /// counted in `metrics`.
+    pub fn rpc_tls(&self, metrics: Arc<TlsMetrics>) -> Result<RpcTls, TlsError> {
+        let deadline = Duration::from_millis(self.handshake_timeout_ms);
+        RpcTls::load(self.tls_files(), deadline, metrics)
     }
 }
 
@@ -164,6 +197,7 @@ struct Inner {
     max_connections: usize,
     handshake_timeout: Duration,
     metrics: Arc<RpcMetrics>,
+    tls: RpcTls,
 }
 
 /// `[cluster]` in force for one tier: runs the handshake on both ends, frames RPC with the
@@ -198,8 +232,19 @@ fn is_frame_too_large(e: &io::Error) -> bool {
 }
 
 impl Cluster {
-    /// The settings of `cfg`, counting into `metrics`. Warns once when the secret is empty.
+    /// The settings of `cfg` without TLS, counting into `metrics`. Warns once when the secret
+    /// is empty.
     pub fn new(cfg: &ClusterConfig, tier: &str, metrics: Arc<RpcMetrics>) -> Self {
+        Self::with_tls(cfg, tier, metrics, RpcTls::default())
+    }
+
+    /// [`Cluster::new`] with the TLS sides loaded from `cfg` ([`ClusterConfig::rpc_tls`]).
+    pub fn with_tls(
+        cfg: &ClusterConfig,
+        tier: &str,
+        metrics: Arc<RpcMetrics>,
+        tls: RpcTls,
+    ) -> Self {
         if cfg.secret.is_empty() {
             tracing::warn!(
                 tier,
@@ -212,6 +257,7 @@ impl Cluster {
             max_connections: cfg.max_connections.max(1),
             handshake_timeout: Duration::from_millis(cfg.handshake_timeout_ms),
             metrics,
+            tls,
         }))
     }
 
@@ -225,44 +271,63 @@ impl Cluster {
         self.0.max_connections
     }
 
-    /// Runs the accepting side of the handshake on a new connection, within the deadline.
-    /// On refusal the connection is dropped (closed), counted and logged with the peer.
-    pub async fn accept(&self, mut stream: TcpStream, peer: SocketAddr) -> Option<TcpStream> {
+    /// Runs the accepting side of the handshake on a new connection (inside TLS when
+    /// `cluster.tls_cert_file` is set), within the deadline. On refusal the connection is
+    /// dropped (closed), counted and logged with the peer.
+    pub async fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<RpcStream> {
         let deadline = self.0.handshake_timeout;
-        let result = match &self.0.secret {
-            Some(secret) => {
-                match tokio::time::timeout(deadline, handshake::serve(&mut stream, secret)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(HandshakeError::Timeout(deadline)),
-                }
-            }
+        if self.0.secret.is_none() && !self.0.tls.accepts_tls() {
             // No secret: no handshake, but a dialer that has one must not silently pass.
-            None => {
-                let mut first = [0u8; 4];
-                match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
-                    Ok(Ok(4)) if first == MAGIC_DIAL => Err(HandshakeError::Unexpected),
-                    _ => Ok(()),
-                }
-            }
+            let mut first = [0u8; 4];
+            let result = match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
+                Ok(Ok(4)) if first == MAGIC_DIAL => Err(HandshakeError::Unexpected),
+                _ => Ok(()),
+            };
+            return match result {
+                Ok(()) => self.0.tls.accept(stream, peer).await,
+                Err(e) => self.refused(peer, e),
+            };
+        }
+        // TLS failures are counted by the acceptor (rim_tls_handshake_failures_total).
+        let mut stream = self.0.tls.accept(stream, peer).await?;
+        let Some(secret) = &self.0.secret else {
+            return Some(stream);
         };
+        let result =
+            match tokio::time::timeout(deadline, handshake::serve(&mut stream, secret)).await {
+                Ok(r) => r,
+                Err(_) => Err(HandshakeError::Timeout(deadline)),
+            };
         match result {
             Ok(()) => Some(stream),
-            Err(e) => {
-                self.0.metrics.auth_refused_accept.inc();
-                tracing::warn!(%peer, error = %e, "rpc connection refused");
-                None
-            }
+            Err(e) => self.refused(peer, e),
         }
     }
 
-    /// Runs the dialing side of the handshake on a fresh connection, within the deadline
-    /// (nothing to do without a secret). A refusal is counted and logged with the peer.
-    pub async fn dial(&self, stream: &mut TcpStream, peer: &str) -> Result<(), HandshakeError> {
-        let Some(secret) = &self.0.secret else {
-            return Ok(());
-        };
+    fn refused(&self, peer: SocketAddr, e: HandshakeError) -> Option<RpcStream> {
+        self.0.metrics.auth_refused_accept.inc();
+        tracing::warn!(%peer, error = %e, "rpc connection refused");
+        None
+    }
+
+    /// Runs the dialing side on a fresh connection to `peer` (`host:port`): TLS first when
+    /// `cluster.tls_ca_file` is set, then the secret handshake (nothing without a secret), all
+    /// within the deadline. A refusal is counted and logged with the peer.
+    pub async fn dial(&self, stream: TcpStream, peer: &str) -> Result<RpcStream, HandshakeError> {
         let deadline = self.0.handshake_timeout;
-        let result = match tokio::time::timeout(deadline, handshake::dial(stream, secret)).await {
+        let run = async {
+            let mut s = self
+                .0
+                .tls
+                .dial(stream, peer)
+                .await
+                .map_err(|e| HandshakeError::Tls(e.to_string()))?;
+            if let Some(secret) = &self.0.secret {
+                handshake::dial(&mut s, secret).await?;
+            }
+            Ok(s)
+        };
+        let result = match tokio::time::timeout(deadline, run).await {
             Ok(r) => r,
             Err(_) => Err(HandshakeError::Timeout(deadline)),
         };
@@ -277,7 +342,7 @@ impl Cluster {
     /// frame over the limit ends the connection and is counted.
     pub fn transport<In, Out>(
         &self,
-        stream: TcpStream,
+        stream: RpcStream,
     ) -> impl Stream<Item = io::Result<In>> + Sink<Out, Error = io::Error> + Send + use<In, Out>
     where
         In: DeserializeOwned + Send + 'static,
@@ -368,13 +433,15 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let dialer = client.clone();
         let dial = tokio::spawn(async move {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            let r = dialer.dial(&mut s, "test").await;
-            if r.is_ok() {
-                // A secret-less dialer's first tarpc frame (a length prefix); then hang up.
-                let _ = tokio::io::AsyncWriteExt::write_all(&mut s, &[0, 0, 0, 1, 0]).await;
+            let s = TcpStream::connect(addr).await.unwrap();
+            match dialer.dial(s, "test").await {
+                Ok(mut s) => {
+                    // A secret-less dialer's first tarpc frame (a length prefix); then hang up.
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut s, &[0, 0, 0, 1, 0]).await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
             }
-            r
         });
         let (stream, peer) = listener.accept().await.unwrap();
         let accepted = server.accept(stream, peer).await.is_some();

@@ -51,6 +51,10 @@ pub enum HandshakeError {
     /// The socket failed.
     #[error("cluster handshake: {0}")]
     Io(std::io::Error),
+    /// The TLS handshake under the cluster handshake failed (untrusted or misnamed
+    /// certificate, or the peer does not speak TLS).
+    #[error("rpc tls: {0}")]
+    Tls(String),
 }
 
 impl HandshakeError {
@@ -64,6 +68,7 @@ impl HandshakeError {
                 | HandshakeError::Version(_)
                 | HandshakeError::WrongSecret
                 | HandshakeError::Closed
+                | HandshakeError::Tls(_)
         )
     }
 }

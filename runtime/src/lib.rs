@@ -3,8 +3,10 @@
 //! validation ([`settings`]), logging ([`logging`]), shutdown ([`shutdown`]), HTTP serving
 //! ([`http`], [`listener`]), the ops HTTP routes and Prometheus text ([`ops`], [`metrics`],
 //! [`process`]), tarpc serving and reconnecting client links ([`rpc`]) behind the cluster
-//! secret handshake and RPC bounds ([`cluster`], [`handshake`]), the Redis connection
-//! and shared `[redis]` / partition settings ([`redis`]), and retry delays ([`backoff`]).
+//! secret handshake and RPC bounds ([`cluster`], [`handshake`]), optionally inside TLS
+//! ([`rpc_tls`]), the Redis connection
+//! and shared `[redis]` / partition settings ([`redis`]), TLS with certificate reload on SIGHUP
+//! ([`tls`]), and retry delays ([`backoff`]).
 #![forbid(unsafe_code)]
 
 pub mod backoff;
@@ -22,8 +24,10 @@ pub mod proxy_protocol;
 pub mod rate;
 pub mod redis;
 pub mod rpc;
+pub mod rpc_tls;
 pub mod settings;
 pub mod shutdown;
+pub mod tls;
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {

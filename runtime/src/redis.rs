@@ -1,4 +1,5 @@
-//! Redis plumbing shared by logic and job: the `[redis]` config section and its validation, the
+//! Redis plumbing shared by logic and job: the `[redis]` config section and its validation
+//! (`rediss://` with an optional CA file), the
 //! stream partition count every tier must agree on, connecting with retry and backoff until Redis
 //! is there (a tier started before Redis waits instead of exiting), and the readiness PING.
 //!
@@ -23,8 +24,11 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`, `rediss://…` or `redis+unix:///path`.
+    /// `redis://host:port/db`, `rediss://…` (TLS) or `redis+unix:///path`.
     pub url: String,
+    /// PEM CA certificate(s) a `rediss://` server is verified against; empty = the system's
+    /// root certificates (`/etc/ssl/certs`).
+    pub ca_file: String,
     /// Upper bound on any one Redis round trip (ms); past it the call fails instead of hanging.
     pub timeout_ms: u64,
 }
@@ -33,6 +37,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379/".into(),
+            ca_file: String::new(),
             timeout_ms: 2_000,
         }
     }
@@ -55,7 +60,36 @@ impl RedisConfig {
                 ),
             ));
         }
+        if !self.ca_file.is_empty() {
+            if !self.url.starts_with("rediss://") {
+                return Err(SettingsError::invalid(
+                    "redis.ca_file",
+                    "is only used with a rediss:// redis.url",
+                ));
+            }
+            crate::tls::client_config(&self.ca_file)
+                .map_err(|e| SettingsError::invalid("redis.ca_file", e.to_string()))?;
+        }
         positive("redis.timeout_ms", self.timeout_ms)
+    }
+
+    /// The redis-rs client: for `rediss://` with `ca_file`, trusting only that CA; else the
+    /// system roots.
+    pub fn client(&self) -> Result<redis::Client, RedisStartError> {
+        // redis-rs builds its rustls config on the process's default provider: rim's (ring).
+        let _ = rustls::crypto::CryptoProvider::install_default((*crate::tls::provider()).clone());
+        if self.ca_file.is_empty() {
+            return redis::Client::open(self.url.as_str()).map_err(RedisStartError::Url);
+        }
+        let root_cert = std::fs::read(&self.ca_file).map_err(|e| RedisStartError::CaFile {
+            path: self.ca_file.clone(),
+            reason: e.to_string(),
+        })?;
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        };
+        redis::Client::build_with_tls(self.url.as_str(), certs).map_err(RedisStartError::Url)
     }
 }
 
@@ -88,6 +122,14 @@ pub enum RedisStartError {
     /// The URL is not one redis-rs accepts.
     #[error("redis.url: {0}")]
     Url(redis::RedisError),
+    /// `redis.ca_file` could not be read.
+    #[error("redis.ca_file {path}: {reason}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// The cluster was started with another partition count.
     #[error(
         "stream.partitions is {configured} but the cluster uses {existing:?} ({key}); every logic \
@@ -126,12 +168,13 @@ impl ConnectOptions {
 /// records) the partition count, retrying with backoff while Redis is unreachable. `Ok(None)`
 /// when `shutdown` came first; a partition mismatch fails at once.
 pub async fn connect(
-    url: &str,
+    cfg: &RedisConfig,
     opts: ConnectOptions,
     partitions: u16,
     shutdown: &CancellationToken,
 ) -> Result<Option<(redis::Client, ConnectionManager)>, RedisStartError> {
-    let client = redis::Client::open(url).map_err(RedisStartError::Url)?;
+    let client = cfg.client()?;
+    let url = cfg.url.as_str();
     let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
     loop {
         let attempt = async {
@@ -269,7 +312,11 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             stop.cancel();
         });
-        let r = connect("redis://127.0.0.1:1/", opts, 16, &shutdown).await;
+        let cfg = RedisConfig {
+            url: "redis://127.0.0.1:1/".into(),
+            ..RedisConfig::default()
+        };
+        let r = connect(&cfg, opts, 16, &shutdown).await;
         assert!(matches!(r, Ok(None)));
     }
 }

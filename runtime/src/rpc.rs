@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::Cluster;
+use crate::rpc_tls::RpcStream;
 
 /// Accepts RPC connections until `shutdown`, running `handle(stream)` for each on `tracker`
 /// once the stream passed `cluster`'s handshake.
@@ -32,7 +33,7 @@ pub async fn accept_loop<F, Fut>(
     tracker: TaskTracker,
     handle: F,
 ) where
-    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    F: Fn(RpcStream) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let handle = Arc::new(handle);
@@ -80,7 +81,7 @@ pub async fn accept_loop<F, Fut>(
 /// One accepted connection: the handshake, then the tier's channel.
 async fn serve_one<F, Fut>(cluster: &Cluster, stream: TcpStream, peer: SocketAddr, handle: &F)
 where
-    F: Fn(TcpStream) -> Fut,
+    F: Fn(RpcStream) -> Fut,
     Fut: Future<Output = ()>,
 {
     if let Some(stream) = cluster.accept(stream, peer).await {
@@ -123,7 +124,7 @@ pub enum LinkError {
     },
 }
 
-type Connector<C> = Arc<dyn Fn(TcpStream) -> C + Send + Sync>;
+type Connector<C> = Arc<dyn Fn(RpcStream) -> C + Send + Sync>;
 
 /// A tarpc client to one logical peer (one or several addresses), connected lazily and
 /// re-connected after a transport failure. Cheap to share behind an `Arc`.
@@ -146,7 +147,7 @@ impl<C: Clone + Send + 'static> Link<C> {
         addrs: Vec<String>,
         connect_timeout: Duration,
         cluster: Cluster,
-        connector: impl Fn(TcpStream) -> C + Send + Sync + 'static,
+        connector: impl Fn(RpcStream) -> C + Send + Sync + 'static,
     ) -> Self {
         Link {
             name: name.into(),
@@ -179,12 +180,15 @@ impl<C: Clone + Send + 'static> Link<C> {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr.as_str()))
                 .await
             {
-                Ok(Ok(mut stream)) => {
-                    if let Err(e) = self.cluster.dial(&mut stream, addr).await {
-                        refused |= e.is_refusal();
-                        last = format!("{addr}: {e}");
-                        continue;
-                    }
+                Ok(Ok(stream)) => {
+                    let stream = match self.cluster.dial(stream, addr).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            refused |= e.is_refusal();
+                            last = format!("{addr}: {e}");
+                            continue;
+                        }
+                    };
                     let client = (self.connector)(stream);
                     *current = Some((client.clone(), idx));
                     tracing::info!(link = %self.name, %addr, "rpc link connected");

@@ -9,6 +9,16 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     appendonly: bool,
+    tls: Option<Tls>,
+}
+
+/// TLS settings of a [`RedisServer::start_tls`] server.
+#[derive(Debug, Clone)]
+struct Tls {
+    port: u16,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
 }
 
 impl RedisServer {
@@ -20,6 +30,23 @@ impl RedisServer {
     /// Starts `redis-server`, with `appendonly` persistence (fsync on every write) when asked
     /// (restart tests).
     pub fn start_with(appendonly: bool) -> RedisServer {
+        Self::start_inner(appendonly, None)
+    }
+
+    /// Starts `redis-server` that also serves TLS on a free loopback port (`--tls-port`, client
+    /// certificates not required) with the given PEM files; [`RedisServer::tls_url`] is its
+    /// `rediss://` URL. The unix socket stays, for the tests' own assertions.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> RedisServer {
+        let tls = Tls {
+            port: crate::process::free_addr().port(),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            ca: ca.to_path_buf(),
+        };
+        Self::start_inner(false, Some(tls))
+    }
+
+    fn start_inner(appendonly: bool, tls: Option<Tls>) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("rim-redis-")
             .tempdir()
@@ -28,14 +55,37 @@ impl RedisServer {
             dir,
             child: None,
             appendonly,
+            tls,
         };
         server.spawn();
         server
     }
 
+    /// `rediss://127.0.0.1:<tls port>/` of a [`RedisServer::start_tls`] server.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|t| format!("rediss://127.0.0.1:{}/", t.port))
+    }
+
     fn spawn(&mut self) {
         let sock = self.socket_path();
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(t) = &self.tls {
+            cmd.args([
+                "--tls-port",
+                &t.port.to_string(),
+                "--tls-auth-clients",
+                "no",
+            ])
+            .arg("--tls-cert-file")
+            .arg(&t.cert)
+            .arg("--tls-key-file")
+            .arg(&t.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&t.ca);
+        }
+        let child = cmd
             .args(["--port", "0", "--unixsocket"])
             .arg(&sock)
             .args(["--unixsocketperm", "700", "--save", ""])

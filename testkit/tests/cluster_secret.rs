@@ -13,6 +13,7 @@ use rim_proto::msg::AuthBody;
 use rim_proto::rpc::{CometRpcClient, DeliverTarget, Delivery, LogicRpcClient, PushId};
 use rim_runtime::cluster::{Cluster, ClusterConfig};
 use rim_runtime::rpc::Link;
+use rim_runtime::rpc_tls::RpcStream;
 use rim_testkit::api::{Api, eventually, metric, streams_drained};
 use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{self, CLUSTER_SECRET, CometAddrs, binary, free_addr, repo};
@@ -243,10 +244,9 @@ async fn raw_rpc_clients_without_the_secret_are_refused_before_any_method_runs()
 }
 
 /// A fresh connection to `addr` that passed the handshake with `secret`, or why not.
-async fn handshaken(addr: SocketAddr, c: &Cluster) -> Result<TcpStream, String> {
-    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    c.dial(&mut s, "comet").await.map_err(|e| e.to_string())?;
-    Ok(s)
+async fn handshaken(addr: SocketAddr, c: &Cluster) -> Result<RpcStream, String> {
+    let s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    c.dial(s, "comet").await.map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,7 +41,7 @@ impl RedisBackend {
         shutdown: &CancellationToken,
     ) -> Result<Option<Self>, RedisStartError> {
         let connected = rim_runtime::redis::connect(
-            &cfg.redis.url,
+            &cfg.redis,
             connect_options(cfg),
             cfg.stream.partitions,
             shutdown,

@@ -215,6 +215,8 @@ async fn start_comet(i: usize, logic_rpc: SocketAddr, tweak: &mut CometTweak) ->
         let listeners = rim_comet::Listeners {
             http: http_l,
             tcp: Some(tcp_l),
+            wss: None,
+            tls: None,
             rpc: rpc_l,
         };
         if let Err(e) = rim_comet::run(listeners, cfg, token).await {

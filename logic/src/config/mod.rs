@@ -11,7 +11,10 @@ use rim_proto::room::RoomId;
 pub use rim_runtime::cluster::ClusterConfig;
 pub use rim_runtime::redis::RedisConfig;
 use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
+pub use rim_runtime::tls::TlsConfig;
 use serde::Deserialize;
+
+mod dev;
 
 /// Dotted fields that take comma-separated lists from the environment.
 pub const LIST_KEYS: &[&str] = &[
@@ -50,6 +53,8 @@ pub struct Config {
     pub demo: DemoConfig,
     /// Shared secret and bounds of internal RPC (`LogicRpc`).
     pub cluster: ClusterConfig,
+    /// Certificate for HTTPS on `listen.http` (off when unset), reloaded on SIGHUP.
+    pub tls: TlsConfig,
     /// How long in-flight work may take to finish at shutdown (ms).
     pub shutdown_grace_ms: u64,
     /// Log filter used when `RUST_LOG` is unset.
@@ -74,6 +79,7 @@ impl Default for Config {
             room_hook: RoomHookConfig::default(),
             demo: DemoConfig::default(),
             cluster: ClusterConfig::default(),
+            tls: TlsConfig::default(),
             shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_json: false,
@@ -333,58 +339,6 @@ impl Config {
     }
 }
 
-impl Config {
-    /// The defaults with the local-dev conveniences `config/logic.toml` turns on: trust mode,
-    /// open online routes and the demo (each warned about at start). For tests and tools on
-    /// loopback; never what a config file that leaves these out gets.
-    pub fn dev() -> Config {
-        let mut c = Config::default();
-        c.auth.mode = AuthMode::Trust;
-        c.push.open_online = true;
-        c.demo.enabled = true;
-        c
-    }
-
-    /// The dev conveniences this config turns on, each as the warning logged at start: an
-    /// operator must see that a door is open, and which.
-    pub fn dev_conveniences(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.auth.mode == AuthMode::Trust {
-            out.push(
-                "auth.mode is \"trust\": the mid a client claims is believed (goim \
-                 compatibility; dev only)"
-                    .to_string(),
-            );
-        }
-        if self.push.secret.is_empty() {
-            out.push(format!(
-                "push.secret is empty: push, online and session routes are open to anyone who \
-                 reaches listen.http ({})",
-                self.listen.http
-            ));
-        } else if self.push.open_online {
-            out.push(
-                "push.open_online is true: online, node and room member routes answer without \
-                 push.secret"
-                    .to_string(),
-            );
-        }
-        if self.demo.enabled {
-            out.push(format!(
-                "demo.enabled is true: anyone who reaches listen.http ({}) can sign in as a new \
-                 user{}",
-                self.listen.http,
-                if self.auth.secret.is_empty() {
-                    ""
-                } else {
-                    " and get a valid client token"
-                }
-            ));
-        }
-        out
-    }
-}
-
 impl rim_runtime::cli::LogSettings for Config {
     fn log_level(&self) -> &str {
         &self.log_level
@@ -422,6 +376,7 @@ impl Validate for Config {
         positive("listen.idle_timeout_ms", self.listen.idle_timeout_ms)?;
         positive("listen.header_timeout_ms", self.listen.header_timeout_ms)?;
         self.redis.validate()?;
+        self.tls.validate()?;
         self.cluster
             .validate(&[("listen.rpc", self.listen.rpc.as_str())])?;
         positive("push.body_limit", self.push.body_limit as u64)?;
