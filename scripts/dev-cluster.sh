@@ -70,7 +70,7 @@ start job "$BIN/rim-job" --config config/job.toml
 start comet-1 "$BIN/rim-comet" --config config/comet.toml
 start comet-2 env RIM_COMET__SERVER_ID=comet-2 RIM_COMET__LISTEN__HTTP=127.0.0.1:3202 \
   RIM_COMET__LISTEN__TCP=127.0.0.1:3201 RIM_COMET__LISTEN__RPC=127.0.0.1:3209 \
-  "$BIN/rim-comet" --config config/comet.toml
+  RIM_COMET__LISTEN__OPS=127.0.0.1:3203 "$BIN/rim-comet" --config config/comet.toml
 wait_http http://127.0.0.1:3102/healthz
 wait_http http://127.0.0.1:3202/healthz
 
@@ -79,8 +79,8 @@ cat <<MSG
 rim dev cluster is up (Ctrl-C stops it):
   chat demo              http://127.0.0.1:3111/   (open it in two browser windows)
   HTTP API               http://127.0.0.1:3111/goim/...
-  comet-1                ws://127.0.0.1:3102/sub   tcp 127.0.0.1:3101
-  comet-2                ws://127.0.0.1:3202/sub   tcp 127.0.0.1:3201
+  comet-1                ws://127.0.0.1:3102/sub   tcp 127.0.0.1:3101   metrics http://127.0.0.1:3103/metrics
+  comet-2                ws://127.0.0.1:3202/sub   tcp 127.0.0.1:3201   metrics http://127.0.0.1:3203/metrics
   redis                  $REDIS_URL
   live comets            curl -s http://127.0.0.1:3111/goim/nodes/instances
   push to a room         curl -s -d 'hello' 'http://127.0.0.1:3111/goim/push/room?operation=1000&type=live&room=1000'

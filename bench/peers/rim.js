@@ -20,6 +20,7 @@
 //   logic RPC                  base+12          (comet logic.addrs)
 //   job ops HTTP               base+13          (/readyz, /metrics)
 //   comet RPC                  base+21, base+22 (job -> comet)
+//   comet ops (/metrics)       base+31, base+32
 //   comet raw TCP listener     off              (listen.tcp = "": the harness only speaks WebSocket)
 //
 // OVERRIDES (everything else keeps the example files' values) and why
@@ -140,8 +141,9 @@ async function start(h) {
   const P = {
     logicHttp: base + 11, logicRpc: base + 12, jobHttp: base + 13,
     cometRpc: h.ports.map((_, i) => base + 21 + i),
+    cometOps: h.ports.map((_, i) => base + 31 + i),
   };
-  for (const p of [P.logicHttp, P.logicRpc, P.jobHttp, ...P.cometRpc]) {
+  for (const p of [P.logicHttp, P.logicRpc, P.jobHttp, ...P.cometRpc, ...P.cometOps]) {
     if (!(await portFree(p))) throw new Error(`rim: port ${p} busy (another run? choose another --base-port)`);
   }
   const log = name => path.join(h.dir, `${name}.log`);
@@ -178,6 +180,7 @@ async function start(h) {
     RIM_COMET__LISTEN__HTTP: `${HOST}:${h.ports[i]}`,
     RIM_COMET__LISTEN__TCP: '',
     RIM_COMET__LISTEN__RPC: `${HOST}:${P.cometRpc[i]}`,
+    RIM_COMET__LISTEN__OPS: `${HOST}:${P.cometOps[i]}`,
     RIM_COMET__LOGIC__ADDRS: `${HOST}:${P.logicRpc}`,
     RIM_COMET__SESSION__MAX_CONNECTIONS: '100000',
     ...extra,

@@ -26,6 +26,15 @@ pub struct Args {
         default_value = "127.0.0.1:3101,127.0.0.1:3201"
     )]
     pub tcp: Vec<SocketAddr>,
+    /// Comet ops listeners (`listen.ops`, where `/metrics` is), in the same order as `--ws`;
+    /// `--ops ""` for comets serving `/metrics` on their WebSocket port (`listen.ops = ""`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:3103,127.0.0.1:3203",
+        value_parser = maybe_addr
+    )]
+    pub ops: Vec<Option<SocketAddr>>,
     /// Session transport: ws (binary frames), json (WebSocket JSON mode), tcp, or mix (round robin).
     #[arg(long, value_enum, default_value_t = TransportArg::Ws)]
     pub transport: TransportArg,
@@ -172,6 +181,13 @@ impl Args {
         })
     }
 
+    /// Where each comet (in `--ws` order) serves `/metrics`: its `--ops` listener, or its
+    /// WebSocket listener when `--ops` is empty.
+    pub fn comet_metrics(&self) -> Vec<SocketAddr> {
+        let ops: Vec<SocketAddr> = self.ops.iter().flatten().copied().collect();
+        if ops.is_empty() { self.ws.clone() } else { ops }
+    }
+
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.ws.is_empty() {
@@ -181,6 +197,9 @@ impl Args {
             && self.tcp.len() != self.ws.len()
         {
             return Err("--tcp: one TCP listener per --ws comet, in the same order".into());
+        }
+        if self.comet_metrics().len() != self.ws.len() {
+            return Err("--ops: one ops listener per --ws comet, in the same order".into());
         }
         if self.inflight == 0 {
             return Err("--inflight: at least 1".into());

@@ -27,9 +27,9 @@ fn progress(args: &Args, msg: impl std::fmt::Display) {
     eprintln!("[rim-bench {:?}] {msg}", args.scenario);
 }
 
-/// Every server `/metrics` endpoint: comets (their HTTP listeners), logic, then `--metrics`.
+/// Every server `/metrics` endpoint: comets (their ops listeners), logic, then `--metrics`.
 fn server_addrs(args: &Args) -> Vec<std::net::SocketAddr> {
-    let mut v = args.ws.clone();
+    let mut v = args.comet_metrics();
     v.push(args.http);
     v.extend(args.metrics.iter().flatten().copied());
     v
@@ -158,7 +158,12 @@ async fn s1(args: &Args) -> anyhow::Result<Value> {
     let http = reqwest::Client::new();
     let addrs = server_addrs(args);
     let before = scrape_all(&http, &addrs).await;
-    if let Some((addr, _)) = args.ws.iter().zip(&before).find(|(_, s)| s.is_none()) {
+    if let Some((addr, _)) = args
+        .comet_metrics()
+        .iter()
+        .zip(&before)
+        .find(|(_, s)| s.is_none())
+    {
         bail!(
             "no process figures from http://{addr}/metrics: is the comet up (and a rim build \
              whose /metrics has rim_process_pss_bytes, on Linux)?"

@@ -48,7 +48,7 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Listen {
-    /// WebSocket (`/sub`) and ops routes.
+    /// WebSocket (`/sub`), `/healthz` and `/readyz` (and `/metrics` when `ops` is empty).
     pub http: String,
     /// Raw TCP frames; empty = off.
     pub tcp: String,
@@ -58,6 +58,9 @@ pub struct Listen {
     pub tls: String,
     /// `CometRpc` for job.
     pub rpc: String,
+    /// Ops routes (`/metrics`, `/healthz`, `/readyz`) for the scraper, off the client ports;
+    /// empty = served on `http`, where clients can read them (dev only, warned at start).
+    pub ops: String,
 }
 
 /// Addresses and placement data published in `NodeInfo`.
@@ -136,6 +139,11 @@ pub struct LimitsConfig {
     /// WebSocket: only when the TCP peer is one of them is the header read (the last address not
     /// itself a trusted proxy). Empty = the header is never believed.
     pub trusted_proxies: Vec<String>,
+    /// TCP connections (`listen.tcp`, `listen.tls`) from `trusted_proxies` start with a PROXY
+    /// protocol header (v1 or v2, as HAProxy or nginx `proxy_protocol` send it) naming the
+    /// client: required from them (a connection without one is closed), never read from anyone
+    /// else.
+    pub proxy_protocol: bool,
 }
 
 /// WebSocket settings.
@@ -193,6 +201,7 @@ impl Default for Listen {
             wss: String::new(),
             tls: String::new(),
             rpc: "127.0.0.1:3109".into(),
+            ops: "127.0.0.1:3103".into(),
         }
     }
 }
@@ -245,6 +254,7 @@ impl Default for LimitsConfig {
             auth_per_ip_burst: 100,
             exempt_loopback: true,
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
         }
     }
 }
@@ -280,6 +290,9 @@ impl Validate for Config {
             socket_addr("listen.tcp", &self.listen.tcp)?;
         }
         socket_addr("listen.rpc", &self.listen.rpc)?;
+        if !self.listen.ops.is_empty() {
+            socket_addr("listen.ops", &self.listen.ops)?;
+        }
         for (field, addr) in [
             ("listen.wss", &self.listen.wss),
             ("listen.tls", &self.listen.tls),

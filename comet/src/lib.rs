@@ -57,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 /// Listeners `main.rs` (or a test) binds before calling [`run`].
 #[derive(Debug)]
 pub struct Listeners {
-    /// WebSocket at `/sub`, plus `/healthz`, `/readyz`, `/metrics`.
+    /// WebSocket at `/sub`, plus `/healthz`, `/readyz` (and `/metrics` when `ops` is `None`).
     pub http: tokio::net::TcpListener,
     /// Raw TCP frames (`None` = disabled).
     pub tcp: Option<tokio::net::TcpListener>,
@@ -67,6 +67,9 @@ pub struct Listeners {
     pub tls: Option<tokio::net::TcpListener>,
     /// `CometRpc` for job.
     pub rpc: tokio::net::TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz` for the scraper (`listen.ops`); `None` = `/metrics` is
+    /// served on `http` too.
+    pub ops: Option<tokio::net::TcpListener>,
 }
 
 /// Why the comet could not run.

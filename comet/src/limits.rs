@@ -144,7 +144,7 @@ impl PeerLimits {
         peer: IpAddr,
         forwarded: impl DoubleEndedIterator<Item = &'a str>,
     ) -> IpAddr {
-        let trusted = |ip: IpAddr| self.proxies.iter().any(|c| c.contains(ip));
+        let trusted = |ip: IpAddr| self.is_trusted_proxy(ip);
         if !trusted(peer) {
             return peer;
         }
@@ -159,6 +159,12 @@ impl PeerLimits {
             }
         }
         client
+    }
+
+    /// Whether `ip` is one of `limits.trusted_proxies`.
+    pub(crate) fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.proxies.iter().any(|c| c.contains(ip))
     }
 
     /// Whether `ip` is not limited (`limits.exempt_loopback`).
@@ -215,6 +221,7 @@ mod tests {
             auth_per_ip_burst: burst,
             exempt_loopback: true,
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
         })
     }
 

@@ -52,12 +52,14 @@ fn main() -> ExitCode {
         let wss = optional("listen.wss", &config.listen.wss).await?;
         let tls = optional("listen.tls", &config.listen.tls).await?;
         let rpc = bind("listen.rpc", &config.listen.rpc).await?;
+        let ops = optional("listen.ops", &config.listen.ops).await?;
         let listeners = Listeners {
             http,
             tcp,
             wss,
             tls,
             rpc,
+            ops,
         };
         rim_comet::run(listeners, config, shutdown).await?;
         Ok::<_, anyhow::Error>(())

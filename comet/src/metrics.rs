@@ -15,8 +15,15 @@ pub const AUTH_REASONS: [&str; 5] = [
 pub const FRAME_REASONS: [&str; 4] = ["malformed", "too_big", "bad_json", "io"];
 
 /// Limits that refuse clients (label values of `rim_comet_limit_refused_total`); `frame_rate`
-/// counts sessions closed for heartbeats or unknown ops over their rate.
-pub const LIMITS: [&str; 4] = ["sessions_per_ip", "auth_per_ip", "ws_origin", "frame_rate"];
+/// counts sessions closed for heartbeats or unknown ops over their rate, `proxy_header` TCP
+/// connections from a trusted proxy without a valid PROXY protocol header.
+pub const LIMITS: [&str; 5] = [
+    "sessions_per_ip",
+    "auth_per_ip",
+    "ws_origin",
+    "frame_rate",
+    "proxy_header",
+];
 
 /// Codes a refused upstream message (op 5) can carry (label values of
 /// `rim_comet_upstream_refused_total`); codes outside this list count as `-500`.
@@ -36,7 +43,7 @@ pub struct Metrics {
     /// Connections refused by `max_connections` or shutdown.
     pub conn_refused: Counter,
     /// Connections refused by a client-port limit, indexed like [`LIMITS`].
-    pub limit_refused: [Counter; 4],
+    pub limit_refused: [Counter; 5],
     /// Auth failures, indexed like [`AUTH_REASONS`].
     pub auth_failures: [Counter; 5],
     /// Rejected frames, indexed like [`FRAME_REASONS`].

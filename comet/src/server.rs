@@ -39,6 +39,7 @@ pub(crate) async fn run(
         tls: addr(&listeners.tls)?,
         rpc: listeners.rpc.local_addr()?,
     };
+    let ops_addr = addr(&listeners.ops)?;
     let tls_metrics = Arc::new(TlsMetrics::default());
     let tls = if config.tls.enabled() {
         let t = &config.tls;
@@ -89,6 +90,7 @@ pub(crate) async fn run(
         wss = ?bound.wss,
         tls = ?bound.tls,
         rpc = %bound.rpc,
+        ops = ?ops_addr,
         "comet starting"
     );
 
@@ -129,8 +131,43 @@ pub(crate) async fn run(
         tracker.spawn(crate::tcp::accept_loop(ctx.clone(), l, Some(acceptor)));
     }
 
-    let app =
-        crate::ws::router(ctx.clone()).merge(rim_runtime::ops::router(Arc::new(Ops(ctx.clone()))));
+    // `/metrics` goes to the ops listener when there is one: the client ports keep only the
+    // health probes a load balancer needs.
+    let ops_source: Arc<dyn rim_runtime::ops::OpsSource> = Arc::new(Ops(ctx.clone()));
+    let client_ops = match &listeners.ops {
+        Some(_) => rim_runtime::ops::health_router(ops_source.clone()),
+        None => {
+            tracing::warn!(
+                "listen.ops is empty: /metrics is served on the client port listen.http (dev only)"
+            );
+            rim_runtime::ops::router(ops_source.clone())
+        }
+    };
+    let app = crate::ws::router(ctx.clone()).merge(client_ops);
+    if let Some(l) = listeners.ops {
+        let ops = rim_runtime::listener::GuardedListener::new(
+            l,
+            rim_runtime::listener::Limits {
+                max_connections: 64,
+                first_bytes: Duration::from_secs(10),
+                read_idle: Some(Duration::from_secs(60)),
+            },
+        );
+        let (stop, grace) = (
+            shutdown.clone(),
+            Duration::from_millis(ctx.cfg.shutdown_grace_ms),
+        );
+        let opts = rim_runtime::http::ServeOptions {
+            header_timeout: Duration::from_secs(10),
+            grace,
+        };
+        let router = rim_runtime::ops::router(ops_source);
+        tracker.spawn(async move {
+            if let Err(e) = rim_runtime::http::serve(ops, router, stop, opts).await {
+                tracing::error!(error = %e, "ops server failed");
+            }
+        });
+    }
     let stop = shutdown.clone();
     let max_sessions = ctx.cfg.session.max_connections;
     let cfg_http_cap = max_sessions.saturating_add(max_sessions / 10 + 64);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rim_proto::frame::{CodecError, Frame, FrameCodec, FrameError};
+use rim_runtime::proxy_protocol::read_header;
 use rim_runtime::tls::Acceptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -86,11 +87,17 @@ pub(crate) async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, tls: Optio
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let c = ctx.clone();
-                match &tls {
-                    None => ctx.tracker.spawn(serve(c, stream, peer)),
-                    Some(tls) => ctx.tracker.spawn(serve_tls(c, tls.clone(), stream, peer)),
-                };
+                let (c, tls) = (ctx.clone(), tls.clone());
+                ctx.tracker.spawn(async move {
+                    // The PROXY header comes first, before TLS: the balancer knows nothing of it.
+                    let Some((stream, peer)) = proxied(&c, stream, peer).await else {
+                        return;
+                    };
+                    match tls {
+                        None => serve(c, stream, peer).await,
+                        Some(tls) => serve_tls(c, tls, stream, peer).await,
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "tcp accept failed");
@@ -98,6 +105,34 @@ pub(crate) async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, tls: Optio
             }
         }
     }
+}
+
+/// The client behind `peer`: with `limits.proxy_protocol`, a trusted proxy's connection must
+/// start with a PROXY header naming it (read within the handshake timeout); `None` (counted,
+/// closed) when it does not. Anyone else is the client.
+async fn proxied(
+    ctx: &Ctx,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(TcpStream, SocketAddr)> {
+    if !ctx.cfg.limits.proxy_protocol || !ctx.limits.is_trusted_proxy(peer.ip()) {
+        return Some((stream, peer));
+    }
+    let wait = Duration::from_millis(ctx.cfg.session.handshake_timeout_ms);
+    let read = tokio::select! {
+        r = tokio::time::timeout(wait, read_header(&mut stream)) => r,
+        () = ctx.shutdown.cancelled() => return None,
+    };
+    let why = match read {
+        Ok(Ok(Some(client))) => return Some((stream, client)),
+        // LOCAL / UNKNOWN: the balancer's own connection (a health check).
+        Ok(Ok(None)) => return Some((stream, peer)),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no PROXY protocol header within the handshake timeout".to_string(),
+    };
+    ctx.metrics.limit_refused("proxy_header");
+    rim_runtime::warn_throttled!(%peer, reason = %why, "connection from a trusted proxy refused");
+    None
 }
 
 async fn serve_tls(ctx: Arc<Ctx>, tls: Acceptor, stream: TcpStream, peer: SocketAddr) {

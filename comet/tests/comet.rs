@@ -293,6 +293,7 @@ async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) -> Har
             tcp: Some(tcp),
             wss: None,
             tls: None,
+            ops: None,
             rpc,
         },
         cfg,

@@ -19,14 +19,28 @@ pub trait OpsSource: Send + Sync + 'static {
 
 /// Router with the three ops routes.
 pub fn router(source: Arc<dyn OpsSource>) -> Router {
-    Router::new()
+    routes(source, true)
+}
+
+/// Router with `/healthz` and `/readyz` only: for a client port when `/metrics` is served on a
+/// separate ops listener (load balancers probe the client port; the counters stay private).
+pub fn health_router(source: Arc<dyn OpsSource>) -> Router {
+    routes(source, false)
+}
+
+fn routes(source: Arc<dyn OpsSource>, with_metrics: bool) -> Router {
+    let r = Router::new()
         .route(
             "/healthz",
             get(|| async { envelope(StatusCode::OK, 0, "ok") }),
         )
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(source)
+        .route("/readyz", get(readyz));
+    let r = if with_metrics {
+        r.route("/metrics", get(metrics))
+    } else {
+        r
+    };
+    r.with_state(source)
 }
 
 async fn readyz(State(source): State<Arc<dyn OpsSource>>) -> Response {

@@ -198,21 +198,24 @@ pub fn job(redis_url: &str, http: SocketAddr, extra: &[(&str, String)]) -> Proc 
 /// Where a comet started by [`comet`] listens.
 #[derive(Debug, Clone, Copy)]
 pub struct CometAddrs {
-    /// WebSocket `/sub` and ops routes.
+    /// WebSocket `/sub`, `/healthz`, `/readyz`.
     pub http: SocketAddr,
     /// Raw TCP frames.
     pub tcp: SocketAddr,
     /// `CometRpc`.
     pub rpc: SocketAddr,
+    /// `/metrics` (and the health routes): `listen.ops`.
+    pub ops: SocketAddr,
 }
 
 impl CometAddrs {
-    /// Three free loopback ports.
+    /// Four free loopback ports.
     pub fn free() -> CometAddrs {
         CometAddrs {
             http: free_addr(),
             tcp: free_addr(),
             rpc: free_addr(),
+            ops: free_addr(),
         }
     }
 }
@@ -230,6 +233,7 @@ pub fn comet(
         ("RIM_COMET__LISTEN__HTTP", addrs.http.to_string()),
         ("RIM_COMET__LISTEN__TCP", addrs.tcp.to_string()),
         ("RIM_COMET__LISTEN__RPC", addrs.rpc.to_string()),
+        ("RIM_COMET__LISTEN__OPS", addrs.ops.to_string()),
         ("RIM_COMET__LOGIC__ADDRS", logic_rpc.to_string()),
         ("RIM_COMET__RENEW__INTERVAL_MS", "200".to_string()),
         ("RIM_COMET__CLUSTER__SECRET", CLUSTER_SECRET.to_string()),

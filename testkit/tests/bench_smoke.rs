@@ -25,6 +25,7 @@ struct Cluster {
     job_http: SocketAddr,
     ws: Vec<SocketAddr>,
     tcp: Vec<SocketAddr>,
+    ops: Vec<SocketAddr>,
 }
 
 async fn cluster() -> Cluster {
@@ -34,7 +35,7 @@ async fn cluster() -> Cluster {
         process::logic(&redis.url(), logic_http, logic_rpc, &[]),
         process::job(&redis.url(), job_http, &[]),
     ];
-    let (mut ws, mut tcp) = (Vec::new(), Vec::new());
+    let (mut ws, mut tcp, mut ops) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=2 {
         let a = CometAddrs::free();
         procs.push(process::comet(
@@ -45,6 +46,7 @@ async fn cluster() -> Cluster {
         ));
         ws.push(a.http);
         tcp.push(a.tcp);
+        ops.push(a.ops);
     }
     // Ready when both comets are registered and a push reaches a session on each (job knows
     // them too).
@@ -85,6 +87,7 @@ async fn cluster() -> Cluster {
         job_http,
         ws,
         tcp,
+        ops,
     }
 }
 
@@ -99,7 +102,14 @@ fn join(addrs: &[SocketAddr]) -> String {
 /// Runs rim-bench with `args` against `c`; returns its JSON line.
 fn bench(c: &Cluster, args: &[&str]) -> Value {
     let out = Command::new(binary("rim-bench"))
-        .args(["--ws", &join(&c.ws), "--tcp", &join(&c.tcp)])
+        .args([
+            "--ws",
+            &join(&c.ws),
+            "--tcp",
+            &join(&c.tcp),
+            "--ops",
+            &join(&c.ops),
+        ])
         .args(["--http", &c.logic_http.to_string()])
         .args(["--rpc", &c.logic_rpc.to_string()])
         .env("RIM_BENCH_CLUSTER_SECRET", process::CLUSTER_SECRET)

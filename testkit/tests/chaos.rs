@@ -157,6 +157,7 @@ impl ProcCluster {
             ("RIM_COMET__LISTEN__HTTP", http.to_string()),
             ("RIM_COMET__LISTEN__TCP", tcp.to_string()),
             ("RIM_COMET__LISTEN__RPC", free_addr().to_string()),
+            ("RIM_COMET__LISTEN__OPS", free_addr().to_string()),
             ("RIM_COMET__LOGIC__ADDRS", self.logic_rpc.to_string()),
             ("RIM_COMET__RENEW__INTERVAL_MS", "200".into()),
             ("RIM_COMET__CLUSTER__SECRET", CLUSTER_SECRET.into()),

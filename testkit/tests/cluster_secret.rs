@@ -152,14 +152,14 @@ async fn a_job_without_the_secret_cannot_deliver_until_one_with_it_comes() {
     // No secret: the comet refuses each attempt.
     let job_http = free_addr();
     let mut job = process::job(&redis.url(), job_http, &job_env(""));
-    metric_reaches(comet.http, ACCEPT_REFUSED, 2).await;
+    metric_reaches(comet.ops, ACCEPT_REFUSED, 2).await;
     job.kill9();
     // A wrong secret: refused on both sides.
     let job_http = free_addr();
     let mut job = process::job(&redis.url(), job_http, &job_env(WRONG));
     metric_reaches(job_http, DIAL_REFUSED, 2).await;
-    let refused = metric(comet.http, ACCEPT_REFUSED).await.unwrap();
-    metric_reaches(comet.http, ACCEPT_REFUSED, refused + 2).await;
+    let refused = metric(comet.ops, ACCEPT_REFUSED).await.unwrap();
+    metric_reaches(comet.ops, ACCEPT_REFUSED, refused + 2).await;
     job.kill9();
 
     // Nothing was confirmed, so nothing was acknowledged: the push is still pending.
@@ -229,7 +229,7 @@ async fn raw_rpc_clients_without_the_secret_are_refused_before_any_method_runs()
             .await;
         assert!(r.is_err(), "deliver ran without the secret: {r:?}");
     }
-    metric_reaches(comet.http, ACCEPT_REFUSED, 2).await;
+    metric_reaches(comet.ops, ACCEPT_REFUSED, 2).await;
     let link = comet_link(comet.rpc, CLUSTER_SECRET);
     let items = push_to(&key, 2, b"genuine");
     let report = link
@@ -272,7 +272,7 @@ async fn the_rpc_listener_caps_connections_and_frames() {
 
     // Third connection: closed at once, counted.
     assert!(handshaken(comet.rpc, &c).await.is_err());
-    metric_reaches(comet.http, "rim_rpc_connections_refused_total", 1).await;
+    metric_reaches(comet.ops, "rim_rpc_connections_refused_total", 1).await;
 
     // Below the cap again, connections are taken again.
     drop(b);
@@ -289,7 +289,7 @@ async fn the_rpc_listener_caps_connections_and_frames() {
     let mut buf = [0u8; 16];
     let closed = tokio::time::timeout(WAIT, d.read(&mut buf)).await.unwrap();
     assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
-    metric_reaches(comet.http, "rim_rpc_frames_too_large_total", 1).await;
+    metric_reaches(comet.ops, "rim_rpc_frames_too_large_total", 1).await;
     assert!(
         a.deliver(cx(), vec![]).await.is_ok(),
         "the other connection still serves"

@@ -121,7 +121,7 @@ async fn third_session_from_one_address_is_refused_until_one_closes() {
         closed.said("too many sessions from this address"),
         "{closed:?}"
     );
-    assert_eq!(metric(ws, SESSIONS_REFUSED).await, Some(2));
+    assert_eq!(metric(c.comet.ops, SESSIONS_REFUSED).await, Some(2));
 
     // Another address is not affected.
     let _b = connect(&from(Transport::WsBinary, ws, "127.0.0.3"), &auth(3))
@@ -130,11 +130,11 @@ async fn third_session_from_one_address_is_refused_until_one_closes() {
 
     // One of the two closes: once the comet has let it go, the address has room again.
     a1.close().await;
-    metric_is(ws, "rim_comet_connections_ws", 1).await;
+    metric_is(c.comet.ops, "rim_comet_connections_ws", 1).await;
     let _a5 = connect(&from(Transport::WsBinary, ws, "127.0.0.2"), &auth(5))
         .await
         .unwrap();
-    assert_eq!(metric(ws, SESSIONS_REFUSED).await, Some(2));
+    assert_eq!(metric(c.comet.ops, SESSIONS_REFUSED).await, Some(2));
 }
 
 /// `auth_per_ip_per_sec = 1`, burst 3: a flood of connections from 127.0.0.4 gets "too many
@@ -166,7 +166,7 @@ async fn auth_flood_from_one_address_trips_then_recovers() {
     let refused = refused.expect("the flood was never refused");
     assert!(refused.contains("too many attempts"), "{refused}");
     assert!(accepted >= 3, "the burst of 3 goes through: {accepted}");
-    assert_eq!(metric(c.comet.http, ATTEMPTS_REFUSED).await, Some(1));
+    assert_eq!(metric(c.comet.ops, ATTEMPTS_REFUSED).await, Some(1));
 
     let _other = connect(&from(Transport::Tcp, tcp, "127.0.0.5"), &auth(200))
         .await
@@ -246,8 +246,8 @@ async fn forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
         assert!(status.starts_with("HTTP/1.1 101"), "{status}");
         held.push(sock);
     }
-    metric_is(http, SESSIONS_REFUSED, 2).await;
-    metric_is(http, "rim_comet_connections_ws", 3).await;
+    metric_is(c.comet.ops, SESSIONS_REFUSED, 2).await;
+    metric_is(c.comet.ops, "rim_comet_connections_ws", 3).await;
 }
 
 /// `websocket.allowed_origins` (a list from the environment): another site's Origin gets 403
@@ -262,12 +262,98 @@ async fn websocket_origin_outside_the_allow_list_gets_403() {
     let http = c.comet.http;
     let evil = upgrade_status(http, Some("https://evil.example")).await;
     assert!(evil.starts_with("HTTP/1.1 403"), "{evil}");
-    assert_eq!(metric(http, ORIGIN_REFUSED).await, Some(1));
+    assert_eq!(metric(c.comet.ops, ORIGIN_REFUSED).await, Some(1));
     let good = upgrade_status(http, Some("https://good.example")).await;
     assert!(good.starts_with("HTTP/1.1 101"), "{good}");
     // rim's client sends no Origin: not a browser, allowed.
     Conn::connect(Transport::WsBinary, http, &auth(9))
         .await
         .unwrap();
-    assert_eq!(metric(http, ORIGIN_REFUSED).await, Some(1));
+    assert_eq!(metric(c.comet.ops, ORIGIN_REFUSED).await, Some(1));
+}
+
+/// `proxy_protocol` with `trusted_proxies = 127.0.0.8` and one session per address: a TCP
+/// connection from the proxy names its client in a PROXY header (v1 or v2), and the limit counts
+/// that client, not the proxy; a second session of the same client is refused; a connection from
+/// the proxy without a header is closed and counted as `proxy_header`; an untrusted peer's
+/// header is not believed (the comet reads it as a frame and refuses the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_names_the_tcp_client_behind_a_trusted_proxy() {
+    let c = cluster(&[
+        ("RIM_COMET__LIMITS__SESSIONS_PER_IP", "1".into()),
+        ("RIM_COMET__LIMITS__AUTH_PER_IP_PER_SEC", "0".into()),
+        ("RIM_COMET__LIMITS__TRUSTED_PROXIES", "127.0.0.8".into()),
+        ("RIM_COMET__LIMITS__PROXY_PROTOCOL", "true".into()),
+    ])
+    .await;
+    let tcp = c.comet.tcp;
+    let v1 = |client: &str| format!("PROXY TCP4 {client} 10.0.0.1 40000 3101\r\n").into_bytes();
+    let v2 = |client: [u8; 4]| {
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+        h.extend_from_slice(&client);
+        h.extend_from_slice(&[10, 0, 0, 1, 0x9c, 0x40, 0x0c, 0x1d]);
+        h
+    };
+    let behind = |local: &'static str, header: Vec<u8>| async move {
+        let mut conn = Conn::open_with(&from(Transport::Tcp, tcp, local))
+            .await
+            .unwrap();
+        conn.send_raw(header).await.unwrap();
+        conn
+    };
+
+    // Two clients behind the one proxy address: each is its own address.
+    let mut a = behind("127.0.0.8", v1("198.51.100.20")).await;
+    a.auth(&auth(20)).await.unwrap();
+    let mut b = behind("127.0.0.8", v2([198, 51, 100, 21])).await;
+    b.auth(&auth(21)).await.unwrap();
+    // The first client again: its address already holds its one session.
+    let mut again = behind("127.0.0.8", v1("198.51.100.20")).await;
+    let closed = again.expect_closed().await.unwrap();
+    assert!(
+        closed.said("too many sessions from this address"),
+        "{closed:?}"
+    );
+    // From the proxy without a header: closed before anything is read as a frame, counted.
+    let mut bare = Conn::open_with(&from(Transport::Tcp, tcp, "127.0.0.8"))
+        .await
+        .unwrap();
+    assert!(bare.auth(&auth(22)).await.is_err());
+    metric_is(
+        c.comet.ops,
+        "rim_comet_limit_refused_total{limit=\"proxy_header\"}",
+        1,
+    )
+    .await;
+    // An untrusted peer cannot name a client: its header is no frame, and it is refused.
+    let mut forged = behind("127.0.0.9", v1("198.51.100.30")).await;
+    assert!(forged.auth(&auth(23)).await.is_err());
+    // The two proxied sessions are unaffected.
+    a.heartbeat().await.unwrap();
+    b.heartbeat().await.unwrap();
+}
+
+/// `/metrics` lives on the ops listener (`listen.ops`) only; the client port keeps the health
+/// probes a load balancer needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_on_the_ops_listener_not_the_client_port() {
+    let c = cluster(&[]).await;
+    let get = |addr: SocketAddr, path: &'static str| async move {
+        reqwest::get(format!("http://{addr}{path}"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(get(c.comet.http, "/metrics").await, 404);
+    assert_eq!(get(c.comet.http, "/healthz").await, 200);
+    assert_eq!(get(c.comet.http, "/readyz").await, 200);
+    assert_eq!(get(c.comet.ops, "/metrics").await, 200);
+    assert!(
+        metric(c.comet.ops, "rim_comet_connections_ws")
+            .await
+            .is_some(),
+        "the comet's own series are there"
+    );
 }

@@ -214,7 +214,7 @@ async fn room_policies_and_token_lifetimes_hold_against_real_processes() {
         b"still-here"
     );
     assert_eq!(
-        metric(a.http, "rim_comet_token_expired_total").await,
+        metric(a.ops, "rim_comet_token_expired_total").await,
         Some(1)
     );
 }

@@ -190,7 +190,7 @@ async fn wss_and_tls_sessions_get_pushes_and_keep_them_across_a_certificate_relo
     assert_ne!(first, second);
     comet.signal("HUP");
     let ok = "rim_tls_reloads_total{result=\"ok\"}";
-    metric_reaches(addrs.http, ok, 1).await;
+    metric_reaches(addrs.ops, ok, 1).await;
 
     // The open sessions were not dropped: they still get pushes, on the old handshake.
     api.push_mids(1000, &[7], b"after").await.unwrap();
@@ -207,8 +207,8 @@ async fn wss_and_tls_sessions_get_pushes_and_keep_them_across_a_certificate_relo
     // A broken key on disk: the reload fails, is counted, and the good certificate stays.
     std::fs::write(pki.path("comet.key"), "not a key").unwrap();
     comet.signal("HUP");
-    metric_reaches(addrs.http, "rim_tls_reloads_total{result=\"failed\"}", 1).await;
-    assert_eq!(metric(addrs.http, ok).await, Some(1));
+    metric_reaches(addrs.ops, "rim_tls_reloads_total{result=\"failed\"}", 1).await;
+    assert_eq!(metric(addrs.ops, ok).await, Some(1));
     let again = open(&pki, Transport::Tcp, tls.tls, 9).await.unwrap();
     assert_eq!(leaf_of(&again), second);
     api.push_mids(1000, &[7], b"still").await.unwrap();
@@ -227,7 +227,7 @@ async fn a_stalled_or_plain_client_on_a_tls_port_is_closed_and_counted() {
     )];
     let (_comet, tls) = tls_comet(&pki, addrs, free_addr(), &env);
     eventually("comet serving metrics", WAIT, || async {
-        metric(addrs.http, "rim_tls_reloads_total{result=\"ok\"}").await
+        metric(addrs.ops, "rim_tls_reloads_total{result=\"ok\"}").await
     })
     .await
     .unwrap();

@@ -217,6 +217,7 @@ async fn start_comet(i: usize, logic_rpc: SocketAddr, tweak: &mut CometTweak) ->
             tcp: Some(tcp_l),
             wss: None,
             tls: None,
+            ops: None,
             rpc: rpc_l,
         };
         if let Err(e) = rim_comet::run(listeners, cfg, token).await {
