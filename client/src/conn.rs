@@ -23,10 +23,11 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_util::codec::Framed;
 
 use crate::error::{ClientError, Closed};
-use crate::io::{Io, TlsOptions};
+use crate::io::{Io, TlsOptions, peer_certificates};
 use crate::received::{
     MAX_SERVER_BODY, Received, decode_binary, decode_json, disconnect_reason, online_of,
 };
+use tokio_util::either::Either;
 
 /// Default for [`Conn::wait`].
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
@@ -164,7 +165,7 @@ impl Conn {
         };
         let open = async {
             let s = match &o.tls {
-                None => Io::Plain(tcp.await?),
+                None => Either::Left(tcp.await?),
                 Some(tls) => tls
                     .connect(tcp.await?)
                     .await
@@ -221,8 +222,8 @@ impl Conn {
     /// The certificates the server presented (DER, leaf first) on a TLS connection.
     pub fn peer_certificates(&self) -> Option<Vec<Vec<u8>>> {
         match &self.stream {
-            Stream::Tcp(f) => f.get_ref().peer_certificates(),
-            Stream::Ws(ws) => ws.get_ref().peer_certificates(),
+            Stream::Tcp(f) => peer_certificates(f.get_ref()),
+            Stream::Ws(ws) => peer_certificates(ws.get_ref()),
         }
     }
 

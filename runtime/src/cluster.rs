@@ -348,7 +348,7 @@ impl Cluster {
         In: DeserializeOwned + Send + 'static,
         Out: serde::Serialize + Send + 'static,
     {
-        let peer = stream.peer_addr().ok();
+        let peer = crate::rpc_tls::peer_addr(&stream).ok();
         let metrics = self.0.metrics.clone();
         let max = self.0.max_frame;
         rim_proto::rpc::transport_with_limit(stream, max).inspect(move |item| {

@@ -8,83 +8,24 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
+use tokio_util::either::Either;
 
 use crate::settings::SettingsError;
 use crate::tls::{Acceptor, TlsError, TlsMetrics, TlsServer, check_pair, client_config};
 
-/// One RPC connection, plain or TLS.
-pub enum RpcStream {
-    /// No TLS.
-    Plain(TcpStream),
-    /// TLS, either side.
-    Tls(Box<TlsStream<TcpStream>>),
-}
+/// One RPC connection, plain (`Left`) or TLS, either side (`Right`).
+pub type RpcStream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
-impl std::fmt::Debug for RpcStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self {
-            RpcStream::Plain(_) => "plain",
-            RpcStream::Tls(_) => "tls",
-        };
-        f.debug_tuple("RpcStream").field(&kind).finish()
-    }
-}
-
-impl RpcStream {
-    /// The peer's address.
-    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        match self {
-            RpcStream::Plain(s) => s.peer_addr(),
-            RpcStream::Tls(s) => s.get_ref().0.peer_addr(),
-        }
-    }
-}
-
-impl AsyncRead for RpcStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            RpcStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            RpcStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for RpcStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            RpcStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            RpcStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            RpcStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            RpcStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            RpcStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            RpcStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+/// The peer's address of an RPC connection.
+pub fn peer_addr(s: &RpcStream) -> io::Result<SocketAddr> {
+    match s {
+        Either::Left(s) => s.peer_addr(),
+        Either::Right(s) => s.get_ref().0.peer_addr(),
     }
 }
 
@@ -164,11 +105,11 @@ impl RpcTls {
     pub(crate) async fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<RpcStream> {
         let _ = stream.set_nodelay(true);
         match &self.acceptor {
-            None => Some(RpcStream::Plain(stream)),
+            None => Some(Either::Left(stream)),
             Some(a) => a
                 .accept(stream, peer)
                 .await
-                .map(|s| RpcStream::Tls(Box::new(TlsStream::Server(s)))),
+                .map(|s| Either::Right(Box::new(TlsStream::Server(s)))),
         }
     }
 
@@ -177,7 +118,7 @@ impl RpcTls {
     pub(crate) async fn dial(&self, stream: TcpStream, addr: &str) -> io::Result<RpcStream> {
         let _ = stream.set_nodelay(true);
         let Some(connector) = &self.connector else {
-            return Ok(RpcStream::Plain(stream));
+            return Ok(Either::Left(stream));
         };
         let host = addr
             .rsplit_once(':')
@@ -187,6 +128,6 @@ impl RpcTls {
         let name = rustls::pki_types::ServerName::try_from(host.to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let s = connector.connect(name, stream).await?;
-        Ok(RpcStream::Tls(Box::new(TlsStream::Client(s))))
+        Ok(Either::Right(Box::new(TlsStream::Client(s))))
     }
 }

@@ -108,7 +108,7 @@ async fn comets_without_the_secret_cannot_register_or_authenticate_clients() {
     // Both bad comets keep trying (renewals every 200 ms) and are refused each time; the wrong
     // one also sees that logic cannot prove *its* secret.
     metric_reaches(http, ACCEPT_REFUSED, 6).await;
-    metric_reaches(wrong.http, DIAL_REFUSED, 2).await;
+    metric_reaches(wrong.ops, DIAL_REFUSED, 2).await;
     assert_eq!(live_nodes(&api).await, vec!["comet-right".to_string()]);
 
     for bad in [wrong, none] {

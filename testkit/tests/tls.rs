@@ -243,7 +243,7 @@ async fn a_stalled_or_plain_client_on_a_tls_port_is_closed_and_counted() {
         );
     }
     metric_reaches(
-        addrs.http,
+        addrs.ops,
         "rim_tls_handshake_failures_total{reason=\"timeout\"}",
         1,
     )
@@ -253,7 +253,7 @@ async fn a_stalled_or_plain_client_on_a_tls_port_is_closed_and_counted() {
     let r = Conn::connect(Transport::Tcp, tls.tls, &auth(1)).await;
     assert!(r.is_err(), "plain session on the TLS port");
     metric_reaches(
-        addrs.http,
+        addrs.ops,
         "rim_tls_handshake_failures_total{reason=\"error\"}",
         1,
     )
@@ -475,7 +475,7 @@ async fn internal_rpc_runs_over_tls_under_the_cluster_handshake() {
         "test",
         Default::default(),
     );
-    for (port, ops) in [(rpc, http), (addrs.rpc, addrs.http)] {
+    for (port, ops) in [(rpc, http), (addrs.rpc, addrs.ops)] {
         let s = tokio::net::TcpStream::connect(port).await.unwrap();
         assert!(plain.dial(s, &port.to_string()).await.is_err());
         metric_reaches(ops, "rim_tls_handshake_failures_total{reason=\"error\"}", 1).await;
