@@ -29,6 +29,8 @@ struct CometProc {
     server_id: String,
     http: SocketAddr,
     tcp: SocketAddr,
+    /// `/metrics` (`listen.ops`).
+    ops: SocketAddr,
 }
 
 impl CometProc {
@@ -150,14 +152,14 @@ impl ProcCluster {
 
     fn add_comet(&mut self) {
         let n = self.comets.len() + 1;
-        let (http, tcp) = (free_addr(), free_addr());
+        let (http, tcp, ops) = (free_addr(), free_addr(), free_addr());
         let server_id = format!("chaos-comet-{n}");
         let mut env = vec![
             ("RIM_COMET__SERVER_ID", server_id.clone()),
             ("RIM_COMET__LISTEN__HTTP", http.to_string()),
             ("RIM_COMET__LISTEN__TCP", tcp.to_string()),
             ("RIM_COMET__LISTEN__RPC", free_addr().to_string()),
-            ("RIM_COMET__LISTEN__OPS", free_addr().to_string()),
+            ("RIM_COMET__LISTEN__OPS", ops.to_string()),
             ("RIM_COMET__LOGIC__ADDRS", self.logic_rpc.to_string()),
             ("RIM_COMET__RENEW__INTERVAL_MS", "200".into()),
             ("RIM_COMET__CLUSTER__SECRET", CLUSTER_SECRET.into()),
@@ -169,6 +171,7 @@ impl ProcCluster {
             server_id,
             http,
             tcp,
+            ops,
         });
     }
 
@@ -785,7 +788,7 @@ async fn a_client_that_never_reads_is_disconnected_and_counted() {
     let mut healthy = Conn::connect(Transport::WsBinary, comet.http, &auth(2))
         .await
         .unwrap();
-    let slow_closed = || metric(comet.http, "rim_comet_slow_consumer_closed_total");
+    let slow_closed = || metric(comet.ops, "rim_comet_slow_consumer_closed_total");
     assert_eq!(slow_closed().await, Some(0));
 
     // Room pushes big enough to fill the kernel buffers and then the 8-slot queue.
