@@ -39,6 +39,15 @@ fi
 filter=()
 if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
 
+if [ "${CI:-}" = true ]; then
+  # CI builds from cold on 2 cores within a time budget: incremental state only costs time
+  # there, and line tables keep file:line in panics and backtraces at a fraction of the cost
+  # of full debug info (compile and link). Local runs keep the defaults.
+  export CARGO_INCREMENTAL=0
+  export CARGO_PROFILE_DEV_DEBUG=line-tables-only
+  export CARGO_PROFILE_TEST_DEBUG=line-tables-only
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== layout (files under 600 lines; Redis only in store modules)"
