@@ -207,10 +207,20 @@ async fn refresh(ctx: &Ctx, s: &Session, token: Result<String, String>) -> Resul
         Err(LogicCallError::Refused(e)) => return Err(e.to_string()),
         Err(LogicCallError::Unreachable(_)) => return Err("logic unavailable".into()),
     };
-    if let Some(room) = s.room()
-        && !grant.allows_room(room.as_str())
-    {
-        return Err("room not allowed by token".into());
+    if let Some(room) = s.room() {
+        if !grant.allows_room(room.as_str()) {
+            return Err("room not allowed by token".into());
+        }
+        // The new token must also pass the room's policy: a session may not stay in a room
+        // that its new token would not let it join.
+        if ctx.join_needs_check(&room) {
+            let sref = s.session_ref(&ctx.cfg.server_id);
+            match ctx.logic.check_join(sref, room, grant.clone()).await {
+                Ok(()) => {}
+                Err(LogicCallError::Refused(e)) => return Err(e.to_string()),
+                Err(LogicCallError::Unreachable(_)) => return Err("logic unavailable".into()),
+            }
+        }
     }
     let expires_ms = grant.expires_ms;
     s.set_grant(grant);

@@ -387,3 +387,23 @@ async fn a_session_without_an_expiry_is_never_closed_for_it() {
     }
     assert_eq!(ctx.metrics.token_expired.get(), 0);
 }
+
+/// A fresh token must pass the current room's policy too: one that would not let the session
+/// join a guarded room it is in is refused, and the old token stays in force.
+#[tokio::test(start_paused = true)]
+async fn a_fresh_token_must_still_pass_the_current_rooms_policy() {
+    let (logic, _ctx, mut c) = authed_with_token("ttl=60;rooms=guarded://*", "guarded://a").await;
+    let r = c.request(op::REFRESH_TOKEN, 2, "ttl=600").await;
+    assert!(
+        error_of(&r).contains("room requires a token that names it"),
+        "{r:?}"
+    );
+    assert_eq!(
+        logic.calls_of("check_join"),
+        vec!["check_join t guarded://a"]
+    );
+    let r = c
+        .request(op::REFRESH_TOKEN, 3, "ttl=600;rooms=guarded://a")
+        .await;
+    assert_eq!(error_of(&r), "");
+}

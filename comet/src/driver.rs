@@ -115,6 +115,14 @@ async fn serve<C: Connection>(
                 reject_read(ctx, out, e, peer, t);
                 break;
             }
+            Ok(Some(Ok(f))) if token_end.is_some_and(|t| t <= Instant::now()) => {
+                // A frame that was already waiting when the token ended is not served.
+                drop(f);
+                ctx.metrics.token_expired.inc();
+                tracing::info!(%peer, key = %session.key, "token expired");
+                out.close(CloseSpec::policy("token expired"));
+                break;
+            }
             Ok(Some(Ok(f))) => {
                 deadline = Instant::now() + idle;
                 // Any frame keeps the session alive, so any frame renews the registration; a

@@ -257,7 +257,26 @@ impl App {
             return Ok(());
         }
         let sessions = self.store.sessions.of_mid(mid).await.map_err(unavailable)?;
-        let others = sessions.keys().filter(|k| k.as_str() != key).count();
+        let others: Vec<&str> = sessions
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != key)
+            .collect();
+        if others.len() < max as usize {
+            return Ok(());
+        }
+        // The user's index can hold sessions whose disconnect was lost: only sessions still
+        // registered (their hash alive, for this mid) count, or the cap would lock users out.
+        let me = mid.to_string();
+        let others = self
+            .store
+            .sessions
+            .owners(&others)
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .filter(|(m, _)| m.as_deref() == Some(me.as_str()))
+            .count();
         if others >= max as usize {
             self.metrics.sessions_per_mid_refused.inc();
             return Err(RpcError::Forbidden(format!(

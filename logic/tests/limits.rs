@@ -28,6 +28,15 @@ async fn a_users_sessions_are_bounded_and_a_slot_frees_when_one_ends() {
     let redis = RedisServer::start();
     let logic = Logic::start(&redis, |c| c.session.max_per_mid = 2).await;
     let rpc = logic.client().await;
+    // A session whose disconnect was lost: in the user's index, but its hash is gone. It does
+    // not take a slot.
+    let mut conn = redis.connection();
+    let _: () = redis::cmd("HSET")
+        .arg(rim_proto::keys::mid_sessions(7))
+        .arg("ghost")
+        .arg("comet-gone")
+        .query(&mut conn)
+        .unwrap();
     for key in ["a", "b"] {
         rpc.connect(ctx(), connect(7, key)).await.unwrap().unwrap();
     }
