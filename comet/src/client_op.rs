@@ -13,6 +13,7 @@ use bytes::Bytes;
 use rim_proto::frame::Frame;
 use rim_proto::op;
 use rim_proto::room::RoomId;
+use rim_proto::rpc::TokenGrant;
 // The runtime's clock, so tests can pause it; the same as `std`'s when not paused.
 use tokio::time::Instant;
 
@@ -119,19 +120,17 @@ impl ClientOp {
                 if !st.admit(ctx, s, "change room") {
                     reply(error_body("rate limited"))
                 } else {
-                    match to {
-                        Ok(to) => match may_join(ctx, s, to.as_ref()).await {
-                            Ok(()) => {
-                                // Awaited before replying: logic's membership is updated once
-                                // op 13 is seen.
-                                ctx.rooms.change(&ctx.buckets, s, to).await;
-                                reply(body)
-                            }
-                            Err(msg) => {
-                                st.log_refusal(s, "change room", &msg);
-                                reply(error_body(&msg))
-                            }
-                        },
+                    let allowed = match to {
+                        Ok(to) => may_join(ctx, s, to.as_ref()).await.map(|()| to),
+                        Err(msg) => Err(msg),
+                    };
+                    match allowed {
+                        Ok(to) => {
+                            // Awaited before replying: logic's membership is updated once op 13
+                            // is seen.
+                            ctx.rooms.change(&ctx.buckets, s, to).await;
+                            reply(body)
+                        }
                         Err(msg) => {
                             st.log_refusal(s, "change room", &msg);
                             reply(error_body(&msg))
@@ -174,53 +173,57 @@ impl ClientOp {
     }
 }
 
-/// Whether `s` may move into `to`: its token's `rooms` claim first (checked here), then, for a
-/// room type logic guards, logic's verdict. Leaving a room is always allowed.
+/// Whether `s` may move into `to` (leaving a room is always allowed); see [`room_allowed`].
 async fn may_join(ctx: &Ctx, s: &Session, to: Option<&RoomId>) -> Result<(), String> {
-    let Some(room) = to else {
-        return Ok(());
-    };
-    if s.room().as_ref() == Some(room) {
-        return Ok(());
+    match to {
+        Some(room) if s.room().as_ref() != Some(room) => {
+            room_allowed(ctx, s, room, &s.grant()).await
+        }
+        _ => Ok(()),
     }
-    if !s.token_allows(room) {
+}
+
+/// Whether a session holding `grant` may be in `room`: the token's `rooms` claim first
+/// (checked here), then, for a room type logic guards, logic's verdict.
+async fn room_allowed(
+    ctx: &Ctx,
+    s: &Session,
+    room: &RoomId,
+    grant: &TokenGrant,
+) -> Result<(), String> {
+    if !grant.allows_room(room.as_str()) {
         return Err("room not allowed by token".into());
     }
     if !ctx.join_needs_check(room) {
         return Ok(());
     }
     let sref = s.session_ref(&ctx.cfg.server_id);
-    match ctx.logic.check_join(sref, room.clone(), s.grant()).await {
-        Ok(()) => Ok(()),
-        Err(LogicCallError::Refused(e)) => Err(e.to_string()),
-        Err(LogicCallError::Unreachable(_)) => Err("logic unavailable".into()),
+    ctx.logic
+        .check_join(sref, room.clone(), grant.clone())
+        .await
+        .map_err(refusal)
+}
+
+/// A failed logic call as the `{"error":...}` text a client gets.
+fn refusal(e: LogicCallError) -> String {
+    match e {
+        LogicCallError::Refused(e) => e.to_string(),
+        LogicCallError::Unreachable(_) => "logic unavailable".into(),
     }
 }
 
 /// Checks a fresh token at logic and puts what it grants in force; answers the session's new end
-/// (unix ms, 0 = never). A token that would not allow the session's current room is refused.
+/// (unix ms, 0 = never). A token that would not let the session join its current room (its
+/// `rooms` claim or the room's policy) is refused, and the old token stays in force.
 async fn refresh(ctx: &Ctx, s: &Session, token: Result<String, String>) -> Result<u64, String> {
-    let token = token?;
     let sref = s.session_ref(&ctx.cfg.server_id);
-    let grant = match ctx.logic.refresh_token(sref, token).await {
-        Ok(g) => g,
-        Err(LogicCallError::Refused(e)) => return Err(e.to_string()),
-        Err(LogicCallError::Unreachable(_)) => return Err("logic unavailable".into()),
-    };
+    let grant = ctx
+        .logic
+        .refresh_token(sref, token?)
+        .await
+        .map_err(refusal)?;
     if let Some(room) = s.room() {
-        if !grant.allows_room(room.as_str()) {
-            return Err("room not allowed by token".into());
-        }
-        // The new token must also pass the room's policy: a session may not stay in a room
-        // that its new token would not let it join.
-        if ctx.join_needs_check(&room) {
-            let sref = s.session_ref(&ctx.cfg.server_id);
-            match ctx.logic.check_join(sref, room, grant.clone()).await {
-                Ok(()) => {}
-                Err(LogicCallError::Refused(e)) => return Err(e.to_string()),
-                Err(LogicCallError::Unreachable(_)) => return Err("logic unavailable".into()),
-            }
-        }
+        room_allowed(ctx, s, &room, &grant).await?;
     }
     let expires_ms = grant.expires_ms;
     s.set_grant(grant);

@@ -95,7 +95,8 @@ async fn serve<C: Connection>(
             _ = out.changed() => continue,
         };
         match r {
-            Err(_) if token_end.is_some_and(|t| t <= Instant::now()) => {
+            // The token ended: at the deadline, or with a frame already waiting then (not served).
+            Err(_) | Ok(Some(Ok(_))) if token_end.is_some_and(|t| t <= Instant::now()) => {
                 ctx.metrics.token_expired.inc();
                 tracing::info!(%peer, key = %session.key, "token expired");
                 out.close(CloseSpec::policy("token expired"));
@@ -113,14 +114,6 @@ async fn serve<C: Connection>(
             }
             Ok(Some(Err(e))) => {
                 reject_read(ctx, out, e, peer, t);
-                break;
-            }
-            Ok(Some(Ok(f))) if token_end.is_some_and(|t| t <= Instant::now()) => {
-                // A frame that was already waiting when the token ended is not served.
-                drop(f);
-                ctx.metrics.token_expired.inc();
-                tracing::info!(%peer, key = %session.key, "token expired");
-                out.close(CloseSpec::policy("token expired"));
                 break;
             }
             Ok(Some(Ok(f))) => {

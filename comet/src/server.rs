@@ -145,28 +145,16 @@ pub(crate) async fn run(
     };
     let app = crate::ws::router(ctx.clone()).merge(client_ops);
     if let Some(l) = listeners.ops {
-        let ops = rim_runtime::listener::GuardedListener::new(
-            l,
-            rim_runtime::listener::Limits {
-                max_connections: 64,
-                first_bytes: Duration::from_secs(10),
-                read_idle: Some(Duration::from_secs(60)),
-            },
-        );
-        let (stop, grace) = (
-            shutdown.clone(),
-            Duration::from_millis(ctx.cfg.shutdown_grace_ms),
-        );
         let opts = rim_runtime::http::ServeOptions {
             header_timeout: Duration::from_secs(10),
-            grace,
+            grace: Duration::from_millis(ctx.cfg.shutdown_grace_ms),
         };
-        let router = rim_runtime::ops::router(ops_source);
-        tracker.spawn(async move {
-            if let Err(e) = rim_runtime::http::serve(ops, router, stop, opts).await {
-                tracing::error!(error = %e, "ops server failed");
-            }
-        });
+        tracker.spawn(rim_runtime::ops::serve(
+            l,
+            ops_source,
+            shutdown.clone(),
+            opts,
+        ));
     }
     let stop = shutdown.clone();
     let max_sessions = ctx.cfg.session.max_connections;

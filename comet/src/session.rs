@@ -177,11 +177,6 @@ impl Session {
         self.grant.lock().expires_ms
     }
 
-    /// Whether the client's token lets it be in `room`.
-    pub fn token_allows(&self, room: &RoomId) -> bool {
-        self.grant.lock().allows_room(room.as_str())
-    }
-
     /// The session's room.
     pub fn room(&self) -> Option<RoomId> {
         self.room.lock().clone()

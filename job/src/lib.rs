@@ -123,18 +123,6 @@ fn default_worker_id() -> String {
     format!("{host}-{}-{}", std::process::id(), &rand[..8])
 }
 
-/// Serves the ops routes until shutdown.
-async fn serve_ops(
-    http: rim_runtime::listener::GuardedListener,
-    app: axum::Router,
-    shutdown: CancellationToken,
-    opts: rim_runtime::http::ServeOptions,
-) {
-    if let Err(e) = rim_runtime::http::serve(http, app, shutdown, opts).await {
-        tracing::error!(error = %e, "ops http server failed");
-    }
-}
-
 /// Runs a job worker until `shutdown`; then finishes and acknowledges in-flight batches, releases
 /// its leases and leaves `rim:jobs` (bounded by `shutdown_grace_ms`). Errors only at start.
 pub async fn run(
@@ -177,22 +165,13 @@ pub async fn run(
         redis,
         metrics: metrics.clone(),
     });
-    // Ops routes only (probes and scrapes): a small cap and short idle limits suffice.
-    let http = rim_runtime::listener::GuardedListener::new(
-        listeners.http,
-        rim_runtime::listener::Limits {
-            max_connections: 64,
-            first_bytes: Duration::from_secs(10),
-            read_idle: Some(Duration::from_secs(60)),
-        },
-    );
     let opts = rim_runtime::http::ServeOptions {
         header_timeout: Duration::from_millis(config.listen.header_timeout_ms),
         grace: config.grace(),
     };
-    tracker.spawn(serve_ops(
-        http,
-        rim_runtime::ops::router(ops),
+    tracker.spawn(rim_runtime::ops::serve(
+        listeners.http,
+        ops,
         shutdown.clone(),
         opts,
     ));

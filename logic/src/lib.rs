@@ -102,6 +102,8 @@ pub(crate) struct App {
     pub(crate) tokens: jwt::Verifier,
     /// The client of `[room_hook]`, when set.
     pub(crate) room_hook: Option<room_policy::RoomHook>,
+    /// `[rooms]` types whose joins logic must approve (see [`room_policy::guarded_room_types`]).
+    pub(crate) guarded_room_types: Vec<String>,
     /// `push.rate_per_sec` for the push secret, when set.
     pub(crate) push_rate: Option<parking_lot::Mutex<rim_runtime::rate::TokenBucket>>,
 }
@@ -129,6 +131,7 @@ impl App {
         let (store, memory) = Stores::memory();
         let tokens = jwt::Verifier::load(&config.auth).expect("test auth config loads");
         let push_rate = push_rate(&config.push);
+        let guarded_room_types = room_policy::guarded_room_types(&config.rooms);
         let app = App {
             tokens,
             config,
@@ -137,6 +140,7 @@ impl App {
             view: ViewCache::default(),
             webhook: None,
             room_hook: None,
+            guarded_room_types,
             push_rate,
         };
         (Arc::new(app), memory)
@@ -187,6 +191,7 @@ pub async fn run(
     let app = Arc::new(App {
         tokens,
         room_hook,
+        guarded_room_types: room_policy::guarded_room_types(&config.rooms),
         push_rate: push_rate(&config.push),
         config,
         store,

@@ -122,17 +122,14 @@ impl App {
         {
             return Err(RpcError::Unauthorized("key belongs to another user".into()));
         }
-        // The room joined at connect answers to the same permissions as a ChangeRoom into it.
+        // The room joined at connect answers to the same permissions as a ChangeRoom into it;
+        // one outside the token's own `rooms` is an auth failure, as it always was.
         if let Some(r) = &room {
+            if !grant.allows_room(r.as_str()) {
+                return Err(RpcError::Unauthorized(TokenError::Room.to_string()));
+            }
             self.check_room(Action::Join, a.mid, &key, r, &grant)
-                .await
-                .map_err(|e| match e {
-                    // A room refused by the token's claim is an auth failure, as it always was.
-                    RpcError::Forbidden(m) if m == TokenError::Room.to_string() => {
-                        RpcError::Unauthorized(m)
-                    }
-                    e => e,
-                })?;
+                .await?;
         }
         let since = rim_runtime::unix_ms();
         // The kick names the replaced session by its `since`, so a late kick cannot close a
@@ -187,7 +184,7 @@ impl App {
             replaced_elsewhere,
             since_ms: since,
             grant,
-            guarded_room_types: self.guarded_room_types(),
+            guarded_room_types: self.guarded_room_types.clone(),
         })
     }
 

@@ -108,6 +108,19 @@ pub fn validate(
     Ok(())
 }
 
+/// Room types whose joins logic must approve (not `open`), sorted: told to comets in every
+/// `ConnectReply` so they ask [`App::check_join`] before a ChangeRoom into one. Derived from
+/// `[rooms]` once, at start.
+pub(crate) fn guarded_room_types(rooms: &HashMap<String, RoomTypePolicy>) -> Vec<String> {
+    let mut v: Vec<String> = rooms
+        .iter()
+        .filter(|(_, p)| p.join != Access::Open)
+        .map(|(t, _)| t.clone())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
 /// What a session asks to do in a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -202,20 +215,6 @@ impl App {
             .get(room.room_type())
             .copied()
             .unwrap_or_default()
-    }
-
-    /// Room types whose joins logic must approve (not `open`): comets ask [`App::check_join`]
-    /// before a ChangeRoom into one.
-    pub(crate) fn guarded_room_types(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .config
-            .rooms
-            .iter()
-            .filter(|(_, p)| p.join != Access::Open)
-            .map(|(t, _)| t.clone())
-            .collect();
-        v.sort_unstable();
-        v
     }
 
     /// Whether the session (`mid`, `key`, holding `grant`) may do `action` in `room`; the
@@ -356,7 +355,7 @@ mod tests {
             .await
             .is_err()
         );
-        assert_eq!(app.guarded_room_types(), vec!["vip".to_string()]);
+        assert_eq!(app.guarded_room_types, vec!["vip".to_string()]);
     }
 
     #[test]

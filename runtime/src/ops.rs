@@ -17,6 +17,28 @@ pub trait OpsSource: Send + Sync + 'static {
     fn metrics(&self) -> String;
 }
 
+/// Serves the ops routes on a listener of their own (job's `listen.http`, comet's `listen.ops`)
+/// until `shutdown`: a scraper and a few probes, so a small connection cap, 10 s for the first
+/// bytes and idle connections closed after 60 s. Failures are logged.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    source: Arc<dyn OpsSource>,
+    shutdown: tokio_util::sync::CancellationToken,
+    opts: crate::http::ServeOptions,
+) {
+    let listener = crate::listener::GuardedListener::new(
+        listener,
+        crate::listener::Limits {
+            max_connections: 64,
+            first_bytes: std::time::Duration::from_secs(10),
+            read_idle: Some(std::time::Duration::from_secs(60)),
+        },
+    );
+    if let Err(e) = crate::http::serve(listener, router(source), shutdown, opts).await {
+        tracing::error!(error = %e, "ops http server failed");
+    }
+}
+
 /// Router with the three ops routes.
 pub fn router(source: Arc<dyn OpsSource>) -> Router {
     routes(source, true)

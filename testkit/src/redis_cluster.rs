@@ -42,6 +42,31 @@ fn cluster_port() -> u16 {
     }
 }
 
+/// Starts a `redis-server` on `port` on loopback, its data in `<dir>/<port>`, AOF on with fsync
+/// on every write, plus `extra` arguments.
+fn start_node(dir: &std::path::Path, port: u16, extra: &[&str]) -> Child {
+    let data = dir.join(port.to_string());
+    std::fs::create_dir_all(&data).expect("node dir");
+    let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
+        .iter()
+        .chain(
+            [
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ]
+            .iter(),
+        )
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--dir".to_string(), data.to_string_lossy().into_owned()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    spawn(&data, &args)
+}
+
 fn spawn(dir: &std::path::Path, args: &[String]) -> Child {
     Command::new("redis-server")
         .args(args)
@@ -87,35 +112,21 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..masters * (1 + replicas) {
             let port = cluster_port();
-            let data = dir.path().join(port.to_string());
-            std::fs::create_dir_all(&data).expect("node dir");
-            let args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "1000",
-                // Any replica may take over, however long it was cut off: tests kill masters.
-                "--cluster-replica-validity-factor",
-                "0",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                "--dir",
-                &data.to_string_lossy(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            let child = spawn(&data, &args);
+            let child = start_node(
+                dir.path(),
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                    // Any replica may take over, however long it was cut off: tests kill masters.
+                    "--cluster-replica-validity-factor",
+                    "0",
+                ],
+            );
             nodes.push(Node {
                 port,
                 child: Some(child),
@@ -263,39 +274,27 @@ impl SentinelSet {
             .expect("tempdir");
         let primary = free_addr().port();
         let mut redis = Vec::new();
-        for replica_of in [None, Some(primary)] {
-            let port = if replica_of.is_none() {
-                primary
+        let primary_arg = primary.to_string();
+        for replica in [false, true] {
+            let port = if replica { free_addr().port() } else { primary };
+            let extra: &[&str] = if replica {
+                &["--replicaof", "127.0.0.1", &primary_arg]
             } else {
-                free_addr().port()
+                &[]
             };
-            let data = dir.path().join(port.to_string());
-            std::fs::create_dir_all(&data).expect("node dir");
-            let mut args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                "--dir",
-                &data.to_string_lossy(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            if let Some(p) = replica_of {
-                args.extend(["--replicaof".into(), "127.0.0.1".into(), p.to_string()]);
-            }
             redis.push(Node {
                 port,
-                child: Some(spawn(&data, &args)),
+                child: Some(start_node(dir.path(), port, extra)),
             });
         }
+        // The replica is a replica once its initial sync is done (before that, WAIT counts
+        // nothing and sentinels have nothing to promote).
+        let replica_port = redis[1].port;
+        wait_for("the replica to finish syncing", || {
+            let mut c = connection(replica_port)?;
+            let info: String = ::redis::cmd("INFO").arg("replication").query(&mut c).ok()?;
+            info.contains("master_link_status:up").then_some(())
+        });
         let mut set = SentinelSet {
             dir,
             redis,
