@@ -9,7 +9,7 @@ use rim_runtime::cli::{Tier, bind};
 const TIER: Tier = Tier {
     bin: "rim-job",
     name: "job",
-    list_keys: &[],
+    list_keys: rim_runtime::redis::LIST_KEYS,
 };
 
 /// rim job worker: delivers queued pushes from Redis streams to comets.

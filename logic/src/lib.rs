@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use rim_proto::rpc::LogicRpc;
-use rim_runtime::redis::{ConnectOptions, RedisStartError};
+use rim_runtime::redis::{Bounds, RedisStartError};
 use rim_runtime::settings::Validate;
 use rim_runtime::tls::{TlsServer, reload_on_sighup};
 use std::time::Duration;
@@ -162,7 +162,7 @@ pub async fn run(
     // start order (or a Redis restart under systemd) must not need a restart loop.
     let Some((_, conn)) = rim_runtime::redis::connect(
         &config.redis,
-        ConnectOptions::from_config(&config.redis),
+        Bounds::from_config(&config.redis),
         config.stream.partitions,
         &shutdown,
     )
@@ -170,7 +170,13 @@ pub async fn run(
     else {
         return Ok(());
     };
-    let store = Stores::redis(RedisConn::new(conn, config.redis.timeout()));
+    let metrics = Metrics::default();
+    let store = Stores::redis(RedisConn::new(
+        conn,
+        config.redis.timeout(),
+        config.redis.wait_replicas,
+        metrics.redis_retries.clone(),
+    ));
     let grace = config.shutdown_grace();
     let (hook, hook_workers) = match webhook::setup(&config.webhook)? {
         Some((h, w)) => (Some(h), Some(w)),
@@ -178,7 +184,6 @@ pub async fn run(
     };
     let tokens = jwt::Verifier::load(&config.auth)?;
     let room_hook = room_policy::RoomHook::setup(&config.room_hook)?;
-    let metrics = Metrics::default();
     let https = match config.tls.enabled() {
         true => Some(TlsServer::load(
             "tls",

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub rpc: Arc<rim_runtime::cluster::RpcMetrics>,
     /// HTTPS handshakes and certificate reloads (`rim_tls_*`).
     pub tls: Arc<rim_runtime::tls::TlsMetrics>,
+    /// Redis calls retried, by reason (`rim_logic_redis_retries_total`).
+    pub redis_retries: Arc<rim_runtime::redis_conn::RetryCounts>,
     /// Pushes accepted, by kind.
     pub push_keys: Counter,
     /// See `push_keys`.
@@ -270,6 +272,14 @@ impl Metrics {
                 "Room post permission checks, by result (unavailable: the room hook failed).",
                 "result",
                 &checks[1],
+            )
+            .labeled_counter(
+                "rim_logic_redis_retries_total",
+                "Redis calls retried within redis.timeout_ms, by reason (moved, ask, tryagain, \
+                 clusterdown: cluster redirects and failovers; io: connection lost; readonly, \
+                 masterdown: a primary changed).",
+                "reason",
+                &self.redis_retries.samples(),
             )
             .labeled_counter(
                 "rim_logic_limit_refused_total",

@@ -4,7 +4,7 @@
 //! ([`http`], [`listener`]), the ops HTTP routes and Prometheus text ([`ops`], [`metrics`],
 //! [`process`]), tarpc serving and reconnecting client links ([`rpc`]) behind the cluster
 //! secret handshake and RPC bounds ([`cluster`], [`handshake`]), optionally inside TLS
-//! ([`rpc_tls`]), the Redis connection
+//! ([`rpc_tls`]), the Redis connection on one server, a cluster or sentinels ([`redis_conn`])
 //! and shared `[redis]` / partition settings ([`redis`]), TLS with certificate reload on SIGHUP
 //! ([`tls`]), and retry delays ([`backoff`]).
 #![forbid(unsafe_code)]
@@ -23,6 +23,7 @@ pub mod process;
 pub mod proxy_protocol;
 pub mod rate;
 pub mod redis;
+pub mod redis_conn;
 pub mod rpc;
 pub mod rpc_tls;
 pub mod settings;

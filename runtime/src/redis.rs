@@ -1,5 +1,6 @@
 //! Redis plumbing shared by logic and job: the `[redis]` config section and its validation
-//! (`rediss://` with an optional CA file), the
+//! (one server, a Redis Cluster or a Sentinel-managed primary; `rediss://` with an optional CA
+//! file), the
 //! stream partition count every tier must agree on, connecting with retry and backoff until Redis
 //! is there (a tier started before Redis waits instead of exiting), and the readiness PING.
 //!
@@ -8,12 +9,13 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionLike;
 use rim_proto::keys;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+pub use crate::redis_conn::{Bounds, Conn, Topology, retry_reason};
 use crate::settings::{SettingsError, positive};
 
 /// First and longest wait between attempts while Redis is unreachable at start.
@@ -24,24 +26,43 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`, `rediss://…` (TLS) or `redis+unix:///path`.
+    /// `redis://host:port/db`, `rediss://…` (TLS) or `redis+unix:///path`; ignored when `nodes`
+    /// or `sentinels` is set.
     pub url: String,
+    /// Redis Cluster seed nodes (`redis://` or `rediss://`); when non-empty rim uses the cluster
+    /// client and `url` is ignored.
+    pub nodes: Vec<String>,
+    /// Sentinel addresses (`redis://host:port`); when non-empty rim asks them for the primary
+    /// named `sentinel_master` and follows it across failovers.
+    pub sentinels: Vec<String>,
+    /// The primary's name as the sentinels know it (`sentinel monitor <name> …`).
+    pub sentinel_master: String,
     /// PEM CA certificate(s) a `rediss://` server is verified against; empty = the system's
     /// root certificates (`/etc/ssl/certs`).
     pub ca_file: String,
     /// Upper bound on any one Redis round trip (ms); past it the call fails instead of hanging.
     pub timeout_ms: u64,
+    /// A push is acknowledged only after `WAIT` confirms this many replicas hold it (0 = as soon
+    /// as the primary does; a primary's death can then lose acknowledged pushes).
+    pub wait_replicas: u32,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379/".into(),
+            nodes: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: String::new(),
             ca_file: String::new(),
             timeout_ms: 2_000,
+            wait_replicas: 0,
         }
     }
 }
+
+/// The env variables that take comma-separated lists (`RIM_<TIER>__REDIS__NODES=a,b,c`).
+pub const LIST_KEYS: &[&str] = &["redis.nodes", "redis.sentinels"];
 
 impl RedisConfig {
     /// Round-trip bound.
@@ -49,9 +70,40 @@ impl RedisConfig {
         Duration::from_millis(self.timeout_ms)
     }
 
-    /// Checks the URL parses and the timeout is positive (fields named `redis.*`).
+    /// Checks the URL (or the cluster's nodes, or the sentinels) parse and the timeout is positive
+    /// (fields named `redis.*`).
     pub fn validate(&self) -> Result<(), SettingsError> {
-        if let Err(e) = redis::Client::open(self.url.as_str()) {
+        let urls = |field: &'static str, list: &[String]| {
+            for u in list {
+                if !(u.starts_with("redis://") || u.starts_with("rediss://"))
+                    || redis::Client::open(u.as_str()).is_err()
+                {
+                    return Err(SettingsError::invalid(
+                        field,
+                        format!("{:?} is not a redis:// or rediss:// URL", redact(u)),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        urls("redis.nodes", &self.nodes)?;
+        urls("redis.sentinels", &self.sentinels)?;
+        if !self.nodes.is_empty() && !self.sentinels.is_empty() {
+            return Err(SettingsError::invalid(
+                "redis.sentinels",
+                "set either redis.nodes (Redis Cluster) or redis.sentinels, not both",
+            ));
+        }
+        if !self.sentinels.is_empty() && self.sentinel_master.is_empty() {
+            return Err(SettingsError::invalid(
+                "redis.sentinel_master",
+                "is required with redis.sentinels (the name in `sentinel monitor <name>`)",
+            ));
+        }
+        if self.nodes.is_empty()
+            && self.sentinels.is_empty()
+            && let Err(e) = redis::Client::open(self.url.as_str())
+        {
             return Err(SettingsError::invalid(
                 "redis.url",
                 format!(
@@ -61,10 +113,10 @@ impl RedisConfig {
             ));
         }
         if !self.ca_file.is_empty() {
-            if !self.url.starts_with("rediss://") {
+            if !self.addresses().iter().all(|u| u.starts_with("rediss://")) {
                 return Err(SettingsError::invalid(
                     "redis.ca_file",
-                    "is only used with a rediss:// redis.url",
+                    "is only used with rediss:// addresses",
                 ));
             }
             crate::tls::client_config(&self.ca_file)
@@ -73,23 +125,91 @@ impl RedisConfig {
         positive("redis.timeout_ms", self.timeout_ms)
     }
 
-    /// The redis-rs client: for `rediss://` with `ca_file`, trusting only that CA; else the
-    /// system roots.
-    pub fn client(&self) -> Result<redis::Client, RedisStartError> {
-        // redis-rs builds its rustls config on the process's default provider: rim's (ring).
-        let _ = rustls::crypto::CryptoProvider::install_default((*crate::tls::provider()).clone());
+    /// The addresses in use: the cluster's nodes, the sentinels, or the one URL.
+    pub fn addresses(&self) -> Vec<&str> {
+        if !self.nodes.is_empty() {
+            self.nodes.iter().map(String::as_str).collect()
+        } else if !self.sentinels.is_empty() {
+            self.sentinels.iter().map(String::as_str).collect()
+        } else {
+            vec![self.url.as_str()]
+        }
+    }
+
+    /// Where Redis is, credentials hidden, for logs: `cluster redis://a:7000,…`.
+    pub fn describe(&self) -> String {
+        let list = self
+            .addresses()
+            .iter()
+            .map(|u| redact(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        match self.topology_kind() {
+            "cluster" => format!("cluster {list}"),
+            "sentinel" => format!("sentinel {} via {list}", self.sentinel_master),
+            _ => list,
+        }
+    }
+
+    fn topology_kind(&self) -> &'static str {
+        if !self.nodes.is_empty() {
+            "cluster"
+        } else if !self.sentinels.is_empty() {
+            "sentinel"
+        } else {
+            "single"
+        }
+    }
+
+    fn certificates(&self) -> Result<Option<redis::TlsCertificates>, RedisStartError> {
         if self.ca_file.is_empty() {
-            return redis::Client::open(self.url.as_str()).map_err(RedisStartError::Url);
+            return Ok(None);
         }
         let root_cert = std::fs::read(&self.ca_file).map_err(|e| RedisStartError::CaFile {
             path: self.ca_file.clone(),
             reason: e.to_string(),
         })?;
-        let certs = redis::TlsCertificates {
+        Ok(Some(redis::TlsCertificates {
             client_tls: None,
             root_cert: Some(root_cert),
-        };
-        redis::Client::build_with_tls(self.url.as_str(), certs).map_err(RedisStartError::Url)
+        }))
+    }
+
+    /// The redis-rs client for this topology: for `rediss://` with `ca_file`, trusting only that
+    /// CA; else the system roots.
+    pub fn topology(&self) -> Result<Topology, RedisStartError> {
+        // redis-rs builds its rustls config on the process's default provider: rim's (ring).
+        let _ = rustls::crypto::CryptoProvider::install_default((*crate::tls::provider()).clone());
+        let certs = self.certificates()?;
+        match self.topology_kind() {
+            "cluster" => {
+                let mut b =
+                    redis::cluster::ClusterClient::builder(self.nodes.iter().map(String::as_str));
+                if self.nodes.iter().any(|u| u.starts_with("rediss://")) {
+                    b = b.tls(redis::TlsMode::Secure);
+                }
+                if let Some(certs) = certs {
+                    b = b.certs(certs);
+                }
+                b.build()
+                    .map(Topology::Cluster)
+                    .map_err(RedisStartError::Url)
+            }
+            "sentinel" => {
+                let mut node = redis::sentinel::SentinelNodeConnectionInfo::default();
+                if self.sentinels.iter().any(|u| u.starts_with("rediss://")) {
+                    node = node.set_tls_mode(redis::TlsMode::Secure);
+                }
+                Topology::sentinel(&self.sentinels, &self.sentinel_master, node)
+                    .map_err(RedisStartError::Url)
+            }
+            _ => match certs {
+                None => redis::Client::open(self.url.as_str()),
+                Some(certs) => redis::Client::build_with_tls(self.url.as_str(), certs),
+            }
+            .map(Topology::Single)
+            .map_err(RedisStartError::Url),
+        }
     }
 }
 
@@ -144,51 +264,24 @@ pub enum RedisStartError {
     },
 }
 
-/// How the command connection treats slow replies.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectOptions {
-    /// Bound on establishing a connection.
-    pub connect_timeout: Duration,
-    /// Bound on one reply (redis-rs defaults to 500 ms; blocking reads need their own
-    /// connection).
-    pub response_timeout: Duration,
-}
-
-impl ConnectOptions {
-    /// Both bounds from `[redis] timeout_ms`.
-    pub fn from_config(cfg: &RedisConfig) -> Self {
-        ConnectOptions {
-            connect_timeout: cfg.timeout(),
-            response_timeout: cfg.timeout(),
-        }
-    }
-}
-
-/// Connects an auto-reconnecting command connection and checks (or, first in the cluster,
-/// records) the partition count, retrying with backoff while Redis is unreachable. `Ok(None)`
-/// when `shutdown` came first; a partition mismatch fails at once.
+/// Connects an auto-reconnecting command connection on the configured topology and checks (or,
+/// first in the cluster, records) the partition count, retrying with backoff while Redis is
+/// unreachable. `Ok(None)` when `shutdown` came first; a partition mismatch fails at once.
 pub async fn connect(
     cfg: &RedisConfig,
-    opts: ConnectOptions,
+    bounds: Bounds,
     partitions: u16,
     shutdown: &CancellationToken,
-) -> Result<Option<(redis::Client, ConnectionManager)>, RedisStartError> {
-    let client = cfg.client()?;
-    let url = cfg.url.as_str();
+) -> Result<Option<(Topology, Conn)>, RedisStartError> {
+    let topology = cfg.topology()?;
     let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
     loop {
         let attempt = async {
-            let cfg = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(opts.connect_timeout))
-                .set_response_timeout(Some(opts.response_timeout))
-                // After an outage, notice Redis is back within about half a second.
-                .set_number_of_retries(2)
-                .set_max_delay(Duration::from_millis(500));
-            let mut conn = client.get_connection_manager_with_config(cfg).await?;
+            let mut conn = topology.connect(bounds).await?;
             let existing = record_partitions(&mut conn, partitions).await?;
             Ok::<_, redis::RedisError>((conn, existing))
         };
-        let bounded = tokio::time::timeout(opts.connect_timeout * 3, attempt);
+        let bounded = tokio::time::timeout(bounds.connect * 3, attempt);
         let wait = match bounded.await {
             Ok(Ok((conn, existing))) => {
                 if existing.trim().parse::<u16>().ok() != Some(partitions) {
@@ -197,14 +290,15 @@ pub async fn connect(
                         existing,
                     });
                 }
-                return Ok(Some((client, conn)));
+                tracing::info!(redis = %cfg.describe(), topology = topology.kind(), "redis connected");
+                return Ok(Some((topology, conn)));
             }
             Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", opts.connect_timeout * 3),
+            Err(_) => format!("no answer within {:?}", bounds.connect * 3),
         };
         let retry_in = backoff.next_delay();
-        let url = redact(url);
-        tracing::warn!(%url, error = %wait, ?retry_in, "redis unreachable; waiting for it before serving");
+        let redis = cfg.describe();
+        tracing::warn!(%redis, error = %wait, ?retry_in, "redis unreachable; waiting for it before serving");
         tokio::select! {
             () = shutdown.cancelled() => return Ok(None),
             () = tokio::time::sleep(retry_in) => {}
@@ -212,9 +306,19 @@ pub async fn connect(
     }
 }
 
+impl Bounds {
+    /// Both bounds from `[redis] timeout_ms`.
+    pub fn from_config(cfg: &RedisConfig) -> Self {
+        Bounds {
+            connect: cfg.timeout(),
+            response: cfg.timeout(),
+        }
+    }
+}
+
 /// `SET rim:meta:partitions P NX`, then the value now stored.
 async fn record_partitions(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     partitions: u16,
 ) -> redis::RedisResult<String> {
     let (existing,): (Option<String>,) = redis::pipe()
@@ -231,7 +335,7 @@ async fn record_partitions(
 }
 
 /// PING within `within`, for `/readyz`: the reason when Redis is not answering.
-pub async fn ping(conn: &ConnectionManager, within: Duration) -> Result<(), String> {
+pub async fn ping(conn: &Conn, within: Duration) -> Result<(), String> {
     let mut conn = conn.clone();
     let cmd = redis::cmd("PING");
     let ping = cmd.query_async::<String>(&mut conn);
@@ -303,9 +407,9 @@ mod tests {
     async fn connect_gives_up_at_shutdown_while_redis_is_unreachable() {
         // Port 1 on loopback refuses at once; the retry loop must still end with shutdown.
         let shutdown = CancellationToken::new();
-        let opts = ConnectOptions {
-            connect_timeout: Duration::from_millis(100),
-            response_timeout: Duration::from_millis(100),
+        let opts = Bounds {
+            connect: Duration::from_millis(100),
+            response: Duration::from_millis(100),
         };
         let stop = shutdown.clone();
         tokio::spawn(async move {

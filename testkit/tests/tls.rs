@@ -361,7 +361,7 @@ async fn logic_and_job_use_redis_over_rediss() {
     assert_eq!(&c.recv_push().await.unwrap().frame.body[..], b"via rediss");
     // And it really went through that server (read back over its unix socket).
     let nodes: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("rim:nodes")
+        .arg(rim_proto::keys::NODES)
         .query(&mut redis.connection())
         .unwrap();
     assert!(nodes.contains_key("comet-1"), "{nodes:?}");

@@ -5,8 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use rim_runtime::redis::{ConnectOptions, RedisStartError};
+use rim_runtime::redis::{Bounds, Conn, RedisStartError, Topology};
 use tokio_util::sync::CancellationToken;
 
 use super::Stores;
@@ -19,17 +18,17 @@ use crate::Config;
 #[derive(Clone)]
 pub(crate) struct RedisBackend {
     /// For dedicated (blocking) connections.
-    client: redis::Client,
+    topology: Topology,
     /// Auto-reconnecting connection for ordinary commands.
-    conn: ConnectionManager,
+    conn: Conn,
 }
 
 /// Bounds of the command connection: at least 5 s per reply, since an `XAUTOCLAIM` of a large
 /// batch can be megabytes.
-fn connect_options(cfg: &Config) -> ConnectOptions {
-    ConnectOptions {
-        connect_timeout: cfg.redis.timeout(),
-        response_timeout: cfg.redis.timeout().max(Duration::from_secs(5)),
+fn bounds(cfg: &Config) -> Bounds {
+    Bounds {
+        connect: cfg.redis.timeout(),
+        response: cfg.redis.timeout().max(Duration::from_secs(5)),
     }
 }
 
@@ -40,20 +39,16 @@ impl RedisBackend {
         cfg: &Config,
         shutdown: &CancellationToken,
     ) -> Result<Option<Self>, RedisStartError> {
-        let connected = rim_runtime::redis::connect(
-            &cfg.redis,
-            connect_options(cfg),
-            cfg.stream.partitions,
-            shutdown,
-        )
-        .await?;
-        Ok(connected.map(|(client, conn)| RedisBackend { client, conn }))
+        let connected =
+            rim_runtime::redis::connect(&cfg.redis, bounds(cfg), cfg.stream.partitions, shutdown)
+                .await?;
+        Ok(connected.map(|(topology, conn)| RedisBackend { topology, conn }))
     }
 
     /// The stores, all on these connections.
     pub(crate) fn stores(&self) -> Stores {
         Stores {
-            streams: Arc::new(RedisStreams::new(self.client.clone(), self.conn.clone())),
+            streams: Arc::new(RedisStreams::new(self.topology.clone(), self.conn.clone())),
             leases: Arc::new(RedisLeases::new(self.conn.clone())),
             directory: Arc::new(RedisDirectory::new(self.conn.clone())),
         }

@@ -2,18 +2,18 @@
 //! and the room routing index (`rim:room:{room}`).
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use rim_proto::keys;
 use rim_proto::rpc::NodeInfo;
+use rim_runtime::redis::Conn;
 
 use super::{CometDirectory, CometRecord, StoreResult};
 
 pub(super) struct RedisDirectory {
-    redis: ConnectionManager,
+    redis: Conn,
 }
 
 impl RedisDirectory {
-    pub(super) fn new(redis: ConnectionManager) -> Self {
+    pub(super) fn new(redis: Conn) -> Self {
         RedisDirectory { redis }
     }
 }

@@ -3,8 +3,8 @@
 //! sorted set `rim:jobs` (worker id → expiry in unix ms).
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use rim_proto::keys;
+use rim_runtime::redis::Conn;
 
 use super::{Leases, StoreResult};
 
@@ -23,13 +23,13 @@ end
 return 0";
 
 pub(super) struct RedisLeases {
-    redis: ConnectionManager,
+    redis: Conn,
     renew: redis::Script,
     release: redis::Script,
 }
 
 impl RedisLeases {
-    pub(super) fn new(redis: ConnectionManager) -> Self {
+    pub(super) fn new(redis: Conn) -> Self {
         RedisLeases {
             redis,
             renew: redis::Script::new(RENEW_LUA),

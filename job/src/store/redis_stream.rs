@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use redis::{AsyncConnectionConfig, RedisResult, Value};
+use redis::{RedisResult, Value};
 use rim_proto::keys;
+use rim_runtime::redis::{Conn, Topology};
 
 use super::StreamEntry;
 use super::{AckOutcome, ClaimPage, PartitionStream, PartitionStreams, StoreError, StoreResult};
@@ -46,13 +46,13 @@ return {p[1], oldest, redis.call('XLEN', stream)}";
 
 /// Opens [`RedisStream`]s on shared connections.
 pub(super) struct RedisStreams {
-    client: redis::Client,
-    redis: ConnectionManager,
+    topology: Topology,
+    redis: Conn,
 }
 
 impl RedisStreams {
-    pub(super) fn new(client: redis::Client, redis: ConnectionManager) -> Self {
-        RedisStreams { client, redis }
+    pub(super) fn new(topology: Topology, redis: Conn) -> Self {
+        RedisStreams { topology, redis }
     }
 }
 
@@ -61,7 +61,7 @@ impl PartitionStreams for RedisStreams {
         Box::new(RedisStream {
             stream: keys::push_stream(partition),
             consumer: consumer.to_owned(),
-            client: self.client.clone(),
+            topology: self.topology.clone(),
             redis: self.redis.clone(),
             blocking: None,
             ack_script: redis::Script::new(ACK_LUA),
@@ -74,12 +74,13 @@ struct RedisStream {
     stream: String,
     consumer: String,
     /// For the blocking connection.
-    client: redis::Client,
+    topology: Topology,
     /// Auto-reconnecting connection for everything but `XREADGROUP … BLOCK`.
-    redis: ConnectionManager,
+    redis: Conn,
     /// Connection for `XREADGROUP … BLOCK`, without a response timeout (the client's default
-    /// 500 ms would cut every block short). Dropped after any read error and re-created.
-    blocking: Option<MultiplexedConnection>,
+    /// 500 ms would cut every block short). Dropped after any read error and re-created (on a
+    /// cluster or behind sentinels, to the stream's current master).
+    blocking: Option<Conn>,
     ack_script: redis::Script,
 }
 
@@ -90,13 +91,7 @@ impl RedisStream {
         let conn = match self.blocking.as_mut() {
             Some(c) => c,
             None => {
-                let cfg = AsyncConnectionConfig::new()
-                    .set_response_timeout(None)
-                    .set_connection_timeout(Some(Duration::from_secs(2)));
-                let conn = self
-                    .client
-                    .get_multiplexed_async_connection_with_config(&cfg)
-                    .await?;
+                let conn = self.topology.blocking(Duration::from_secs(2)).await?;
                 self.blocking.insert(conn)
             }
         };

@@ -21,6 +21,8 @@ pub const LIST_KEYS: &[&str] = &[
     "chat.presence_room_types",
     "webhook.room_types",
     "webhook.mids",
+    "redis.nodes",
+    "redis.sentinels",
 ];
 
 /// The whole logic config.

@@ -48,6 +48,19 @@ pub enum StoreError {
         /// The configured bound.
         max: u64,
     },
+    /// `redis.wait_replicas` replicas did not confirm a push within `redis.timeout_ms`: it is on
+    /// the primary (and may be delivered) but would not survive the primary's death.
+    #[error(
+        "push not acknowledged: {stream} is confirmed by {got} of the {wanted} replicas          redis.wait_replicas asks for"
+    )]
+    NotReplicated {
+        /// The stream written.
+        stream: String,
+        /// `redis.wait_replicas`.
+        wanted: u32,
+        /// Replicas that confirmed.
+        got: u32,
+    },
     /// A value could not be encoded for storage.
     #[error("redis unavailable: cannot encode {what}: {reason}")]
     Encode {
@@ -102,7 +115,7 @@ pub struct Registration {
     /// Room joined at connect.
     pub room: Option<RoomId>,
     /// The key was registered on another comet, which must drop it: the key leaves that comet's
-    /// session set and this job (a kick) is appended to partition `.0` in the same transaction.
+    /// session set and this job (a kick) is appended to partition `.0` first.
     pub replaces: Option<Replaced>,
 }
 
@@ -166,11 +179,17 @@ pub struct SessionDetails {
 /// Rules:
 /// * A room's member count for a user (`rim:room:{room}:members`, mid → sessions) changes only
 ///   in [`SessionStore::register`], [`SessionStore::move_room`] and
-///   [`SessionStore::drop_session`], atomically with the session's stored `room`, so a count is
-///   exactly the number of that user's registered sessions in the room; it never goes below 0
-///   and a user whose count reaches 0 is no longer listed.
-/// * `register` is one transaction: the session, its user's index, the comet's set, the member
-///   counts and (when it replaces another comet's copy) the kick either all happen or none.
+///   [`SessionStore::drop_session`], by counting a session key in or out of the room once
+///   (`rim:room:{room}:keys`), so a count is the number of that user's sessions counted in the
+///   room; it never goes below 0 and a user whose count reaches 0 is no longer listed.
+/// * The session hash decides: each operation first changes it atomically (checking the comet
+///   that holds it), then the user's index, the comet's set and the room counts, each step
+///   atomic and idempotent on its own (they live in different hash slots on a Redis Cluster).
+///   `register` appends the kick of a replaced copy before anything else.
+/// * A call that fails may have done some steps; retrying it completes them without counting
+///   anything twice. What a failure between steps can leave until the session ends: a user
+///   index entry or comet set entry for a dropped session (harmless: lookups check the session
+///   hash), or a room count that misses one change (a member listing off by one session).
 /// * A session is dropped or moved only by the comet that holds it (`server` must match), so a
 ///   late call from a comet the session left changes nothing.
 /// * Sessions and users' indexes expire `ttl_secs` after their last registration or heartbeat.
@@ -235,12 +254,13 @@ pub struct LiveNode {
 /// Comets: their registrations, expiry, room counts and the room → comets index job routes by.
 ///
 /// Rules:
-/// * [`NodeStore::renew`] is one transaction: registration, expiry and the comet's room counts
-///   are replaced together, and the room index gains the reported rooms and loses the comet's
-///   previously recorded rooms it no longer reports.
+/// * [`NodeStore::renew`] replaces registration and expiry together (one transaction) and the
+///   comet's room counts together (another); the room index gains the reported rooms before
+///   and loses the comet's previously recorded rooms it no longer reports after, so a room with
+///   members on the comet is never missing from the index. Every step is idempotent.
 /// * A room is removed from the index only by looking at the comet's recorded rooms (renewal,
 ///   [`NodeStore::drop_rooms`]); [`NodeStore::room_joined`] therefore records the room under the
-///   comet (count 0) in the same transaction as it indexes it.
+///   comet (count 0) before it indexes it.
 /// * [`NodeStore::claim_expired`] succeeds for exactly one caller per expiry, so one logic
 ///   instance purges each departed comet.
 #[async_trait]
@@ -275,11 +295,17 @@ pub trait NodeStore: Send + Sync {
 
 /// The partitioned push streams job consumes.
 ///
-/// Rules: [`PushStreams::append`] of several entries is one transaction (all appended or none),
-/// and entries of one partition are appended in the order given. A push is accepted only once
-/// `append` returned `Ok`. When a target stream already holds `max_backlog` entries (job trims
-/// what it acknowledged, so this is job's backlog) nothing is appended and the call fails with
-/// [`StoreError::Backlog`]: unacknowledged entries are never trimmed to make room.
+/// Rules: [`PushStreams::append`] writes each partition's entries atomically (all of them or
+/// none) and in the order given, at most once per push id (`msg_id`): an append retried after a
+/// lost reply finds the first one's mark and adds nothing. Partitions are written independently
+/// (on Redis Cluster they live on different masters), so the call returns `Ok` only when every
+/// partition's write succeeded, and an error can leave the push in some partitions (the caller
+/// answers 503; a partition written is delivered). A partition whose stream already holds
+/// `max_backlog` entries (job trims what it acknowledged, so this is job's backlog) is not
+/// written and the call fails with [`StoreError::Backlog`]; a push to several partitions checks
+/// them all first. Unacknowledged entries are never trimmed to make room. With
+/// `redis.wait_replicas` > 0 a write counts as succeeded only when that many replicas confirmed
+/// it ([`StoreError::NotReplicated`] otherwise).
 #[async_trait]
 pub trait PushStreams: Send + Sync {
     /// Appends each job to its partition's stream, unless a target holds `max_backlog` entries.

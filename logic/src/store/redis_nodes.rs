@@ -38,16 +38,23 @@ impl NodeStore for RedisConn {
     }
 
     async fn room_joined(&self, server: &str, room: &RoomId, rooms_ttl_ms: u64) -> StoreResult<()> {
+        // Recorded under the comet before it is indexed: an indexed room is always one a later
+        // renewal or purge looks at.
         let rooms_key = keys::node_rooms(server);
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.sadd(keys::room_nodes(room.as_str()), server).ignore();
         pipe.hset_nx(&rooms_key, room.as_str(), 0).ignore();
         pipe.cmd("PEXPIRE")
             .arg(&rooms_key)
             .arg(rooms_ttl_ms)
             .ignore();
-        self.pipe(&pipe).await
+        self.pipe::<()>(&pipe).await?;
+        self.cmd(
+            redis::cmd("SADD")
+                .arg(keys::room_nodes(room.as_str()))
+                .arg(server),
+        )
+        .await
     }
 
     async fn renew(
@@ -64,30 +71,54 @@ impl NodeStore for RedisConn {
         let server = node.server.as_str();
         let rooms_key = keys::node_rooms(server);
         let old: Vec<String> = self.cmd(redis::cmd("HKEYS").arg(&rooms_key)).await?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.hset(keys::NODES, server, &json).ignore();
-        pipe.zadd(keys::NODES_EXPIRY, server, expiry_ms).ignore();
-        pipe.del(&rooms_key).ignore();
+        // Index the reported rooms first, so a room with members is never missing from it; drop
+        // the rooms no longer reported last, once the record no longer lists them.
+        let add: Vec<redis::Cmd> = reported
+            .keys()
+            .map(|room| {
+                redis::cmd("SADD")
+                    .arg(keys::room_nodes(room))
+                    .arg(server)
+                    .to_owned()
+            })
+            .collect();
+        let _: Vec<redis::Value> = self.each(&add).await?;
+        let mut rooms = redis::pipe();
+        rooms.atomic();
+        rooms.del(&rooms_key).ignore();
         if !reported.is_empty() {
             let fields: Vec<(&str, u64)> = reported.iter().map(|(r, c)| (r.as_str(), *c)).collect();
-            pipe.hset_multiple(&rooms_key, &fields).ignore();
-            pipe.cmd("PEXPIRE")
+            rooms.hset_multiple(&rooms_key, &fields).ignore();
+            rooms
+                .cmd("PEXPIRE")
                 .arg(&rooms_key)
                 .arg(rooms_ttl_ms)
                 .ignore();
         }
-        for room in old.iter().filter(|r| !reported.contains_key(*r)) {
-            pipe.srem(keys::room_nodes(room), server).ignore();
-        }
-        for room in reported.keys() {
-            pipe.sadd(keys::room_nodes(room), server).ignore();
-        }
-        self.pipe(&pipe).await
+        let mut registry = redis::pipe();
+        registry.atomic();
+        registry.hset(keys::NODES, server, &json).ignore();
+        registry
+            .zadd(keys::NODES_EXPIRY, server, expiry_ms)
+            .ignore();
+        futures::try_join!(self.pipe::<()>(&rooms), self.pipe::<()>(&registry))?;
+        let gone: Vec<redis::Cmd> = old
+            .iter()
+            .filter(|r| !reported.contains_key(*r))
+            .map(|room| {
+                redis::cmd("SREM")
+                    .arg(keys::room_nodes(room))
+                    .arg(server)
+                    .to_owned()
+            })
+            .collect();
+        let _: Vec<redis::Value> = self.each(&gone).await?;
+        Ok(())
     }
 
     async fn remove(&self, server: &str) -> StoreResult<()> {
         let mut pipe = redis::pipe();
+        pipe.atomic();
         pipe.zrem(keys::NODES_EXPIRY, server).ignore();
         pipe.hdel(keys::NODES, server).ignore();
         self.pipe(&pipe).await
@@ -96,12 +127,17 @@ impl NodeStore for RedisConn {
     async fn drop_rooms(&self, server: &str) -> StoreResult<()> {
         let rooms_key = keys::node_rooms(server);
         let rooms: Vec<String> = self.cmd(redis::cmd("HKEYS").arg(&rooms_key)).await?;
-        let mut pipe = redis::pipe();
-        for room in &rooms {
-            pipe.srem(keys::room_nodes(room), server).ignore();
-        }
-        pipe.del(&rooms_key).ignore();
-        self.pipe(&pipe).await
+        let gone: Vec<redis::Cmd> = rooms
+            .iter()
+            .map(|room| {
+                redis::cmd("SREM")
+                    .arg(keys::room_nodes(room))
+                    .arg(server)
+                    .to_owned()
+            })
+            .collect();
+        let _: Vec<redis::Value> = self.each(&gone).await?;
+        self.cmd(redis::cmd("DEL").arg(&rooms_key)).await
     }
 
     async fn expired(&self, now_ms: u64) -> StoreResult<Vec<String>> {
@@ -138,12 +174,16 @@ impl NodeStore for RedisConn {
         if live.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::with_capacity(live.len() * 2);
         for (server, _) in &live {
-            pipe.hget(keys::NODES, server);
-            pipe.hgetall(keys::node_rooms(server));
+            cmds.push(redis::cmd("HGET").arg(keys::NODES).arg(server).to_owned());
+            cmds.push(
+                redis::cmd("HGETALL")
+                    .arg(keys::node_rooms(server))
+                    .to_owned(),
+            );
         }
-        let values: Vec<redis::Value> = self.pipe(&pipe).await?;
+        let values: Vec<redis::Value> = self.each(&cmds).await?;
         let mut nodes = Vec::with_capacity(live.len());
         let mut it = values.into_iter();
         for (server, expiry_ms) in live {

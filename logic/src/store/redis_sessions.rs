@@ -1,7 +1,13 @@
-//! [`SessionStore`] on Redis: session hashes (`rim:session:{key}`), users' session indexes
-//! (`rim:mid:{mid}`, key → comet), comets' session sets (`rim:node:{server}:sessions`) and room
-//! member counts (`rim:room:{room}:members`, mid → sessions), with the Lua scripts that keep the
-//! counts in step with the sessions' stored rooms.
+//! [`SessionStore`] on Redis: session hashes (`rim:key:{key}`), users' session indexes
+//! (`rim:mid:{mid}`, key → comet), comets' session sets (`rim:node:{server}:keys`) and room
+//! member counts (`rim:room:{room}:members`, mid → sessions, with the counted sessions in
+//! `rim:room:{room}:keys`).
+//!
+//! Each of these lives in its own hash slot (see `rim_proto::keys`), so an operation is a few
+//! single-slot steps rather than one transaction, each atomic and idempotent on its own: the
+//! session hash first (it decides), then the user's index, the comet's set and the room counts.
+//! A step retried after a lost reply changes nothing twice. What a crash between steps can leave
+//! is written on [`SessionStore`].
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -11,155 +17,172 @@ use rim_proto::keys;
 use rim_proto::room::RoomId;
 
 use super::{
-    Dropped, Membership, Moved, RedisConn, Registered, Registration, SessionDetails, SessionHead,
-    SessionStore, StoreResult,
+    Dropped, Membership, Moved, RedisConn, Registered, Registration, RoomCount, SessionDetails,
+    SessionHead, SessionStore, StoreResult,
 };
 
-/// Lua helpers shared by the scripts that keep room member counts
-/// (`rim:room:{room}:members`, mid → sessions of that user in the room). Both return the new
-/// count; `mem_dec` returns -1 when there was nothing to decrement, so counts never go negative
-/// and a field reaching 0 is deleted (a user is a member while its field exists).
-const MEMBERS_LUA: &str = r#"
-local function mem_inc(pre, suf, room, mid)
-  return redis.call('HINCRBY', pre .. room .. suf, mid, 1)
+/// Counts one session into a room, once: the session key is recorded in the room's
+/// `rim:room:{room}:keys` (key → mid) and its user's count in `rim:room:{room}:members` (mid →
+/// sessions) goes up only when the key was not recorded yet, so a retried join counts once.
+/// KEYS = members, room sessions; ARGV = key, mid. Returns {1 if counted now, the user's count}.
+static ROOM_JOIN: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+  return {1, redis.call('HINCRBY', KEYS[1], ARGV[2], 1)}
 end
-local function mem_dec(pre, suf, room, mid)
-  local k = pre .. room .. suf
-  local n = tonumber(redis.call('HGET', k, mid) or '0')
-  if n <= 0 then
-    redis.call('HDEL', k, mid)
-    return -1
-  end
-  n = redis.call('HINCRBY', k, mid, -1)
-  if n <= 0 then redis.call('HDEL', k, mid); n = 0 end
-  return n
-end
-"#;
+return {0, tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0')}
+"#,
+    )
+});
 
-/// Drops one session if it still belongs to `server` (a reconnect elsewhere must survive), and
-/// its membership in the room stored in its hash.
-/// KEYS[1] = session hash; ARGV = server, key, mid-hash key prefix, members prefix, members suffix.
-/// Returns {dropped 0/1, mid, room, that mid's sessions left in the room or -1}.
+/// Counts one session out of a room, once (see [`ROOM_JOIN`]); a user whose count reaches 0 is
+/// no longer listed. KEYS = members, room sessions; ARGV = key. Returns {mid or '', the user's
+/// count left, or -1 when the key was not counted there}.
+static ROOM_LEAVE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local mid = redis.call('HGET', KEYS[2], ARGV[1])
+if not mid then return {'', -1} end
+redis.call('HDEL', KEYS[2], ARGV[1])
+local n = redis.call('HINCRBY', KEYS[1], mid, -1)
+if n <= 0 then redis.call('HDEL', KEYS[1], mid); n = 0 end
+return {mid, n}
+"#,
+    )
+});
+
+/// Drops one session if it still belongs to `server` (a reconnect elsewhere must survive).
+/// KEYS[1] = session hash; ARGV = server. Returns {dropped 0/1, mid, room}.
 static DROP_SESSION: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(&format!(
-        "{MEMBERS_LUA}{}",
+    redis::Script::new(
         r#"
 local h = redis.call('HMGET', KEYS[1], 'server', 'mid', 'room')
 if h[1] == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  local left = -1
-  if h[2] then
-    local mk = ARGV[3] .. h[2]
-    if redis.call('HGET', mk, ARGV[2]) == ARGV[1] then redis.call('HDEL', mk, ARGV[2]) end
-    if h[3] then left = mem_dec(ARGV[4], ARGV[5], h[3], h[2]) end
-  end
-  return {1, h[2] or '', h[3] or '', left}
+  return {1, h[2] or '', h[3] or ''}
 end
-return {0, '', '', -1}
-"#
-    ))
-});
-
-/// Writes a (new or replacing) session hash and moves its room membership: the replaced
-/// session's room loses one of the old mid's sessions, the new room gains one. Run with EVAL
-/// inside connect's MULTI so registration and counts commit together.
-/// KEYS[1] = session hash; ARGV = mid, server, platform, since, ttl secs, room ('' = none),
-/// members prefix, members suffix. Returns {old mid or '', old room or '', left or -1, joined or -1}.
-static CONNECT_SESSION: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "{MEMBERS_LUA}{}",
-        r#"
-local old = redis.call('HMGET', KEYS[1], 'mid', 'room')
-local room = ARGV[6]
-local oldroom, left, joined = '', -1, -1
-if not (old[1] == ARGV[1] and old[2] == room) then
-  if old[1] and old[2] then
-    oldroom = old[2]
-    left = mem_dec(ARGV[7], ARGV[8], old[2], old[1])
-  end
-  if room ~= '' then joined = mem_inc(ARGV[7], ARGV[8], room, ARGV[1]) end
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'mid', ARGV[1], 'server', ARGV[2], 'platform', ARGV[3], 'since', ARGV[4])
-if room ~= '' then redis.call('HSET', KEYS[1], 'room', room) end
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return {old[1] or '', oldroom, left, joined}
-"#
+return {0, '', ''}
+"#,
     )
 });
 
-/// Moves a session between rooms (ChangeRoom), if it is still registered on the calling comet.
-/// The room it leaves is the one stored in its hash (what was counted), not the caller's claim.
-/// KEYS[1] = session hash; ARGV = server, new room ('' = none), members prefix, members suffix.
-/// Returns {applied 0/1, mid, old room, left or -1, joined or -1}.
+/// Writes a (new or replacing) session hash. KEYS[1] = session hash; ARGV = mid, server,
+/// platform, since, ttl secs, room ('' = none). Returns {old mid or '', old room or ''}.
+static CONNECT_SESSION: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local old = redis.call('HMGET', KEYS[1], 'mid', 'room')
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'mid', ARGV[1], 'server', ARGV[2], 'platform', ARGV[3], 'since', ARGV[4])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'room', ARGV[6]) end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return {old[1] or '', old[2] or ''}
+"#,
+    )
+});
+
+/// Sets a session's room (ChangeRoom), if it is still registered on the calling comet; the room
+/// it leaves is the one stored in its hash (what was counted), not the caller's claim.
+/// KEYS[1] = session hash; ARGV = server, new room ('' = none).
+/// Returns {applied 0/1, mid, old room}.
 static ROOM_MOVE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(&format!(
-        "{MEMBERS_LUA}{}",
+    redis::Script::new(
         r#"
 local h = redis.call('HMGET', KEYS[1], 'server', 'mid', 'room')
-if h[1] ~= ARGV[1] or not h[2] then return {0, '', '', -1, -1} end
-local from = h[3] or ''
-if from == ARGV[2] then return {1, h[2], from, -1, -1} end
-local left, joined = -1, -1
-if from ~= '' then
-  left = mem_dec(ARGV[3], ARGV[4], from, h[2])
-  redis.call('HDEL', KEYS[1], 'room')
-end
-if ARGV[2] ~= '' then
-  joined = mem_inc(ARGV[3], ARGV[4], ARGV[2], h[2])
-  redis.call('HSET', KEYS[1], 'room', ARGV[2])
-end
-return {1, h[2], from, left, joined}
-"#
-    ))
+if h[1] ~= ARGV[1] or not h[2] then return {0, '', ''} end
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], 'room')
+else redis.call('HSET', KEYS[1], 'room', ARGV[2]) end
+return {1, h[2], h[3] or ''}
+"#,
+    )
 });
 
 /// Renews a session, re-creating it if Redis lost it (restart), unless it moved to another comet.
 ///
 /// A re-created hash holds only what the heartbeat knows. It gets no `room`: the session is then
 /// not counted in any room's members (a Redis that lost the hash lost the member hashes too),
-/// and a hash without `room` is never decremented at disconnect, so counts stay consistent.
+/// and a hash without `room` is never counted out at disconnect, so counts stay consistent.
 /// Its `since` is `0`, meaning unknown: the session's real registration time is only known to
 /// the comet, and a made-up one would make a later kick name a session that never existed.
-/// KEYS = session hash, mid hash, node keys set; ARGV = server, key, mid, ttl secs.
+/// KEYS[1] = session hash; ARGV = server, mid, ttl secs. Returns 1 when the session is `server`'s.
 static HEARTBEAT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local s = redis.call('HGET', KEYS[1], 'server')
 if not s then
-  redis.call('HSET', KEYS[1], 'mid', ARGV[3], 'server', ARGV[1], 'platform', '', 'since', '0')
+  redis.call('HSET', KEYS[1], 'mid', ARGV[2], 'server', ARGV[1], 'platform', '', 'since', '0')
   s = ARGV[1]
 end
 if s ~= ARGV[1] then return 0 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 "#,
     )
 });
 
-/// `rim:mid:` — the prefix of [`keys::mid_sessions`], for the Lua scripts that derive a mid's key.
-fn mid_prefix() -> String {
-    let k = keys::mid_sessions(0);
-    k.strip_suffix('0').unwrap_or(&k).to_string()
-}
+/// Removes a session key from a user's index if it still points at `server`.
+/// KEYS[1] = the user's index; ARGV = key, server.
+static UNINDEX: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"#,
+    )
+});
 
-/// `rim:room:` and `:members`: the parts of [`keys::room_members`] around the room id, for the
-/// Lua scripts that derive a room's member hash.
-fn members_affixes() -> (String, String) {
-    const MARK: &str = "\u{1}";
-    let k = keys::room_members(MARK);
-    match k.split_once(MARK) {
-        Some((pre, suf)) => (pre.to_string(), suf.to_string()),
-        None => (k, String::new()),
-    }
-}
-
-/// A script's (room, count) pair: no room, or -1 (nothing counted), means no change there.
+/// A (room, count) pair: no room, or -1 (nothing counted), means no change there.
 fn counted(room: String, n: i64) -> Option<(String, u64)> {
     (!room.is_empty() && n >= 0).then_some((room, n.unsigned_abs()))
+}
+
+impl RedisConn {
+    /// Counts `key` (of `mid`) into `room`; `Some` count only when it was counted now.
+    async fn join(&self, room: &str, key: &str, mid: i64) -> StoreResult<Option<RoomCount>> {
+        let (now, n): (i64, i64) = self
+            .script(
+                &ROOM_JOIN,
+                &[&keys::room_members(room), &keys::room_sessions(room)],
+                &[key, &mid.to_string()],
+            )
+            .await?;
+        Ok((now == 1).then(|| (room.to_string(), n.unsigned_abs())))
+    }
+
+    /// Counts `key` out of `room`; the mid it was counted for and that user's count left.
+    async fn leave(&self, room: &str, key: &str) -> StoreResult<(String, Option<RoomCount>)> {
+        if room.is_empty() {
+            return Ok((String::new(), None));
+        }
+        let (mid, n): (String, i64) = self
+            .script(
+                &ROOM_LEAVE,
+                &[&keys::room_members(room), &keys::room_sessions(room)],
+                &[key],
+            )
+            .await?;
+        Ok((mid, counted(room.to_string(), n)))
+    }
+
+    /// Points `mid`'s index at `server` for `key` and puts `key` in `server`'s set.
+    async fn index(&self, mid: i64, key: &str, server: &str, ttl_secs: u64) -> StoreResult<()> {
+        let mkey = keys::mid_sessions(mid);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(&mkey, key, server)
+            .ignore()
+            .expire(&mkey, ttl_secs as i64)
+            .ignore();
+        let add = redis::cmd("SADD")
+            .arg(keys::node_sessions(server))
+            .arg(key)
+            .to_owned();
+        let node = self.cmd::<()>(&add);
+        let user = self.pipe::<()>(&pipe);
+        futures::try_join!(user, node)?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -182,80 +205,92 @@ impl SessionStore for RedisConn {
     }
 
     async fn register(&self, reg: &Registration) -> StoreResult<Registered> {
-        let mkey = keys::mid_sessions(reg.mid);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        // The kick first: once the hash names this comet, nothing would point at the old copy.
+        // A kick appended twice (a retried call) closes nothing twice: it names one incarnation.
         if let Some(old) = &reg.replaces {
-            pipe.srem(keys::node_sessions(&old.server), &reg.key)
-                .ignore();
-            pipe.cmd("XADD")
+            let kick = redis::cmd("XADD")
                 .arg(keys::push_stream(old.partition))
                 .arg("*")
                 .arg(keys::JOB_FIELD)
                 .arg(old.kick.encode())
-                .ignore();
+                .to_owned();
+            let unset = redis::cmd("SREM")
+                .arg(keys::node_sessions(&old.server))
+                .arg(&reg.key)
+                .to_owned();
+            let _: Vec<redis::Value> = self.each(&[kick, unset]).await?;
         }
-        pipe.hset(&mkey, &reg.key, &reg.server).ignore();
-        pipe.expire(&mkey, reg.ttl_secs as i64).ignore();
-        pipe.sadd(keys::node_sessions(&reg.server), &reg.key)
-            .ignore();
-        // The session hash and the room member counts last, in one script: it reads the
-        // replaced session's room inside the transaction, so a re-auth never double counts.
-        let (pre, suf) = members_affixes();
-        pipe.cmd("EVAL")
-            .arg(CONNECT_SESSION.as_str())
-            .arg(1)
-            .arg(keys::session(&reg.key))
-            .arg(reg.mid)
-            .arg(&reg.server)
-            .arg(&reg.platform)
-            .arg(reg.since_ms)
-            .arg(reg.ttl_secs)
-            .arg(reg.room.as_ref().map(RoomId::as_str).unwrap_or_default())
-            .arg(&pre)
-            .arg(&suf);
-        let out: Vec<(String, String, i64, i64)> = self.pipe(&pipe).await?;
-        let Some((old_mid, old_room, left, joined)) = out.into_iter().next() else {
-            return Ok(Registered::default());
+        let room = reg.room.as_ref().map(RoomId::as_str).unwrap_or_default();
+        let (mid, since, ttl) = (
+            reg.mid.to_string(),
+            reg.since_ms.to_string(),
+            reg.ttl_secs.to_string(),
+        );
+        let (old_mid, old_room): (String, String) = self
+            .script(
+                &CONNECT_SESSION,
+                &[&keys::session(&reg.key)],
+                &[&mid, &reg.server, &reg.platform, &since, &ttl, room],
+            )
+            .await?;
+        let index = self.index(reg.mid, &reg.key, &reg.server, reg.ttl_secs);
+        // The replaced session's room is counted out unless the same user stays in it.
+        let stays = old_mid == mid && old_room == room;
+        let left = async {
+            match stays {
+                true => Ok((String::new(), None)),
+                false => self.leave(&old_room, &reg.key).await,
+            }
         };
-        let new_room = reg.room.as_ref().map(|r| r.as_str().to_string());
+        let joined = async {
+            match room {
+                "" => Ok(None),
+                r => self.join(r, &reg.key, reg.mid).await,
+            }
+        };
+        let ((), (_, left), joined) = futures::try_join!(index, left, joined)?;
         Ok(Registered {
             old_mid: (!old_mid.is_empty()).then_some(old_mid),
-            membership: Membership {
-                left: counted(old_room, left),
-                joined: counted(new_room.unwrap_or_default(), joined),
-            },
+            membership: Membership { left, joined },
         })
     }
 
     async fn drop_session(&self, server: &str, key: &str) -> StoreResult<Option<Dropped>> {
-        let skey = keys::session(key);
-        let prefix = mid_prefix();
-        let (pre, suf) = members_affixes();
-        let (dropped, mid, room, left): (i64, String, String, i64) = self
-            .script(&DROP_SESSION, &[&skey], &[server, key, &prefix, &pre, &suf])
+        let (dropped, mid, room): (i64, String, String) = self
+            .script(&DROP_SESSION, &[&keys::session(key)], &[server])
             .await?;
         if dropped != 1 {
             return Ok(None);
         }
+        let mid: Option<i64> = mid.parse().ok();
+        let unindex = async {
+            match mid {
+                Some(m) => {
+                    self.script::<i64>(&UNINDEX, &[&keys::mid_sessions(m)], &[key, server])
+                        .await?;
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        };
+        let ((), (_, left)) = futures::try_join!(unindex, self.leave(&room, key))?;
         Ok(Some(Dropped {
-            mid: mid.parse().ok(),
-            membership: Membership {
-                left: counted(room, left),
-                joined: None,
-            },
+            mid,
+            membership: Membership { left, joined: None },
         }))
     }
 
     async fn unlink(&self, mid: i64, server: &str, key: &str) -> StoreResult<()> {
         let mkey = keys::mid_sessions(mid);
-        let owner: Option<String> = self.cmd(redis::cmd("HGET").arg(&mkey).arg(key)).await?;
-        let mut pipe = redis::pipe();
-        if owner.as_deref() == Some(server) {
-            pipe.hdel(&mkey, key).ignore();
-        }
-        pipe.srem(keys::node_sessions(server), key).ignore();
-        self.pipe(&pipe).await
+        let (k, a) = ([mkey.as_str()], [key, server]);
+        let unindex = self.script::<i64>(&UNINDEX, &k, &a);
+        let srem = redis::cmd("SREM")
+            .arg(keys::node_sessions(server))
+            .arg(key)
+            .to_owned();
+        let unset = self.cmd::<()>(&srem);
+        futures::try_join!(unindex, unset)?;
+        Ok(())
     }
 
     async fn move_room(
@@ -264,21 +299,31 @@ impl SessionStore for RedisConn {
         key: &str,
         to: Option<&RoomId>,
     ) -> StoreResult<Option<Moved>> {
-        let skey = keys::session(key);
-        let (pre, suf) = members_affixes();
         let to_s = to.map(RoomId::as_str).unwrap_or_default();
-        let (applied, mid, from, left, joined): (i64, String, String, i64, i64) = self
-            .script(&ROOM_MOVE, &[&skey], &[server, to_s, &pre, &suf])
+        let (applied, mid, from): (i64, String, String) = self
+            .script(&ROOM_MOVE, &[&keys::session(key)], &[server, to_s])
             .await?;
         if applied == 0 {
             return Ok(None);
         }
+        let mid_n: Option<i64> = mid.parse().ok();
+        if from == to_s {
+            return Ok(Some(Moved {
+                mid: mid_n,
+                from,
+                membership: Membership::default(),
+            }));
+        }
+        let joined = async {
+            match (to_s, mid_n) {
+                ("", _) | (_, None) => Ok(None),
+                (r, Some(m)) => self.join(r, key, m).await,
+            }
+        };
+        let ((_, left), joined) = futures::try_join!(self.leave(&from, key), joined)?;
         Ok(Some(Moved {
-            mid: mid.parse().ok(),
-            membership: Membership {
-                left: counted(from.clone(), left),
-                joined: counted(to_s.to_string(), joined),
-            },
+            mid: mid_n,
+            membership: Membership { left, joined },
             from,
         }))
     }
@@ -290,45 +335,52 @@ impl SessionStore for RedisConn {
         mid: i64,
         ttl_secs: u64,
     ) -> StoreResult<bool> {
-        let skey = keys::session(key);
-        let mkey = keys::mid_sessions(mid);
-        let nkey = keys::node_sessions(server);
-        let (mid, ttl) = (mid.to_string(), ttl_secs.to_string());
         let mine: i64 = self
             .script(
                 &HEARTBEAT,
-                &[&skey, &mkey, &nkey],
-                &[server, key, &mid, &ttl],
+                &[&keys::session(key)],
+                &[server, &mid.to_string(), &ttl_secs.to_string()],
             )
             .await?;
-        Ok(mine == 1)
+        if mine != 1 {
+            return Ok(false);
+        }
+        self.index(mid, key, server, ttl_secs).await?;
+        Ok(true)
     }
 
     async fn of_mids(&self, mids: &[i64]) -> StoreResult<Vec<HashMap<String, String>>> {
-        let mut pipe = redis::pipe();
-        for mid in mids {
-            pipe.hgetall(keys::mid_sessions(*mid));
-        }
-        self.pipe(&pipe).await
+        let cmds: Vec<redis::Cmd> = mids
+            .iter()
+            .map(|mid| {
+                redis::cmd("HGETALL")
+                    .arg(keys::mid_sessions(*mid))
+                    .to_owned()
+            })
+            .collect();
+        self.each(&cmds).await
     }
 
     async fn owners(&self, keys_in: &[&str]) -> StoreResult<Vec<(Option<String>, Option<String>)>> {
-        let mut pipe = redis::pipe();
-        for key in keys_in {
-            pipe.cmd("HMGET")
-                .arg(keys::session(key))
-                .arg("mid")
-                .arg("server");
-        }
-        self.pipe(&pipe).await
+        let cmds: Vec<redis::Cmd> = keys_in
+            .iter()
+            .map(|key| {
+                redis::cmd("HMGET")
+                    .arg(keys::session(key))
+                    .arg("mid")
+                    .arg("server")
+                    .to_owned()
+            })
+            .collect();
+        self.each(&cmds).await
     }
 
     async fn details(&self, keys_in: &[String]) -> StoreResult<Vec<SessionDetails>> {
-        let mut pipe = redis::pipe();
-        for key in keys_in {
-            pipe.hgetall(keys::session(key));
-        }
-        let hashes: Vec<HashMap<String, String>> = self.pipe(&pipe).await?;
+        let cmds: Vec<redis::Cmd> = keys_in
+            .iter()
+            .map(|key| redis::cmd("HGETALL").arg(keys::session(key)).to_owned())
+            .collect();
+        let hashes: Vec<HashMap<String, String>> = self.each(&cmds).await?;
         Ok(hashes
             .into_iter()
             .map(|mut h| SessionDetails {
