@@ -60,6 +60,14 @@ echo "== cargo build --bins (the process tests run the real binaries)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked -- "${filter[@]}"
+if [ ${#filter[@]} -eq 0 ]; then
+  # The spine, chat and delivery suites once more on a Redis Cluster (three masters with a
+  # replica each): the same scenarios, keys spread over slots. Restarting "the" Redis has no
+  # meaning there; failovers have their own tests (testkit/tests/redis_failover.rs).
+  echo "== spine, chat and delivery on a Redis Cluster (RIM_TEST_REDIS=cluster)"
+  RIM_TEST_REDIS=cluster cargo test -p rim-testkit --locked --test spine --test chat --test chaos \
+    -- --skip restart_redis_mid_stream
+fi
 
 # Coverage-guided fuzzing, briefly: on in CI (CI=true), or with RIM_FUZZ_SECS=N locally.
 # Property tests (in the suite above) always run; scripts/fuzz.sh alone runs longer sessions.

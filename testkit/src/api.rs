@@ -213,7 +213,7 @@ where
 
 /// Whether every push stream's consumer group has read and acknowledged everything appended:
 /// every accepted push has been confirmed by the comets it was routed to.
-pub fn streams_drained(conn: &mut redis::Connection) -> anyhow::Result<bool> {
+pub fn streams_drained(conn: &mut dyn redis::ConnectionLike) -> anyhow::Result<bool> {
     let streams: Vec<String> = redis::cmd("KEYS").arg("rim:push:{*}").query(conn)?;
     for stream in streams {
         let info: std::collections::HashMap<String, redis::Value> =

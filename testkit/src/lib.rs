@@ -1,4 +1,5 @@
-//! Test kit shared by the integration tests: a throwaway `redis-server` ([`redis`]), the HTTP API
+//! Test kit shared by the integration tests: a throwaway `redis-server` ([`redis`]), Redis Cluster
+//! and Sentinel setups ([`redis_cluster`]) and the choice between them ([`test_redis`]), the HTTP API
 //! client ([`api`]), process helpers ([`process`]), the protocol client ([`client`]: rim-client's
 //! `Conn`, plus malformed frames for bad-input tests), and the real-browser tests' prerequisites
 //! ([`browser`]). It depends on no tier, so tiers can use it in their own tests.
@@ -10,6 +11,7 @@ pub mod client;
 pub mod process;
 pub mod redis;
 pub mod redis_cluster;
+pub mod test_redis;
 
 /// Default time a test waits for an event before failing.
 pub const WAIT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -17,10 +17,12 @@ use crate::process::free_addr;
 /// How long setup and failover waits may take before the test fails.
 const SETUP: Duration = Duration::from_secs(30);
 
-/// One `redis-server` (or sentinel) process.
+/// One `redis-server` (or sentinel) process, restartable with the arguments it was started with.
 struct Node {
     port: u16,
     child: Option<Child>,
+    dir: PathBuf,
+    args: Vec<String>,
 }
 
 impl Node {
@@ -28,6 +30,13 @@ impl Node {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Starts it again (same port, data and arguments) if it is not running.
+    fn restart(&mut self) {
+        if self.child.is_none() {
+            self.child = Some(spawn(&self.dir, &self.args));
         }
     }
 }
@@ -44,7 +53,7 @@ fn cluster_port() -> u16 {
 
 /// Starts a `redis-server` on `port` on loopback, its data in `<dir>/<port>`, AOF on with fsync
 /// on every write, plus `extra` arguments.
-fn start_node(dir: &std::path::Path, port: u16, extra: &[&str]) -> Child {
+fn start_node(dir: &std::path::Path, port: u16, extra: &[&str]) -> Node {
     let data = dir.join(port.to_string());
     std::fs::create_dir_all(&data).expect("node dir");
     let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
@@ -57,6 +66,9 @@ fn start_node(dir: &std::path::Path, port: u16, extra: &[&str]) -> Child {
                 "always",
                 "--save",
                 "",
+                // A replica syncs at once (the default waits 5 s for more replicas to join).
+                "--repl-diskless-sync-delay",
+                "0",
             ]
             .iter(),
         )
@@ -64,7 +76,12 @@ fn start_node(dir: &std::path::Path, port: u16, extra: &[&str]) -> Child {
         .collect();
     args.extend(["--dir".to_string(), data.to_string_lossy().into_owned()]);
     args.extend(extra.iter().map(|s| s.to_string()));
-    spawn(&data, &args)
+    Node {
+        port,
+        child: Some(spawn(&data, &args)),
+        dir: data,
+        args,
+    }
 }
 
 fn spawn(dir: &std::path::Path, args: &[String]) -> Child {
@@ -75,6 +92,15 @@ fn spawn(dir: &std::path::Path, args: &[String]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server must be installed (.ci/run installs it)")
+}
+
+/// Waits until the Redis on `port` is a replica whose link to its master is up (synced).
+fn wait_in_sync(port: u16) {
+    wait_for(&format!("{port} to replicate its master"), || {
+        let mut c = connection(port)?;
+        let info: String = ::redis::cmd("INFO").arg("replication").query(&mut c).ok()?;
+        (info.contains("role:slave") && info.contains("master_link_status:up")).then_some(())
+    });
 }
 
 fn connection(port: u16) -> Option<::redis::Connection> {
@@ -112,7 +138,7 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..masters * (1 + replicas) {
             let port = cluster_port();
-            let child = start_node(
+            nodes.push(start_node(
                 dir.path(),
                 port,
                 &[
@@ -126,11 +152,7 @@ impl RedisCluster {
                     "--cluster-replica-validity-factor",
                     "0",
                 ],
-            );
-            nodes.push(Node {
-                port,
-                child: Some(child),
-            });
+            ));
         }
         for n in &nodes {
             wait_for(&format!("node {} to answer", n.port), || {
@@ -156,11 +178,24 @@ impl RedisCluster {
         );
         let cluster = RedisCluster { _dir: dir, nodes };
         cluster.wait_ok();
+        // A replica that has not finished its first sync holds nothing a failover could keep.
+        for n in &cluster.nodes {
+            let is_replica = connection(n.port)
+                .and_then(|mut c| {
+                    ::redis::cmd("INFO")
+                        .arg("replication")
+                        .query::<String>(&mut c)
+                        .ok()
+                })
+                .is_some_and(|info| info.contains("role:slave"));
+            if is_replica {
+                wait_in_sync(n.port);
+            }
+        }
         cluster
     }
 
-    /// Waits until every live node reports `cluster_state:ok`, every slot is served, and each
-    /// master has as many replicas online as the cluster was made with.
+    /// Waits until every live node reports `cluster_state:ok` (every slot is served).
     pub fn wait_ok(&self) {
         for n in self.nodes.iter().filter(|n| n.child.is_some()) {
             wait_for(&format!("cluster_state:ok on {}", n.port), || {
@@ -194,6 +229,16 @@ impl RedisCluster {
         if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
             n.kill();
         }
+    }
+
+    /// Starts the killed node on `port` again and waits until it has rejoined as a replica with
+    /// its master's data (`master_link_status:up`) and the cluster is `ok`.
+    pub fn restart(&mut self, port: u16) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
+            n.restart();
+        }
+        wait_in_sync(port);
+        self.wait_ok();
     }
 
     /// Waits until a node other than `old` serves `slot` (its replica took over) and the
@@ -282,19 +327,11 @@ impl SentinelSet {
             } else {
                 &[]
             };
-            redis.push(Node {
-                port,
-                child: Some(start_node(dir.path(), port, extra)),
-            });
+            redis.push(start_node(dir.path(), port, extra));
         }
         // The replica is a replica once its initial sync is done (before that, WAIT counts
         // nothing and sentinels have nothing to promote).
-        let replica_port = redis[1].port;
-        wait_for("the replica to finish syncing", || {
-            let mut c = connection(replica_port)?;
-            let info: String = ::redis::cmd("INFO").arg("replication").query(&mut c).ok()?;
-            info.contains("master_link_status:up").then_some(())
-        });
+        wait_in_sync(redis[1].port);
         let mut set = SentinelSet {
             dir,
             redis,
@@ -314,13 +351,12 @@ impl SentinelSet {
                 ),
             )
             .expect("sentinel config");
-            let child = spawn(
-                set.dir.path(),
-                &[conf.to_string_lossy().into_owned(), "--sentinel".into()],
-            );
+            let args = vec![conf.to_string_lossy().into_owned(), "--sentinel".into()];
             set.sentinels.push(Node {
                 port,
-                child: Some(child),
+                child: Some(spawn(set.dir.path(), &args)),
+                dir: set.dir.path().to_path_buf(),
+                args,
             });
         }
         for s in &set.sentinels {
@@ -360,11 +396,29 @@ impl SentinelSet {
         })
     }
 
+    /// A connection to the current primary.
+    pub fn primary_connection(&self) -> ::redis::Connection {
+        let port = self.primary();
+        wait_for(
+            &format!("the primary {port} to accept a connection"),
+            || connection(port),
+        )
+    }
+
     /// Kills (SIGKILL) the Redis on `port` (primary or replica).
     pub fn kill(&mut self, port: u16) {
         if let Some(n) = self.redis.iter_mut().find(|n| n.port == port) {
             n.kill();
         }
+    }
+
+    /// Starts the killed Redis on `port` again and waits until the sentinels made it a replica of
+    /// the current primary and it holds the primary's data (`master_link_status:up`).
+    pub fn restart(&mut self, port: u16) {
+        if let Some(n) = self.redis.iter_mut().find(|n| n.port == port) {
+            n.restart();
+        }
+        wait_in_sync(port);
     }
 
     /// Waits until the sentinels name a primary other than `old` and it answers as a master.

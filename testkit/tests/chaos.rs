@@ -16,7 +16,7 @@ use rim_proto::msg::AuthBody;
 use rim_testkit::api::{Api, eventually, metric};
 use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{CLUSTER_SECRET, Proc, free_addr};
-use rim_testkit::redis::RedisServer;
+use rim_testkit::test_redis::TestRedis;
 use tokio::sync::watch;
 
 const ROOM_TYPE: &str = "chaos";
@@ -45,7 +45,7 @@ impl CometProc {
 
 /// logic + job workers + comets as processes, tuned for fast failure detection.
 struct ProcCluster {
-    redis: RedisServer,
+    redis: TestRedis,
     /// Held so the process lives (and is killed) with the cluster.
     _logic: Proc,
     logic_rpc: SocketAddr,
@@ -72,20 +72,24 @@ impl ProcCluster {
         comet_env: Vec<(&'static str, String)>,
         job_env: Vec<(&'static str, String)>,
     ) -> ProcCluster {
-        let redis = RedisServer::start_with(true);
+        let redis = TestRedis::from_env(true);
         let http = free_addr();
         let rpc = free_addr();
+        let redis_env = redis.env("LOGIC");
         let logic = Proc::spawn(
             "logic",
             "rim-logic",
             "logic.toml",
-            &[
-                ("RIM_LOGIC__REDIS__URL", redis.url()),
-                ("RIM_LOGIC__LISTEN__HTTP", http.to_string()),
-                ("RIM_LOGIC__LISTEN__RPC", rpc.to_string()),
-                ("RIM_LOGIC__NODE__TTL_MS", "1500".into()),
-                ("RIM_LOGIC__CLUSTER__SECRET", CLUSTER_SECRET.into()),
-            ],
+            &redis_env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .chain([
+                    ("RIM_LOGIC__LISTEN__HTTP", http.to_string()),
+                    ("RIM_LOGIC__LISTEN__RPC", rpc.to_string()),
+                    ("RIM_LOGIC__NODE__TTL_MS", "1500".into()),
+                    ("RIM_LOGIC__CLUSTER__SECRET", CLUSTER_SECRET.into()),
+                ])
+                .collect::<Vec<_>>(),
         );
         let api = Api::new(http);
         let mut c = ProcCluster {
@@ -127,13 +131,13 @@ impl ProcCluster {
 
     fn add_job(&mut self) {
         let n = self.jobs.len() + 1;
+        let redis_env = self.redis.env("JOB");
         self.jobs.push(Proc::spawn(
             format!("job-{n}"),
             "rim-job",
             "job.toml",
             &[
                 ("RIM_JOB__WORKER_ID", format!("job-{n}")),
-                ("RIM_JOB__REDIS__URL", self.redis.url()),
                 ("RIM_JOB__LISTEN__HTTP", free_addr().to_string()),
                 ("RIM_JOB__LEASE__TTL_MS", "1000".into()),
                 ("RIM_JOB__LEASE__RENEW_MS", "250".into()),
@@ -145,6 +149,7 @@ impl ProcCluster {
                 ("RIM_JOB__CLUSTER__SECRET", CLUSTER_SECRET.into()),
             ]
             .into_iter()
+            .chain(redis_env.iter().map(|(k, v)| (k.as_str(), v.clone())))
             .chain(self.job_env.iter().cloned())
             .collect::<Vec<_>>(),
         ));
@@ -463,7 +468,7 @@ const WAIT: Duration = Duration::from_secs(10);
 const GAP: Duration = Duration::from_millis(5);
 
 /// Entries a job worker has read but not acknowledged, over all push streams.
-fn pending_of(conn: &mut redis::Connection, worker: &str) -> u64 {
+fn pending_of(conn: &mut dyn redis::ConnectionLike, worker: &str) -> u64 {
     (0..16u16)
         .map(|p| {
             let r: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XPENDING")
@@ -480,7 +485,7 @@ fn pending_of(conn: &mut redis::Connection, worker: &str) -> u64 {
 }
 
 /// The numbers (`m7` → 7, `r7` → 7) of the pushes a worker holds unacknowledged, by kind.
-fn pending_numbers(conn: &mut redis::Connection, worker: &str) -> (Vec<u64>, Vec<u64>) {
+fn pending_numbers(conn: &mut dyn redis::ConnectionLike, worker: &str) -> (Vec<u64>, Vec<u64>) {
     let (mut mids, mut rooms) = (Vec::new(), Vec::new());
     for p in 0..16u16 {
         let stream = rim_proto::keys::push_stream(p);
@@ -669,7 +674,7 @@ async fn restart_redis_mid_stream() {
     let rs = recipients(&cluster, &stop).await;
     let mids: Vec<i64> = rs.iter().map(|r| r.mid).collect();
     let api = cluster.api.clone();
-    let redis = &mut cluster.redis;
+    let redis = cluster.redis.single();
     let published = publish_with_fault(&api, &mids, || async {
         redis.kill();
         // Keep Redis down until the API has refused a push: the outage is observed, not timed.

@@ -266,7 +266,7 @@ async fn silent_session_times_out_and_disconnect_unregisters_at_once() {
     let silent_key = silent.key().to_string();
     let leaving_key = leaving.key().to_string();
     let mut conn = cluster.redis.connection();
-    let exists = |conn: &mut redis::Connection, key: &str| -> bool {
+    let exists = |conn: &mut dyn redis::ConnectionLike, key: &str| -> bool {
         redis::cmd("EXISTS")
             .arg(rim_proto::keys::session(key))
             .query::<i64>(conn)

@@ -125,16 +125,19 @@ impl Partition {
         };
         // A comet named by a push or listed in a room's index but unknown to the cache may have
         // registered a moment ago: look again before treating it as gone.
+        // A view that could not be refreshed never calls a comet gone: a Redis outage must not
+        // turn into dropped pushes, so the batch waits for a fresh read.
         let mut named = route::named_servers(&entries);
         named.extend(rooms.values().flatten().cloned());
-        if named.iter().any(|s| self.ctx.registry.link(s).is_none())
-            && let Err(e) = self
-                .ctx
-                .registry
-                .refresh_since(std::time::Instant::now())
-                .await
-        {
-            self.redis_failed("registry refresh", &e);
+        if named.iter().any(|s| self.ctx.registry.link(s).is_none()) {
+            let missed_at = std::time::Instant::now();
+            let mut bo = redis_backoff();
+            while let Err(e) = self.ctx.registry.refresh_since(missed_at).await {
+                self.redis_failed("registry refresh", &e);
+                if !pause(stop, bo.next_delay()).await {
+                    return false;
+                }
+            }
         }
         let live = self.ctx.registry.live();
         let plan = route::plan(&entries, &live, &rooms);

@@ -1,5 +1,5 @@
-//! A whole rim cluster in one test process: a real redis-server, one logic, one job worker and
-//! N comets, each started through its library `run` on 127.0.0.1:0 listeners and wired only
+//! A whole rim cluster in one test process: a real redis-server (or Redis Cluster, with
+//! `RIM_TEST_REDIS=cluster`), one logic, one job worker and N comets, each started through its library `run` on 127.0.0.1:0 listeners and wired only
 //! through those listeners and Redis.
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -10,7 +10,7 @@ use rim_proto::msg::AuthBody;
 use rim_testkit::api::{Api, eventually, streams_drained};
 use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::CLUSTER_SECRET;
-use rim_testkit::redis::RedisServer;
+use rim_testkit::test_redis::TestRedis;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,8 @@ pub type CometTweak = Box<dyn FnMut(usize, &mut rim_comet::Config)>;
 /// Knobs a test may turn before the cluster starts.
 pub struct Options {
     pub comets: usize,
+    /// The Redis to run on; `None` = [`TestRedis::from_env`].
+    pub redis: Option<TestRedis>,
     pub logic: Box<dyn FnMut(&mut rim_logic::Config)>,
     pub job: Box<dyn FnMut(&mut rim_job::Config)>,
     pub comet: CometTweak,
@@ -50,6 +52,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             comets: 2,
+            redis: None,
             logic: Box::new(|_| {}),
             job: Box::new(|_| {}),
             comet: Box::new(|_, _| {}),
@@ -58,7 +61,7 @@ impl Default for Options {
 }
 
 pub struct Cluster {
-    pub redis: RedisServer,
+    pub redis: TestRedis,
     pub logic_http: SocketAddr,
     pub logic_rpc: SocketAddr,
     pub api: Api,
@@ -85,14 +88,17 @@ impl Cluster {
 
     pub async fn start_with(mut opts: Options) -> Cluster {
         init_logs();
-        let redis = RedisServer::start();
+        let redis = opts
+            .redis
+            .take()
+            .unwrap_or_else(|| TestRedis::from_env(false));
         let tiers = CancellationToken::new();
         let mut handles = Vec::new();
 
         let (http, logic_http) = bind().await;
         let (rpc, logic_rpc) = bind().await;
         let mut logic = rim_logic::Config::dev();
-        logic.redis.url = redis.url();
+        redis.configure(&mut logic.redis);
         logic.node.ttl_ms = 3_000;
         logic.cluster.secret = CLUSTER_SECRET.into();
         (opts.logic)(&mut logic);
@@ -105,7 +111,7 @@ impl Cluster {
 
         let (jhttp, _) = bind().await;
         let mut job = rim_job::Config::default();
-        job.redis.url = redis.url();
+        redis.configure(&mut job.redis);
         job.registry.refresh_ms = 100;
         job.stream.block_ms = 200;
         job.cluster.secret = CLUSTER_SECRET.into();
