@@ -3,15 +3,23 @@
 # comets, from the example configs in config/ (ports changed for the second comet by environment
 # variables). Runs in the foreground; Ctrl-C stops everything.
 #
-#   scripts/dev-cluster.sh             # debug build
-#   scripts/dev-cluster.sh --release   # optimised build
+#   scripts/dev-cluster.sh                   # debug build
+#   scripts/dev-cluster.sh --release         # optimised build
+#   scripts/dev-cluster.sh --redis-cluster   # on a Redis Cluster of 3 masters with a replica each
+#                                            # (ports 6391-6396) instead of one redis-server
 #
 # DEV ONLY: logic runs in trust mode (clients' mids are believed) and push routes have no secret.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PROFILE=debug; BUILD_FLAGS=()
-if [ "${1:-}" = "--release" ]; then PROFILE=release; BUILD_FLAGS=(--release); fi
+PROFILE=debug; BUILD_FLAGS=(); REDIS_CLUSTER=
+for arg in "$@"; do
+  case $arg in
+    --release) PROFILE=release; BUILD_FLAGS=(--release) ;;
+    --redis-cluster) REDIS_CLUSTER=1 ;;
+    *) echo "unknown option $arg (--release, --redis-cluster)" >&2; exit 64 ;;
+  esac
+done
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 need_apt=()
@@ -58,10 +66,32 @@ wait_http() { # url
   echo "timed out waiting for $1; see .dev-cluster/*.log" >&2; exit 1
 }
 
-start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$RUN" --save "" --appendonly yes
-for _ in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
-
-export RIM_LOGIC__REDIS__URL=$REDIS_URL RIM_JOB__REDIS__URL=$REDIS_URL
+wait_redis() { # port
+  for _ in $(seq 1 50); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "redis on $1 did not start; see .dev-cluster/*.log" >&2; exit 1
+}
+if [ -z "$REDIS_CLUSTER" ]; then
+  start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$RUN" --save "" --appendonly yes
+  wait_redis "$REDIS_PORT"
+  export RIM_LOGIC__REDIS__URL=$REDIS_URL RIM_JOB__REDIS__URL=$REDIS_URL
+else
+  # A fresh cluster each run: node ids and slots live in each node's nodes.conf.
+  nodes=(); addrs=()
+  for port in 6391 6392 6393 6394 6395 6396; do
+    rm -rf "$RUN/redis-$port"; mkdir -p "$RUN/redis-$port"
+    start "redis-$port" redis-server --port "$port" --bind 127.0.0.1 --dir "$RUN/redis-$port" \
+      --save "" --appendonly yes --cluster-enabled yes --cluster-config-file nodes.conf \
+      --repl-diskless-sync-delay 0
+    nodes+=("redis://127.0.0.1:$port"); addrs+=("127.0.0.1:$port")
+  done
+  for port in 6391 6392 6393 6394 6395 6396; do wait_redis "$port"; done
+  redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes >"$RUN/redis-cluster-create.log"
+  for _ in $(seq 1 100); do
+    redis-cli -p 6391 cluster info | grep -q cluster_state:ok && break; sleep 0.1
+  done
+  REDIS_URL=$(IFS=,; echo "${nodes[*]}")
+  export RIM_LOGIC__REDIS__NODES=$REDIS_URL RIM_JOB__REDIS__NODES=$REDIS_URL
+fi
 # The chat demo shows join/leave notices for chat:// rooms (off by default: big rooms drown in them).
 export RIM_LOGIC__CHAT__PRESENCE_ROOM_TYPES=${RIM_LOGIC__CHAT__PRESENCE_ROOM_TYPES:-chat}
 start logic "$BIN/rim-logic" --config config/logic.toml

@@ -369,6 +369,49 @@ mod tests {
     }
 
     #[test]
+    fn topology_errors_name_the_field() {
+        let field = |cfg: RedisConfig| {
+            cfg.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let nodes = vec!["redis://127.0.0.1:7000".to_string()];
+        let both = RedisConfig {
+            nodes: nodes.clone(),
+            sentinels: nodes.clone(),
+            sentinel_master: "rim".into(),
+            ..RedisConfig::default()
+        };
+        assert!(field(both).starts_with("redis.sentinels"));
+        let nameless = RedisConfig {
+            sentinels: nodes.clone(),
+            ..RedisConfig::default()
+        };
+        assert!(field(nameless).starts_with("redis.sentinel_master"));
+        let bad_node = RedisConfig {
+            nodes: vec!["http://x:1".into()],
+            ..RedisConfig::default()
+        };
+        assert!(field(bad_node).starts_with("redis.nodes"));
+        let plain_with_ca = RedisConfig {
+            nodes: nodes.clone(),
+            ca_file: "/etc/ssl/certs/ca-certificates.crt".into(),
+            ..RedisConfig::default()
+        };
+        assert!(field(plain_with_ca).starts_with("redis.ca_file"));
+        // With nodes set, a url nobody reads is not validated; the description names the topology.
+        let cluster = RedisConfig {
+            url: "not a url".into(),
+            nodes: vec!["redis://u:hunter2@127.0.0.1:7000".into()],
+            ..RedisConfig::default()
+        };
+        assert!(cluster.validate().is_ok());
+        assert_eq!(cluster.describe(), "cluster redis://u:***@127.0.0.1:7000");
+        assert!(matches!(cluster.topology(), Ok(Topology::Cluster(_))));
+    }
+
+    #[test]
     fn credentials_never_leave_redact() {
         assert_eq!(redact("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
         assert_eq!(

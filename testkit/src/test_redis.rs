@@ -64,7 +64,7 @@ impl TestRedis {
     pub fn connection(&self) -> TestConn {
         match self {
             TestRedis::Single(r) => TestConn::Single(r.connection()),
-            TestRedis::Cluster(c) => TestConn::Cluster(c.connection()),
+            TestRedis::Cluster(c) => TestConn::Cluster(Box::new(c.connection())),
             TestRedis::Sentinel(s) => TestConn::Single(s.primary_connection()),
         }
     }
@@ -83,7 +83,7 @@ pub enum TestConn {
     /// To the one server.
     Single(redis::Connection),
     /// To the cluster.
-    Cluster(ClusterConnection),
+    Cluster(Box<ClusterConnection>),
 }
 
 impl redis::ConnectionLike for TestConn {

@@ -384,11 +384,9 @@ async fn rediss_verifies_the_server_against_redis_ca_file() {
         ..Default::default()
     };
     let ping = |cfg: rim_runtime::redis::RedisConfig| async move {
-        let client = cfg.client().map_err(|e| e.to_string())?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| e.to_string())?;
+        let topology = cfg.topology().map_err(|e| e.to_string())?;
+        let bounds = rim_runtime::redis::Bounds::from_config(&cfg);
+        let mut conn = topology.connect(bounds).await.map_err(|e| e.to_string())?;
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await

@@ -168,9 +168,10 @@ impl RedisConn {
     /// Points `mid`'s index at `server` for `key` and puts `key` in `server`'s set.
     async fn index(&self, mid: i64, key: &str, server: &str, ttl_secs: u64) -> StoreResult<()> {
         let mkey = keys::mid_sessions(mid);
+        // One slot, one round trip; no MULTI needed: the entry without its renewed TTL (a
+        // failure in between) only lives until the old TTL.
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset(&mkey, key, server)
+        pipe.hset(&mkey, key, server)
             .ignore()
             .expire(&mkey, ttl_secs as i64)
             .ignore();
