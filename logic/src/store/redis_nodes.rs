@@ -28,6 +28,27 @@ return 0
     )
 });
 
+impl RedisConn {
+    /// `SADD` or `SREM` of `server` in each room's comet index (one slot per room).
+    async fn index_rooms(
+        &self,
+        op: &str,
+        rooms: impl Iterator<Item = &String>,
+        server: &str,
+    ) -> StoreResult<()> {
+        let cmds: Vec<redis::Cmd> = rooms
+            .map(|room| {
+                redis::cmd(op)
+                    .arg(keys::room_nodes(room))
+                    .arg(server)
+                    .to_owned()
+            })
+            .collect();
+        let _: Vec<redis::Value> = self.each(&cmds).await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl NodeStore for RedisConn {
     async fn stored(&self, server: &str) -> StoreResult<Option<NodeInfo>> {
@@ -73,16 +94,7 @@ impl NodeStore for RedisConn {
         let old: Vec<String> = self.cmd(redis::cmd("HKEYS").arg(&rooms_key)).await?;
         // Index the reported rooms first, so a room with members is never missing from it; drop
         // the rooms no longer reported last, once the record no longer lists them.
-        let add: Vec<redis::Cmd> = reported
-            .keys()
-            .map(|room| {
-                redis::cmd("SADD")
-                    .arg(keys::room_nodes(room))
-                    .arg(server)
-                    .to_owned()
-            })
-            .collect();
-        let _: Vec<redis::Value> = self.each(&add).await?;
+        self.index_rooms("SADD", reported.keys(), server).await?;
         let mut rooms = redis::pipe();
         rooms.atomic();
         rooms.del(&rooms_key).ignore();
@@ -102,17 +114,8 @@ impl NodeStore for RedisConn {
             .zadd(keys::NODES_EXPIRY, server, expiry_ms)
             .ignore();
         futures::try_join!(self.pipe::<()>(&rooms), self.pipe::<()>(&registry))?;
-        let gone: Vec<redis::Cmd> = old
-            .iter()
-            .filter(|r| !reported.contains_key(*r))
-            .map(|room| {
-                redis::cmd("SREM")
-                    .arg(keys::room_nodes(room))
-                    .arg(server)
-                    .to_owned()
-            })
-            .collect();
-        let _: Vec<redis::Value> = self.each(&gone).await?;
+        let gone = old.iter().filter(|r| !reported.contains_key(*r));
+        self.index_rooms("SREM", gone, server).await?;
         Ok(())
     }
 
@@ -127,16 +130,7 @@ impl NodeStore for RedisConn {
     async fn drop_rooms(&self, server: &str) -> StoreResult<()> {
         let rooms_key = keys::node_rooms(server);
         let rooms: Vec<String> = self.cmd(redis::cmd("HKEYS").arg(&rooms_key)).await?;
-        let gone: Vec<redis::Cmd> = rooms
-            .iter()
-            .map(|room| {
-                redis::cmd("SREM")
-                    .arg(keys::room_nodes(room))
-                    .arg(server)
-                    .to_owned()
-            })
-            .collect();
-        let _: Vec<redis::Value> = self.each(&gone).await?;
+        self.index_rooms("SREM", rooms.iter(), server).await?;
         self.cmd(redis::cmd("DEL").arg(&rooms_key)).await
     }
 
