@@ -282,6 +282,18 @@ fn error_of(f: &Frame) -> String {
     v["error"].as_str().unwrap_or_default().to_string()
 }
 
+/// `r` is logic's refusal of a guarded room, and logic was asked about `room` exactly once.
+fn assert_logic_refused(r: &Frame, logic: &crate::testing::MemLogic, room: &str) {
+    assert!(
+        error_of(r).contains("room requires a token that names it"),
+        "{r:?}"
+    );
+    assert_eq!(
+        logic.calls_of("check_join"),
+        vec![format!("check_join t {room}")]
+    );
+}
+
 /// A token's `rooms` bound every ChangeRoom (checked on the comet, logic not asked), and a move
 /// into a type logic guards is asked of logic first; a refusal leaves the session where it was.
 #[tokio::test(start_paused = true)]
@@ -314,14 +326,7 @@ async fn change_room_is_bounded_by_the_token_and_guarded_types_ask_logic() {
     // Without a rooms claim, a guarded room is logic's call, and logic refuses.
     let (logic, ctx, mut c) = authed_with_token("", "").await;
     let r = c.request(op::CHANGE_ROOM, 2, "guarded://x").await;
-    assert!(
-        error_of(&r).contains("room requires a token that names it"),
-        "{r:?}"
-    );
-    assert_eq!(
-        logic.calls_of("check_join"),
-        vec!["check_join t guarded://x"]
-    );
+    assert_logic_refused(&r, &logic, "guarded://x");
     assert!(logic.calls_of("room_changed").is_empty());
     assert_eq!(ctx.buckets.get("t").unwrap().room(), None);
 }
@@ -392,18 +397,15 @@ async fn a_session_without_an_expiry_is_never_closed_for_it() {
 /// join a guarded room it is in is refused, and the old token stays in force.
 #[tokio::test(start_paused = true)]
 async fn a_fresh_token_must_still_pass_the_current_rooms_policy() {
-    let (logic, _ctx, mut c) = authed_with_token("ttl=60;rooms=guarded://*", "guarded://a").await;
+    let (logic, ctx, mut c) = authed_with_token("ttl=60;rooms=guarded://*", "guarded://a").await;
+    let end = || ctx.buckets.get("t").unwrap().expires_ms();
+    let old_end = end();
     let r = c.request(op::REFRESH_TOKEN, 2, "ttl=600").await;
-    assert!(
-        error_of(&r).contains("room requires a token that names it"),
-        "{r:?}"
-    );
-    assert_eq!(
-        logic.calls_of("check_join"),
-        vec!["check_join t guarded://a"]
-    );
+    assert_logic_refused(&r, &logic, "guarded://a");
+    assert_eq!(end(), old_end, "the refused token is not in force");
     let r = c
         .request(op::REFRESH_TOKEN, 3, "ttl=600;rooms=guarded://a")
         .await;
     assert_eq!(error_of(&r), "");
+    assert!(end() > old_end, "the accepted token moved the end");
 }

@@ -61,14 +61,14 @@ impl RedisConn {
     /// Runs commands that may each live in another hash slot and returns their replies in order:
     /// one pipeline on a single server (one round trip), concurrent commands on a cluster (each
     /// to its slot's master).
-    pub(super) async fn each<T: FromRedisValue>(&self, cmds: &[Cmd]) -> StoreResult<Vec<T>> {
+    pub(super) async fn each<T: FromRedisValue>(&self, cmds: Vec<Cmd>) -> StoreResult<Vec<T>> {
         if cmds.is_empty() {
             return Ok(Vec::new());
         }
         if !self.conn.is_cluster() {
             let mut pipe = redis::pipe();
             for c in cmds {
-                pipe.add_command(c.clone());
+                pipe.add_command(c);
             }
             return self.pipe(&pipe).await;
         }

@@ -44,7 +44,7 @@ impl RedisConn {
                     .to_owned()
             })
             .collect();
-        let _: Vec<redis::Value> = self.each(&cmds).await?;
+        let _: Vec<redis::Value> = self.each(cmds).await?;
         Ok(())
     }
 }
@@ -177,7 +177,7 @@ impl NodeStore for RedisConn {
                     .to_owned(),
             );
         }
-        let values: Vec<redis::Value> = self.each(&cmds).await?;
+        let values: Vec<redis::Value> = self.each(cmds).await?;
         let mut nodes = Vec::with_capacity(live.len());
         let mut it = values.into_iter();
         for (server, expiry_ms) in live {

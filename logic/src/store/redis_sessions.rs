@@ -219,7 +219,7 @@ impl SessionStore for RedisConn {
                 .arg(keys::node_sessions(&old.server))
                 .arg(&reg.key)
                 .to_owned();
-            let _: Vec<redis::Value> = self.each(&[kick, unset]).await?;
+            let _: Vec<redis::Value> = self.each(vec![kick, unset]).await?;
         }
         let room = reg.room.as_ref().map(RoomId::as_str).unwrap_or_default();
         let (mid, since, ttl) = (
@@ -359,7 +359,7 @@ impl SessionStore for RedisConn {
                     .to_owned()
             })
             .collect();
-        self.each(&cmds).await
+        self.each(cmds).await
     }
 
     async fn owners(&self, keys_in: &[&str]) -> StoreResult<Vec<(Option<String>, Option<String>)>> {
@@ -373,7 +373,7 @@ impl SessionStore for RedisConn {
                     .to_owned()
             })
             .collect();
-        self.each(&cmds).await
+        self.each(cmds).await
     }
 
     async fn details(&self, keys_in: &[String]) -> StoreResult<Vec<SessionDetails>> {
@@ -381,7 +381,7 @@ impl SessionStore for RedisConn {
             .iter()
             .map(|key| redis::cmd("HGETALL").arg(keys::session(key)).to_owned())
             .collect();
-        let hashes: Vec<HashMap<String, String>> = self.each(&cmds).await?;
+        let hashes: Vec<HashMap<String, String>> = self.each(cmds).await?;
         Ok(hashes
             .into_iter()
             .map(|mut h| SessionDetails {

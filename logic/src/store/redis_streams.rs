@@ -103,7 +103,7 @@ impl PushStreams for RedisConn {
                 .keys()
                 .map(|p| redis::cmd("XLEN").arg(keys::push_stream(*p)).to_owned())
                 .collect();
-            let lens: Vec<u64> = self.each(&lens).await?;
+            let lens: Vec<u64> = self.each(lens).await?;
             if let Some((p, _)) = by_partition
                 .keys()
                 .zip(lens)
