@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -145,31 +147,47 @@ async fn round(
 ) -> StoreResult<()> {
     let leases = &ctx.stores.leases;
     let ttl_ms = ctx.cfg.lease.ttl_ms;
+
+    // Renew every lease still held (including partitions finishing a release), all at once and
+    // each on its own: on a Redis Cluster the leases live on several masters, and one master
+    // failing over must fence only the partitions whose leases it holds. Each result is applied
+    // as it arrives, so a round cut short by its bound keeps the renewals already confirmed.
+    let mut renewals: FuturesUnordered<_> = held
+        .iter()
+        .filter(|(_, h)| !h.lost.is_cancelled())
+        .map(|(p, _)| {
+            let p = *p;
+            // Taken before sending: the new expiry counts from when Redis ran the renewal,
+            // which is no earlier than this.
+            let sent = Instant::now();
+            async move { (p, sent, leases.renew(p, &ctx.worker_id, ttl_ms).await) }
+        })
+        .collect();
+    let mut failed = None;
+    while let Some((p, sent, renewed)) = renewals.next().await {
+        let Some(h) = held.get_mut(&p) else { continue };
+        match renewed {
+            Ok(true) => h.renewed = sent,
+            Ok(false) if !h.task.is_finished() => {
+                ctx.metrics.leases_lost.inc();
+                tracing::warn!(
+                    partition = p,
+                    "lease taken over by another worker; stopping partition"
+                );
+                h.lost.cancel();
+            }
+            Ok(false) => {}
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    drop(renewals);
     let live = leases
         .heartbeat(&ctx.worker_id, rim_runtime::unix_ms(), ttl_ms)
         .await?;
-
-    // Renew every lease still held, including partitions finishing a release.
-    for (p, h) in held.iter_mut() {
-        if h.lost.is_cancelled() {
-            continue;
-        }
-        // Taken before sending: the new expiry counts from when Redis ran the renewal, which is
-        // no earlier than this.
-        let sent = Instant::now();
-        if leases.renew(*p, &ctx.worker_id, ttl_ms).await? {
-            h.renewed = sent;
-        } else if !h.task.is_finished() {
-            ctx.metrics.leases_lost.inc();
-            tracing::warn!(
-                partition = *p,
-                "lease taken over by another worker; stopping partition"
-            );
-            h.lost.cancel();
-        }
-    }
     if draining {
-        return Ok(());
+        return failed.map_or(Ok(()), Err);
     }
 
     let partitions = ctx.cfg.stream.partitions;
@@ -192,12 +210,16 @@ async fn round(
                 h.stop.cancel();
             }
         }
-        return Ok(());
+        return failed.map_or(Ok(()), Err);
     }
     let mut count = active.len();
     let offset = start_offset(&ctx.worker_id, partitions);
+    // Taking partitions must not hold back the next round's renewals: a lease whose master
+    // hangs is skipped once this round's tick has passed (if its SET ran after all, that lease
+    // just expires after one TTL).
+    let acquire_until = Instant::now() + ctx.cfg.renew_every();
     for i in 0..partitions {
-        if count >= share {
+        if count >= share || Instant::now() >= acquire_until {
             break;
         }
         let p = ((u32::from(offset) + u32::from(i)) % u32::from(partitions)) as u16;
@@ -205,8 +227,16 @@ async fn round(
             continue;
         }
         let sent = Instant::now();
-        if !leases.acquire(p, &ctx.worker_id, ttl_ms).await? {
-            continue;
+        let acquire = leases.acquire(p, &ctx.worker_id, ttl_ms);
+        match tokio::time::timeout_at(acquire_until, acquire).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => continue,
+            // This lease's master may be failing over; the others may still be free.
+            Ok(Err(e)) => {
+                failed.get_or_insert(e);
+                continue;
+            }
+            Err(_) => break,
         }
         let stop = CancellationToken::new();
         let lost = CancellationToken::new();
@@ -229,7 +259,7 @@ async fn round(
         );
         count += 1;
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

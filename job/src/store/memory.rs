@@ -350,6 +350,8 @@ pub struct MemoryLeases {
     state: Mutex<LeaseState>,
     /// While set, every call fails (Redis unreachable).
     down: AtomicBool,
+    /// Partitions whose lease calls never answer (their Redis master hangs).
+    silent: Mutex<BTreeSet<u16>>,
 }
 
 impl MemoryLeases {
@@ -387,11 +389,30 @@ impl MemoryLeases {
         self.down.store(down, Ordering::SeqCst);
     }
 
+    /// Makes calls on `partition`'s lease hang (`true`: the master holding it stopped
+    /// answering, as in a cluster failover) or answer again.
+    pub fn set_silent(&self, partition: u16, silent: bool) {
+        let mut set = self.silent.lock();
+        if silent {
+            set.insert(partition);
+        } else {
+            set.remove(&partition);
+        }
+    }
+
     fn up(&self) -> StoreResult<()> {
         if self.down.load(Ordering::SeqCst) {
             return Err(failure("leases unavailable"));
         }
         Ok(())
+    }
+
+    /// [`Self::up`] for one partition's lease: hangs while it is silent.
+    async fn lease_up(&self, partition: u16) -> StoreResult<()> {
+        if self.silent.lock().contains(&partition) {
+            std::future::pending::<()>().await;
+        }
+        self.up()
     }
 
     /// Runs `f` on the lease of `partition` if `worker` holds it (unexpired).
@@ -425,7 +446,7 @@ impl Leases for MemoryLeases {
     }
 
     async fn acquire(&self, partition: u16, worker: &str, ttl_ms: u64) -> StoreResult<bool> {
-        self.up()?;
+        self.lease_up(partition).await?;
         let mut state = self.state.lock();
         let now = Instant::now();
         if state
@@ -441,7 +462,7 @@ impl Leases for MemoryLeases {
     }
 
     async fn renew(&self, partition: u16, worker: &str, ttl_ms: u64) -> StoreResult<bool> {
-        self.up()?;
+        self.lease_up(partition).await?;
         let expires = Instant::now() + Duration::from_millis(ttl_ms);
         Ok(self.if_held(partition, worker, |state| {
             state.leases.insert(partition, (worker.to_owned(), expires));
@@ -449,7 +470,7 @@ impl Leases for MemoryLeases {
     }
 
     async fn release(&self, partition: u16, worker: &str) -> StoreResult<bool> {
-        self.up()?;
+        self.lease_up(partition).await?;
         Ok(self.if_held(partition, worker, |state| {
             state.leases.remove(&partition);
         }))
