@@ -159,19 +159,38 @@ async fn plain(
 /// error, a wrong type, bad credentials). Stores retry these with backoff within their deadline:
 /// every write rim sends is idempotent (see the stores' rules), so a retry after a lost reply
 /// never applies a change twice.
+///
+/// A transaction aborted because its commands were refused (`EXECABORT`) is judged by why they
+/// were: a `MULTI` sent to a demoted primary fails with `READONLY` inside the abort, and one sent
+/// to a cluster node that no longer owns the slot with `MOVED` (redis-rs follows neither inside
+/// a transaction), so both must count as a failover, not as a bad request.
 pub fn retry_reason(e: &RedisError) -> Option<&'static str> {
     use redis::ServerErrorKind as S;
     match e.kind() {
-        ErrorKind::Server(S::Moved) => Some("moved"),
-        ErrorKind::Server(S::Ask) => Some("ask"),
-        ErrorKind::Server(S::TryAgain) => Some("tryagain"),
-        ErrorKind::Server(S::ClusterDown) => Some("clusterdown"),
-        ErrorKind::Server(S::MasterDown) => Some("masterdown"),
-        ErrorKind::Server(S::ReadOnly) => Some("readonly"),
-        ErrorKind::Server(S::BusyLoading) => Some("loading"),
+        ErrorKind::Server(S::ExecAbort) => e
+            .clone()
+            .into_server_errors()?
+            .iter()
+            .find_map(|(_, inner)| inner.kind().and_then(server_reason)),
+        ErrorKind::Server(kind) => server_reason(kind),
         ErrorKind::Io | ErrorKind::ClusterConnectionNotFound => Some("io"),
         ErrorKind::MasterNameNotFoundBySentinel => Some("sentinel"),
         _ if e.code() == Some("NOREPLICAS") => Some("noreplicas"),
+        _ => None,
+    }
+}
+
+/// [`retry_reason`] of a server error kind.
+fn server_reason(kind: redis::ServerErrorKind) -> Option<&'static str> {
+    use redis::ServerErrorKind as S;
+    match kind {
+        S::Moved => Some("moved"),
+        S::Ask => Some("ask"),
+        S::TryAgain => Some("tryagain"),
+        S::ClusterDown => Some("clusterdown"),
+        S::MasterDown => Some("masterdown"),
+        S::ReadOnly => Some("readonly"),
+        S::BusyLoading => Some("loading"),
         _ => None,
     }
 }
