@@ -255,6 +255,44 @@ impl RedisCluster {
         new
     }
 
+    /// What every live node says about stream `key`: its role, the stream's length and last id,
+    /// the consumer groups, and the clients blocked in `XREADGROUP` — printed when a failover
+    /// test fails, to tell a stale route from lost data.
+    pub fn describe_stream(&self, key: &str) -> String {
+        let mut out = String::new();
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let Some(mut c) = connection(n.port) else {
+                out.push_str(&format!("{}: no connection\n", n.port));
+                continue;
+            };
+            let role: String = ::redis::cmd("ROLE")
+                .query::<Vec<::redis::Value>>(&mut c)
+                .map(|v| format!("{:?}", v.first()))
+                .unwrap_or_default();
+            let stream = ::redis::cmd("XINFO")
+                .arg("STREAM")
+                .arg(key)
+                .query::<::redis::Value>(&mut c);
+            let groups = ::redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(key)
+                .query::<::redis::Value>(&mut c);
+            let clients: String = ::redis::cmd("CLIENT")
+                .arg("LIST")
+                .query::<String>(&mut c)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("xreadgroup"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            out.push_str(&format!(
+                "{}: role {role}\n  stream {stream:?}\n  groups {groups:?}\n  blocked {clients}\n",
+                n.port
+            ));
+        }
+        out
+    }
+
     /// A synchronous cluster connection, for test assertions on Redis state.
     pub fn connection(&self) -> ::redis::cluster::ClusterConnection {
         ::redis::cluster::ClusterClient::new(self.seed_urls())
@@ -396,6 +434,16 @@ impl SentinelSet {
         })
     }
 
+    /// The port of a live Redis that is not the primary (the replica).
+    pub fn replica(&self) -> u16 {
+        let primary = self.primary();
+        self.redis
+            .iter()
+            .find(|n| n.port != primary && n.child.is_some())
+            .map(|n| n.port)
+            .expect("a live replica")
+    }
+
     /// A connection to the current primary.
     pub fn primary_connection(&self) -> ::redis::Connection {
         let port = self.primary();
@@ -412,10 +460,23 @@ impl SentinelSet {
         }
     }
 
-    /// Starts the killed Redis on `port` again and waits until the sentinels made it a replica of
-    /// the current primary and it holds the primary's data (`master_link_status:up`).
+    /// Starts the killed Redis on `port` again as a replica of the current primary (as an
+    /// orchestrator restarts a failed primary; the sentinels would convert it themselves, but
+    /// only after watching it act as a master for several seconds) and waits until it holds the
+    /// primary's data (`master_link_status:up`).
     pub fn restart(&mut self, port: u16) {
+        let primary = self.primary();
         if let Some(n) = self.redis.iter_mut().find(|n| n.port == port) {
+            if let Some(at) = n.args.iter().position(|a| a == "--replicaof") {
+                n.args.drain(at..at + 3);
+            }
+            if primary != port {
+                n.args.extend([
+                    "--replicaof".to_string(),
+                    "127.0.0.1".to_string(),
+                    primary.to_string(),
+                ]);
+            }
             n.restart();
         }
         wait_in_sync(port);

@@ -60,9 +60,19 @@ fn publish(api: Api, stop: watch::Receiver<bool>) -> Arc<Mutex<Published>> {
     out
 }
 
-/// Records every push `c` receives (heartbeating while idle) until `stop`.
-fn receive(mut c: Conn, stop: watch::Receiver<bool>) -> Arc<Mutex<Vec<u64>>> {
-    let seen = Arc::new(Mutex::new(Vec::new()));
+/// What the user's session got: push numbers in arrival order, and why the session ended if it
+/// did (a test failure: the session must outlive the failover).
+#[derive(Default)]
+struct Seen {
+    pushes: Vec<u64>,
+    ended: Option<String>,
+}
+
+/// Records every push `c` receives (heartbeating while idle) for the rest of the test: the
+/// session stays open until every acknowledged push was judged (closing it earlier would turn
+/// late deliveries into pushes for a session that left).
+fn receive(mut c: Conn) -> Arc<Mutex<Seen>> {
+    let seen = Arc::new(Mutex::new(Seen::default()));
     let rec = seen.clone();
     tokio::spawn(async move {
         let number = |body: &[u8]| -> u64 {
@@ -72,20 +82,20 @@ fn receive(mut c: Conn, stop: watch::Receiver<bool>) -> Arc<Mutex<Vec<u64>>> {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or_else(|| panic!("unexpected push body {body:?}"))
         };
-        loop {
+        let ended = loop {
             match c.next_push(Duration::from_millis(300)).await {
-                Ok(Some(r)) => rec.lock().push(number(&r.frame.body)),
-                Ok(None) => {
-                    for r in c.pushes_before_heartbeat().await.unwrap() {
-                        rec.lock().push(number(&r.frame.body));
-                    }
-                    if *stop.borrow() {
-                        break;
-                    }
-                }
-                Err(e) => panic!("the user's session ended: {e}"),
+                Ok(Some(r)) => rec.lock().pushes.push(number(&r.frame.body)),
+                Ok(None) => match c.pushes_before_heartbeat().await {
+                    Ok(pushes) => rec
+                        .lock()
+                        .pushes
+                        .extend(pushes.iter().map(|r| number(&r.frame.body))),
+                    Err(e) => break format!("heartbeat: {e}"),
+                },
+                Err(e) => break e.to_string(),
             }
-        }
+        };
+        rec.lock().ended = Some(ended);
     });
     seen
 }
@@ -100,21 +110,21 @@ async fn acked_reaches(published: &Arc<Mutex<Published>>, n: usize) {
     .unwrap();
 }
 
-/// Checks deliveries against acknowledgements; returns how many acknowledged pushes were lost.
-async fn check(
-    published: &Arc<Mutex<Published>>,
-    seen: &Arc<Mutex<Vec<u64>>>,
-    must_keep: bool,
-) -> usize {
+/// Checks deliveries against acknowledgements (none twice, in order); returns the acknowledged
+/// pushes that were lost.
+async fn check(published: &Arc<Mutex<Published>>, seen: &Arc<Mutex<Seen>>) -> Vec<u64> {
     let acked: BTreeSet<u64> = published.lock().acked.iter().copied().collect();
     // Deliveries settle: wait (bounded) for every acknowledged push, then judge what came.
     let _ = eventually("every acknowledged push delivered", WAIT, || {
-        let got: BTreeSet<u64> = seen.lock().iter().copied().collect();
+        let got: BTreeSet<u64> = seen.lock().pushes.iter().copied().collect();
         let done = acked.is_subset(&got);
         async move { done.then_some(()) }
     })
     .await;
-    let seen = seen.lock().clone();
+    if let Some(why) = &seen.lock().ended {
+        panic!("the user's session ended during the failover: {why}");
+    }
+    let seen = seen.lock().pushes.clone();
     let unique: BTreeSet<u64> = seen.iter().copied().collect();
     assert_eq!(
         unique.len(),
@@ -125,21 +135,14 @@ async fn check(
         seen.windows(2).all(|w| w[0] < w[1]),
         "pushes arrive in the order they were accepted: {seen:?}"
     );
-    let lost: Vec<u64> = acked.difference(&unique).copied().collect();
-    if must_keep {
-        assert!(
-            lost.is_empty(),
-            "acknowledged pushes lost: {lost:?}; delivered {seen:?}"
-        );
-    }
-    lost.len()
+    acked.difference(&unique).copied().collect()
 }
 
 /// A running scenario: rim on `redis`, [`MID`]'s session recording what it gets, and the
 /// publisher; [`BATCH`] pushes already acknowledged.
 struct Flow {
     cluster: Cluster,
-    seen: Arc<Mutex<Vec<u64>>>,
+    seen: Arc<Mutex<Seen>>,
     published: Arc<Mutex<Published>>,
     stop: watch::Sender<bool>,
 }
@@ -157,7 +160,7 @@ async fn flow(redis: TestRedis, wait_replicas: u32) -> Flow {
     .await;
     let client = cluster.client(0, Transport::Tcp, MID, "", &[OP]).await;
     let (stop_tx, stop) = watch::channel(false);
-    let seen = receive(client, stop.clone());
+    let seen = receive(client);
     let published = publish(cluster.api.clone(), stop);
     acked_reaches(&published, BATCH).await;
     Flow {
@@ -168,14 +171,39 @@ async fn flow(redis: TestRedis, wait_replicas: u32) -> Flow {
     }
 }
 
+/// The comet's and the job's counters, for a failure message.
+async fn tier_metrics(cluster: &Cluster) -> String {
+    format!(
+        "comet: {}\njob: {}",
+        metrics(cluster.comets[0].http, "rim_comet_push").await,
+        metrics(cluster.job_http, "rim_job_").await
+    )
+}
+
+async fn metrics(http: std::net::SocketAddr, prefix: &str) -> String {
+    let text = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status());
+    match text {
+        Ok(r) => r
+            .text()
+            .await
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Runs the scenario on a 3-master cluster; returns (acknowledged, refused, lost).
 async fn cluster_failover(wait_replicas: u32) -> (usize, usize, usize) {
     let redis = RedisCluster::start(3, 1);
+    let stream = rim_proto::keys::push_stream(rim_proto::job::mid_partition(MID, 16));
     let slot: u16 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
-        .arg(rim_proto::keys::push_stream(rim_proto::job::mid_partition(
-            MID, 16,
-        )))
+        .arg(&stream)
         .query(&mut redis.connection())
         .unwrap();
     let Flow {
@@ -200,12 +228,22 @@ async fn cluster_failover(wait_replicas: u32) -> (usize, usize, usize) {
     let after = published.lock().acked.len() + BATCH;
     acked_reaches(&published, after).await;
     let _ = stop_tx.send(true);
-    let lost = check(&published, &seen, wait_replicas > 0).await;
+    let lost = check(&published, &seen).await;
+    if wait_replicas > 0 && !lost.is_empty() {
+        let counters = tier_metrics(&cluster).await;
+        let TestRedis::Cluster(redis) = &cluster.redis else {
+            unreachable!()
+        };
+        panic!(
+            "acknowledged pushes lost: {lost:?}; delivered {:?}\n{}\n{counters}",
+            seen.lock().pushes,
+            redis.describe_stream(&stream)
+        );
+    }
     let p = published.lock();
-    (p.acked.len(), p.refused.len(), lost)
+    (p.acked.len(), p.refused.len(), lost.len())
 }
 
-#[ignore = "issue 10 open: after a cluster failover the job's reader of the killed master's partition can stall (about 1 run in 3, see docs/scaling.md); run with --ignored"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_failover_with_wait_replicas_loses_no_acknowledged_push() {
     let (acked, refused, lost) = cluster_failover(1).await;
@@ -217,7 +255,6 @@ async fn cluster_failover_with_wait_replicas_loses_no_acknowledged_push() {
     );
 }
 
-#[ignore = "issue 10 open: after a cluster failover the job's reader of the killed master's partition can stall (about 1 run in 3, see docs/scaling.md); run with --ignored"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_failover_without_wait_replicas_reports_what_was_at_risk() {
     let (acked, refused, lost) = cluster_failover(0).await;
@@ -228,7 +265,6 @@ async fn cluster_failover_without_wait_replicas_reports_what_was_at_risk() {
     );
 }
 
-#[ignore = "issue 10 open: failed once in five runs under load (cause not yet found); run with --ignored"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_under_load_loses_no_acknowledged_push() {
     let set = SentinelSet::start();
@@ -250,8 +286,12 @@ async fn sentinel_failover_under_load_loses_no_acknowledged_push() {
     let after = published.lock().acked.len() + BATCH;
     acked_reaches(&published, after).await;
     let _ = stop_tx.send(true);
-    let lost = check(&published, &seen, true).await;
-    assert_eq!(lost, 0);
+    let lost = check(&published, &seen).await;
+    assert!(
+        lost.is_empty(),
+        "acknowledged pushes lost: {lost:?}; delivered {:?}",
+        seen.lock().pushes
+    );
     let p = published.lock();
     eprintln!(
         "sentinel failover, wait_replicas = 1: {} pushes acknowledged, all delivered once and in \
@@ -259,4 +299,52 @@ async fn sentinel_failover_under_load_loses_no_acknowledged_push() {
         p.acked.len(),
         p.refused.len()
     );
+}
+
+/// `MULTI <cmd> EXEC` sent on a plain connection to the Redis on `port`; the error it ends in.
+fn transaction_on(port: u16, cmd: redis::Cmd) -> redis::RedisError {
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .and_then(|c| c.get_connection())
+        .unwrap();
+    let mut pipe = redis::pipe();
+    pipe.atomic().add_command(cmd).ignore();
+    pipe.query::<()>(&mut c)
+        .expect_err("the transaction is refused")
+}
+
+fn set(key: &str) -> redis::Cmd {
+    redis::cmd("SET").arg(key).arg("v").to_owned()
+}
+
+/// A transaction logic sends right after a failover may reach a demoted primary (a restarted
+/// one now replicating) or a node that no longer owns the slot: Redis aborts it (`EXECABORT`)
+/// with `READONLY` or `MOVED` inside, which redis-rs does not follow. Both are failovers to retry
+/// (and, behind sentinels, a cue to ask them for the primary again), not errors to return.
+#[test]
+fn transactions_aborted_by_a_failover_are_retryable() {
+    use rim_runtime::redis::retry_reason;
+    let sentinels = SentinelSet::start();
+    let e = transaction_on(sentinels.replica(), set("k"));
+    assert_eq!(retry_reason(&e), Some("readonly"), "{e}");
+
+    let cluster = RedisCluster::start(3, 0);
+    let key = "rim:push:{0}";
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query(&mut cluster.connection())
+        .unwrap();
+    let owner = cluster.master_of(slot);
+    let other = cluster
+        .seed_urls()
+        .iter()
+        .filter_map(|u| u.rsplit(':').next()?.parse::<u16>().ok())
+        .find(|p| *p != owner)
+        .unwrap();
+    let e = transaction_on(other, set(key));
+    assert_eq!(retry_reason(&e), Some("moved"), "{e}");
+
+    // Aborted for a reason no retry fixes (a malformed command): an error to return at once.
+    let e = transaction_on(owner, redis::cmd("SET").arg(key).to_owned());
+    assert_eq!(retry_reason(&e), None, "{e}");
 }

@@ -64,6 +64,8 @@ pub struct Cluster {
     pub redis: TestRedis,
     pub logic_http: SocketAddr,
     pub logic_rpc: SocketAddr,
+    /// The job worker's HTTP (health and `/metrics`).
+    pub job_http: SocketAddr,
     pub api: Api,
     pub comets: Vec<CometNode>,
     tiers: CancellationToken,
@@ -109,7 +111,7 @@ impl Cluster {
             }
         }));
 
-        let (jhttp, _) = bind().await;
+        let (jhttp, job_http) = bind().await;
         let mut job = rim_job::Config::default();
         redis.configure(&mut job.redis);
         job.registry.refresh_ms = 100;
@@ -131,6 +133,7 @@ impl Cluster {
             redis,
             logic_http,
             logic_rpc,
+            job_http,
             api: Api::new(logic_http),
             comets,
             tiers,
