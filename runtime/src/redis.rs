@@ -37,6 +37,13 @@ pub struct RedisConfig {
     pub sentinels: Vec<String>,
     /// The primary's name as the sentinels know it (`sentinel monitor <name> …`).
     pub sentinel_master: String,
+    /// ACL user for the data nodes (the one server, the cluster's nodes, or the primary the
+    /// sentinels name); empty = the default user. Needs `password`.
+    pub username: String,
+    /// Password for the data nodes when their URLs carry none (the only way to give the primary
+    /// behind sentinels one; a sentinel's own password goes in its URL). Best set through the
+    /// environment (`RIM_<TIER>__REDIS__PASSWORD`) so it stays out of config files.
+    pub password: String,
     /// PEM CA certificate(s) a `rediss://` server is verified against; empty = the system's
     /// root certificates (`/etc/ssl/certs`).
     pub ca_file: String,
@@ -54,6 +61,8 @@ impl Default for RedisConfig {
             nodes: Vec::new(),
             sentinels: Vec::new(),
             sentinel_master: String::new(),
+            username: String::new(),
+            password: String::new(),
             ca_file: String::new(),
             timeout_ms: 2_000,
             wait_replicas: 0,
@@ -99,6 +108,26 @@ impl RedisConfig {
                 "redis.sentinel_master",
                 "is required with redis.sentinels (the name in `sentinel monitor <name>`)",
             ));
+        }
+        if !self.username.is_empty() && self.password.is_empty() {
+            return Err(SettingsError::invalid(
+                "redis.username",
+                "needs redis.password (a user without a password cannot authenticate)",
+            ));
+        }
+        if !self.password.is_empty() && self.sentinels.is_empty() {
+            // The data nodes' URLs: a password in both places would leave one of them unused.
+            let data = if self.nodes.is_empty() {
+                std::slice::from_ref(&self.url)
+            } else {
+                &self.nodes[..]
+            };
+            if data.iter().any(|u| redact(u) != *u) {
+                return Err(SettingsError::invalid(
+                    "redis.password",
+                    "the Redis URLs carry credentials too; give them in one place",
+                ));
+            }
         }
         if self.nodes.is_empty()
             && self.sentinels.is_empty()
@@ -191,6 +220,12 @@ impl RedisConfig {
                 if let Some(certs) = certs {
                     b = b.certs(certs);
                 }
+                if !self.password.is_empty() {
+                    b = b.password(&self.password);
+                }
+                if !self.username.is_empty() {
+                    b = b.username(&self.username);
+                }
                 b.build()
                     .map(Topology::Cluster)
                     .map_err(RedisStartError::Url)
@@ -200,16 +235,34 @@ impl RedisConfig {
                 if self.sentinels.iter().any(|u| u.starts_with("rediss://")) {
                     node = node.set_tls_mode(redis::TlsMode::Secure);
                 }
+                node = node.set_redis_connection_info(self.credentials(Default::default()));
                 Topology::sentinel(&self.sentinels, &self.sentinel_master, node)
                     .map_err(RedisStartError::Url)
             }
-            _ => match certs {
-                None => redis::Client::open(self.url.as_str()),
-                Some(certs) => redis::Client::build_with_tls(self.url.as_str(), certs),
+            _ => {
+                let info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str())
+                    .map_err(RedisStartError::Url)?;
+                let settings = self.credentials(info.redis_settings().clone());
+                let info = info.set_redis_settings(settings);
+                match certs {
+                    None => redis::Client::open(info),
+                    Some(certs) => redis::Client::build_with_tls(info, certs),
+                }
+                .map(Topology::Single)
+                .map_err(RedisStartError::Url)
             }
-            .map(Topology::Single)
-            .map_err(RedisStartError::Url),
         }
+    }
+
+    /// `settings` with `username` and `password` applied (when set).
+    fn credentials(&self, mut settings: redis::RedisConnectionInfo) -> redis::RedisConnectionInfo {
+        if !self.password.is_empty() {
+            settings = settings.set_password(&self.password);
+        }
+        if !self.username.is_empty() {
+            settings = settings.set_username(&self.username);
+        }
+        settings
     }
 }
 
@@ -409,6 +462,52 @@ mod tests {
         assert!(cluster.validate().is_ok());
         assert_eq!(cluster.describe(), "cluster redis://u:***@127.0.0.1:7000");
         assert!(matches!(cluster.topology(), Ok(Topology::Cluster(_))));
+    }
+
+    #[test]
+    fn credentials_are_given_in_one_place() {
+        let field = |cfg: RedisConfig| {
+            cfg.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let twice = RedisConfig {
+            url: "redis://:a@127.0.0.1:6379/".into(),
+            password: "b".into(),
+            ..RedisConfig::default()
+        };
+        assert!(field(twice).starts_with("redis.password"));
+        let twice_on_nodes = RedisConfig {
+            nodes: vec!["redis://:a@127.0.0.1:7000".into()],
+            password: "b".into(),
+            ..RedisConfig::default()
+        };
+        assert!(field(twice_on_nodes).starts_with("redis.password"));
+        let user_only = RedisConfig {
+            username: "rim".into(),
+            ..RedisConfig::default()
+        };
+        assert!(field(user_only).starts_with("redis.username"));
+        // Behind sentinels the password is the primary's; a sentinel's own is in its URL.
+        let sentinel = RedisConfig {
+            sentinels: vec!["redis://:sentinel-pw@127.0.0.1:26379".into()],
+            sentinel_master: "rim".into(),
+            password: "primary-pw".into(),
+            ..RedisConfig::default()
+        };
+        assert!(sentinel.validate().is_ok());
+        assert!(
+            !sentinel.describe().contains("pw"),
+            "{}",
+            sentinel.describe()
+        );
+        let single = RedisConfig {
+            password: "pw".into(),
+            ..RedisConfig::default()
+        };
+        assert!(single.validate().is_ok());
+        assert!(matches!(single.topology(), Ok(Topology::Single(_))));
     }
 
     #[test]
