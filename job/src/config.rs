@@ -215,6 +215,21 @@ impl Validate for Config {
                 "must be at least twice lease.renew_ms",
             ));
         }
+        // A partition fenced mid-read leaves its blocking read running on Redis until it times
+        // out; it must be over before the lease can lapse (at least renew_ms after the fence)
+        // and another owner replays, or entries it takes would be replayed after newer ones.
+        let longest_read = self.stream.block_ms.max(self.room_batch.linger_ms);
+        if longest_read >= self.lease.renew_ms {
+            let field = if self.stream.block_ms >= self.room_batch.linger_ms {
+                "stream.block_ms"
+            } else {
+                "room_batch.linger_ms"
+            };
+            return Err(SettingsError::invalid(
+                field,
+                "must be less than lease.renew_ms (a fenced partition's last read must end before its lease can be taken over)",
+            ));
+        }
         positive("delivery.rpc_timeout_ms", self.delivery.rpc_timeout_ms)?;
         positive("delivery.retry_base_ms", self.delivery.retry_base_ms)?;
         if self.delivery.retry_max_ms < self.delivery.retry_base_ms {
@@ -284,6 +299,22 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_errors_name_fields() {
         Config::default().validate().expect("defaults valid");
+        let mut c = Config::default();
+        c.stream.block_ms = c.lease.renew_ms;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("stream.block_ms")
+        );
+        let mut c = Config::default();
+        c.room_batch.linger_ms = c.lease.renew_ms + 1;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("room_batch.linger_ms")
+        );
         let mut c = Config::default();
         c.lease.ttl_ms = 1000;
         assert!(

@@ -93,7 +93,7 @@ fn config(redis: &RedisServer, worker: &str) -> Config {
     c.redis.url = redis.url();
     c.listen.http = "127.0.0.1:0".into();
     c.stream.partitions = 4;
-    c.stream.block_ms = 100;
+    c.stream.block_ms = 50;
     c.lease.ttl_ms = 1000;
     c.lease.renew_ms = 100;
     c.delivery.rpc_timeout_ms = 300;
@@ -464,6 +464,9 @@ async fn room_bursts_are_batched_into_one_rpc_in_order() {
     let mut cfg = config(&redis, "w1");
     cfg.room_batch.max = 5;
     cfg.room_batch.linger_ms = 1000;
+    // A read may last the linger, which must stay under the renewal period (config rule).
+    cfg.lease.renew_ms = 1500;
+    cfg.lease.ttl_ms = 4000;
     let job_tier = start_job(cfg).await;
     let room = Route::Room(RoomId::parse("live://b").unwrap());
 

@@ -113,7 +113,7 @@ fn config() -> Config {
     };
     c.stream.partitions = 1;
     c.stream.batch_max = 2;
-    c.stream.block_ms = 100;
+    c.stream.block_ms = 50;
     c.lease.ttl_ms = 1000;
     c.lease.renew_ms = 100;
     c.delivery.rpc_timeout_ms = 300;
