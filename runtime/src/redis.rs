@@ -421,14 +421,16 @@ mod tests {
         assert!(RedisConfig::default().validate().is_ok());
     }
 
+    /// The error `cfg` fails validation with ("" when valid).
+    fn field(cfg: RedisConfig) -> String {
+        cfg.validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn topology_errors_name_the_field() {
-        let field = |cfg: RedisConfig| {
-            cfg.validate()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default()
-        };
         let nodes = vec!["redis://127.0.0.1:7000".to_string()];
         let both = RedisConfig {
             nodes: nodes.clone(),
@@ -466,12 +468,6 @@ mod tests {
 
     #[test]
     fn credentials_are_given_in_one_place() {
-        let field = |cfg: RedisConfig| {
-            cfg.validate()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default()
-        };
         let twice = RedisConfig {
             url: "redis://:a@127.0.0.1:6379/".into(),
             password: "b".into(),

@@ -452,6 +452,18 @@ async fn an_unconfirmable_lease_is_fenced_before_it_can_expire() {
     tokio::time::timeout(WAIT, manager).await.unwrap().unwrap();
 }
 
+/// Polls `cond` on the (paused) clock until it holds, failing after [`WAIT`].
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let poll = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, poll)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
 /// On a Redis Cluster the leases live on several masters: one that stops answering fences only
 /// the partitions whose leases it holds, and the others keep theirs (renewals are independent).
 #[tokio::test(start_paused = true)]
@@ -459,41 +471,23 @@ async fn a_hung_lease_fences_only_its_own_partition() {
     let mut cfg = config();
     cfg.stream.partitions = 2;
     let w = world(cfg).await;
+    let m = &w.ctx.metrics;
     let (shutdown, manager) = start_leases(&w);
-    let both = async {
-        while w.ctx.metrics.partitions_held.get() < 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, both).await.expect("both held");
+    until("both held", || m.partitions_held.get() == 2).await;
 
     // Partition 0's master hangs: its renewals never answer (renewed first, so a round that
     // waited on it would never renew partition 1).
     w.leases.set_silent(0, true);
-    let fenced = async {
-        while w.ctx.metrics.leases_lost.get() < 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, fenced)
-        .await
-        .expect("partition 0 fenced");
+    until("partition 0 fenced", || m.leases_lost.get() == 1).await;
     // Many lease TTLs later, partition 1 is still ours and was never fenced.
     tokio::time::sleep(Duration::from_millis(10 * w.ctx.cfg.lease.ttl_ms)).await;
-    assert_eq!(w.ctx.metrics.leases_lost.get(), 1);
-    assert_eq!(w.ctx.metrics.partitions_held.get(), 1);
+    assert_eq!(m.leases_lost.get(), 1);
+    assert_eq!(m.partitions_held.get(), 1);
     assert_eq!(w.leases.holder(1).as_deref(), Some(WORKER));
 
     // Back: partition 0 is taken again (its lease lapsed meanwhile).
     w.leases.set_silent(0, false);
-    let again = async {
-        while w.ctx.metrics.partitions_held.get() < 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, again)
-        .await
-        .expect("partition 0 held again");
+    until("partition 0 held again", || m.partitions_held.get() == 2).await;
     shutdown.cancel();
     tokio::time::timeout(WAIT, manager).await.unwrap().unwrap();
 }
