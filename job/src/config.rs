@@ -120,6 +120,10 @@ pub struct DeliveryConfig {
 pub struct RegistryConfig {
     /// How often the live comet list is re-read from Redis, in milliseconds.
     pub refresh_ms: u64,
+    /// After Redis was unreadable, how long a comet that was live before stays live to job
+    /// although its registration lapsed (it could not renew meanwhile), in milliseconds: at
+    /// least two of the comets' `renew.interval_ms`.
+    pub outage_grace_ms: u64,
 }
 
 impl Default for Config {
@@ -183,7 +187,10 @@ impl Default for DeliveryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        RegistryConfig { refresh_ms: 1000 }
+        RegistryConfig {
+            refresh_ms: 1000,
+            outage_grace_ms: 10_000,
+        }
     }
 }
 
@@ -285,6 +292,9 @@ impl Config {
     }
     pub(crate) fn refresh_every(&self) -> Duration {
         Duration::from_millis(self.registry.refresh_ms)
+    }
+    pub(crate) fn outage_grace(&self) -> Duration {
+        Duration::from_millis(self.registry.outage_grace_ms)
     }
     pub(crate) fn grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)

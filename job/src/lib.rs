@@ -154,6 +154,7 @@ pub async fn run(
         stores.directory.clone(),
         config.rpc_timeout(),
         cluster,
+        config.outage_grace(),
     ));
     if let Err(e) = registry.refresh().await {
         tracing::warn!(error = %e, "initial registry read failed; retrying in the background");

@@ -6,18 +6,28 @@
 //! the registration expiry at lookup time, so a comet whose registration lapsed between refreshes
 //! is already treated as gone.
 //!
+//! Except right after Redis was unreadable: comets cannot renew while Redis is down, so their
+//! registrations lapse through no fault of theirs (a restarted Redis may even come back with
+//! them expired). For `registry.outage_grace_ms` after the first good read that follows a failed
+//! one, a comet that was live before is kept (its link too) even if the registry does not list
+//! it, so its renewal has time to land; pushes are not dropped as "comet not live" meanwhile. A
+//! comet that really died is then handled like any unreachable one (delivery retries, then
+//! `delivery.give_up_ms`), and dropped at the first refresh after the grace.
+//!
 //! Calls to a comet go through [`CometClient`], so the partition rules can be tested with fake
 //! comets instead of tarpc servers.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::RwLock;
+// The runtime's clock (tests pause it); the same as `std`'s when not paused.
 use rim_proto::rpc::{CometRpcClient, DeliverReport, Delivery};
 use rim_runtime::cluster::Cluster;
 use rim_runtime::rpc::{Link, LinkError};
+use tokio::time::Instant;
 
 use crate::store::{CometDirectory, StoreResult};
 
@@ -59,6 +69,23 @@ struct Node {
     rpc_addr: String,
     expiry_ms: u64,
     link: Arc<dyn CometClient>,
+    /// Kept live until then although the registry no longer lists it (see the module doc).
+    held_until: Option<Instant>,
+}
+
+impl Node {
+    fn live(&self, now_ms: u64) -> bool {
+        self.expiry_ms > now_ms || self.held_until.is_some_and(|t| t > Instant::now())
+    }
+}
+
+/// What the registry knows of Redis outages (see the module doc).
+#[derive(Default)]
+struct Outage {
+    /// A read failed and no read has succeeded since.
+    ongoing: bool,
+    /// The grace after the last outage ends then.
+    grace_until: Option<Instant>,
 }
 
 /// Shared cache of live comets.
@@ -69,6 +96,9 @@ pub struct Registry {
     refreshed: RwLock<Option<Instant>>,
     /// Serialises refreshes so a burst of misses costs one round trip.
     refresh_lock: tokio::sync::Mutex<()>,
+    outage: parking_lot::Mutex<Outage>,
+    /// `registry.outage_grace_ms`.
+    grace: Duration,
 }
 
 impl Registry {
@@ -78,6 +108,7 @@ impl Registry {
         directory: Arc<dyn CometDirectory>,
         connect_timeout: Duration,
         cluster: Cluster,
+        grace: Duration,
     ) -> Self {
         let connector: Connector = Arc::new(move |id: &str, addr: &str| {
             let c = cluster.clone();
@@ -92,18 +123,24 @@ impl Registry {
             );
             Arc::new(link) as Arc<dyn CometClient>
         });
-        Self::with_connector(directory, connector)
+        Self::with_connector(directory, connector, grace)
     }
 
     /// An empty registry read from `directory` whose comets are called through `connector`'s
-    /// clients.
-    pub fn with_connector(directory: Arc<dyn CometDirectory>, connector: Connector) -> Self {
+    /// clients, keeping comets `grace` after an outage (see the module doc).
+    pub fn with_connector(
+        directory: Arc<dyn CometDirectory>,
+        connector: Connector,
+        grace: Duration,
+    ) -> Self {
         Registry {
             directory,
             connector,
             nodes: RwLock::new(HashMap::new()),
             refreshed: RwLock::new(None),
             refresh_lock: tokio::sync::Mutex::new(()),
+            outage: parking_lot::Mutex::new(Outage::default()),
+            grace,
         }
     }
 
@@ -113,7 +150,7 @@ impl Registry {
         self.nodes
             .read()
             .iter()
-            .filter(|(_, n)| n.expiry_ms > now)
+            .filter(|(_, n)| n.live(now))
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -124,7 +161,7 @@ impl Registry {
         self.nodes
             .read()
             .get(server)
-            .filter(|n| n.expiry_ms > now)
+            .filter(|n| n.live(now))
             .map(|n| n.link.clone())
     }
 
@@ -147,7 +184,21 @@ impl Registry {
 
     async fn refresh_locked(&self) -> StoreResult<()> {
         let started = Instant::now();
-        let live = self.directory.live_comets(rim_runtime::unix_ms()).await?;
+        let live = match self.directory.live_comets(rim_runtime::unix_ms()).await {
+            Ok(live) => live,
+            Err(e) => {
+                self.outage.lock().ongoing = true;
+                return Err(e);
+            }
+        };
+        // The first good read after an outage starts the grace.
+        let grace_until = {
+            let mut o = self.outage.lock();
+            if std::mem::take(&mut o.ongoing) {
+                o.grace_until = Some(started + self.grace);
+            }
+            o.grace_until.filter(|t| *t > started)
+        };
         let mut fresh: HashMap<String, (String, u64)> = HashMap::new();
         for comet in live {
             let id = comet.server;
@@ -168,16 +219,32 @@ impl Registry {
             }
         }
         let mut nodes = self.nodes.write();
-        nodes.retain(|id, n| {
-            let keep = fresh.get(id).is_some_and(|(addr, _)| *addr == n.rpc_addr);
-            if !keep {
-                tracing::info!(server = %id, "comet left the registry or moved; dropping its link");
+        nodes.retain(|id, n| match fresh.get(id) {
+            Some((addr, _)) if *addr == n.rpc_addr => true,
+            Some(_) => {
+                tracing::info!(server = %id, "comet moved; dropping its old link");
+                false
             }
-            keep
+            None => match grace_until {
+                Some(until) => {
+                    if n.held_until.is_none() {
+                        tracing::warn!(server = %id, grace = ?self.grace, "comet missing from the registry right after a Redis outage; keeping it while its renewal catches up");
+                    }
+                    n.held_until = Some(until);
+                    true
+                }
+                None => {
+                    tracing::info!(server = %id, "comet left the registry; dropping its link");
+                    false
+                }
+            },
         });
         for (id, (addr, expiry_ms)) in fresh {
             match nodes.get_mut(&id) {
-                Some(n) => n.expiry_ms = expiry_ms,
+                Some(n) => {
+                    n.expiry_ms = expiry_ms;
+                    n.held_until = None;
+                }
                 None => {
                     tracing::info!(server = %id, rpc_addr = %addr, "comet is live");
                     let link = (self.connector)(&id, &addr);
@@ -187,6 +254,7 @@ impl Registry {
                             rpc_addr: addr,
                             expiry_ms,
                             link,
+                            held_until: None,
                         },
                     );
                 }
@@ -195,5 +263,84 @@ impl Registry {
         drop(nodes);
         *self.refreshed.write() = Some(started);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryDirectory;
+
+    struct Unused;
+
+    #[async_trait]
+    impl CometClient for Unused {
+        async fn deliver(&self, _: Vec<Delivery>, _: Duration) -> Result<DeliverReport, LinkError> {
+            Err(LinkError::Connect {
+                name: "unused".into(),
+                addrs: Vec::new(),
+                last: "not called in these tests".into(),
+            })
+        }
+    }
+
+    const GRACE: Duration = Duration::from_secs(10);
+
+    fn registry(dir: &Arc<MemoryDirectory>) -> Registry {
+        let connector: Connector = Arc::new(|_, _| Arc::new(Unused) as Arc<dyn CometClient>);
+        Registry::with_connector(dir.clone(), connector, GRACE)
+    }
+
+    fn far() -> u64 {
+        rim_runtime::unix_ms() + 3_600_000
+    }
+
+    /// Comets could not renew while Redis was down: one whose registration lapsed meanwhile is
+    /// kept for the grace after Redis is back, then dropped if it never renewed; without an
+    /// outage a comet that leaves the registry is gone at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_comet_that_lapsed_during_an_outage_is_kept_for_the_grace() {
+        let dir = Arc::new(MemoryDirectory::new());
+        dir.register("c1", "127.0.0.1:1", far());
+        dir.register("c2", "127.0.0.1:2", far());
+        let reg = registry(&dir);
+        reg.refresh().await.unwrap();
+        assert!(reg.link("c1").is_some());
+
+        // No outage: gone at once.
+        dir.unregister("c2");
+        reg.refresh().await.unwrap();
+        assert!(reg.link("c2").is_none());
+
+        dir.set_down(true);
+        assert!(reg.refresh().await.is_err());
+        dir.unregister("c1");
+        dir.set_down(false);
+        reg.refresh().await.unwrap();
+        assert!(reg.link("c1").is_some(), "kept after the outage");
+        assert!(reg.live().contains("c1"));
+
+        // It renews within the grace: live as before, no longer held.
+        dir.register("c1", "127.0.0.1:1", far());
+        reg.refresh().await.unwrap();
+        tokio::time::advance(GRACE * 2).await;
+        reg.refresh().await.unwrap();
+        assert!(reg.link("c1").is_some());
+
+        // Another outage, and this time it never comes back: dropped once the grace is over.
+        dir.set_down(true);
+        assert!(reg.refresh().await.is_err());
+        dir.unregister("c1");
+        dir.set_down(false);
+        reg.refresh().await.unwrap();
+        assert!(reg.link("c1").is_some());
+        tokio::time::advance(GRACE).await;
+        reg.refresh().await.unwrap();
+        assert!(
+            reg.link("c1").is_none(),
+            "dropped at the first refresh past the grace"
+        );
+        assert!(reg.live().is_empty());
     }
 }

@@ -130,7 +130,7 @@ impl Partition {
         let mut named = route::named_servers(&entries);
         named.extend(rooms.values().flatten().cloned());
         if named.iter().any(|s| self.ctx.registry.link(s).is_none()) {
-            let missed_at = std::time::Instant::now();
+            let missed_at = tokio::time::Instant::now();
             let mut bo = redis_backoff();
             while let Err(e) = self.ctx.registry.refresh_since(missed_at).await {
                 self.redis_failed("registry refresh", &e);

@@ -135,7 +135,11 @@ async fn world(cfg: Config) -> World {
             calls: tx.clone(),
         }) as Arc<dyn CometClient>
     });
-    let registry = Arc::new(Registry::with_connector(directory.clone(), connector));
+    let registry = Arc::new(Registry::with_connector(
+        directory.clone(),
+        connector,
+        Duration::from_secs(10),
+    ));
     registry.refresh().await.unwrap();
     let stores = Stores {
         streams: Arc::new(streams.clone()),

@@ -488,6 +488,8 @@ struct Registration {
 pub struct MemoryDirectory {
     comets: Mutex<BTreeMap<String, Registration>>,
     rooms: Mutex<HashMap<String, BTreeSet<String>>>,
+    /// While set, every read fails (Redis unreachable).
+    down: AtomicBool,
 }
 
 impl MemoryDirectory {
@@ -517,6 +519,11 @@ impl MemoryDirectory {
         self.comets.lock().remove(server);
     }
 
+    /// Makes every read fail (`true`) or work again.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
     /// Lists comet `server` in `room`'s routing index.
     pub fn join_room(&self, room: &str, server: &str) {
         self.rooms
@@ -530,6 +537,9 @@ impl MemoryDirectory {
 #[async_trait]
 impl CometDirectory for MemoryDirectory {
     async fn live_comets(&self, now_ms: u64) -> StoreResult<Vec<CometRecord>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(failure("registry unavailable"));
+        }
         Ok(self
             .comets
             .lock()
