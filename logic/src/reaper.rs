@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::App;
@@ -14,6 +15,14 @@ use crate::App;
 /// The wait is what keeps a logic that comes back after an outage longer than the TTL (every
 /// registration looks lapsed then) from reaping live comets: they renew every few seconds and
 /// so have renewed with this logic (or another) before its first pass.
+///
+/// The same holds for Redis: comets cannot renew while it is unreachable, so registrations lapse
+/// during an outage through no fault of theirs (a restarted Redis may come back with all of them
+/// expired). Each pass first reads the expired comets without reaping; when that read fails or
+/// has to wait longer than a pass period (Redis was down or stalled: calls retry within
+/// `redis.timeout_ms`), reaping pauses until one node TTL after a prompt read. A comet that is
+/// really gone is reaped then. (An outage long enough to make a registration lapse, more than
+/// two thirds of the TTL, always overlaps a pass.)
 pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     let ttl = Duration::from_millis(app.config.node.ttl_ms);
     tokio::select! {
@@ -23,14 +32,31 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     let period = Duration::from_millis((app.config.node.ttl_ms / 3).max(50));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resume_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        // A failed pass (Redis down) is simply retried at the next tick.
-        if let Err(e) = app.reap().await {
-            tracing::warn!(error = %e, "reaper pass failed");
+        let started = Instant::now();
+        let probe = app.store.nodes.expired(rim_runtime::unix_ms()).await;
+        if probe.is_err() || started.elapsed() > period {
+            if resume_at.is_none_or(|t| t <= started) {
+                tracing::warn!(wait = ?ttl, "redis unreachable or stalled; reaping pauses until comets had a node TTL to renew");
+            }
+            resume_at = Some(Instant::now() + ttl);
+            continue;
+        }
+        if resume_at.is_some_and(|t| Instant::now() < t) {
+            continue;
+        }
+        match probe {
+            Ok(expired) if expired.is_empty() => {}
+            _ => {
+                if let Err(e) = app.reap().await {
+                    tracing::warn!(error = %e, "reaper pass failed");
+                }
+            }
         }
     }
 }
@@ -110,6 +136,66 @@ mod tests {
         );
         assert!(mem.session("k-alive").is_some(), "the renewed one is not");
         assert_eq!(app.metrics.nodes_reaped.get(), 1);
+        stop.cancel();
+        reaper.await.unwrap();
+    }
+
+    /// Comets cannot renew while Redis is unreachable: registrations that lapsed during an
+    /// outage are not reaped until the comets had a node TTL to renew after it.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_redis_outage_lapsed_comets_get_a_node_ttl_to_renew() {
+        let mut config = Config::dev();
+        config.node.ttl_ms = 1_500;
+        let (app, mem) = App::in_memory(config);
+        let stop = CancellationToken::new();
+        let reaper = tokio::spawn(run(app.clone(), stop.clone()));
+        settle().await;
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        settle().await;
+
+        mem.set_down(true);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        settle().await;
+        // While Redis was down both registrations lapsed (expiry 1 = long past).
+        for server in ["alive", "dead"] {
+            let node = NodeInfo {
+                server: server.into(),
+                ..NodeInfo::default()
+            };
+            app.store
+                .nodes
+                .renew(&node, 1, &Default::default(), 60_000)
+                .await
+                .unwrap();
+            app.connect(req(server, &format!("k-{server}")))
+                .await
+                .unwrap();
+        }
+        mem.set_down(false);
+        for _ in 0..2 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            settle().await;
+        }
+        assert!(
+            mem.session("k-dead").is_some(),
+            "not reaped within a node TTL of Redis answering again"
+        );
+        let alive = NodeInfo {
+            server: "alive".into(),
+            ..NodeInfo::default()
+        };
+        app.renew_node(alive, OnlineReport::default())
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            settle().await;
+        }
+        assert!(mem.session("k-dead").is_none(), "reaped after the wait");
+        assert!(
+            mem.session("k-alive").is_some(),
+            "the one that renewed stays"
+        );
         stop.cancel();
         reaper.await.unwrap();
     }

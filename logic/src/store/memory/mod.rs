@@ -48,6 +48,8 @@ struct State {
     names: BTreeMap<i64, String>,
     mids_by_name: HashMap<String, i64>,
     next_mid: i64,
+    /// While set, reads of the comet registry fail (Redis unreachable).
+    down: bool,
 }
 
 impl State {
@@ -141,6 +143,11 @@ fn millis(ttl_ms: u64) -> Instant {
 pub(crate) struct Memory(Mutex<State>);
 
 impl Memory {
+    /// Makes reads of the comet registry fail (`true`, Redis unreachable) or work again.
+    pub(crate) fn set_down(&self, down: bool) {
+        self.0.lock().down = down;
+    }
+
     /// Jobs appended to partition `p`, oldest first.
     pub(crate) fn stream(&self, p: u16) -> Vec<PushJob> {
         self.0.lock().streams.get(&p).cloned().unwrap_or_default()

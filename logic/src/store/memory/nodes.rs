@@ -89,6 +89,9 @@ impl NodeStore for Memory {
 
     async fn expired(&self, now_ms: u64) -> StoreResult<Vec<String>> {
         let st = self.0.lock();
+        if st.down {
+            return Err(StoreError::Timeout(Duration::ZERO));
+        }
         Ok(st
             .expiry
             .iter()
