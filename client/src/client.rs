@@ -55,7 +55,7 @@ pub enum Event {
     Connected(AuthReplyBody),
     /// A push (op ≥ 1000), op 9 batches already unpacked, in arrival order.
     Push(Received),
-    /// A server notice that is no reply to a request (op 18 room events).
+    /// A server notice that is no reply to a request (op 24 room events).
     Notice(Received),
     /// The connection was lost; the client reconnects after `retry_in`.
     Disconnected {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use rim_proto::frame::Frame;
 use rim_proto::msg::{AuthBody, AuthReplyBody};
 use rim_proto::op;
+use rim_proto::room::RoomId;
 use rim_proto::rpc::ConnectRequest;
 
 use crate::connection::{Connection, Transport};
@@ -163,6 +164,20 @@ pub(crate) async fn authenticate<C: Connection>(
             return None;
         }
     };
+    // Counted before logic is asked: `room_id` and `rooms` together, a repeat once.
+    let max = ctx.cfg.session.max_rooms;
+    let mut asked: Vec<&str> = Vec::new();
+    for r in std::iter::once(&body.room_id).chain(&body.rooms) {
+        let r = r.trim();
+        if !r.is_empty() && !asked.contains(&r) {
+            asked.push(r);
+        }
+    }
+    if asked.len() > max {
+        let reason = format!("too many rooms: at most {max}");
+        refuse_auth(ctx, out, "too_many_rooms", &reason, peer);
+        return None;
+    }
     let req = ConnectRequest {
         server: ctx.cfg.server_id.clone(),
         auth: body,
@@ -205,17 +220,20 @@ pub(crate) async fn authenticate<C: Connection>(
         tracing::info!(key = %old.key, "same key authenticated again, replacing older session");
         old.out.close(CloseSpec::reason("replaced", 1000));
     }
-    if let Some(room) = reply.room.clone() {
-        ctx.rooms.join(&ctx.buckets, &session, room).await;
+    // A logic that predates several rooms per session answers `room` only.
+    let rooms: Vec<RoomId> = if reply.rooms.is_empty() {
+        reply.room.iter().cloned().collect()
+    } else {
+        reply.rooms.clone()
+    };
+    for room in &rooms {
+        ctx.rooms.join(&ctx.buckets, &session, room.clone()).await;
     }
     let body = AuthReplyBody {
         mid: reply.mid,
         key: reply.key.clone(),
-        room_id: reply
-            .room
-            .as_ref()
-            .map(|r| r.to_string())
-            .unwrap_or_default(),
+        room_id: rooms.first().map(|r| r.to_string()).unwrap_or_default(),
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
         heartbeat: reply.heartbeat_secs,
         token_expires_ms: reply.grant.expires_ms,
     };
@@ -273,6 +291,42 @@ mod tests {
             "no room join, no disconnect"
         );
         assert_eq!(ctx.metrics.conn_tcp.get(), 0);
+    }
+
+    /// An Auth asking for more than `session.max_rooms` rooms (`room_id` and `rooms`, a repeat
+    /// counted once) is refused before logic is asked; one within the bound joins them all.
+    #[tokio::test(start_paused = true)]
+    async fn auth_with_more_rooms_than_max_rooms_is_refused() {
+        let logic = MemLogic::new(30);
+        let ctx = comet(logic.clone(), |c| c.session.max_rooms = 2);
+        let mut c = connect(&ctx);
+        let many = AuthBody {
+            rooms: vec!["live://2".into(), "live://1".into(), "live://3".into()],
+            ..auth_body("r", "live://1")
+        };
+        c.send(op::AUTH, 1, serde_json::to_vec(&many).unwrap());
+        let spec = c.closed(WAIT).await.expect("closed");
+        assert_eq!(spec, CloseSpec::policy("too many rooms: at most 2"));
+        c.task.await.unwrap();
+        assert_eq!(
+            ctx.metrics.auth_failures[5].get(),
+            1,
+            "reason=too_many_rooms"
+        );
+        assert!(logic.calls_of("connect").is_empty());
+
+        let mut c = connect(&ctx);
+        let two = AuthBody {
+            rooms: vec!["live://2".into(), "live://1".into()],
+            ..auth_body("ok", "live://1")
+        };
+        c.send(op::AUTH, 1, serde_json::to_vec(&two).unwrap());
+        let r = c.reply().await;
+        let body: AuthReplyBody = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!((body.room_id.as_str(), body.rooms.len()), ("live://1", 2));
+        let s = ctx.buckets.get("ok").unwrap();
+        assert_eq!(s.rooms().len(), 2);
+        assert_eq!(ctx.buckets.room_len(&RoomId::parse("live://2").unwrap()), 1);
     }
 
     /// logic unreachable during Auth: "logic unavailable", counted as `logic_unavailable`.

@@ -88,14 +88,15 @@ impl Buckets {
             // Under the bucket lock: no delivery finds `old` by key or room from here on.
             s.inherit_marks(old);
         }
-        if let Some(old) = &old
-            && let Some(room) = old.room()
-            && let Some(m) = inner.rooms.get_mut(&room)
-        {
+        if let Some(old) = &old {
             // The old session's own cleanup will not find itself once replaced; drop it here.
-            m.remove(&old.id);
-            if m.is_empty() {
-                inner.rooms.remove(&room);
+            for room in old.rooms() {
+                if let Some(m) = inner.rooms.get_mut(&room) {
+                    m.remove(&old.id);
+                    if m.is_empty() {
+                        inner.rooms.remove(&room);
+                    }
+                }
             }
         }
         old
@@ -185,7 +186,7 @@ mod tests {
         assert!(b.insert(a.clone()).is_none());
         assert!(b.insert(c.clone()).is_none());
         assert!(b.join(&room, &a));
-        a.set_room(Some(room.clone()));
+        a.add_room(room.clone());
         assert!(b.join(&room, &c));
         assert_eq!(b.room_len(&room), 2);
         let (rooms, n, ips) = b.snapshot();

@@ -40,6 +40,18 @@ pub(crate) enum ClientOp {
         body: Bytes,
         to: Result<Option<RoomId>, String>,
     },
+    /// Op 18: join a room besides the session's others. The reply (op 19) echoes `body`.
+    JoinRoom {
+        seq: i32,
+        body: Bytes,
+        room: Result<RoomId, String>,
+    },
+    /// Op 20: leave one room, staying in the others. The reply (op 21) echoes `body`.
+    LeaveRoom {
+        seq: i32,
+        body: Bytes,
+        room: Result<RoomId, String>,
+    },
     /// Op 14: accept more ops. The reply echoes `body`.
     Sub {
         seq: i32,
@@ -80,6 +92,16 @@ impl ClientOp {
             op::CHANGE_ROOM => ClientOp::ChangeRoom {
                 seq,
                 to: parse_room(&body),
+                body,
+            },
+            op::JOIN_ROOM => ClientOp::JoinRoom {
+                seq,
+                room: parse_one_room(&body),
+                body,
+            },
+            op::LEAVE_ROOM => ClientOp::LeaveRoom {
+                seq,
+                room: parse_one_room(&body),
                 body,
             },
             op::SUB => ClientOp::Sub {
@@ -138,6 +160,41 @@ impl ClientOp {
                     }
                 }
             }
+            ClientOp::JoinRoom { seq, body, room } => {
+                let reply = |body: Bytes| Frame::new(op::JOIN_ROOM_REPLY, seq, body);
+                if !st.admit(ctx, s, "join room") {
+                    reply(error_body("rate limited"))
+                } else {
+                    match may_enter(ctx, s, room).await {
+                        Ok(room) => {
+                            // Awaited before replying, like ChangeRoom.
+                            ctx.rooms.enter(&ctx.buckets, s, room).await;
+                            reply(body)
+                        }
+                        Err(msg) => {
+                            st.log_refusal(s, "join room", &msg);
+                            reply(error_body(&msg))
+                        }
+                    }
+                }
+            }
+            ClientOp::LeaveRoom { seq, body, room } => {
+                let reply = |body: Bytes| Frame::new(op::LEAVE_ROOM_REPLY, seq, body);
+                if !st.admit(ctx, s, "leave room") {
+                    reply(error_body("rate limited"))
+                } else {
+                    match room {
+                        Ok(room) => {
+                            ctx.rooms.exit(&ctx.buckets, s, room).await;
+                            reply(body)
+                        }
+                        Err(msg) => {
+                            st.log_refusal(s, "leave room", &msg);
+                            reply(error_body(&msg))
+                        }
+                    }
+                }
+            }
             ClientOp::Sub { seq, body, ops } => filter(ctx, s, st, true, seq, body, ops),
             ClientOp::Unsub { seq, body, ops } => filter(ctx, s, st, false, seq, body, ops),
             ClientOp::RefreshToken { seq, token } => {
@@ -176,11 +233,24 @@ impl ClientOp {
 /// Whether `s` may move into `to` (leaving a room is always allowed); see [`room_allowed`].
 async fn may_join(ctx: &Ctx, s: &Session, to: Option<&RoomId>) -> Result<(), String> {
     match to {
-        Some(room) if s.room().as_ref() != Some(room) => {
-            room_allowed(ctx, s, room, &s.grant()).await
-        }
+        Some(room) if !s.in_room(room) => room_allowed(ctx, s, room, &s.grant()).await,
         _ => Ok(()),
     }
+}
+
+/// Whether `s` may join `room` besides its other rooms (JoinRoom): within `session.max_rooms`
+/// and allowed (see [`room_allowed`]); a room it is in already is fine (a no-op).
+async fn may_enter(ctx: &Ctx, s: &Session, room: Result<RoomId, String>) -> Result<RoomId, String> {
+    let room = room?;
+    if s.in_room(&room) {
+        return Ok(room);
+    }
+    let max = ctx.cfg.session.max_rooms;
+    if s.room_count() >= max {
+        return Err(format!("too many rooms: at most {max}"));
+    }
+    room_allowed(ctx, s, &room, &s.grant()).await?;
+    Ok(room)
 }
 
 /// Whether a session holding `grant` may be in `room`: the token's `rooms` claim first
@@ -213,7 +283,7 @@ fn refusal(e: LogicCallError) -> String {
 }
 
 /// Checks a fresh token at logic and puts what it grants in force; answers the session's new end
-/// (unix ms, 0 = never). A token that would not let the session join its current room (its
+/// (unix ms, 0 = never). A token that would not let the session be in each of its rooms (its
 /// `rooms` claim or the room's policy) is refused, and the old token stays in force.
 async fn refresh(ctx: &Ctx, s: &Session, token: Result<String, String>) -> Result<u64, String> {
     let sref = s.session_ref(&ctx.cfg.server_id);
@@ -222,7 +292,7 @@ async fn refresh(ctx: &Ctx, s: &Session, token: Result<String, String>) -> Resul
         .refresh_token(sref, token?)
         .await
         .map_err(refusal)?;
-    if let Some(room) = s.room() {
+    for room in s.rooms() {
         room_allowed(ctx, s, &room, &grant).await?;
     }
     let expires_ms = grant.expires_ms;
@@ -249,6 +319,11 @@ fn parse_room(body: &[u8]) -> Result<Option<RoomId>, String> {
     RoomId::parse(text)
         .map(Some)
         .map_err(|e| format!("bad room id: {e}"))
+}
+
+/// A JoinRoom/LeaveRoom body: one room id (blanks around it ignored).
+fn parse_one_room(body: &[u8]) -> Result<RoomId, String> {
+    parse_room(body)?.ok_or_else(|| "room id required".to_string())
 }
 
 /// A Sub/Unsub body: comma-separated ops, at most [`MAX_ACCEPTS`].

@@ -294,6 +294,89 @@ fn assert_logic_refused(r: &Frame, logic: &crate::testing::MemLogic, room: &str)
     );
 }
 
+/// JoinRoom adds a room besides the session's others and LeaveRoom removes one, each told to
+/// logic before the reply; joining a room the session is in, or leaving one it is not in, tells
+/// logic nothing; a ChangeRoom afterwards leaves every room but its target.
+#[tokio::test(start_paused = true)]
+async fn join_and_leave_rooms_besides_the_first() {
+    let (logic, ctx, mut c) = authed(30, |c| c.session.send_burst = 100, "mr", "chat://1").await;
+    let r = c.request(op::JOIN_ROOM, 2, "chat://2").await;
+    assert_eq!((r.op, &r.body[..]), (op::JOIN_ROOM_REPLY, &b"chat://2"[..]));
+    c.request(op::JOIN_ROOM, 3, " chat://3 ").await;
+    let s = ctx.buckets.get("mr").unwrap();
+    assert_eq!(
+        s.rooms(),
+        vec![room("chat://1"), room("chat://2"), room("chat://3")]
+    );
+    for r in ["chat://1", "chat://2", "chat://3"] {
+        assert_eq!(ctx.buckets.room_len(&room(r)), 1, "{r}");
+    }
+    assert_eq!(
+        logic.calls_of("join_room"),
+        vec!["join_room mr chat://2", "join_room mr chat://3"]
+    );
+    // Rooms it is in already (the Auth room too): answered, nothing changes, logic not told.
+    for (seq, r) in [(4, "chat://1"), (5, "chat://2")] {
+        assert_eq!(
+            &c.request(op::JOIN_ROOM, seq, r).await.body[..],
+            r.as_bytes()
+        );
+    }
+    assert_eq!(logic.calls_of("join_room").len(), 2);
+    assert_eq!(ctx.buckets.room_len(&room("chat://2")), 1);
+
+    let r = c.request(op::LEAVE_ROOM, 6, "chat://2").await;
+    assert_eq!(
+        (r.op, &r.body[..]),
+        (op::LEAVE_ROOM_REPLY, &b"chat://2"[..])
+    );
+    assert_eq!(ctx.buckets.room_len(&room("chat://2")), 0);
+    assert_eq!(s.rooms(), vec![room("chat://1"), room("chat://3")]);
+    c.request(op::LEAVE_ROOM, 7, "chat://2").await;
+    assert_eq!(logic.calls_of("leave_room"), vec!["leave_room mr chat://2"]);
+    let r = c.request(op::JOIN_ROOM, 8, "").await;
+    assert_eq!(error_of(&r), "room id required");
+    let r = c.request(op::LEAVE_ROOM, 9, "nope").await;
+    assert!(error_of(&r).starts_with("bad room id"), "{r:?}");
+
+    // ChangeRoom keeps goim's meaning: exactly its target room afterwards.
+    c.request(op::CHANGE_ROOM, 10, "chat://9").await;
+    assert_eq!(s.rooms(), vec![room("chat://9")]);
+    for r in ["chat://1", "chat://3"] {
+        assert_eq!(ctx.buckets.room_len(&room(r)), 0, "{r}");
+    }
+    assert_eq!(
+        logic.calls_of("room_changed"),
+        vec!["room_changed mr chat://1 chat://9"]
+    );
+}
+
+/// A session is in at most `session.max_rooms` rooms: the JoinRoom past it is refused with a
+/// clear error and changes nothing; rejoining a room it is in still answers.
+#[tokio::test(start_paused = true)]
+async fn join_room_beyond_max_rooms_is_refused() {
+    let (logic, ctx, mut c) = authed(
+        30,
+        |c| {
+            c.session.max_rooms = 3;
+            c.session.send_burst = 100;
+        },
+        "mx",
+        "chat://0",
+    )
+    .await;
+    for i in 1..3 {
+        c.request(op::JOIN_ROOM, i, format!("chat://{i}")).await;
+    }
+    let r = c.request(op::JOIN_ROOM, 9, "chat://3").await;
+    assert_eq!(error_of(&r), "too many rooms: at most 3");
+    assert_eq!(ctx.buckets.get("mx").unwrap().room_count(), 3);
+    assert_eq!(ctx.buckets.room_len(&room("chat://3")), 0);
+    assert_eq!(logic.calls_of("join_room").len(), 2);
+    let r = c.request(op::JOIN_ROOM, 10, "chat://1").await;
+    assert_eq!(&r.body[..], b"chat://1");
+}
+
 /// A token's `rooms` bound every ChangeRoom (checked on the comet, logic not asked), and a move
 /// into a type logic guards is asked of logic first; a refusal leaves the session where it was.
 #[tokio::test(start_paused = true)]

@@ -118,6 +118,9 @@ pub struct SessionConfig {
     pub send_rate_per_sec: u32,
     /// Upstream messages a session may send at once before the rate applies.
     pub send_burst: u32,
+    /// Rooms one session may be in at once (Auth's `room_id` and `rooms`, JoinRoom); beyond it
+    /// Auth is refused and JoinRoom answered with an error.
+    pub max_rooms: usize,
 }
 
 /// Per-address limits on the client ports. Addresses are counted as IPv4 addresses and IPv6
@@ -242,6 +245,7 @@ impl Default for SessionConfig {
             write_timeout_ms: 10_000,
             send_rate_per_sec: 20,
             send_burst: 40,
+            max_rooms: 64,
         }
     }
 }
@@ -346,6 +350,7 @@ impl Validate for Config {
             u64::from(self.session.send_rate_per_sec),
         )?;
         positive("session.send_burst", u64::from(self.session.send_burst))?;
+        positive("session.max_rooms", self.session.max_rooms as u64)?;
         if self.limits.auth_per_ip_per_sec > 0 {
             positive(
                 "limits.auth_per_ip_burst",

@@ -52,6 +52,10 @@ pub trait Logic: Send + Sync {
         from: Option<RoomId>,
         to: Option<RoomId>,
     ) -> Result<(), LogicCallError>;
+    /// Reports a session's JoinRoom (it is in `room` besides its other rooms).
+    async fn join_room(&self, session: SessionRef, room: RoomId) -> Result<(), LogicCallError>;
+    /// Reports a session's LeaveRoom.
+    async fn leave_room(&self, session: SessionRef, room: RoomId) -> Result<(), LogicCallError>;
     /// Renews this node's registration with its room counts; answers cluster-wide counts.
     async fn renew_node(
         &self,
@@ -146,6 +150,16 @@ impl Logic for LogicClient {
         to: Option<RoomId>,
     ) -> Result<(), LogicCallError> {
         self.call(|c, cx| async move { c.room_changed(cx, session, from, to).await })
+            .await
+    }
+
+    async fn join_room(&self, session: SessionRef, room: RoomId) -> Result<(), LogicCallError> {
+        self.call(|c, cx| async move { c.join_room(cx, session, room).await })
+            .await
+    }
+
+    async fn leave_room(&self, session: SessionRef, room: RoomId) -> Result<(), LogicCallError> {
+        self.call(|c, cx| async move { c.leave_room(cx, session, room).await })
             .await
     }
 

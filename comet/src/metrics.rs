@@ -3,12 +3,13 @@
 use rim_runtime::metrics::{Counter, Exposition, Gauge};
 
 /// Why an auth failed (label values of `rim_comet_auth_failures_total`).
-pub const AUTH_REASONS: [&str; 5] = [
+pub const AUTH_REASONS: [&str; 6] = [
     "timeout",
     "not_auth",
     "bad_body",
     "refused",
     "logic_unavailable",
+    "too_many_rooms",
 ];
 
 /// Why a client frame was rejected (label values of `rim_comet_frames_rejected_total`).
@@ -45,7 +46,7 @@ pub struct Metrics {
     /// Connections refused by a client-port limit, indexed like [`LIMITS`].
     pub limit_refused: [Counter; 5],
     /// Auth failures, indexed like [`AUTH_REASONS`].
-    pub auth_failures: [Counter; 5],
+    pub auth_failures: [Counter; AUTH_REASONS.len()],
     /// Rejected frames, indexed like [`FRAME_REASONS`].
     pub frames_rejected: [Counter; 4],
     /// Push writes queued to sessions.

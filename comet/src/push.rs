@@ -200,7 +200,7 @@ pub(crate) mod tests {
         assert!(Arc::ptr_eq(ba, bb), "full members share one encoding");
         assert_eq!(ba.ws().as_ptr(), bb.ws().as_ptr());
 
-        // c: op 1001 filtered, item 3 excluded, op 18 (system) kept despite accepts.
+        // c: op 1001 filtered, item 3 excluded, op 24 (system) kept despite accepts.
         let (ic, nc) = run.item_for(&c, &m, &mut rep).unwrap();
         let Out::Batch(bc) = &ic else {
             panic!("expected a batch")

@@ -153,46 +153,89 @@ impl Rooms {
         }
     }
 
-    /// Leaves the session's room, if any. logic is not told: a session that ends is unregistered
+    /// Leaves every room of the session. logic is not told: a session that ends is unregistered
     /// as a whole, and an emptied room drops out of logic's index at the next renewal.
     pub(crate) fn leave(&self, buckets: &Buckets, s: &Session) {
-        if let Some(room) = s.room() {
-            buckets.leave(&room, s);
-            s.set_room(None);
+        for room in s.rooms() {
+            self.leave_one(buckets, s, &room);
         }
     }
 
-    /// Moves the session to `to` (`None` = out of any room) for ChangeRoom, then tells logic
-    /// (`room_changed`) and waits for it, so member listings and presence events are right by
-    /// the time the client sees op 13. Nothing happens when the room does not change.
+    /// Leaves one room here (logic not told).
+    fn leave_one(&self, buckets: &Buckets, s: &Session, room: &RoomId) {
+        buckets.leave(room, s);
+        s.remove_room(room);
+    }
+
+    /// Moves the session to `to` (`None` = out of any room) for ChangeRoom: afterwards it is in
+    /// exactly that room, as in goim. Then tells logic (`room_changed`) and waits for it, so
+    /// member listings and presence events are right by the time the client sees op 13.
+    /// Nothing happens when the session is already in exactly that room.
     pub(crate) async fn change(&self, buckets: &Buckets, s: &Arc<Session>, to: Option<RoomId>) {
-        let from = s.room();
-        if from == to {
+        let from = s.rooms();
+        if from.as_slice() == to.as_slice() {
             return;
         }
-        self.leave(buckets, s);
+        for room in from.iter().filter(|r| Some(*r) != to.as_ref()) {
+            self.leave_one(buckets, s, room);
+        }
         if let Some(room) = to.clone() {
             self.join(buckets, s, room).await;
         }
+        let first = from.first().cloned();
+        self.tell(buckets, s, "room_changed", || {
+            self.logic
+                .room_changed(s.session_ref(&self.server), first, to)
+        })
+        .await;
+    }
+
+    /// Joins `room` besides the session's other rooms (JoinRoom) and tells logic (`join_room`),
+    /// waiting for it like [`Rooms::change`]. Nothing happens when the session is in it already.
+    pub(crate) async fn enter(&self, buckets: &Buckets, s: &Arc<Session>, room: RoomId) {
+        if s.in_room(&room) {
+            return;
+        }
+        self.join(buckets, s, room.clone()).await;
+        self.tell(buckets, s, "join_room", || {
+            self.logic.join_room(s.session_ref(&self.server), room)
+        })
+        .await;
+    }
+
+    /// Leaves `room`, staying in the others (LeaveRoom), and tells logic (`leave_room`).
+    /// Nothing happens when the session is not in it.
+    pub(crate) async fn exit(&self, buckets: &Buckets, s: &Arc<Session>, room: RoomId) {
+        if !s.in_room(&room) {
+            return;
+        }
+        self.leave_one(buckets, s, &room);
+        self.tell(buckets, s, "leave_room", || {
+            self.logic.leave_room(s.session_ref(&self.server), room)
+        })
+        .await;
+    }
+
+    /// Sends logic a room change of `s` (`what` names the call in logs) unless `s` was replaced
+    /// meanwhile. A failure is logged only: the change stands on this comet, logic's listing
+    /// catches up at the next change or disconnect, and the client still gets its reply.
+    async fn tell<F, Fut>(&self, buckets: &Buckets, s: &Session, what: &'static str, call: F)
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), LogicCallError>>,
+    {
         if buckets.get(&s.key).is_none_or(|cur| cur.id != s.id) {
             // Replaced by a newer session with the same key: the key's membership is the new
             // session's business now, so logic must not hear about this one.
             return;
         }
-        let sref = s.session_ref(&self.server);
-        match self
-            .logic
-            .room_changed(sref, from.clone(), to.clone())
-            .await
-        {
+        match call().await {
             Ok(()) => {}
-            // The move stands on this comet; logic's listing catches up at the next change or
-            // disconnect. The client still gets its reply.
             Err(LogicCallError::Refused(e)) => {
-                tracing::warn!(key = %s.key, ?from, ?to, error = %e, "room_changed refused")
+                tracing::warn!(key = %s.key, call = what, error = %e, "room change refused by logic")
             }
             Err(LogicCallError::Unreachable(e)) => {
-                rim_runtime::warn_throttled!(key = %s.key, ?from, ?to, error = %e, "room_changed failed")
+                rim_runtime::warn_throttled!(key = %s.key, call = what, error = %e, "room change not sent to logic")
             }
         }
     }
@@ -272,7 +315,7 @@ impl Rooms {
 /// Adds `s` to `room` now (the room is known to logic).
 fn join_now(buckets: &Buckets, s: &Arc<Session>, room: RoomId) -> bool {
     if buckets.join(&room, s) {
-        s.set_room(Some(room));
+        s.add_room(room);
         true
     } else {
         false

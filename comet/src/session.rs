@@ -32,7 +32,9 @@ pub struct Session {
     /// Highest push id delivered per dedupe namespace (see [`MarkSpace`]); a session sees few
     /// partitions, so a small vec.
     marks: Mutex<Vec<(u32, u64, u64)>>,
-    room: Mutex<Option<RoomId>>,
+    /// The rooms it is in, in the order joined: the first is the goim room (Auth's `room_id` or
+    /// the last ChangeRoom), whose count heartbeat replies carry. At most `session.max_rooms`.
+    rooms: Mutex<Vec<RoomId>>,
     /// What the client's token grants (rooms, end of the session); replaced by op 22.
     grant: Mutex<TokenGrant>,
 }
@@ -92,7 +94,7 @@ impl Session {
             since_ms: 0,
             accepts: RwLock::new(sorted_ops(accepts.iter().copied().take(MAX_ACCEPTS))),
             marks: Mutex::new(Vec::new()),
-            room: Mutex::new(None),
+            rooms: Mutex::new(Vec::new()),
             grant: Mutex::new(TokenGrant::default()),
         }
     }
@@ -177,13 +179,37 @@ impl Session {
         self.grant.lock().expires_ms
     }
 
-    /// The session's room.
+    /// The session's first room (goim's "the room": heartbeat replies count it).
     pub fn room(&self) -> Option<RoomId> {
-        self.room.lock().clone()
+        self.rooms.lock().first().cloned()
     }
 
-    pub(crate) fn set_room(&self, room: Option<RoomId>) {
-        *self.room.lock() = room;
+    /// Every room the session is in, the first one first.
+    pub fn rooms(&self) -> Vec<RoomId> {
+        self.rooms.lock().clone()
+    }
+
+    /// Whether the session is in `room`.
+    pub fn in_room(&self, room: &RoomId) -> bool {
+        self.rooms.lock().contains(room)
+    }
+
+    /// How many rooms the session is in.
+    pub fn room_count(&self) -> usize {
+        self.rooms.lock().len()
+    }
+
+    /// Records that the session is in `room` (at the end; never twice).
+    pub(crate) fn add_room(&self, room: RoomId) {
+        let mut rooms = self.rooms.lock();
+        if !rooms.contains(&room) {
+            rooms.push(room);
+        }
+    }
+
+    /// Records that the session left `room`.
+    pub(crate) fn remove_room(&self, room: &RoomId) {
+        self.rooms.lock().retain(|r| r != room);
     }
 
     /// Reference for logic calls.

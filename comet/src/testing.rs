@@ -192,7 +192,15 @@ impl Logic for MemLogic {
             "" => None,
             r => Some(RoomId::parse(r).map_err(|e| LogicError::BadRequest(e.to_string()))?),
         };
+        let mut rooms: Vec<RoomId> = room.iter().cloned().collect();
+        for r in &req.auth.rooms {
+            let r = RoomId::parse(r).map_err(|e| LogicError::BadRequest(e.to_string()))?;
+            if !rooms.contains(&r) {
+                rooms.push(r);
+            }
+        }
         Ok(ConnectReply {
+            rooms,
             since_ms: 1_000_000 + self.next.fetch_add(1, Ordering::Relaxed),
             mid: req.auth.mid,
             key,
@@ -254,6 +262,14 @@ impl Logic for MemLogic {
             room_name(&to)
         );
         self.call(line).await
+    }
+
+    async fn join_room(&self, s: SessionRef, room: RoomId) -> Result<(), LogicCallError> {
+        self.call(format!("join_room {} {room}", s.key)).await
+    }
+
+    async fn leave_room(&self, s: SessionRef, room: RoomId) -> Result<(), LogicCallError> {
+        self.call(format!("leave_room {} {room}", s.key)).await
     }
 
     async fn renew_node(
@@ -422,6 +438,7 @@ pub(crate) fn auth_body(key: &str, room: &str) -> AuthBody {
         platform: "test".into(),
         accepts: vec![1000],
         token: String::new(),
+        rooms: Vec::new(),
     }
 }
 

@@ -120,9 +120,15 @@ async fn handle_inner(
         Ok(p) => p,
         Err(e) => return refused(BAD_REQUEST, e),
     };
+    // logic checks a room post against the sender's room: the target when the session is in it
+    // (it may be in several), else its first room (refused as "not a member").
+    let sender_room = match &parsed.target {
+        SendTarget::Room(room) if s.in_room(room) => Some(room.clone()),
+        _ => s.room(),
+    };
     let req = SendMsgRequest {
         sender: s.session_ref(&ctx.cfg.server_id),
-        sender_room: s.room(),
+        sender_room,
         target: parsed.target,
         op: parsed.op,
         data_json: parsed.data_json,

@@ -84,6 +84,7 @@ impl LogicRpc for FakeLogic {
             replaced_elsewhere: false,
             grant: TokenGrant::default(),
             guarded_room_types: Vec::new(),
+            rooms: Vec::new(),
         })
     }
     async fn disconnect(self, _: Context, s: SessionRef) -> Result<(), LogicError> {
@@ -111,6 +112,14 @@ impl LogicRpc for FakeLogic {
             let _ = self.slow_gate.subscribe().wait_for(|open| *open).await;
         }
         let _ = self.events.send(format!("room_joined {room}"));
+        Ok(())
+    }
+    async fn join_room(self, _: Context, s: SessionRef, room: RoomId) -> Result<(), LogicError> {
+        let _ = self.events.send(format!("join_room {} {room}", s.key));
+        Ok(())
+    }
+    async fn leave_room(self, _: Context, s: SessionRef, room: RoomId) -> Result<(), LogicError> {
+        let _ = self.events.send(format!("leave_room {} {room}", s.key));
         Ok(())
     }
     async fn renew_node(
@@ -401,6 +410,7 @@ fn auth(mid: i64, key: &str, room: &str, accepts: &[i32]) -> AuthBody {
         platform: "test".into(),
         accepts: accepts.to_vec(),
         token: String::new(),
+        rooms: Vec::new(),
     }
 }
 

@@ -1,5 +1,5 @@
 // The chatroom demo page: dev login over HTTP, then everything live over one RimClient
-// (binary goim frames on WebSocket). Room messages and DMs are app op 1000; presence is op 18.
+// (binary goim frames on WebSocket). Room messages and DMs are app op 1000; presence is op 24.
 import { RimClient } from "./rim-client.js";
 
 const CHAT_OP = 1000;

@@ -18,7 +18,9 @@
 //   const r = await client.sendMsg({ room: "chat://lobby" }, 1000, { text: "hi" });
 //   // r is {code:0,id:"..."} or {code:<negative>,message:"why"} (op 5, matched by seq)
 //   await client.sendMsg({ mid: 42 }, 1000, { text: "just for you" });
-//   await client.changeRoom("chat://other");     // op 12 → op 13
+//   await client.changeRoom("chat://other");     // op 12 → op 13 (exactly that room afterwards)
+//   await client.joinRoom("chat://more");        // op 18 → op 19 (rim: besides the others)
+//   await client.leaveRoom("chat://more");       // op 20 → op 21
 //   const online = await client.heartbeat();     // op 2 → op 3 (4-byte big-endian count)
 //   client.close();                              // deliberate: no reconnect
 //
@@ -28,7 +30,7 @@
 // whole frames back to back; this client unwraps op 9 and hands each inner push to onPush.
 //
 // When the connection drops (network, server restart, heartbeat silence) the client reconnects
-// with exponential backoff and jitter, authenticates again and re-joins its current room.
+// with exponential backoff and jitter, authenticates again and re-joins its rooms.
 // A server-side refusal that retrying cannot fix (bad token, bad room id, replaced) stops it.
 
 /** Operation codes of the goim/rim client protocol. */
@@ -47,7 +49,11 @@ export const OP = Object.freeze({
   SUB_REPLY: 15,
   UNSUB: 16,
   UNSUB_REPLY: 17,
-  ROOM_EVENT: 18,
+  JOIN_ROOM: 18,
+  JOIN_ROOM_REPLY: 19,
+  LEAVE_ROOM: 20,
+  LEAVE_ROOM_REPLY: 21,
+  ROOM_EVENT: 24,
 });
 
 export const HEADER_LEN = 16;
@@ -105,6 +111,13 @@ function parseJson(text) {
   } catch {
     return undefined;
   }
+}
+
+/** Throws the `{"error":...}` a request's reply frame carries, if any. */
+function throwIfError(frame) {
+  const text = decoder.decode(frame.body);
+  const err = text.startsWith("{") ? parseJson(text) : undefined;
+  if (err && err.error) throw new Error(err.error);
 }
 
 // Reasons (op 6) after which reconnecting cannot help.
@@ -206,14 +219,43 @@ export class RimClient {
     });
   }
 
-  /** Moves to `room` ("type://id"; "" leaves the room). Resolves with the room; rejects on error. */
+  /**
+   * Moves to `room` ("type://id"; "" leaves every room): afterwards the session is in exactly
+   * that room. Resolves with the room; rejects on error.
+   */
   changeRoom(room) {
     return this._request(OP.CHANGE_ROOM, room).then((frame) => {
-      const text = decoder.decode(frame.body);
-      const err = text.startsWith("{") ? parseJson(text) : undefined;
-      if (err && err.error) throw new Error(err.error);
+      throwIfError(frame);
       this.auth.room_id = room;
+      this.auth.rooms = [];
       if (this.session) this.session.room_id = room;
+      return room;
+    });
+  }
+
+  /** Joins `room` besides the session's other rooms (rim). Resolves with it; rejects on error. */
+  joinRoom(room) {
+    return this._request(OP.JOIN_ROOM, room).then((frame) => {
+      throwIfError(frame);
+      // Re-joined after a reconnect, with the others.
+      const rooms = this.auth.rooms || [];
+      if (room !== this.auth.room_id && !rooms.includes(room)) this.auth.rooms = [...rooms, room];
+      return room;
+    });
+  }
+
+  /** Leaves `room`, staying in the others (rim). Resolves with it; rejects on error. */
+  leaveRoom(room) {
+    return this._request(OP.LEAVE_ROOM, room).then((frame) => {
+      throwIfError(frame);
+      if (this.auth.room_id === room) {
+        // The next room becomes the first one, as on the server.
+        const [next, ...rest] = this.auth.rooms || [];
+        this.auth.room_id = next || "";
+        this.auth.rooms = rest;
+      } else {
+        this.auth.rooms = (this.auth.rooms || []).filter((r) => r !== room);
+      }
       return room;
     });
   }
@@ -334,6 +376,12 @@ export class RimClient {
         return;
       case OP.CHANGE_ROOM_REPLY:
         this._resolve(f, OP.CHANGE_ROOM);
+        return;
+      case OP.JOIN_ROOM_REPLY:
+        this._resolve(f, OP.JOIN_ROOM);
+        return;
+      case OP.LEAVE_ROOM_REPLY:
+        this._resolve(f, OP.LEAVE_ROOM);
         return;
       case OP.SUB_REPLY:
       case OP.UNSUB_REPLY:

@@ -1,5 +1,5 @@
 //! Real IM on top of push: upstream messages (SendMsg) under the `[chat]` send policy, and
-//! presence events (op 18 RoomEvent) when a user's first session enters or last one leaves a
+//! presence events (op 24 RoomEvent) when a user's first session enters or last one leaves a
 //! room of a listed type.
 //!
 //! A message is queued exactly like a push (accepted = durable in a stream); its body is
@@ -130,9 +130,9 @@ impl App {
     /// effort: the membership change itself is already committed, so a failure is counted and
     /// logged rather than failing the caller.
     pub(crate) async fn presence(&self, mid: i64, change: Membership) {
-        let events = [("leave", change.left, 0), ("join", change.joined, 1)];
-        for (event, side, edge) in events {
-            let Some((room, count)) = side else { continue };
+        let left = change.left.into_iter().map(|c| ("leave", c, 0));
+        let joined = change.joined.into_iter().map(|c| ("join", c, 1));
+        for (event, (room, count), edge) in left.chain(joined) {
             if count != edge || !self.presence_on(&room) {
                 continue;
             }

@@ -167,7 +167,9 @@ impl App {
                     "comet": server,
                     "platform": d.platform,
                     "since": d.since_ms,
-                    "room": d.room,
+                    // `room` as goim clients know it (the ChangeRoom/Auth room), `rooms` all.
+                    "room": d.rooms.first(),
+                    "rooms": d.rooms,
                 }),
             ));
         }

@@ -50,7 +50,7 @@ pub struct Metrics {
     pub msgs_mid: Counter,
     /// Upstream messages refused, by reason (index into `REFUSALS`).
     msgs_refused: [Counter; REFUSALS.len()],
-    /// Presence events (op 18) queued.
+    /// Presence events (op 24) queued.
     pub presence_events: Counter,
     /// Presence events that could not be queued (Redis failed after the membership change).
     pub presence_failed: Counter,
@@ -228,7 +228,7 @@ impl Metrics {
             )
             .counter(
                 "rim_logic_presence_events_total",
-                "Room join/leave events (op 18) queued.",
+                "Room join/leave events (op 24) queued.",
                 self.presence_events.get(),
             )
             .counter(

@@ -89,12 +89,9 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_first_pass_waits_a_node_ttl_so_live_comets_renew_first() {
-        let mut config = Config::dev();
-        config.node.ttl_ms = 1_500;
-        let (app, mem) = App::in_memory(config);
-        // Two comets whose registrations look lapsed, as after an outage longer than the TTL.
+    /// Registers comets "alive" and "dead", each with session `k-<name>`, with registrations
+    /// that look lapsed (expiry long past), as after an outage.
+    async fn lapsed_comets(app: &App) {
         for server in ["alive", "dead"] {
             let node = NodeInfo {
                 server: server.into(),
@@ -109,6 +106,26 @@ mod tests {
                 .await
                 .unwrap();
         }
+    }
+
+    /// "alive" renews.
+    async fn alive_renews(app: &App) {
+        let alive = NodeInfo {
+            server: "alive".into(),
+            ..NodeInfo::default()
+        };
+        app.renew_node(alive, OnlineReport::default())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_pass_waits_a_node_ttl_so_live_comets_renew_first() {
+        let mut config = Config::dev();
+        config.node.ttl_ms = 1_500;
+        let (app, mem) = App::in_memory(config);
+        // Two comets whose registrations look lapsed, as after an outage longer than the TTL.
+        lapsed_comets(&app).await;
         let stop = CancellationToken::new();
         let reaper = tokio::spawn(run(app.clone(), stop.clone()));
         settle().await; // the reaper starts its wait now
@@ -120,13 +137,7 @@ mod tests {
             "no pass within the first TTL"
         );
         // "alive" renews within its renewal interval of logic coming back.
-        let alive = NodeInfo {
-            server: "alive".into(),
-            ..NodeInfo::default()
-        };
-        app.renew_node(alive, OnlineReport::default())
-            .await
-            .unwrap();
+        alive_renews(&app).await;
 
         tokio::time::advance(Duration::from_millis(200)).await;
         settle().await;
@@ -156,21 +167,8 @@ mod tests {
         mem.set_down(true);
         tokio::time::advance(Duration::from_millis(500)).await;
         settle().await;
-        // While Redis was down both registrations lapsed (expiry 1 = long past).
-        for server in ["alive", "dead"] {
-            let node = NodeInfo {
-                server: server.into(),
-                ..NodeInfo::default()
-            };
-            app.store
-                .nodes
-                .renew(&node, 1, &Default::default(), 60_000)
-                .await
-                .unwrap();
-            app.connect(req(server, &format!("k-{server}")))
-                .await
-                .unwrap();
-        }
+        // While Redis was down both registrations lapsed.
+        lapsed_comets(&app).await;
         mem.set_down(false);
         for _ in 0..2 {
             tokio::time::advance(Duration::from_millis(500)).await;
@@ -180,13 +178,7 @@ mod tests {
             mem.session("k-dead").is_some(),
             "not reaped within a node TTL of Redis answering again"
         );
-        let alive = NodeInfo {
-            server: "alive".into(),
-            ..NodeInfo::default()
-        };
-        app.renew_node(alive, OnlineReport::default())
-            .await
-            .unwrap();
+        alive_renews(&app).await;
         for _ in 0..3 {
             tokio::time::advance(Duration::from_millis(500)).await;
             settle().await;

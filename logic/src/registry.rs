@@ -20,7 +20,7 @@ use crate::App;
 use crate::auth::TokenError;
 use crate::config::AuthMode;
 use crate::room_policy::Action;
-use crate::store::{Membership, Registration, Replaced, StoreError};
+use crate::store::{Membership, Moved, Registration, Replaced, RoomChange, StoreError};
 
 pub use crate::store::LiveNode;
 
@@ -124,7 +124,16 @@ impl App {
         }
         // The room joined at connect answers to the same permissions as a ChangeRoom into it;
         // one outside the token's own `rooms` is an auth failure, as it always was.
-        if let Some(r) = &room {
+        // `room_id` first, then the extra `rooms` (a repeat is the same room, joined once).
+        let mut rooms: Vec<RoomId> = room.iter().cloned().collect();
+        for (i, r) in a.rooms.iter().enumerate() {
+            let r =
+                RoomId::parse(r).map_err(|e| RpcError::BadRequest(format!("rooms[{i}]: {e}")))?;
+            if !rooms.contains(&r) {
+                rooms.push(r);
+            }
+        }
+        for r in &rooms {
             if !grant.allows_room(r.as_str()) {
                 return Err(RpcError::Unauthorized(TokenError::Room.to_string()));
             }
@@ -151,7 +160,7 @@ impl App {
             platform: a.platform.clone(),
             since_ms: since,
             ttl_secs: self.session_ttl(),
-            room: room.clone(),
+            rooms: rooms.clone(),
             replaces,
         };
         let registered = self
@@ -168,9 +177,16 @@ impl App {
             // The replaced session belonged to someone else (only if another user took the key
             // between the check above and the transaction): two users' presence changed.
             Some(om) if om != a.mid => {
-                self.presence(om, Membership { left, joined: None }).await;
-                self.presence(a.mid, Membership { left: None, joined })
-                    .await;
+                let gone = Membership {
+                    left,
+                    joined: Vec::new(),
+                };
+                self.presence(om, gone).await;
+                let came = Membership {
+                    left: Vec::new(),
+                    joined,
+                };
+                self.presence(a.mid, came).await;
             }
             _ => self.presence(a.mid, Membership { left, joined }).await,
         }
@@ -185,6 +201,7 @@ impl App {
             since_ms: since,
             grant,
             guarded_room_types: self.guarded_room_types.clone(),
+            rooms,
         })
     }
 
@@ -223,26 +240,53 @@ impl App {
         from: Option<RoomId>,
         to: Option<RoomId>,
     ) -> Result<(), RpcError> {
+        let to: Vec<RoomId> = to.into_iter().collect();
+        let Some(moved) = self.change_rooms(&s, RoomChange::Set(&to)).await? else {
+            return Ok(());
+        };
+        let claimed: Vec<String> = from.iter().map(|r| r.to_string()).collect();
+        if claimed != moved.from {
+            // The stored rooms are what was counted, so they win; a mismatch means a lost or
+            // reordered notice from the comet.
+            tracing::debug!(key = %s.key, stored = ?moved.from, ?claimed, "room change: stored rooms differ from the comet's");
+        }
+        Ok(())
+    }
+
+    /// A session joined `room` besides its other rooms (JoinRoom); ignored unless the session is
+    /// registered on the calling comet.
+    pub(crate) async fn join_room(&self, s: SessionRef, room: RoomId) -> Result<(), RpcError> {
+        self.change_rooms(&s, RoomChange::Join(&room)).await?;
+        Ok(())
+    }
+
+    /// A session left `room` (LeaveRoom) and stays in its other rooms.
+    pub(crate) async fn leave_room(&self, s: SessionRef, room: RoomId) -> Result<(), RpcError> {
+        self.change_rooms(&s, RoomChange::Leave(&room)).await?;
+        Ok(())
+    }
+
+    /// Applies `change` to the rooms of session `s` and publishes the presence change it
+    /// caused; `None` (ignored) unless the session is registered on the calling comet.
+    async fn change_rooms(
+        &self,
+        s: &SessionRef,
+        change: RoomChange<'_>,
+    ) -> Result<Option<Moved>, RpcError> {
         let moved = self
             .store
             .sessions
-            .move_room(&s.server, &s.key, to.as_ref())
+            .change_rooms(&s.server, &s.key, change)
             .await
             .map_err(unavailable)?;
         let Some(moved) = moved else {
-            tracing::debug!(key = %s.key, server = %s.server, "room change for a session not registered there: ignored");
-            return Ok(());
+            tracing::debug!(key = %s.key, server = %s.server, ?change, "room change for a session not registered there: ignored");
+            return Ok(None);
         };
-        let claimed = from.as_ref().map(RoomId::as_str).unwrap_or_default();
-        if claimed != moved.from {
-            // The stored room is what was counted, so it wins; a mismatch means a lost or
-            // reordered notice from the comet.
-            tracing::debug!(key = %s.key, stored = %moved.from, claimed, "room change: stored room differs from the comet's");
-        }
         if let Some(mid) = moved.mid {
-            self.presence(mid, moved.membership).await;
+            self.presence(mid, moved.membership.clone()).await;
         }
-        Ok(())
+        Ok(Some(moved))
     }
 
     /// Refuses a new session past `session.max_per_mid` for `mid` (a key the mid already holds

@@ -54,7 +54,7 @@ async fn connect(app: &App, server: &str, mid: i64, key: &str, room: &str) -> Co
         .expect("connect")
 }
 
-/// Presence events (op 18) appended so far, as (event, mid, room).
+/// Presence events (op 24) appended so far, as (event, mid, room).
 fn presence_events(mem: &Memory) -> Vec<(String, i64, String)> {
     mem.all_jobs()
         .into_iter()
@@ -74,7 +74,7 @@ async fn connect_registers_the_session_its_comet_and_its_room_count() {
     assert!(!reply.replaced_elsewhere);
     let s = mem.session("k1").expect("registered");
     assert_eq!((s.mid.as_str(), s.server.as_str()), ("7", "c1"));
-    assert_eq!(s.room.as_deref(), Some("live://a"));
+    assert_eq!(s.rooms, vec!["live://a".to_string()]);
     assert_eq!(s.since_ms, reply.since_ms);
     assert!(mem.node_sessions("c1").contains("k1"));
     assert_eq!(mem.members("live://a", 7), Some(1));
@@ -152,7 +152,38 @@ async fn room_changes_move_the_count_and_only_the_holding_comet_may_move_it() {
         .await
         .expect("leave all rooms");
     assert_eq!(mem.members("live://b", 3), None);
-    assert_eq!(mem.session("k").and_then(|s| s.room), None);
+    assert_eq!(mem.session("k").map(|s| s.rooms), Some(Vec::new()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn joins_and_leaves_count_a_session_once_per_room() {
+    let (app, mem) = app(Config::default());
+    connect(&app, "c1", 3, "k", "live://a").await;
+    for r in ["live://b", "live://c", "live://b"] {
+        app.join_room(sref("c1", 3, "k"), room(r))
+            .await
+            .expect("join");
+    }
+    let rooms = |mem: &Memory| mem.session("k").map(|s| s.rooms).unwrap_or_default();
+    assert_eq!(rooms(&mem), vec!["live://a", "live://b", "live://c"]);
+    for r in ["live://a", "live://b", "live://c"] {
+        assert_eq!(mem.members(r, 3), Some(1), "{r}");
+    }
+    app.leave_room(sref("c1", 3, "k"), room("live://a"))
+        .await
+        .expect("leave");
+    assert_eq!(rooms(&mem), vec!["live://b", "live://c"]);
+    assert_eq!(mem.members("live://a", 3), None);
+    // Leaving a room it is not in changes nothing.
+    app.leave_room(sref("c1", 3, "k"), room("live://a"))
+        .await
+        .expect("leave again");
+    assert_eq!(mem.members("live://b", 3), Some(1));
+    app.disconnect(sref("c1", 3, "k"))
+        .await
+        .expect("disconnect");
+    assert_eq!(mem.members("live://b", 3), None);
+    assert_eq!(mem.members("live://c", 3), None);
 }
 
 #[tokio::test(start_paused = true)]
@@ -229,8 +260,8 @@ async fn a_session_lost_by_redis_is_recreated_by_its_heartbeat_without_a_room() 
     app.heartbeat(sref("c1", 2, "k")).await.expect("heartbeat");
     let s = mem.session("k").expect("re-created");
     assert_eq!(
-        (s.room, s.since_ms),
-        (None, 0),
+        (s.rooms, s.since_ms),
+        (Vec::<String>::new(), 0),
         "no room and an unknown registration time"
     );
     // A session that moved to another comet is not taken back by a late heartbeat.

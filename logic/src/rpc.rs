@@ -34,6 +34,24 @@ impl LogicRpc for LogicServer {
         self.0.room_joined(server, room).await
     }
 
+    async fn join_room(
+        self,
+        _: Context,
+        session: SessionRef,
+        room: RoomId,
+    ) -> Result<(), RpcError> {
+        self.0.join_room(session, room).await
+    }
+
+    async fn leave_room(
+        self,
+        _: Context,
+        session: SessionRef,
+        room: RoomId,
+    ) -> Result<(), RpcError> {
+        self.0.leave_room(session, room).await
+    }
+
     async fn renew_node(
         self,
         _: Context,

@@ -358,7 +358,7 @@ async fn sessions_follow_connect_heartbeat_disconnect() {
     assert_eq!(since, "0");
     assert!(
         !conn
-            .hexists::<_, _, bool>(keys::session("k1"), "room")
+            .hexists::<_, _, bool>(keys::session("k1"), "rooms")
             .unwrap()
     );
 

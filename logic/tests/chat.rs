@@ -74,7 +74,7 @@ fn msg(
     }
 }
 
-/// Room event jobs (op 18) as (room, event, mid), in partition order.
+/// Room event jobs (op 24) as (room, event, mid), in partition order.
 fn room_events(conn: &mut redis::Connection) -> Vec<(String, String, i64)> {
     all_jobs(conn)
         .into_iter()
@@ -317,7 +317,7 @@ async fn member_index_follows_connect_room_change_disconnect_and_reaper() {
     connect(&rpc, "c1", 1, "k2", a).await;
     connect(&rpc, "c1", 2, "k3", a).await;
     assert_eq!(members(&mut conn, a), HashMap::from([(1, 2), (2, 1)]));
-    let stored: String = conn.hget(keys::session("k1"), "room").unwrap();
+    let stored: String = conn.hget(keys::session("k1"), "rooms").unwrap();
     assert_eq!(stored, a);
 
     // ChangeRoom moves one session.
@@ -327,7 +327,7 @@ async fn member_index_follows_connect_room_change_disconnect_and_reaper() {
         .unwrap();
     assert_eq!(members(&mut conn, a), HashMap::from([(1, 1), (2, 1)]));
     assert_eq!(members(&mut conn, b), HashMap::from([(1, 1)]));
-    let stored: String = conn.hget(keys::session("k2"), "room").unwrap();
+    let stored: String = conn.hget(keys::session("k2"), "rooms").unwrap();
     assert_eq!(stored, b);
     // From a comet that does not hold the session: ignored.
     rpc.room_changed(ctx(), sref("other", 1, "k2"), Some(room(b)), Some(room(c)))
@@ -344,7 +344,7 @@ async fn member_index_follows_connect_room_change_disconnect_and_reaper() {
     assert!(members(&mut conn, b).is_empty());
     assert!(
         !conn
-            .hexists::<_, _, bool>(keys::session("k2"), "room")
+            .hexists::<_, _, bool>(keys::session("k2"), "rooms")
             .unwrap()
     );
 
@@ -423,6 +423,106 @@ async fn member_index_follows_connect_room_change_disconnect_and_reaper() {
     logic.stop().await;
 }
 
+/// One session in several rooms (JoinRoom, LeaveRoom): counted once in each, a repeated join
+/// counts nothing, a leave keeps the others, ChangeRoom leaves every room but its target, and a
+/// disconnect counts the session out of all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_several_rooms_is_counted_once_in_each() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |_| {}).await;
+    let rpc = logic.client().await;
+    let mut conn = redis.connection();
+    let (a, b, c, d) = ("chat://a", "chat://b", "chat://c", "chat://d");
+    let stored = |conn: &mut redis::Connection| -> Option<String> {
+        conn.hget(keys::session("k1"), "rooms").unwrap()
+    };
+
+    connect(&rpc, "c1", 1, "k1", a).await;
+    connect(&rpc, "c1", 2, "k2", b).await;
+    for r in [b, c, b] {
+        rpc.join_room(ctx(), sref("c1", 1, "k1"), room(r))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        stored(&mut conn).as_deref(),
+        Some("chat://a chat://b chat://c")
+    );
+    assert_eq!(members(&mut conn, a), HashMap::from([(1, 1)]));
+    assert_eq!(members(&mut conn, b), HashMap::from([(1, 1), (2, 1)]));
+    assert_eq!(members(&mut conn, c), HashMap::from([(1, 1)]));
+    // From a comet that does not hold the session: ignored.
+    rpc.join_room(ctx(), sref("c9", 1, "k1"), room(d))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(members(&mut conn, d).is_empty());
+
+    rpc.leave_room(ctx(), sref("c1", 1, "k1"), room(b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored(&mut conn).as_deref(), Some("chat://a chat://c"));
+    assert_eq!(members(&mut conn, b), HashMap::from([(2, 1)]));
+    assert_eq!(members(&mut conn, a), HashMap::from([(1, 1)]));
+
+    // ChangeRoom: exactly the target room afterwards, whatever the comet claims it left.
+    rpc.room_changed(ctx(), sref("c1", 1, "k1"), Some(room(a)), Some(room(d)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored(&mut conn).as_deref(), Some("chat://d"));
+    assert!(members(&mut conn, a).is_empty());
+    assert!(members(&mut conn, c).is_empty());
+    assert_eq!(members(&mut conn, d), HashMap::from([(1, 1)]));
+
+    rpc.join_room(ctx(), sref("c1", 1, "k1"), room(a))
+        .await
+        .unwrap()
+        .unwrap();
+    rpc.disconnect(ctx(), sref("c1", 1, "k1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(members(&mut conn, a).is_empty());
+    assert!(members(&mut conn, d).is_empty());
+    assert_eq!(members(&mut conn, b), HashMap::from([(2, 1)]));
+    logic.stop().await;
+}
+
+/// A session hash written before sessions could be in several rooms (a `room` field, no
+/// `rooms`) is read the same way: it leaves that room on ChangeRoom and on disconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stored_with_one_room_field_keeps_working() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |_| {}).await;
+    let rpc = logic.client().await;
+    let mut conn = redis.connection();
+    connect(&rpc, "c1", 1, "k1", "chat://a").await;
+    // As an older logic wrote it.
+    let _: () = conn.hdel(keys::session("k1"), "rooms").unwrap();
+    let _: () = conn.hset(keys::session("k1"), "room", "chat://a").unwrap();
+    rpc.join_room(ctx(), sref("c1", 1, "k1"), room("chat://b"))
+        .await
+        .unwrap()
+        .unwrap();
+    let rooms: String = conn.hget(keys::session("k1"), "rooms").unwrap();
+    assert_eq!(rooms, "chat://a chat://b");
+    assert!(
+        !conn
+            .hexists::<_, _, bool>(keys::session("k1"), "room")
+            .unwrap()
+    );
+    rpc.disconnect(ctx(), sref("c1", 1, "k1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(members(&mut conn, "chat://a").is_empty());
+    assert!(members(&mut conn, "chat://b").is_empty());
+    logic.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_events_only_for_listed_types_and_edges() {
     let redis = RedisServer::start();
@@ -463,7 +563,11 @@ async fn presence_events_only_for_listed_types_and_edges() {
     want.sort();
     assert_eq!(got, want);
     let jobs = all_jobs(&mut conn);
-    let j = &jobs.iter().find(|(_, j)| j.op == 18).unwrap().1;
+    let j = &jobs
+        .iter()
+        .find(|(_, j)| j.op == rim_proto::op::ROOM_EVENT)
+        .unwrap()
+        .1;
     assert_eq!(j.exclude, None);
     logic.stop().await;
 
@@ -574,8 +678,10 @@ async fn members_and_sessions_listings_follow_sessions() {
     assert_eq!(by_key["ka"]["comet"], json!("c1"));
     assert_eq!(by_key["ka"]["platform"], json!("web"));
     assert_eq!(by_key["ka"]["room"], json!("chat://x"));
+    assert_eq!(by_key["ka"]["rooms"], json!(["chat://x"]));
     assert!(by_key["ka"]["since"].as_u64().unwrap() > 0);
     assert_eq!(by_key["kb"]["room"], Value::Null);
+    assert_eq!(by_key["kb"]["rooms"], json!([]));
     let (_, v) = logic.get("/rim/users/99/sessions").await;
     assert_eq!(v["data"], json!([]));
     let (status, v) = logic.get("/rim/users/x/sessions").await;

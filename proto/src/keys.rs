@@ -44,8 +44,9 @@ pub fn mid_sessions(mid: i64) -> String {
     format!("rim:mid:{{{mid}}}")
 }
 
-/// Hash describing one session: `mid`, `server`, `platform`, `since` (unix ms), `room` (current
-/// room, absent when none). TTL renewed by heartbeats.
+/// Hash describing one session: `mid`, `server`, `platform`, `since` (unix ms), `rooms` (the
+/// rooms it is in, space-separated, first = its goim room; absent when none; hashes written
+/// before sessions could be in several rooms have one `room` instead). TTL renewed by heartbeats.
 pub fn session(key: &str) -> String {
     format!("rim:key:{{{key}}}")
 }

@@ -20,6 +20,8 @@ pub struct AuthBody {
     pub accepts: Vec<i32>,
     /// Credential checked by logic when it is configured to.
     pub token: String,
+    /// rim extension: more rooms to join at once besides `room_id` (`type://id` each).
+    pub rooms: Vec<String>,
 }
 
 /// Body of op 8 AuthReply (goim clients ignore it).
@@ -31,6 +33,9 @@ pub struct AuthReplyBody {
     pub key: String,
     /// Room joined, or empty.
     pub room_id: String,
+    /// rim extension: every room joined (`room_id` first); absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rooms: Vec<String>,
     /// Heartbeat interval the client should keep, in seconds.
     pub heartbeat: u32,
     /// rim extension: when the session ends unless the client sends a fresh token with op 22
@@ -85,7 +90,7 @@ pub struct ChatBody {
     pub data: serde_json::Value,
 }
 
-/// Body of op 18 RoomEvent.
+/// Body of op 24 RoomEvent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomEventBody {
     /// `join` (the user's first session entered the room) or `leave` (its last one left).

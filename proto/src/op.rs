@@ -36,9 +36,18 @@ pub const SUB_REPLY: i32 = 15;
 pub const UNSUB: i32 = 16;
 /// Reply to [`UNSUB`].
 pub const UNSUB_REPLY: i32 = 17;
-/// rim extension, server → client: a member joined or left the session's room
+/// rim extension, client → server: join a room besides the ones the session is in (body: the
+/// room id). A session is in at most `session.max_rooms` rooms.
+pub const JOIN_ROOM: i32 = 18;
+/// Reply to [`JOIN_ROOM`]: the body echoed, or `{"error":"..."}`.
+pub const JOIN_ROOM_REPLY: i32 = 19;
+/// rim extension, client → server: leave one room, staying in the others (body: the room id).
+pub const LEAVE_ROOM: i32 = 20;
+/// Reply to [`LEAVE_ROOM`]: the body echoed, or `{"error":"..."}`.
+pub const LEAVE_ROOM_REPLY: i32 = 21;
+/// rim extension, server → client: a member joined or left one of the session's rooms
 /// (body [`crate::msg::RoomEventBody`]). Sent only for room types configured for it.
-pub const ROOM_EVENT: i32 = 18;
+pub const ROOM_EVENT: i32 = 24;
 /// rim extension, client → server: a fresh token for the live session (body: the token), so it
 /// is not closed with op 6 `token expired` when the one it authenticated with expires.
 pub const REFRESH_TOKEN: i32 = 22;
@@ -69,6 +78,10 @@ pub fn name(op: i32) -> &'static str {
         SUB_REPLY => "SubReply",
         UNSUB => "Unsub",
         UNSUB_REPLY => "UnsubReply",
+        JOIN_ROOM => "JoinRoom",
+        JOIN_ROOM_REPLY => "JoinRoomReply",
+        LEAVE_ROOM => "LeaveRoom",
+        LEAVE_ROOM_REPLY => "LeaveRoomReply",
         ROOM_EVENT => "RoomEvent",
         REFRESH_TOKEN => "RefreshToken",
         REFRESH_TOKEN_REPLY => "RefreshTokenReply",

@@ -151,6 +151,9 @@ pub struct ConnectReply {
     /// not `open` (see docs/security.md, room permissions).
     #[serde(default)]
     pub guarded_room_types: Vec<String>,
+    /// Every room joined at connect: `room` first, then Auth's `rooms` (no repeats).
+    #[serde(default)]
+    pub rooms: Vec<RoomId>,
 }
 
 /// What a verified client token grants beyond its mid.
@@ -280,6 +283,10 @@ pub trait LogicRpc {
         from: Option<RoomId>,
         to: Option<RoomId>,
     ) -> Result<(), LogicError>;
+    /// A session joined `room` besides the rooms it is in (JoinRoom): counted in its members.
+    async fn join_room(session: SessionRef, room: RoomId) -> Result<(), LogicError>;
+    /// A session left `room` (LeaveRoom), staying in its other rooms.
+    async fn leave_room(session: SessionRef, room: RoomId) -> Result<(), LogicError>;
     /// Whether a session holding `grant` may join `room` (asked before a ChangeRoom into a room
     /// of a guarded type); `Forbidden` names the reason.
     async fn check_join(

@@ -180,26 +180,6 @@ async fn direct_messages_can_be_turned_off() {
     cluster.stop().await;
 }
 
-/// Members of `room` as `(mid, sessions)`, sorted, and the count.
-async fn members(cluster: &Cluster, room: &str) -> (Vec<(i64, i64)>, i64) {
-    let enc: String = form_urlencoded::byte_serialize(room.as_bytes()).collect();
-    let r = cluster
-        .api
-        .get(&format!("/rim/rooms/{enc}/members?limit=100"))
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    let mut m: Vec<(i64, i64)> = r.data()["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (m["mid"].as_i64().unwrap(), m["sessions"].as_i64().unwrap()))
-        .collect();
-    m.sort();
-    (m, r.data()["count"].as_i64().unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn member_and_session_listings_follow_joins_room_changes_and_leaves() {
     let cluster = Cluster::start_with(Options {
@@ -211,14 +191,14 @@ async fn member_and_session_listings_follow_joins_room_changes_and_leaves() {
     let mut a1 = cluster
         .client(A, Transport::WsBinary, 1, room, &[1000])
         .await;
-    assert_eq!(members(&cluster, room).await, (vec![(1, 1)], 1));
-    // Join events (op 18) go to the whole room, the joiner included.
+    assert_eq!(cluster.members(room).await, (vec![(1, 1)], 1));
+    // Join events (op 24) go to the whole room, the joiner included.
     let ev = a1.recv_op(op::ROOM_EVENT).await.unwrap();
     assert_eq!(body(&ev), json!({"event": "join", "mid": 1, "room": room}));
 
-    // A second user joins on the other comet: listed, and a join event (op 18) reaches a1.
+    // A second user joins on the other comet: listed, and a join event (op 24) reaches a1.
     let b = cluster.client(B, Transport::Tcp, 2, room, &[1000]).await;
-    assert_eq!(members(&cluster, room).await, (vec![(1, 1), (2, 1)], 2));
+    assert_eq!(cluster.members(room).await, (vec![(1, 1), (2, 1)], 2));
     let ev = a1.recv_op(op::ROOM_EVENT).await.unwrap();
     assert_eq!(body(&ev), json!({"event": "join", "mid": 2, "room": room}));
 
@@ -228,7 +208,7 @@ async fn member_and_session_listings_follow_joins_room_changes_and_leaves() {
         .await
         .unwrap();
     a2.recv_op(op::CHANGE_ROOM_REPLY).await.unwrap();
-    assert_eq!(members(&cluster, room).await, (vec![(1, 2), (2, 1)], 2));
+    assert_eq!(cluster.members(room).await, (vec![(1, 2), (2, 1)], 2));
 
     let sessions = cluster
         .api
@@ -262,15 +242,12 @@ async fn member_and_session_listings_follow_joins_room_changes_and_leaves() {
         .await
         .unwrap();
     a2.recv_op(op::CHANGE_ROOM_REPLY).await.unwrap();
-    assert_eq!(members(&cluster, room).await, (vec![(1, 1), (2, 1)], 2));
+    assert_eq!(cluster.members(room).await, (vec![(1, 1), (2, 1)], 2));
     b.close().await;
     let ev = a1.recv_op(op::ROOM_EVENT).await.unwrap();
     assert_eq!(body(&ev), json!({"event": "leave", "mid": 2, "room": room}));
-    assert_eq!(members(&cluster, room).await, (vec![(1, 1)], 1));
-    assert_eq!(
-        members(&cluster, "chat://elsewhere").await,
-        (vec![(1, 1)], 1)
-    );
+    assert_eq!(cluster.members(room).await, (vec![(1, 1)], 1));
+    assert_eq!(cluster.members("chat://elsewhere").await, (vec![(1, 1)], 1));
     cluster.stop().await;
 }
 

@@ -264,7 +264,7 @@ pub struct ChatConfig {
     pub echo_to_sender: bool,
     /// Largest `data` payload (JSON text) in bytes.
     pub max_data_bytes: usize,
-    /// Room types whose rooms get join/leave events (op 18). Empty = off: big rooms would drown.
+    /// Room types whose rooms get join/leave events (op 24). Empty = off: big rooms would drown.
     pub presence_room_types: Vec<String>,
 }
 

@@ -77,13 +77,35 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// A room and how many of one user's sessions are in it after a change.
 pub type RoomCount = (String, u64);
 
-/// How one user's room membership changed in one store operation.
+/// How one user's room membership changed in one store operation: only rooms where the session
+/// was actually counted in or out (a retried step counts nothing twice, so it reports nothing).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Membership {
-    /// Room the user's session left, with that user's sessions remaining there.
-    pub left: Option<RoomCount>,
-    /// Room the user's session joined, with that user's sessions now there.
-    pub joined: Option<RoomCount>,
+    /// Rooms the user's session left, each with that user's sessions remaining there.
+    pub left: Vec<RoomCount>,
+    /// Rooms the user's session joined, each with that user's sessions now there.
+    pub joined: Vec<RoomCount>,
+}
+
+/// A change to the rooms a session is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomChange<'a> {
+    /// Exactly these rooms, in this order (ChangeRoom: one room or none).
+    Set(&'a [RoomId]),
+    /// This room besides the others (JoinRoom); at the end of the list.
+    Join(&'a RoomId),
+    /// Out of this room (LeaveRoom).
+    Leave(&'a RoomId),
+}
+
+/// How a session's rooms are stored in its hash: space-separated (room ids hold no whitespace).
+pub fn join_rooms(rooms: &[String]) -> String {
+    rooms.join(" ")
+}
+
+/// The rooms of a session hash's `rooms` field (see [`join_rooms`]).
+pub fn split_rooms(field: &str) -> Vec<String> {
+    field.split_whitespace().map(str::to_string).collect()
 }
 
 /// What is stored about a session key before it is (re)registered.
@@ -112,8 +134,8 @@ pub struct Registration {
     pub since_ms: u64,
     /// Lifetime of the session and of its user's session index, renewed by heartbeats.
     pub ttl_secs: u64,
-    /// Room joined at connect.
-    pub room: Option<RoomId>,
+    /// Rooms joined at connect (Auth's `room_id` first, then its `rooms`).
+    pub rooms: Vec<RoomId>,
     /// The key was registered on another comet, which must drop it: the key leaves that comet's
     /// session set and this job (a kick) is appended to partition `.0` first.
     pub replaces: Option<Replaced>,
@@ -135,7 +157,7 @@ pub struct Replaced {
 pub struct Registered {
     /// Owner of the replaced session hash, if there was one (as stored).
     pub old_mid: Option<String>,
-    /// Room the replaced session was counted in (left by `old_mid`), and the room joined.
+    /// Rooms the replaced session was counted out of (left by `old_mid`), and the rooms joined.
     pub membership: Membership,
 }
 
@@ -144,18 +166,20 @@ pub struct Registered {
 pub struct Dropped {
     /// Owner, when stored and readable.
     pub mid: Option<i64>,
-    /// Room the owner left, when the session was counted in one.
+    /// Rooms the owner left, where the session was counted.
     pub membership: Membership,
 }
 
-/// A session that moved between rooms.
+/// A session whose rooms changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Moved {
     /// Owner, when readable.
     pub mid: Option<i64>,
-    /// Room it was counted in before ("" = none).
-    pub from: String,
-    /// The counts after the move.
+    /// Rooms it was in before, as stored.
+    pub from: Vec<String>,
+    /// Rooms it is in now.
+    pub to: Vec<String>,
+    /// The counts after the change.
     pub membership: Membership,
 }
 
@@ -170,15 +194,15 @@ pub struct SessionDetails {
     pub platform: String,
     /// Registration time (unix ms), 0 = unknown.
     pub since_ms: u64,
-    /// Room it is counted in.
-    pub room: Option<String>,
+    /// Rooms it is counted in (ChangeRoom's or Auth's `room_id` first).
+    pub rooms: Vec<String>,
 }
 
 /// Sessions, their owners' session indexes, comets' session sets and room member counts.
 ///
 /// Rules:
 /// * A room's member count for a user (`rim:room:{room}:members`, mid → sessions) changes only
-///   in [`SessionStore::register`], [`SessionStore::move_room`] and
+///   in [`SessionStore::register`], [`SessionStore::change_rooms`] and
 ///   [`SessionStore::drop_session`], by counting a session key in or out of the room once
 ///   (`rim:room:{room}:keys`), so a count is the number of that user's sessions counted in the
 ///   room; it never goes below 0 and a user whose count reaches 0 is no longer listed.
@@ -204,13 +228,14 @@ pub trait SessionStore: Send + Sync {
     /// Removes `key` from `mid`'s index (if it points at `server`) and from `server`'s set:
     /// the part of a disconnect that must happen even when the session itself expired.
     async fn unlink(&self, mid: i64, server: &str, key: &str) -> StoreResult<()>;
-    /// Moves `key`'s membership from its stored room to `to` if `server` holds it; `None` when
-    /// it does not (the move is ignored).
-    async fn move_room(
+    /// Changes `key`'s rooms (counting it out of the rooms it leaves, into those it joins) if
+    /// `server` holds it; `None` when it does not (the change is ignored). What it leaves is
+    /// decided by the rooms stored for it (what was counted), not by the caller's view.
+    async fn change_rooms(
         &self,
         server: &str,
         key: &str,
-        to: Option<&RoomId>,
+        change: RoomChange<'_>,
     ) -> StoreResult<Option<Moved>>;
     /// Renews `key` (re-creating it without a room and with `since` 0 when Redis lost it) unless
     /// it moved to another comet; returns whether it is `server`'s.

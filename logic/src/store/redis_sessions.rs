@@ -14,11 +14,10 @@ use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use rim_proto::keys;
-use rim_proto::room::RoomId;
 
 use super::{
-    Dropped, Membership, Moved, RedisConn, Registered, Registration, RoomCount, SessionDetails,
-    SessionHead, SessionStore, StoreResult,
+    Dropped, Membership, Moved, RedisConn, Registered, Registration, RoomChange, RoomCount,
+    SessionDetails, SessionHead, SessionStore, StoreResult, join_rooms, split_rooms,
 };
 
 /// Counts one session into a room, once: the session key is recorded in the room's
@@ -53,14 +52,17 @@ return {mid, n}
 });
 
 /// Drops one session if it still belongs to `server` (a reconnect elsewhere must survive).
-/// KEYS[1] = session hash; ARGV = server. Returns {dropped 0/1, mid, room}.
+/// KEYS[1] = session hash; ARGV = server. Returns {dropped 0/1, mid, rooms}.
+///
+/// A session's rooms are the hash's `rooms` field, space-separated (`join_rooms`); hashes
+/// written before sessions could be in several rooms hold one `room` instead, read the same way.
 static DROP_SESSION: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
-local h = redis.call('HMGET', KEYS[1], 'server', 'mid', 'room')
+local h = redis.call('HMGET', KEYS[1], 'server', 'mid', 'rooms', 'room')
 if h[1] == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  return {1, h[2] or '', h[3] or ''}
+  return {1, h[2] or '', h[3] or h[4] or ''}
 end
 return {0, '', ''}
 "#,
@@ -68,41 +70,60 @@ return {0, '', ''}
 });
 
 /// Writes a (new or replacing) session hash. KEYS[1] = session hash; ARGV = mid, server,
-/// platform, since, ttl secs, room ('' = none). Returns {old mid or '', old room or ''}.
+/// platform, since, ttl secs, rooms ('' = none). Returns {old mid or '', old rooms or ''}.
 static CONNECT_SESSION: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
-local old = redis.call('HMGET', KEYS[1], 'mid', 'room')
+local old = redis.call('HMGET', KEYS[1], 'mid', 'rooms', 'room')
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'mid', ARGV[1], 'server', ARGV[2], 'platform', ARGV[3], 'since', ARGV[4])
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'room', ARGV[6]) end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'rooms', ARGV[6]) end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-return {old[1] or '', old[2] or ''}
+return {old[1] or '', old[2] or old[3] or ''}
 "#,
     )
 });
 
-/// Sets a session's room (ChangeRoom), if it is still registered on the calling comet; the room
-/// it leaves is the one stored in its hash (what was counted), not the caller's claim.
-/// KEYS[1] = session hash; ARGV = server, new room ('' = none).
-/// Returns {applied 0/1, mid, old room}.
-static ROOM_MOVE: LazyLock<redis::Script> = LazyLock::new(|| {
+/// Changes a session's rooms, if it is still registered on the calling comet, as
+/// the memory store's twin does: `set` replaces them, `join` appends one not there yet, `leave`
+/// removes one. What it leaves is decided by the stored rooms (what was counted), not by the
+/// caller's view. KEYS[1] = session hash; ARGV = server, `set`|`join`|`leave`, rooms
+/// (space-separated for `set`, one otherwise). Returns {applied 0/1, mid, rooms before, after}.
+static ROOMS_CHANGE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
-local h = redis.call('HMGET', KEYS[1], 'server', 'mid', 'room')
-if h[1] ~= ARGV[1] or not h[2] then return {0, '', ''} end
-if ARGV[2] == '' then redis.call('HDEL', KEYS[1], 'room')
-else redis.call('HSET', KEYS[1], 'room', ARGV[2]) end
-return {1, h[2], h[3] or ''}
+local h = redis.call('HMGET', KEYS[1], 'server', 'mid', 'rooms', 'room')
+if h[1] ~= ARGV[1] or not h[2] then return {0, '', '', ''} end
+local stored = h[3] or h[4] or ''
+local list = {}
+local function has(r)
+  for _, x in ipairs(list) do if x == r then return true end end
+  return false
+end
+if ARGV[2] == 'set' then
+  for r in string.gmatch(ARGV[3], '%S+') do
+    if not has(r) then table.insert(list, r) end
+  end
+else
+  for r in string.gmatch(stored, '%S+') do
+    if not (ARGV[2] == 'leave' and r == ARGV[3]) then table.insert(list, r) end
+  end
+  if ARGV[2] == 'join' and not has(ARGV[3]) then table.insert(list, ARGV[3]) end
+end
+local after = table.concat(list, ' ')
+redis.call('HDEL', KEYS[1], 'room')
+if after == '' then redis.call('HDEL', KEYS[1], 'rooms')
+else redis.call('HSET', KEYS[1], 'rooms', after) end
+return {1, h[2], stored, after}
 "#,
     )
 });
 
 /// Renews a session, re-creating it if Redis lost it (restart), unless it moved to another comet.
 ///
-/// A re-created hash holds only what the heartbeat knows. It gets no `room`: the session is then
+/// A re-created hash holds only what the heartbeat knows. It gets no `rooms`: the session is then
 /// not counted in any room's members (a Redis that lost the hash lost the member hashes too),
-/// and a hash without `room` is never counted out at disconnect, so counts stay consistent.
+/// and a hash without `rooms` is never counted out at disconnect, so counts stay consistent.
 /// Its `since` is `0`, meaning unknown: the session's real registration time is only known to
 /// the comet, and a made-up one would make a later kick name a session that never existed.
 /// KEYS[1] = session hash; ARGV = server, mid, ttl secs. Returns 1 when the session is `server`'s.
@@ -165,6 +186,27 @@ impl RedisConn {
         Ok((mid, counted(room.to_string(), n)))
     }
 
+    /// Counts `key` (of `mid`) into each of `rooms`, concurrently (each room is its own slot);
+    /// the rooms where it was counted now.
+    async fn join_all(&self, rooms: &[String], key: &str, mid: i64) -> StoreResult<Vec<RoomCount>> {
+        let joins = rooms.iter().map(|r| self.join(r, key, mid));
+        Ok(futures::future::try_join_all(joins)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// Counts `key` out of each of `rooms`; the rooms where it was counted until now.
+    async fn leave_all(&self, rooms: &[String], key: &str) -> StoreResult<Vec<RoomCount>> {
+        let leaves = rooms.iter().map(|r| self.leave(r, key));
+        Ok(futures::future::try_join_all(leaves)
+            .await?
+            .into_iter()
+            .filter_map(|(_, left)| left)
+            .collect())
+    }
+
     /// Points `mid`'s index at `server` for `key` and puts `key` in `server`'s set.
     async fn index(&self, mid: i64, key: &str, server: &str, ttl_secs: u64) -> StoreResult<()> {
         let mkey = keys::mid_sessions(mid);
@@ -221,35 +263,42 @@ impl SessionStore for RedisConn {
                 .to_owned();
             let _: Vec<redis::Value> = self.each(vec![kick, unset]).await?;
         }
-        let room = reg.room.as_ref().map(RoomId::as_str).unwrap_or_default();
+        let rooms: Vec<String> = reg.rooms.iter().map(|r| r.to_string()).collect();
+        let joined_rooms = join_rooms(&rooms);
         let (mid, since, ttl) = (
             reg.mid.to_string(),
             reg.since_ms.to_string(),
             reg.ttl_secs.to_string(),
         );
-        let (old_mid, old_room): (String, String) = self
+        let (old_mid, old_rooms): (String, String) = self
             .script(
                 &CONNECT_SESSION,
                 &[&keys::session(&reg.key)],
-                &[&mid, &reg.server, &reg.platform, &since, &ttl, room],
+                &[
+                    &mid,
+                    &reg.server,
+                    &reg.platform,
+                    &since,
+                    &ttl,
+                    &joined_rooms,
+                ],
             )
             .await?;
         let index = self.index(reg.mid, &reg.key, &reg.server, reg.ttl_secs);
-        // The replaced session's room is counted out unless the same user stays in it.
-        let stays = old_mid == mid && old_room == room;
-        let left = async {
-            match stays {
-                true => Ok((String::new(), None)),
-                false => self.leave(&old_room, &reg.key).await,
-            }
+        // The replaced session is counted out of its rooms, except those the same user stays in.
+        let old_rooms = split_rooms(&old_rooms);
+        let gone: Vec<String> = old_rooms
+            .into_iter()
+            .filter(|r| old_mid != mid || !rooms.contains(r))
+            .collect();
+        // Out before in: a room both left (by another user's copy of the key) and joined must
+        // see the key counted out before it can be counted in again.
+        let counts = async {
+            let left = self.leave_all(&gone, &reg.key).await?;
+            let joined = self.join_all(&rooms, &reg.key, reg.mid).await?;
+            Ok::<_, super::StoreError>((left, joined))
         };
-        let joined = async {
-            match room {
-                "" => Ok(None),
-                r => self.join(r, &reg.key, reg.mid).await,
-            }
-        };
-        let ((), (_, left), joined) = futures::try_join!(index, left, joined)?;
+        let ((), (left, joined)) = futures::try_join!(index, counts)?;
         Ok(Registered {
             old_mid: (!old_mid.is_empty()).then_some(old_mid),
             membership: Membership { left, joined },
@@ -257,7 +306,7 @@ impl SessionStore for RedisConn {
     }
 
     async fn drop_session(&self, server: &str, key: &str) -> StoreResult<Option<Dropped>> {
-        let (dropped, mid, room): (i64, String, String) = self
+        let (dropped, mid, rooms): (i64, String, String) = self
             .script(&DROP_SESSION, &[&keys::session(key)], &[server])
             .await?;
         if dropped != 1 {
@@ -274,10 +323,14 @@ impl SessionStore for RedisConn {
                 None => Ok(()),
             }
         };
-        let ((), (_, left)) = futures::try_join!(unindex, self.leave(&room, key))?;
+        let rooms = split_rooms(&rooms);
+        let ((), left) = futures::try_join!(unindex, self.leave_all(&rooms, key))?;
         Ok(Some(Dropped {
             mid,
-            membership: Membership { left, joined: None },
+            membership: Membership {
+                left,
+                joined: Vec::new(),
+            },
         }))
     }
 
@@ -294,38 +347,40 @@ impl SessionStore for RedisConn {
         Ok(())
     }
 
-    async fn move_room(
+    async fn change_rooms(
         &self,
         server: &str,
         key: &str,
-        to: Option<&RoomId>,
+        change: RoomChange<'_>,
     ) -> StoreResult<Option<Moved>> {
-        let to_s = to.map(RoomId::as_str).unwrap_or_default();
-        let (applied, mid, from): (i64, String, String) = self
-            .script(&ROOM_MOVE, &[&keys::session(key)], &[server, to_s])
+        let (mode, arg) = match change {
+            RoomChange::Set(rooms) => (
+                "set",
+                join_rooms(&rooms.iter().map(|r| r.to_string()).collect::<Vec<_>>()),
+            ),
+            RoomChange::Join(room) => ("join", room.to_string()),
+            RoomChange::Leave(room) => ("leave", room.to_string()),
+        };
+        let (applied, mid, before, after): (i64, String, String, String) = self
+            .script(&ROOMS_CHANGE, &[&keys::session(key)], &[server, mode, &arg])
             .await?;
         if applied == 0 {
             return Ok(None);
         }
         let mid_n: Option<i64> = mid.parse().ok();
-        if from == to_s {
-            return Ok(Some(Moved {
-                mid: mid_n,
-                from,
-                membership: Membership::default(),
-            }));
-        }
-        let joined = async {
-            match (to_s, mid_n) {
-                ("", _) | (_, None) => Ok(None),
-                (r, Some(m)) => self.join(r, key, m).await,
-            }
+        let (from, to) = (split_rooms(&before), split_rooms(&after));
+        let gone: Vec<String> = from.iter().filter(|r| !to.contains(r)).cloned().collect();
+        let new: Vec<String> = match mid_n {
+            Some(_) => to.iter().filter(|r| !from.contains(r)).cloned().collect(),
+            None => Vec::new(),
         };
-        let ((_, left), joined) = futures::try_join!(self.leave(&from, key), joined)?;
+        let joined = self.join_all(&new, key, mid_n.unwrap_or_default());
+        let (left, joined) = futures::try_join!(self.leave_all(&gone, key), joined)?;
         Ok(Some(Moved {
             mid: mid_n,
-            membership: Membership { left, joined },
             from,
+            to,
+            membership: Membership { left, joined },
         }))
     }
 
@@ -389,7 +444,11 @@ impl SessionStore for RedisConn {
                 server: h.remove("server"),
                 platform: h.remove("platform").unwrap_or_default(),
                 since_ms: h.get("since").and_then(|s| s.parse().ok()).unwrap_or(0),
-                room: h.remove("room"),
+                rooms: split_rooms(
+                    &h.remove("rooms")
+                        .or_else(|| h.remove("room"))
+                        .unwrap_or_default(),
+                ),
             })
             .collect())
     }

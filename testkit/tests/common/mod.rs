@@ -172,6 +172,26 @@ impl Cluster {
             .expect("client connects")
     }
 
+    /// Members of `room` as `(mid, sessions)`, sorted, and the count (`/rim/rooms/{room}/members`).
+    pub async fn members(&self, room: &str) -> (Vec<(i64, i64)>, i64) {
+        let enc: String = form_urlencoded::byte_serialize(room.as_bytes()).collect();
+        let r = self
+            .api
+            .get(&format!("/rim/rooms/{enc}/members?limit=100"))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        let mut m: Vec<(i64, i64)> = r.data()["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["mid"].as_i64().unwrap(), m["sessions"].as_i64().unwrap()))
+            .collect();
+        m.sort();
+        (m, r.data()["count"].as_i64().unwrap())
+    }
+
     /// Waits until every accepted push has been confirmed by the comets it was routed to.
     pub async fn wait_drained(&self) {
         let redis = &self.redis;

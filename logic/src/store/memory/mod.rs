@@ -9,12 +9,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rim_proto::job::PushJob;
-use rim_proto::room::RoomId;
 use rim_proto::rpc::NodeInfo;
 use tokio::time::Instant;
 
 use super::{
-    Dropped, Membership, Moved, Registered, Registration, SessionDetails, SessionHead,
+    Dropped, Membership, Moved, Registered, Registration, RoomChange, SessionDetails, SessionHead,
     SessionStore, StoreResult,
 };
 
@@ -27,7 +26,7 @@ pub(crate) struct SessionRecord {
     pub(crate) server: String,
     pub(crate) platform: String,
     pub(crate) since_ms: u64,
-    pub(crate) room: Option<String>,
+    pub(crate) rooms: Vec<String>,
     until: Instant,
 }
 
@@ -108,6 +107,22 @@ impl State {
         *n
     }
 
+    /// Counts `mid` out of each of `rooms`: the rooms it was counted in, with its count left.
+    fn leave_all(&mut self, rooms: &[String], mid: &str) -> Vec<(String, u64)> {
+        rooms
+            .iter()
+            .filter_map(|r| counted(r, self.mem_dec(r, mid)))
+            .collect()
+    }
+
+    /// Counts `mid` into each of `rooms`, with its count now.
+    fn join_all(&mut self, rooms: &[String], mid: &str) -> Vec<(String, u64)> {
+        rooms
+            .iter()
+            .filter_map(|r| counted(r, self.mem_inc(r, mid)))
+            .collect()
+    }
+
     /// -1 when there was nothing to decrement; a count reaching 0 is removed.
     fn mem_dec(&mut self, room: &str, mid: &str) -> i64 {
         let Some(counts) = self.members.get_mut(room) else {
@@ -128,6 +143,34 @@ impl State {
 
 fn counted(room: &str, n: i64) -> Option<(String, u64)> {
     (!room.is_empty() && n >= 0).then(|| (room.to_string(), n.unsigned_abs()))
+}
+
+/// The session's rooms after `change`, from `before` (duplicates never added): what the Redis
+/// store's `ROOMS_CHANGE` script computes.
+fn rooms_after(change: RoomChange<'_>, before: &[String]) -> Vec<String> {
+    match change {
+        RoomChange::Set(rooms) => {
+            let mut out: Vec<String> = Vec::with_capacity(rooms.len());
+            for r in rooms {
+                if !out.iter().any(|o| o == r.as_str()) {
+                    out.push(r.to_string());
+                }
+            }
+            out
+        }
+        RoomChange::Join(room) => {
+            let mut out = before.to_vec();
+            if !out.iter().any(|o| o == room.as_str()) {
+                out.push(room.to_string());
+            }
+            out
+        }
+        RoomChange::Leave(room) => before
+            .iter()
+            .filter(|o| *o != room.as_str())
+            .cloned()
+            .collect(),
+    }
 }
 
 fn secs(ttl_secs: u64) -> Instant {
@@ -226,26 +269,24 @@ impl SessionStore for Memory {
             .or_default()
             .insert(reg.key.clone());
         let mid = reg.mid.to_string();
-        let room = reg
-            .room
-            .as_ref()
-            .map(|r| r.as_str().to_string())
-            .unwrap_or_default();
+        let rooms = rooms_after(RoomChange::Set(&reg.rooms), &[]);
         let old = st
             .session(&reg.key)
-            .map(|s| (s.mid.clone(), s.room.clone()));
-        let (mut old_room, mut left, mut joined) = (String::new(), -1, -1);
-        let unchanged = old
-            .as_ref()
-            .is_some_and(|(m, r)| *m == mid && r.as_deref() == Some(room.as_str()));
-        if !unchanged {
-            if let Some((om, Some(or))) = &old {
-                old_room = or.clone();
-                left = st.mem_dec(or, om);
+            .map(|s| (s.mid.clone(), s.rooms.clone()));
+        let mut membership = Membership::default();
+        match &old {
+            // The same user's re-registration stays counted in the rooms it keeps.
+            Some((om, or)) if *om == mid => {
+                let gone: Vec<String> = or.iter().filter(|r| !rooms.contains(r)).cloned().collect();
+                let new: Vec<String> = rooms.iter().filter(|r| !or.contains(r)).cloned().collect();
+                membership.left = st.leave_all(&gone, om);
+                membership.joined = st.join_all(&new, &mid);
             }
-            if !room.is_empty() {
-                joined = st.mem_inc(&room, &mid);
+            Some((om, or)) => {
+                membership.left = st.leave_all(or, om);
+                membership.joined = st.join_all(&rooms, &mid);
             }
+            None => membership.joined = st.join_all(&rooms, &mid),
         }
         st.sessions.insert(
             reg.key.clone(),
@@ -254,16 +295,13 @@ impl SessionStore for Memory {
                 server: reg.server.clone(),
                 platform: reg.platform.clone(),
                 since_ms: reg.since_ms,
-                room: (!room.is_empty()).then(|| room.clone()),
+                rooms,
                 until,
             },
         );
         Ok(Registered {
             old_mid: old.map(|(m, _)| m),
-            membership: Membership {
-                left: counted(&old_room, left),
-                joined: counted(&room, joined),
-            },
+            membership,
         })
     }
 
@@ -273,21 +311,18 @@ impl SessionStore for Memory {
             return Ok(None);
         };
         st.sessions.remove(key);
-        let mut left = -1;
         if let Ok(mid) = s.mid.parse::<i64>()
             && let Some(index) = st.mid_index(mid)
             && index.get(key).map(String::as_str) == Some(server)
         {
             index.remove(key);
         }
-        if let Some(room) = &s.room {
-            left = st.mem_dec(room, &s.mid);
-        }
+        let left = st.leave_all(&s.rooms, &s.mid);
         Ok(Some(Dropped {
             mid: s.mid.parse().ok(),
             membership: Membership {
-                left: counted(s.room.as_deref().unwrap_or_default(), left),
-                joined: None,
+                left,
+                joined: Vec::new(),
             },
         }))
     }
@@ -305,41 +340,41 @@ impl SessionStore for Memory {
         Ok(())
     }
 
-    async fn move_room(
+    async fn change_rooms(
         &self,
         server: &str,
         key: &str,
-        to: Option<&RoomId>,
+        change: RoomChange<'_>,
     ) -> StoreResult<Option<Moved>> {
         let mut st = self.0.lock();
         let Some(s) = st.session(key).filter(|s| s.server == server).cloned() else {
             return Ok(None);
         };
-        let to = to.map(RoomId::as_str).unwrap_or_default();
-        let from = s.room.clone().unwrap_or_default();
-        let mut moved = Moved {
-            mid: s.mid.parse().ok(),
-            from: from.clone(),
-            membership: Membership::default(),
+        let to = rooms_after(change, &s.rooms);
+        let gone: Vec<String> = s
+            .rooms
+            .iter()
+            .filter(|r| !to.contains(r))
+            .cloned()
+            .collect();
+        let new: Vec<String> = to
+            .iter()
+            .filter(|r| !s.rooms.contains(r))
+            .cloned()
+            .collect();
+        let membership = Membership {
+            left: st.leave_all(&gone, &s.mid),
+            joined: st.join_all(&new, &s.mid),
         };
-        if from == to {
-            return Ok(Some(moved));
-        }
-        let (mut left, mut joined) = (-1, -1);
-        if !from.is_empty() {
-            left = st.mem_dec(&from, &s.mid);
-        }
-        if !to.is_empty() {
-            joined = st.mem_inc(to, &s.mid);
-        }
         if let Some(rec) = st.session(key) {
-            rec.room = (!to.is_empty()).then(|| to.to_string());
+            rec.rooms = to.clone();
         }
-        moved.membership = Membership {
-            left: counted(&from, left),
-            joined: counted(to, joined),
-        };
-        Ok(Some(moved))
+        Ok(Some(Moved {
+            mid: s.mid.parse().ok(),
+            from: s.rooms,
+            to,
+            membership,
+        }))
     }
 
     async fn heartbeat(
@@ -362,7 +397,7 @@ impl SessionStore for Memory {
                         server: server.to_string(),
                         platform: String::new(),
                         since_ms: 0,
-                        room: None,
+                        rooms: Vec::new(),
                         until,
                     },
                 );
@@ -405,7 +440,7 @@ impl SessionStore for Memory {
                     server: Some(s.server.clone()),
                     platform: s.platform.clone(),
                     since_ms: s.since_ms,
-                    room: s.room.clone(),
+                    rooms: s.rooms.clone(),
                 },
                 None => SessionDetails::default(),
             })
