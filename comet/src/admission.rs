@@ -171,6 +171,9 @@ pub(crate) async fn authenticate<C: Connection>(
         let r = r.trim();
         if !r.is_empty() && !asked.contains(&r) {
             asked.push(r);
+            if asked.len() > max {
+                break;
+            }
         }
     }
     if asked.len() > max {
@@ -220,7 +223,7 @@ pub(crate) async fn authenticate<C: Connection>(
         tracing::info!(key = %old.key, "same key authenticated again, replacing older session");
         old.out.close(CloseSpec::reason("replaced", 1000));
     }
-    // A logic that predates several rooms per session answers `room` only.
+    // A reply without `rooms` (a logic that names only `room`) joins that one room.
     let rooms: Vec<RoomId> = if reply.rooms.is_empty() {
         reply.room.iter().cloned().collect()
     } else {

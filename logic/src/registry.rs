@@ -126,7 +126,12 @@ impl App {
         // one outside the token's own `rooms` is an auth failure, as it always was.
         // `room_id` first, then the extra `rooms` (a repeat is the same room, joined once).
         let mut rooms: Vec<RoomId> = room.iter().cloned().collect();
+        // Blanks around an id are ignored and blank entries skipped, as the comet counts them.
         for (i, r) in a.rooms.iter().enumerate() {
+            let r = r.trim();
+            if r.is_empty() {
+                continue;
+            }
             let r =
                 RoomId::parse(r).map_err(|e| RpcError::BadRequest(format!("rooms[{i}]: {e}")))?;
             if !rooms.contains(&r) {
@@ -244,8 +249,9 @@ impl App {
         let Some(moved) = self.change_rooms(&s, RoomChange::Set(&to)).await? else {
             return Ok(());
         };
-        let claimed: Vec<String> = from.iter().map(|r| r.to_string()).collect();
-        if claimed != moved.from {
+        // The comet names the session's first room only.
+        let claimed = from.as_ref().map(RoomId::as_str);
+        if claimed != moved.from.first().map(String::as_str) {
             // The stored rooms are what was counted, so they win; a mismatch means a lost or
             // reordered notice from the comet.
             tracing::debug!(key = %s.key, stored = ?moved.from, ?claimed, "room change: stored rooms differ from the comet's");

@@ -155,6 +155,26 @@ async fn room_changes_move_the_count_and_only_the_holding_comet_may_move_it() {
     assert_eq!(mem.session("k").map(|s| s.rooms), Some(Vec::new()));
 }
 
+/// Auth's `rooms` besides `room_id`: joined in that order, a repeat once, blanks around an id
+/// ignored and blank entries skipped (as the comet counts them); a bad id is a bad request.
+#[tokio::test(start_paused = true)]
+async fn connect_joins_every_room_of_the_auth_body() {
+    let (app, mem) = app(Config::default());
+    let mut r = req("c1", 3, "k", "live://a");
+    r.auth.rooms = vec![" live://b ".into(), String::new(), "live://a".into()];
+    let reply = app.connect(r).await.expect("connect");
+    assert_eq!(reply.rooms, vec![room("live://a"), room("live://b")]);
+    assert_eq!(
+        mem.session("k").map(|s| s.rooms),
+        Some(vec!["live://a".to_string(), "live://b".to_string()])
+    );
+    assert_eq!(mem.members("live://b", 3), Some(1));
+    let mut bad = req("c1", 4, "k4", "");
+    bad.auth.rooms = vec!["nope".into()];
+    let e = app.connect(bad).await.expect_err("bad room id");
+    assert!(matches!(&e, RpcError::BadRequest(m) if m.starts_with("rooms[0]")), "{e:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn joins_and_leaves_count_a_session_once_per_room() {
     let (app, mem) = app(Config::default());

@@ -182,7 +182,7 @@ async function main() {
   await check("each sees the other in the member list", async () => {
     await Promise.all([seesMember(alice, bob.mid), seesMember(bob, alice.mid), seesMember(alice, alice.mid)]);
   });
-  await check("alice is told that bob joined (op 18 room event)", async () => {
+  await check("alice is told that bob joined (op 24 room event)", async () => {
     await alice.page
       .locator(`${byTestId("messages")} ${byTestId("notice")}`, { hasText: "bob joined the room" })
       .first()
