@@ -172,7 +172,10 @@ async fn connect_joins_every_room_of_the_auth_body() {
     let mut bad = req("c1", 4, "k4", "");
     bad.auth.rooms = vec!["nope".into()];
     let e = app.connect(bad).await.expect_err("bad room id");
-    assert!(matches!(&e, RpcError::BadRequest(m) if m.starts_with("rooms[0]")), "{e:?}");
+    assert!(
+        matches!(&e, RpcError::BadRequest(m) if m.starts_with("rooms[0]")),
+        "{e:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
