@@ -137,82 +137,47 @@ impl ClientOp {
                 let n = ctx.rooms.online_count(&ctx.buckets, s.room().as_ref());
                 Frame::new(op::HEARTBEAT_REPLY, seq, n.to_be_bytes().to_vec())
             }
+            // Room requests are awaited before replying: logic's membership is updated by the
+            // time the client sees op 13, 19 or 21.
             ClientOp::ChangeRoom { seq, body, to } => {
-                let reply = |body: Bytes| Frame::new(op::CHANGE_ROOM_REPLY, seq, body);
-                if !st.admit(ctx, s, "change room") {
-                    reply(error_body("rate limited"))
-                } else {
-                    let allowed = match to {
-                        Ok(to) => may_join(ctx, s, to.as_ref()).await.map(|()| to),
-                        Err(msg) => Err(msg),
-                    };
-                    match allowed {
-                        Ok(to) => {
-                            // Awaited before replying: logic's membership is updated once op 13
-                            // is seen.
-                            ctx.rooms.change(&ctx.buckets, s, to).await;
-                            reply(body)
-                        }
-                        Err(msg) => {
-                            st.log_refusal(s, "change room", &msg);
-                            reply(error_body(&msg))
-                        }
-                    }
-                }
+                let done = request(ctx, s, st, "change room", || async move {
+                    let to = to?;
+                    may_join(ctx, s, to.as_ref()).await?;
+                    ctx.rooms.change(&ctx.buckets, s, to).await;
+                    Ok(())
+                })
+                .await;
+                echo_or_error(op::CHANGE_ROOM_REPLY, seq, body, done)
             }
             ClientOp::JoinRoom { seq, body, room } => {
-                let reply = |body: Bytes| Frame::new(op::JOIN_ROOM_REPLY, seq, body);
-                if !st.admit(ctx, s, "join room") {
-                    reply(error_body("rate limited"))
-                } else {
-                    match may_enter(ctx, s, room).await {
-                        Ok(room) => {
-                            // Awaited before replying, like ChangeRoom.
-                            ctx.rooms.enter(&ctx.buckets, s, room).await;
-                            reply(body)
-                        }
-                        Err(msg) => {
-                            st.log_refusal(s, "join room", &msg);
-                            reply(error_body(&msg))
-                        }
-                    }
-                }
+                let done = request(ctx, s, st, "join room", || async move {
+                    let room = may_enter(ctx, s, room).await?;
+                    ctx.rooms.enter(&ctx.buckets, s, room).await;
+                    Ok(())
+                })
+                .await;
+                echo_or_error(op::JOIN_ROOM_REPLY, seq, body, done)
             }
             ClientOp::LeaveRoom { seq, body, room } => {
-                let reply = |body: Bytes| Frame::new(op::LEAVE_ROOM_REPLY, seq, body);
-                if !st.admit(ctx, s, "leave room") {
-                    reply(error_body("rate limited"))
-                } else {
-                    match room {
-                        Ok(room) => {
-                            ctx.rooms.exit(&ctx.buckets, s, room).await;
-                            reply(body)
-                        }
-                        Err(msg) => {
-                            st.log_refusal(s, "leave room", &msg);
-                            reply(error_body(&msg))
-                        }
-                    }
-                }
+                let done = request(ctx, s, st, "leave room", || async move {
+                    ctx.rooms.exit(&ctx.buckets, s, room?).await;
+                    Ok(())
+                })
+                .await;
+                echo_or_error(op::LEAVE_ROOM_REPLY, seq, body, done)
             }
             ClientOp::Sub { seq, body, ops } => filter(ctx, s, st, true, seq, body, ops),
             ClientOp::Unsub { seq, body, ops } => filter(ctx, s, st, false, seq, body, ops),
             ClientOp::RefreshToken { seq, token } => {
-                let body = if !st.admit(ctx, s, "refresh token") {
-                    error_body("rate limited")
-                } else {
-                    match refresh(ctx, s, token).await {
+                let body =
+                    match request(ctx, s, st, "refresh token", || refresh(ctx, s, token)).await {
                         Ok(expires_ms) => {
                             serde_json::to_vec(&serde_json::json!({ "expires_ms": expires_ms }))
                                 .unwrap_or_default()
                                 .into()
                         }
-                        Err(msg) => {
-                            st.log_refusal(s, "refresh token", &msg);
-                            error_body(&msg)
-                        }
-                    }
-                };
+                        Err(msg) => error_body(&msg),
+                    };
                 Frame::new(op::REFRESH_TOKEN_REPLY, seq, body)
             }
             ClientOp::SendMsg { seq, msg } => {
@@ -350,15 +315,41 @@ fn filter(
     } else {
         (op::UNSUB_REPLY, "unsub")
     };
+    let done = if st.admit(ctx, s, what) {
+        ops.and_then(|ops| s.set_accepts(&ops, accept))
+            .inspect_err(|msg| st.log_refusal(s, what, msg))
+    } else {
+        Err(RATE_LIMITED.into())
+    };
+    echo_or_error(reply_op, seq, body, done)
+}
+
+/// Refusal text of a request over the session's rate limit.
+const RATE_LIMITED: &str = "rate limited";
+
+/// Runs a request that may wait on logic (`act`, which checks it and carries it out) if the
+/// session's rate limit has a token for it; a refusal is logged (see [`FrameState`]).
+async fn request<T, Fut>(
+    ctx: &Ctx,
+    s: &Session,
+    st: &mut FrameState,
+    what: &str,
+    act: impl FnOnce() -> Fut,
+) -> Result<T, String>
+where
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     if !st.admit(ctx, s, what) {
-        return Frame::new(reply_op, seq, error_body("rate limited"));
+        return Err(RATE_LIMITED.into());
     }
-    match ops.and_then(|ops| s.set_accepts(&ops, accept)) {
+    act().await.inspect_err(|msg| st.log_refusal(s, what, msg))
+}
+
+/// A request's reply on `reply_op`: its body echoed when it was done, else `{"error":...}`.
+fn echo_or_error(reply_op: i32, seq: i32, body: Bytes, done: Result<(), String>) -> Frame {
+    match done {
         Ok(()) => Frame::new(reply_op, seq, body),
-        Err(msg) => {
-            st.log_refusal(s, what, &msg);
-            Frame::new(reply_op, seq, error_body(&msg))
-        }
+        Err(msg) => Frame::new(reply_op, seq, error_body(&msg)),
     }
 }
 
@@ -442,7 +433,7 @@ impl FrameState {
             return true;
         }
         ctx.metrics.requests_rate_limited.inc();
-        self.log_refusal(s, what, "rate limited");
+        self.log_refusal(s, what, RATE_LIMITED);
         false
     }
 }

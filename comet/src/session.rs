@@ -203,6 +203,9 @@ impl Session {
     pub(crate) fn add_room(&self, room: RoomId) {
         let mut rooms = self.rooms.lock();
         if !rooms.contains(&room) {
+            // Exactly one more slot: most sessions are in one room, and a default growth to
+            // four slots would cost each of them about 70 bytes for nothing. Joins are rare.
+            rooms.reserve_exact(1);
             rooms.push(room);
         }
     }

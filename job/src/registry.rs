@@ -15,7 +15,8 @@
 //! `delivery.give_up_ms`), and dropped at the first refresh after the grace.
 //!
 //! Calls to a comet go through [`CometClient`], so the partition rules can be tested with fake
-//! comets instead of tarpc servers.
+//! comets instead of tarpc servers. Times are on tokio's clock (the same as `std`'s unless a
+//! test pauses it).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -23,7 +24,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::RwLock;
-// The runtime's clock (tests pause it); the same as `std`'s when not paused.
 use rim_proto::rpc::{CometRpcClient, DeliverReport, Delivery};
 use rim_runtime::cluster::Cluster;
 use rim_runtime::rpc::{Link, LinkError};

@@ -375,16 +375,11 @@ export class RimClient {
         this._resolve(f, OP.SEND_MSG);
         return;
       case OP.CHANGE_ROOM_REPLY:
-        this._resolve(f, OP.CHANGE_ROOM);
-        return;
       case OP.JOIN_ROOM_REPLY:
-        this._resolve(f, OP.JOIN_ROOM);
-        return;
       case OP.LEAVE_ROOM_REPLY:
-        this._resolve(f, OP.LEAVE_ROOM);
-        return;
       case OP.SUB_REPLY:
       case OP.UNSUB_REPLY:
+        // A reply's op is its request's plus one.
         this._resolve(f, f.op - 1);
         return;
       case OP.DISCONNECT_REPLY: {

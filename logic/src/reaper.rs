@@ -18,8 +18,8 @@ use crate::App;
 ///
 /// The same holds for Redis: comets cannot renew while it is unreachable, so registrations lapse
 /// during an outage through no fault of theirs (a restarted Redis may come back with all of them
-/// expired). Each pass first reads the expired comets without reaping; when that read fails or
-/// has to wait longer than a pass period (Redis was down or stalled: calls retry within
+/// expired). Each pass first reads the expired comets; when that read fails or has to wait
+/// longer than a pass period (Redis was down or stalled: calls retry within
 /// `redis.timeout_ms`), reaping pauses until one node TTL after a prompt read. A comet that is
 /// really gone is reaped then. (An outage long enough to make a registration lapse, more than
 /// two thirds of the TTL, always overlaps a pass.)
@@ -39,7 +39,8 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         let started = Instant::now();
-        let probe = app.store.nodes.expired(rim_runtime::unix_ms()).await;
+        let now_ms = rim_runtime::unix_ms();
+        let probe = app.store.nodes.expired(now_ms).await;
         if probe.is_err() || started.elapsed() > period {
             if resume_at.is_none_or(|t| t <= started) {
                 tracing::warn!(wait = ?ttl, "redis unreachable or stalled; reaping pauses until comets had a node TTL to renew");
@@ -50,13 +51,11 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         if resume_at.is_some_and(|t| Instant::now() < t) {
             continue;
         }
-        match probe {
-            Ok(expired) if expired.is_empty() => {}
-            _ => {
-                if let Err(e) = app.reap().await {
-                    tracing::warn!(error = %e, "reaper pass failed");
-                }
-            }
+        if let Ok(expired) = probe
+            && !expired.is_empty()
+            && let Err(e) = app.reap(expired, now_ms).await
+        {
+            tracing::warn!(error = %e, "reaper pass failed");
         }
     }
 }

@@ -289,8 +289,10 @@ impl App {
             tracing::debug!(key = %s.key, server = %s.server, ?change, "room change for a session not registered there: ignored");
             return Ok(None);
         };
+        let mut moved = moved;
         if let Some(mid) = moved.mid {
-            self.presence(mid, moved.membership.clone()).await;
+            self.presence(mid, std::mem::take(&mut moved.membership))
+                .await;
         }
         Ok(Some(moved))
     }
@@ -478,11 +480,11 @@ impl App {
         Ok(dropped)
     }
 
-    /// Removes every comet whose registration expired. Returns how many this instance removed.
-    pub(crate) async fn reap(&self) -> Result<u64, StoreError> {
-        let now = rim_runtime::unix_ms();
+    /// Removes the comets in `expired` (from [`crate::store::NodeStore::expired`] at `now`)
+    /// whose registration is still expired. Returns how many this instance removed.
+    pub(crate) async fn reap(&self, expired: Vec<String>, now: u64) -> Result<u64, StoreError> {
         let mut reaped = 0;
-        for server in self.store.nodes.expired(now).await? {
+        for server in expired {
             if self.store.nodes.claim_expired(&server, now).await? {
                 let sessions = self.purge_node(&server).await?;
                 tracing::info!(%server, sessions, "reaped expired comet");

@@ -58,6 +58,16 @@ async fn connect(rpc: &LogicRpcClient, server: &str, mid: i64, key: &str, room: 
     .unwrap();
 }
 
+/// JoinRoom of session `s`, as its comet reports it.
+async fn join(rpc: &LogicRpcClient, s: SessionRef, r: &str) {
+    rpc.join_room(ctx(), s, room(r)).await.unwrap().unwrap();
+}
+
+/// LeaveRoom of session `s`, as its comet reports it.
+async fn leave(rpc: &LogicRpcClient, s: SessionRef, r: &str) {
+    rpc.leave_room(ctx(), s, room(r)).await.unwrap().unwrap();
+}
+
 fn msg(
     sender: SessionRef,
     sender_room: Option<&str>,
@@ -440,10 +450,7 @@ async fn a_session_in_several_rooms_is_counted_once_in_each() {
     connect(&rpc, "c1", 1, "k1", a).await;
     connect(&rpc, "c1", 2, "k2", b).await;
     for r in [b, c, b] {
-        rpc.join_room(ctx(), sref("c1", 1, "k1"), room(r))
-            .await
-            .unwrap()
-            .unwrap();
+        join(&rpc, sref("c1", 1, "k1"), r).await;
     }
     assert_eq!(
         stored(&mut conn).as_deref(),
@@ -453,16 +460,10 @@ async fn a_session_in_several_rooms_is_counted_once_in_each() {
     assert_eq!(members(&mut conn, b), HashMap::from([(1, 1), (2, 1)]));
     assert_eq!(members(&mut conn, c), HashMap::from([(1, 1)]));
     // From a comet that does not hold the session: ignored.
-    rpc.join_room(ctx(), sref("c9", 1, "k1"), room(d))
-        .await
-        .unwrap()
-        .unwrap();
+    join(&rpc, sref("c9", 1, "k1"), d).await;
     assert!(members(&mut conn, d).is_empty());
 
-    rpc.leave_room(ctx(), sref("c1", 1, "k1"), room(b))
-        .await
-        .unwrap()
-        .unwrap();
+    leave(&rpc, sref("c1", 1, "k1"), b).await;
     assert_eq!(stored(&mut conn).as_deref(), Some("chat://a chat://c"));
     assert_eq!(members(&mut conn, b), HashMap::from([(2, 1)]));
     assert_eq!(members(&mut conn, a), HashMap::from([(1, 1)]));
@@ -477,10 +478,7 @@ async fn a_session_in_several_rooms_is_counted_once_in_each() {
     assert!(members(&mut conn, c).is_empty());
     assert_eq!(members(&mut conn, d), HashMap::from([(1, 1)]));
 
-    rpc.join_room(ctx(), sref("c1", 1, "k1"), room(a))
-        .await
-        .unwrap()
-        .unwrap();
+    join(&rpc, sref("c1", 1, "k1"), a).await;
     rpc.disconnect(ctx(), sref("c1", 1, "k1"))
         .await
         .unwrap()
@@ -492,7 +490,8 @@ async fn a_session_in_several_rooms_is_counted_once_in_each() {
 }
 
 /// A session hash written before sessions could be in several rooms (a `room` field, no
-/// `rooms`) is read the same way: it leaves that room on ChangeRoom and on disconnect.
+/// `rooms`) is read the same way: a JoinRoom keeps that room first, and a disconnect counts the
+/// session out of both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_stored_with_one_room_field_keeps_working() {
     let redis = RedisServer::start();
@@ -503,10 +502,7 @@ async fn a_session_stored_with_one_room_field_keeps_working() {
     // As an older logic wrote it.
     let _: () = conn.hdel(keys::session("k1"), "rooms").unwrap();
     let _: () = conn.hset(keys::session("k1"), "room", "chat://a").unwrap();
-    rpc.join_room(ctx(), sref("c1", 1, "k1"), room("chat://b"))
-        .await
-        .unwrap()
-        .unwrap();
+    join(&rpc, sref("c1", 1, "k1"), "chat://b").await;
     let rooms: String = conn.hget(keys::session("k1"), "rooms").unwrap();
     assert_eq!(rooms, "chat://a chat://b");
     assert!(

@@ -108,6 +108,14 @@ pub fn split_rooms(field: &str) -> Vec<String> {
     field.split_whitespace().map(str::to_string).collect()
 }
 
+/// The rooms a session leaves and the rooms it joins going from `before` to `after`.
+pub fn room_diff(before: &[String], after: &[String]) -> (Vec<String>, Vec<String>) {
+    let only = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|r| !b.contains(r)).cloned().collect()
+    };
+    (only(before, after), only(after, before))
+}
+
 /// What is stored about a session key before it is (re)registered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionHead {

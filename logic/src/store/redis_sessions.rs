@@ -17,7 +17,7 @@ use rim_proto::keys;
 
 use super::{
     Dropped, Membership, Moved, RedisConn, Registered, Registration, RoomChange, RoomCount,
-    SessionDetails, SessionHead, SessionStore, StoreResult, join_rooms, split_rooms,
+    SessionDetails, SessionHead, SessionStore, StoreResult, join_rooms, room_diff, split_rooms,
 };
 
 /// Counts one session into a room, once: the session key is recorded in the room's
@@ -369,11 +369,11 @@ impl SessionStore for RedisConn {
         }
         let mid_n: Option<i64> = mid.parse().ok();
         let (from, to) = (split_rooms(&before), split_rooms(&after));
-        let gone: Vec<String> = from.iter().filter(|r| !to.contains(r)).cloned().collect();
-        let new: Vec<String> = match mid_n {
-            Some(_) => to.iter().filter(|r| !from.contains(r)).cloned().collect(),
-            None => Vec::new(),
-        };
+        let (gone, mut new) = room_diff(&from, &to);
+        if mid_n.is_none() {
+            // An unreadable owner cannot be counted anywhere.
+            new.clear();
+        }
         let joined = self.join_all(&new, key, mid_n.unwrap_or_default());
         let (left, joined) = futures::try_join!(self.leave_all(&gone, key), joined)?;
         Ok(Some(Moved {

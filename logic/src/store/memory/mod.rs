@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::{
     Dropped, Membership, Moved, Registered, Registration, RoomChange, SessionDetails, SessionHead,
-    SessionStore, StoreResult,
+    SessionStore, StoreResult, room_diff,
 };
 
 mod nodes;
@@ -277,8 +277,7 @@ impl SessionStore for Memory {
         match &old {
             // The same user's re-registration stays counted in the rooms it keeps.
             Some((om, or)) if *om == mid => {
-                let gone: Vec<String> = or.iter().filter(|r| !rooms.contains(r)).cloned().collect();
-                let new: Vec<String> = rooms.iter().filter(|r| !or.contains(r)).cloned().collect();
+                let (gone, new) = room_diff(or, &rooms);
                 membership.left = st.leave_all(&gone, om);
                 membership.joined = st.join_all(&new, &mid);
             }
@@ -351,17 +350,7 @@ impl SessionStore for Memory {
             return Ok(None);
         };
         let to = rooms_after(change, &s.rooms);
-        let gone: Vec<String> = s
-            .rooms
-            .iter()
-            .filter(|r| !to.contains(r))
-            .cloned()
-            .collect();
-        let new: Vec<String> = to
-            .iter()
-            .filter(|r| !s.rooms.contains(r))
-            .cloned()
-            .collect();
+        let (gone, new) = room_diff(&s.rooms, &to);
         let membership = Membership {
             left: st.leave_all(&gone, &s.mid),
             joined: st.join_all(&new, &s.mid),
