@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rim_proto::frame::Frame;
+use rim_proto::history::Source;
 use rim_proto::msg::{AuthBody, AuthReplyBody};
 use rim_proto::op;
 use rim_proto::room::RoomId;
@@ -19,6 +20,7 @@ use crate::ctx::Ctx;
 use crate::io::reject_read;
 use crate::logic::{LogicCallError, Notice};
 use crate::outbound::{CloseSpec, Outbound};
+use crate::recovery::catch_up;
 use crate::session::{MAX_ACCEPTS, Session};
 use crate::writer::Out;
 
@@ -181,6 +183,7 @@ pub(crate) async fn authenticate<C: Connection>(
         refuse_auth(ctx, out, "too_many_rooms", &reason, peer);
         return None;
     }
+    let keyless = body.key.is_empty();
     let req = ConnectRequest {
         server: ctx.cfg.server_id.clone(),
         auth: body,
@@ -211,17 +214,15 @@ pub(crate) async fn authenticate<C: Connection>(
             out.clone(),
             &reply.accepts,
         )
-        .with_since(reply.since_ms),
+        .with_since(reply.since_ms)
+        .with_keyless(keyless),
     );
     session.set_grant(reply.grant.clone());
     ctx.set_guarded_room_types(&reply.guarded_room_types);
+    ctx.set_partitions(reply.partitions);
     if reply.replaced_elsewhere {
         // The older session elsewhere is closed by a kick job logic queued; nothing to do here.
         tracing::debug!(%peer, key = %reply.key, "session replaces one on another comet");
-    }
-    if let Some(old) = ctx.buckets.insert(session.clone()) {
-        tracing::info!(key = %old.key, "same key authenticated again, replacing older session");
-        old.out.close(CloseSpec::reason("replaced", 1000));
     }
     // A reply without `rooms` (a logic that names only `room`) joins that one room.
     let rooms: Vec<RoomId> = if reply.rooms.is_empty() {
@@ -229,9 +230,6 @@ pub(crate) async fn authenticate<C: Connection>(
     } else {
         reply.rooms.clone()
     };
-    for room in &rooms {
-        ctx.rooms.join(&ctx.buckets, &session, room.clone()).await;
-    }
     let body = AuthReplyBody {
         mid: reply.mid,
         key: reply.key.clone(),
@@ -239,12 +237,31 @@ pub(crate) async fn authenticate<C: Connection>(
         rooms: rooms.iter().map(|r| r.to_string()).collect(),
         heartbeat: reply.heartbeat_secs,
         token_expires_ms: reply.grant.expires_ms,
+        recovered: None,
     };
     let body = serde_json::to_vec(&body).unwrap_or_default();
+    // Queued before the session can be found: no push goes out ahead of the AuthReply (the
+    // writer starts once this returns, after the room joins below were announced).
     session.out.offer(
         Out::Reply(Frame::new(op::AUTH_REPLY, auth.seq, body)),
         &ctx.metrics,
     );
+    // Messages waiting for this device: its user's live pushes are held from the moment the
+    // session can get any until the history was read, so the two merge in order.
+    let offline = reply.offline_after;
+    if offline.is_some() {
+        session.begin_catch_up(Source::User);
+    }
+    if let Some(old) = ctx.buckets.insert(session.clone()) {
+        tracing::info!(key = %old.key, "same key authenticated again, replacing older session");
+        old.out.close(CloseSpec::reason("replaced", 1000));
+    }
+    for room in &rooms {
+        ctx.rooms.join(&ctx.buckets, &session, room.clone()).await;
+    }
+    if let Some(after) = offline {
+        catch_up(ctx, &session, vec![(Source::User, Some(after))]).await;
+    }
     tracing::debug!(%peer, mid = reply.mid, key = %reply.key, since_ms = reply.since_ms, "session authenticated");
     Some(Authed {
         session,
@@ -259,7 +276,16 @@ pub(crate) fn end_session(ctx: &Ctx, s: &Session) {
         // Replaced by a newer session with the same key: its registration is the new one's.
         return;
     }
-    ctx.notify(Notice::Disconnect, s);
+    let seen = ctx
+        .history_partition(&Source::User, s.mid)
+        .and_then(|p| s.user_seen(p));
+    ctx.notify(
+        Notice::Disconnect {
+            seen,
+            keyless: s.keyless,
+        },
+        s,
+    );
 }
 
 #[cfg(test)]
@@ -441,5 +467,79 @@ mod tests {
         let mut d = connect(&ctx);
         d.auth(&auth_body("d", "")).await;
         assert_eq!(ctx.metrics.limit_refused[1].get(), 1);
+    }
+
+    /// Messages waiting in the user's history reach the device right after the AuthReply and
+    /// before live pushes that arrived while they were read; a message both carried is given
+    /// once, a late replay of one is a duplicate, and the disconnect reports how far it got.
+    #[tokio::test(start_paused = true)]
+    async fn offline_messages_come_after_the_auth_reply_and_before_live_pushes_once() {
+        use rim_proto::rpc::{DeliverTarget, Delivery, PushId};
+        let logic = MemLogic::new(30);
+        logic.set_offline(&[3, 4]);
+        logic.hold("history");
+        let ctx = comet(logic.clone(), |_| {});
+        let mut c = connect(&ctx);
+        c.send(
+            op::AUTH,
+            1,
+            serde_json::to_vec(&auth_body("d", "")).unwrap(),
+        );
+        logic.called("history d").await;
+        let p = ctx.history_partition(&Source::User, 7).unwrap();
+        let live = |seq: u64| Delivery {
+            id: PushId {
+                partition: p,
+                ms: 1,
+                seq,
+            },
+            op: 1000,
+            body: format!("m{seq}").into(),
+            target: DeliverTarget::Keys(vec!["d".into()]),
+            exclude: None,
+            recorded: true,
+        };
+        // Job delivers 4 (also in the history) and 5 while the history is read.
+        let rep = crate::deliver::deliver_items(&ctx, vec![live(4), live(5)]);
+        assert_eq!((rep.queued, rep.duplicates), (2, 0));
+        logic.release();
+        assert_eq!(c.reply().await.op, op::AUTH_REPLY);
+        let mut bodies = Vec::new();
+        while bodies.len() < 3 {
+            match c.next_item(WAIT).await {
+                Some(Out::Push(p)) => bodies.push(p.body().to_vec()),
+                Some(Out::Batch(b)) => bodies.extend(b.pushes().iter().map(|p| p.body().to_vec())),
+                other => panic!("expected pushes, got {other:?}"),
+            }
+        }
+        assert_eq!(bodies, [b"m3".to_vec(), b"m4".to_vec(), b"m5".to_vec()]);
+        assert_eq!(
+            ctx.metrics.caught_up.get(),
+            1,
+            "m3 only came from the history"
+        );
+        // Job was behind the read: 3 arriving live now is a duplicate.
+        let rep = crate::deliver::deliver_items(&ctx, vec![live(3)]);
+        assert_eq!(rep.duplicates, 1);
+        assert!(c.next_item(Duration::from_millis(50)).await.is_none());
+        c.hang_up();
+        logic.called("disconnect d seen 1-5").await;
+    }
+
+    /// A catch-up logic cannot answer releases the held live pushes and reports no position,
+    /// so the device gets its offline messages at its next connect.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_catch_up_keeps_live_pushes_and_reports_no_position() {
+        let logic = MemLogic::new(30);
+        logic.set_offline(&[1]);
+        logic.fail("history", 1);
+        let ctx = comet(logic.clone(), |_| {});
+        let mut c = connect(&ctx);
+        c.auth(&auth_body("d", "")).await;
+        assert_eq!(ctx.metrics.catch_up_failed.get(), 1);
+        assert!(c.next_item(Duration::from_millis(50)).await.is_none());
+        c.hang_up();
+        logic.called("disconnect d").await;
+        assert!(logic.calls_of("disconnect d seen").is_empty());
     }
 }

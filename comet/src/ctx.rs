@@ -4,7 +4,7 @@
 //! those can all depend on it without a cycle.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 
 use rim_proto::rpc::NodeInfo;
 use tokio::sync::mpsc;
@@ -45,6 +45,9 @@ pub(crate) struct Ctx {
     /// Room types whose joins logic must approve, as its last `ConnectReply` said (logic's
     /// `[rooms]` policies; the same for every session).
     guarded_room_types: parking_lot::RwLock<Vec<String>>,
+    /// The cluster's push partition count, as logic's last `ConnectReply` said (0: not known
+    /// yet): which partition a history's ids belong to.
+    partitions: AtomicU16,
 }
 
 impl Ctx {
@@ -72,6 +75,7 @@ impl Ctx {
             node,
             paced,
             guarded_room_types: parking_lot::RwLock::new(Vec::new()),
+            partitions: AtomicU16::new(0),
             cfg,
         }
     }
@@ -81,6 +85,22 @@ impl Ctx {
         if *self.guarded_room_types.read() != types {
             *self.guarded_room_types.write() = types.to_vec();
         }
+    }
+
+    /// Records the cluster's push partition count (from a `ConnectReply`; 0 is ignored).
+    pub fn set_partitions(&self, n: u16) {
+        if n > 0 {
+            self.partitions.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The partition of `source`'s history for user `mid`, once the count is known.
+    pub fn history_partition(&self, source: &rim_proto::history::Source, mid: i64) -> Option<u16> {
+        let n = self.partitions.load(Ordering::Relaxed);
+        (n > 0).then(|| match source {
+            rim_proto::history::Source::User => rim_proto::job::mid_partition(mid, n),
+            rim_proto::history::Source::Room(room) => rim_proto::job::room_partition(room, n),
+        })
     }
 
     /// Whether joining `room` needs logic's approval ([`crate::logic::Logic::check_join`]).

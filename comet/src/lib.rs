@@ -6,10 +6,12 @@
 //! * [`config`], [`metrics`]: configuration and validation; the comet's counters.
 //! * [`writer`], [`outbound`]: encode-once push shapes per transport; a session's queue and
 //!   close request.
-//! * [`session`]: a session's shared state (what buckets, rooms and delivery hold).
+//! * [`session`]: a session's shared state (what buckets, rooms and delivery hold);
+//!   [`catch_up`]: merging a history's messages with live pushes while a session catches up.
 //! * [`bucket`]: the sharded session registry; [`room`]: joins, leaves and room changes, and how
 //!   logic is told of them.
-//! * `logic`: every call to logic, behind a trait; `push`: one push offered to sessions.
+//! * `logic`: every call to logic, behind a trait; `push`: one push offered to sessions;
+//!   `recovery`: reading what a session missed from logic and queueing it.
 //! * `cidr`: address ranges; `rate`: the token bucket; `limits`: per-address connection and attempt limits.
 //! * `ctx`: the state shared by every task (it imports none of the modules above it).
 //! * `connection`: what the driver needs of a transport; `io`: writing the queue and closing;
@@ -25,6 +27,7 @@
 
 mod admission;
 pub mod bucket;
+pub mod catch_up;
 mod cidr;
 mod client_op;
 pub mod config;
@@ -39,6 +42,7 @@ pub mod metrics;
 mod node;
 pub mod outbound;
 mod push;
+mod recovery;
 mod renew;
 pub mod room;
 mod server;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rim_proto::history::{HistoryId, HistoryPage, HistoryWant};
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{
     ConnectReply, ConnectRequest, LogicError, LogicRpcClient, NodeInfo, OnlineCounts, OnlineReport,
@@ -39,8 +40,19 @@ pub enum LogicCallError {
 pub trait Logic: Send + Sync {
     /// Authenticates a client's Auth and registers its session.
     async fn connect(&self, req: ConnectRequest) -> Result<ConnectReply, LogicCallError>;
-    /// Unregisters a session that ended.
-    async fn disconnect(&self, session: SessionRef) -> Result<(), LogicCallError>;
+    /// Unregisters a session that ended; `seen`: how far it got in its user's history.
+    async fn disconnect(
+        &self,
+        session: SessionRef,
+        seen: Option<HistoryId>,
+        keyless: bool,
+    ) -> Result<(), LogicCallError>;
+    /// Reads histories for a session catching up.
+    async fn history(
+        &self,
+        session: SessionRef,
+        wants: Vec<HistoryWant>,
+    ) -> Result<Vec<HistoryPage>, LogicCallError>;
     /// Renews a live session's registration.
     async fn heartbeat(&self, session: SessionRef) -> Result<(), LogicCallError>;
     /// Announces that `server` has members in `room` (its first member here joined).
@@ -128,8 +140,22 @@ impl Logic for LogicClient {
             .await
     }
 
-    async fn disconnect(&self, session: SessionRef) -> Result<(), LogicCallError> {
-        self.call(|c, cx| async move { c.disconnect(cx, session).await })
+    async fn disconnect(
+        &self,
+        session: SessionRef,
+        seen: Option<HistoryId>,
+        keyless: bool,
+    ) -> Result<(), LogicCallError> {
+        self.call(|c, cx| async move { c.disconnect(cx, session, seen, keyless).await })
+            .await
+    }
+
+    async fn history(
+        &self,
+        session: SessionRef,
+        wants: Vec<HistoryWant>,
+    ) -> Result<Vec<HistoryPage>, LogicCallError> {
+        self.call(|c, cx| async move { c.history(cx, session, wants).await })
             .await
     }
 
@@ -207,8 +233,14 @@ impl Logic for LogicClient {
 pub(crate) enum Notice {
     /// Renews the registration (client activity).
     Heartbeat,
-    /// Unregisters the session (it ended).
-    Disconnect,
+    /// Unregisters the session (it ended): how far it got in its user's history, and whether
+    /// it authenticated without a key.
+    Disconnect {
+        /// See [`Logic::disconnect`].
+        seen: Option<HistoryId>,
+        /// See [`Logic::disconnect`].
+        keyless: bool,
+    },
 }
 
 impl Notice {
@@ -216,7 +248,7 @@ impl Notice {
     fn what(self) -> &'static str {
         match self {
             Notice::Heartbeat => "session heartbeat",
-            Notice::Disconnect => "disconnect",
+            Notice::Disconnect { .. } => "disconnect",
         }
     }
 
@@ -226,7 +258,7 @@ impl Notice {
     fn attempts(self) -> u32 {
         match self {
             Notice::Heartbeat => 1,
-            Notice::Disconnect => 3,
+            Notice::Disconnect { .. } => 3,
         }
     }
 }
@@ -251,7 +283,9 @@ pub(crate) fn notify(
         for attempt in 1..=attempts {
             let res = match notice {
                 Notice::Heartbeat => logic.heartbeat(session.clone()).await,
-                Notice::Disconnect => logic.disconnect(session.clone()).await,
+                Notice::Disconnect { seen, keyless } => {
+                    logic.disconnect(session.clone(), seen, keyless).await
+                }
             };
             match res {
                 Ok(()) => return,
@@ -299,7 +333,16 @@ mod tests {
         let logic: Arc<dyn Logic> = mem.clone();
         let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
         let t0 = tokio::time::Instant::now();
-        notify(&logic, &tracker, &shutdown, Notice::Disconnect, sref("d"));
+        notify(
+            &logic,
+            &tracker,
+            &shutdown,
+            Notice::Disconnect {
+                seen: None,
+                keyless: false,
+            },
+            sref("d"),
+        );
         notify(&logic, &tracker, &shutdown, Notice::Heartbeat, sref("h"));
         tracker.close();
         tracker.wait().await;
@@ -317,7 +360,16 @@ mod tests {
         let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
         shutdown.cancel();
         let t0 = tokio::time::Instant::now();
-        notify(&logic, &tracker, &shutdown, Notice::Disconnect, sref("d"));
+        notify(
+            &logic,
+            &tracker,
+            &shutdown,
+            Notice::Disconnect {
+                seen: None,
+                keyless: false,
+            },
+            sref("d"),
+        );
         tracker.close();
         tracker.wait().await;
         assert_eq!(t0.elapsed(), Duration::ZERO);

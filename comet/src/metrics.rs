@@ -53,6 +53,10 @@ pub struct Metrics {
     pub pushes_delivered: Counter,
     /// Pushes skipped as already delivered.
     pub duplicates: Counter,
+    /// Messages a session was given from a history when it caught up (offline messages).
+    pub caught_up: Counter,
+    /// Catch-ups whose history could not be read.
+    pub catch_up_failed: Counter,
     /// Sessions closed because their outbound queue was full.
     pub slow_consumer_closed: Counter,
     /// Pushes offered to a session that was already closing (`reason="closing"`).
@@ -175,6 +179,16 @@ impl Metrics {
             "rim_comet_push_duplicates_total",
             "Pushes skipped because the session already had them.",
             self.duplicates.get(),
+        )
+        .counter(
+            "rim_comet_caught_up_total",
+            "Messages sessions were given from a history when catching up (offline messages).",
+            self.caught_up.get(),
+        )
+        .counter(
+            "rim_comet_catch_up_failed_total",
+            "Catch-ups whose histories logic could not read (the session keeps its live pushes).",
+            self.catch_up_failed.get(),
         )
         .counter(
             "rim_comet_slow_consumer_closed_total",

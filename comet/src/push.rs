@@ -8,9 +8,11 @@
 
 use std::sync::Arc;
 
+use rim_proto::history::Source;
 use rim_proto::op;
-use rim_proto::rpc::{DeliverReport, Delivery, PushId};
+use rim_proto::rpc::{DeliverReport, DeliverTarget, Delivery, PushId};
 
+use crate::catch_up::Admit;
 use crate::metrics::Metrics;
 use crate::outbound::Offer;
 use crate::session::{MarkSpace, Session};
@@ -23,15 +25,23 @@ pub(crate) struct Prepared {
     push: Arc<EncodedPush>,
     pub(crate) exclude: Option<String>,
     space: MarkSpace,
+    /// The history that recorded it: its room's, or its recipients' own (session pushes).
+    source: Option<Source>,
 }
 
 impl Prepared {
     pub(crate) fn new(item: &Delivery) -> Self {
+        let source = match (&item.target, item.recorded) {
+            (DeliverTarget::Room(room), true) => Some(Source::Room(room.clone())),
+            (DeliverTarget::Keys(_), true) => Some(Source::User),
+            _ => None,
+        };
         Prepared {
             id: item.id,
             push: Arc::new(EncodedPush::new(item.op, &item.body)),
             exclude: item.exclude.clone(),
             space: MarkSpace::Immediate,
+            source,
         }
     }
 
@@ -41,22 +51,24 @@ impl Prepared {
     }
 
     /// Whether `s` gets this push now: addressed, and not had yet (recorded as had from here
-    /// on). A push it already had is counted as a duplicate.
+    /// on). A push it already had is counted as a duplicate; one held for after a catch-up of
+    /// its history is counted as queued (it goes out with the catch-up).
     fn take_for(&self, s: &Session, metrics: &Metrics, report: &mut DeliverReport) -> bool {
         if !self.wanted_by(s) {
             return false;
         }
-        if !self.mark(s) {
-            report.duplicates += 1;
-            metrics.duplicates.inc();
-            return false;
+        match s.admit(self.space, self.id, self.source.as_ref(), &self.push) {
+            Admit::Fresh => true,
+            Admit::Duplicate => {
+                report.duplicates += 1;
+                metrics.duplicates.inc();
+                false
+            }
+            Admit::Held => {
+                report.queued += 1;
+                false
+            }
         }
-        true
-    }
-
-    /// Whether `s` has not had this push yet (and records it as had).
-    fn mark(&self, s: &Session) -> bool {
-        s.mark_in(self.space, self.id)
     }
 
     /// Whether `s` is addressed at all: not the excluded sender, and accepting the op (system
@@ -157,7 +169,6 @@ pub(crate) mod tests {
     use super::*;
     use bytes::Bytes;
     use rim_proto::room::RoomId;
-    use rim_proto::rpc::DeliverTarget;
 
     use crate::outbound::CloseSpec;
     use crate::testing::session;
@@ -172,6 +183,7 @@ pub(crate) mod tests {
             body: Bytes::from(format!("b{seq}")),
             target: DeliverTarget::Room(room.clone()),
             exclude: exclude.map(str::to_string),
+            recorded: false,
         }
     }
 

@@ -6,10 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
+use rim_proto::history::{HistoryId, HistoryPage, Source};
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{PushId, SessionRef, TokenGrant};
 
+use crate::catch_up::{Admit, CatchUp};
 use crate::outbound::Outbound;
+use crate::writer::EncodedPush;
 
 /// The shared handle of an authenticated session.
 #[derive(Debug)]
@@ -29,14 +32,44 @@ pub struct Session {
     pub since_ms: u64,
     /// Sorted, without duplicates: one op is the common case, so a small vector, not a set.
     accepts: RwLock<Vec<i32>>,
-    /// Highest push id delivered per dedupe namespace (see [`MarkSpace`]); a session sees few
-    /// partitions, so a small vec.
-    marks: Mutex<Vec<(u32, u64, u64)>>,
+    /// What it was given: high-water marks and, while needed, a catch-up.
+    marks: Mutex<Marks>,
+    /// It authenticated without a key (goim's clients): its offline messages are its user's
+    /// keyless device's.
+    pub keyless: bool,
     /// The rooms it is in, in the order joined: the first is the goim room (Auth's `room_id` or
     /// the last ChangeRoom), whose count heartbeat replies carry. At most `session.max_rooms`.
     rooms: Mutex<Vec<RoomId>>,
     /// What the client's token grants (rooms, end of the session); replaced by op 22.
     grant: Mutex<TokenGrant>,
+}
+
+/// What a session was given.
+#[derive(Debug, Default)]
+struct Marks {
+    /// Highest push id delivered per dedupe namespace (see [`MarkSpace`]); a session sees few
+    /// partitions, so a small vec.
+    high: Vec<(u32, u64, u64)>,
+    /// A catch-up under way or recently done (boxed: most sessions never have one).
+    catch_up: Option<Box<CatchUp>>,
+}
+
+impl Marks {
+    /// Records `id` against the high-water mark of `key`; false when it (or later) was had.
+    fn advance(&mut self, key: u32, id: PushId) -> bool {
+        match self.high.iter_mut().find(|m| m.0 == key) {
+            Some(m) if (id.ms, id.seq) <= (m.1, m.2) => false,
+            Some(m) => {
+                m.1 = id.ms;
+                m.2 = id.seq;
+                true
+            }
+            None => {
+                self.high.push((key, id.ms, id.seq));
+                true
+            }
+        }
+    }
 }
 
 /// `ops` sorted and deduplicated, holding no spare capacity.
@@ -93,7 +126,8 @@ impl Session {
             out,
             since_ms: 0,
             accepts: RwLock::new(sorted_ops(accepts.iter().copied().take(MAX_ACCEPTS))),
-            marks: Mutex::new(Vec::new()),
+            marks: Mutex::new(Marks::default()),
+            keyless: false,
             rooms: Mutex::new(Vec::new()),
             grant: Mutex::new(TokenGrant::default()),
         }
@@ -102,6 +136,12 @@ impl Session {
     /// Sets the registration time logic reported (see [`Session::since_ms`]).
     pub fn with_since(mut self, since_ms: u64) -> Self {
         self.since_ms = since_ms;
+        self
+    }
+
+    /// Marks the session as one that authenticated without a key.
+    pub fn with_keyless(mut self, keyless: bool) -> Self {
+        self.keyless = keyless;
         self
     }
 
@@ -134,32 +174,85 @@ impl Session {
 
     /// [`Session::mark`] against the high-water marks of `space`.
     pub fn mark_in(&self, space: MarkSpace, id: PushId) -> bool {
-        let key = space.key(id.partition);
+        self.marks.lock().advance(space.key(id.partition), id)
+    }
+
+    /// Decides about a live push recorded in `source` (`None`: in no history): a duplicate when
+    /// the session had it, held while that history is caught up, else fresh (and recorded).
+    pub fn admit(
+        &self,
+        space: MarkSpace,
+        id: PushId,
+        source: Option<&Source>,
+        push: &Arc<EncodedPush>,
+    ) -> Admit {
         let mut marks = self.marks.lock();
-        match marks.iter_mut().find(|m| m.0 == key) {
-            Some(m) if (id.ms, id.seq) <= (m.1, m.2) => false,
-            Some(m) => {
-                m.1 = id.ms;
-                m.2 = id.seq;
-                true
-            }
-            None => {
-                marks.push((key, id.ms, id.seq));
-                true
-            }
+        let verdict = match (source, marks.catch_up.as_deref_mut()) {
+            (Some(source), Some(c)) => c.admit(source, id, push),
+            _ => Admit::Fresh,
+        };
+        if verdict == Admit::Duplicate || !marks.advance(space.key(id.partition), id) {
+            return Admit::Duplicate;
         }
+        if marks.catch_up.as_deref().is_some_and(CatchUp::is_idle) {
+            marks.catch_up = None;
+        }
+        verdict
+    }
+
+    /// Starts a catch-up of `source`: its live pushes are held until [`Session::finish_catch_up`].
+    pub fn begin_catch_up(&self, source: Source) {
+        self.marks
+            .lock()
+            .catch_up
+            .get_or_insert_with(Box::default)
+            .begin(source);
+    }
+
+    /// Ends the catch-up of `source` with what its history holds (`None`: the read failed) and
+    /// returns what goes out now, in order, and how much of it came from the history (see
+    /// [`CatchUp::finish`]).
+    pub fn finish_catch_up(
+        &self,
+        source: &Source,
+        partition: u16,
+        page: Option<HistoryPage>,
+    ) -> (Vec<Arc<EncodedPush>>, usize) {
+        let mut marks = self.marks.lock();
+        let Some(c) = marks.catch_up.as_deref_mut() else {
+            return (Vec::new(), 0);
+        };
+        c.finish(source, partition, page, |op| self.accepts(op))
+    }
+
+    /// How far the session got in its user's history (partition `partition`): the later of its
+    /// mark there and what a catch-up gave it; `None` after a failed catch-up of it.
+    pub fn user_seen(&self, partition: u16) -> Option<HistoryId> {
+        let marks = self.marks.lock();
+        let caught = match marks.catch_up.as_deref() {
+            Some(c) if c.user_failed => return None,
+            Some(c) => c.caught(&Source::User),
+            None => None,
+        };
+        let key = MarkSpace::Immediate.key(partition);
+        let high = marks
+            .high
+            .iter()
+            .find(|m| m.0 == key)
+            .map(|&(_, ms, seq)| PushId { partition, ms, seq });
+        high.max(caught).map(HistoryId::of)
     }
 
     /// Takes over `old`'s high-water marks (a session replacing `old` with the same key on this
     /// comet): a takeover replay of pushes `old` already got must not show the client duplicates.
     pub fn inherit_marks(&self, old: &Session) {
-        let theirs = old.marks.lock().clone();
+        let theirs = old.marks.lock().high.clone();
         let mut mine = self.marks.lock();
         for (key, ms, seq) in theirs {
-            match mine.iter_mut().find(|m| m.0 == key) {
+            match mine.high.iter_mut().find(|m| m.0 == key) {
                 Some(m) if (ms, seq) > (m.1, m.2) => (m.1, m.2) = (ms, seq),
                 Some(_) => {}
-                None => mine.push((key, ms, seq)),
+                None => mine.high.push((key, ms, seq)),
             }
         }
     }

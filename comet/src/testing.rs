@@ -65,6 +65,8 @@ pub(crate) struct MemLogic {
     /// Call-line prefixes and how many more such calls fail as unreachable.
     failing: Mutex<Vec<(String, u32)>>,
     sends: Mutex<Vec<SendMsgRequest>>,
+    /// The user's history served to catch-ups; while non-empty, connects say messages wait.
+    offline: Mutex<Vec<rim_proto::history::HistoryEntry>>,
     next: AtomicU64,
     heartbeat_secs: u32,
 }
@@ -82,9 +84,24 @@ impl MemLogic {
             released: watch::Sender::new(false),
             failing: Mutex::new(Vec::new()),
             sends: Mutex::new(Vec::new()),
+            offline: Mutex::new(Vec::new()),
             next: AtomicU64::new(1),
             heartbeat_secs,
         })
+    }
+
+    /// Messages in the user's history (ids `1-seq`, op 1000, body `m<seq>`) that connects find
+    /// waiting.
+    pub(crate) fn set_offline(&self, seqs: &[u64]) {
+        *self.offline.lock() = seqs
+            .iter()
+            .map(|&seq| rim_proto::history::HistoryEntry {
+                id: rim_proto::history::HistoryId { ms: 1, seq },
+                op: 1000,
+                body: bytes::Bytes::from(format!("m{seq}")),
+                ts_ms: 0,
+            })
+            .collect();
     }
 
     /// Calls whose line starts with `prefix` wait (after being recorded) until released.
@@ -210,7 +227,30 @@ impl Logic for MemLogic {
             replaced_elsewhere: false,
             grant,
             guarded_room_types: vec!["guarded".into()],
+            offline_after: (!self.offline.lock().is_empty())
+                .then_some(rim_proto::history::HistoryId::default()),
+            partitions: 16,
         })
+    }
+
+    async fn history(
+        &self,
+        s: SessionRef,
+        wants: Vec<rim_proto::history::HistoryWant>,
+    ) -> Result<Vec<rim_proto::history::HistoryPage>, LogicCallError> {
+        self.call(format!("history {}", s.key)).await?;
+        let kept = self.offline.lock().clone();
+        Ok(wants
+            .iter()
+            .map(|w| rim_proto::history::HistoryPage {
+                entries: kept
+                    .iter()
+                    .filter(|e| w.after.is_none_or(|a| e.id > a))
+                    .cloned()
+                    .collect(),
+                complete: true,
+            })
+            .collect())
     }
 
     async fn check_join(
@@ -237,8 +277,16 @@ impl Logic for MemLogic {
         mem_grant(&token)
     }
 
-    async fn disconnect(&self, s: SessionRef) -> Result<(), LogicCallError> {
-        self.call(format!("disconnect {}", s.key)).await
+    async fn disconnect(
+        &self,
+        s: SessionRef,
+        seen: Option<rim_proto::history::HistoryId>,
+        _keyless: bool,
+    ) -> Result<(), LogicCallError> {
+        match seen {
+            None => self.call(format!("disconnect {}", s.key)).await,
+            Some(id) => self.call(format!("disconnect {} seen {id}", s.key)).await,
+        }
     }
 
     async fn heartbeat(&self, s: SessionRef) -> Result<(), LogicCallError> {
@@ -303,6 +351,7 @@ impl Logic for MemLogic {
         Ok(PushAccepted {
             id: format!("msg-{}", self.next.fetch_add(1, Ordering::Relaxed)),
             sessions: 1,
+            stored: false,
         })
     }
 }
@@ -438,6 +487,7 @@ pub(crate) fn auth_body(key: &str, room: &str) -> AuthBody {
         platform: "test".into(),
         accepts: vec![1000],
         token: String::new(),
+        recover: None,
         rooms: Vec::new(),
     }
 }

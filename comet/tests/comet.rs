@@ -85,9 +85,25 @@ impl LogicRpc for FakeLogic {
             grant: TokenGrant::default(),
             guarded_room_types: Vec::new(),
             rooms: Vec::new(),
+            offline_after: None,
+            partitions: 16,
         })
     }
-    async fn disconnect(self, _: Context, s: SessionRef) -> Result<(), LogicError> {
+    async fn history(
+        self,
+        _: Context,
+        _: SessionRef,
+        wants: Vec<rim_proto::history::HistoryWant>,
+    ) -> Result<Vec<rim_proto::history::HistoryPage>, LogicError> {
+        Ok(vec![Default::default(); wants.len()])
+    }
+    async fn disconnect(
+        self,
+        _: Context,
+        s: SessionRef,
+        _: Option<rim_proto::history::HistoryId>,
+        _: bool,
+    ) -> Result<(), LogicError> {
         if s.key.starts_with("hang-once") && self.hung.lock().insert(s.key.clone()) {
             // A logic blip: this call never answers, the comet's deadline must fire.
             std::future::pending::<()>().await;
@@ -193,6 +209,7 @@ impl LogicRpc for FakeLogic {
         Ok(PushAccepted {
             id: format!("msg-{n}"),
             sessions: 1,
+            stored: false,
         })
     }
     /// Slow on purpose: the event is recorded only after a delay, so a comet that replied op 13
@@ -379,6 +396,7 @@ impl Harness {
             body: Bytes::from(body.to_string()),
             target,
             exclude: None,
+            recorded: false,
         }])
         .await
     }
@@ -411,6 +429,7 @@ fn auth(mid: i64, key: &str, room: &str, accepts: &[i32]) -> AuthBody {
         accepts: accepts.to_vec(),
         token: String::new(),
         rooms: Vec::new(),
+        recover: None,
     }
 }
 
@@ -518,6 +537,7 @@ async fn tcp_auth_heartbeat_filter_dedupe_and_room() {
         body: Bytes::from_static(b"hello"),
         target: DeliverTarget::Keys(vec!["a".into(), "nobody".into()]),
         exclude: None,
+        recorded: false,
     };
     let r = h.deliver(vec![item.clone()]).await;
     assert_eq!((r.queued, r.missing, r.duplicates), (1, 1, 0));
@@ -620,6 +640,7 @@ async fn ws_binary_auth_heartbeat_and_op9_pushes() {
             body: Bytes::from(format!("m{i}")),
             target: DeliverTarget::Room(room.clone()),
             exclude: None,
+            recorded: false,
         })
         .collect::<Vec<_>>();
     let r = h.deliver(items).await;
@@ -846,6 +867,7 @@ async fn a_paced_broadcast_and_a_later_unpaced_one_both_reach_everyone() {
         body: Bytes::from_static(b"paced"),
         target: DeliverTarget::All { speed: 20 },
         exclude: None,
+        recorded: false,
     };
     let now = Delivery {
         id: PushId {
@@ -979,6 +1001,7 @@ async fn slow_consumer_is_disconnected_and_counted() {
             body: Bytes::from(body.clone()),
             target: DeliverTarget::Keys(vec!["slow".into()]),
             exclude: None,
+            recorded: false,
         })
         .collect();
     let r = h.deliver(items).await;
@@ -1037,6 +1060,7 @@ impl Harness {
             body: Bytes::from(body.to_string()),
             target: DeliverTarget::Room(room.clone()),
             exclude: None,
+            recorded: false,
         }
     }
 }
@@ -1197,6 +1221,7 @@ async fn exclude_skips_the_sender_without_counting_it() {
             body: Bytes::from_static(b"direct"),
             target: DeliverTarget::Keys(vec!["s1".into(), "s2".into()]),
             exclude: Some("s1".into()),
+            recorded: false,
         }])
         .await;
     assert_eq!((r.queued, r.missing, r.duplicates), (1, 0, 0), "{r:?}");
@@ -1314,6 +1339,7 @@ async fn a_room_run_reaches_each_member_as_one_message() {
         body: Bytes::from_static(b"n2"),
         target: DeliverTarget::Keys(vec!["wt".into()]),
         exclude: None,
+        recorded: false,
     });
     items.push(h.room_item(&room, 1000, "n3"));
     h.deliver(items).await;

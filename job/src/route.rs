@@ -62,6 +62,7 @@ pub fn plan(
                         body: job.body.clone(),
                         target,
                         exclude: job.exclude.clone(),
+                        recorded: job.recorded,
                     });
             } else {
                 out.dropped.push(Dropped {
@@ -172,6 +173,8 @@ mod tests {
                 route,
                 accepted_ms: 1,
                 exclude: None,
+                // Every other entry is recorded in a history: the flag reaches the comets.
+                recorded: seq.is_multiple_of(2),
             },
         }
     }
@@ -205,6 +208,10 @@ mod tests {
         assert!(p.dropped.is_empty());
         let a = &p.per_comet["a"];
         assert_eq!(a.iter().map(|d| d.id.seq).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(
+            a.iter().map(|d| d.recorded).collect::<Vec<_>>(),
+            vec![true, false]
+        );
         assert_eq!(a[0].target, DeliverTarget::Keys(vec!["k1".into()]));
         assert_eq!(
             a[1].target,

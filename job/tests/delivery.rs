@@ -161,6 +161,7 @@ fn job(msg: &str, route: Route) -> PushJob {
         route,
         accepted_ms: rim_runtime::unix_ms(),
         exclude: None,
+        recorded: false,
     }
 }
 

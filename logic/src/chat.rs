@@ -13,7 +13,7 @@ use rim_proto::room::RoomId;
 use rim_proto::rpc::{LogicError as RpcError, PushAccepted, SendMsgRequest, SendTarget};
 
 use crate::App;
-use crate::publish::new_msg_id;
+use crate::publish::{Target, new_msg_id};
 use crate::room_policy::Action;
 use crate::store::Membership;
 
@@ -80,18 +80,22 @@ impl App {
                 .await?;
                 let body = chat_body(req.sender.mid, data)?;
                 let exclude = (!chat.echo_to_sender).then_some(req.sender.key.as_str());
-                let p = job::room_partition(room, self.config.stream.partitions);
                 let id = new_msg_id();
-                self.append_jobs(
-                    &id,
-                    req.op,
-                    &body,
-                    vec![(p, Route::Room(room.clone()))],
-                    exclude,
-                )
-                .await
-                .map_err(|e| RpcError::Unavailable(e.to_string()))?;
-                Ok(PushAccepted { id, sessions: 0 })
+                let stored = self
+                    .append_jobs(
+                        &id,
+                        req.op,
+                        &body,
+                        vec![self.room_target(room.clone())],
+                        exclude,
+                    )
+                    .await
+                    .map_err(|e| RpcError::Unavailable(e.to_string()))?;
+                Ok(PushAccepted {
+                    id,
+                    sessions: 0,
+                    stored,
+                })
             }
             SendTarget::Mid(mid) => {
                 if !chat.direct {
@@ -102,18 +106,29 @@ impl App {
                     .await
                     .map_err(|e| RpcError::Unavailable(e.to_string()))?;
                 let sessions: u64 = route.iter().map(|s| s.keys.len() as u64).sum();
-                if sessions == 0 {
+                // Kept for later when users keep history; refused only when nobody would get it.
+                let record = self.user_record(*mid);
+                if sessions == 0 && record.is_none() {
                     return Err(RpcError::Offline(format!(
                         "no session online for mid {mid}"
                     )));
                 }
                 let body = chat_body(req.sender.mid, data)?;
-                let p = job::mid_partition(*mid, self.config.stream.partitions);
+                let target = Target {
+                    partition: job::mid_partition(*mid, self.config.stream.partitions),
+                    route: Route::Sessions(route),
+                    history: record.into_iter().collect(),
+                };
                 let id = new_msg_id();
-                self.append_jobs(&id, req.op, &body, vec![(p, Route::Sessions(route))], None)
+                let stored = self
+                    .append_jobs(&id, req.op, &body, vec![target], None)
                     .await
                     .map_err(|e| RpcError::Unavailable(e.to_string()))?;
-                Ok(PushAccepted { id, sessions })
+                Ok(PushAccepted {
+                    id,
+                    sessions,
+                    stored,
+                })
             }
         }
     }
@@ -148,17 +163,18 @@ impl App {
                 continue;
             };
             let p = job::room_partition(&room_id, self.config.stream.partitions);
+            // Presence is live state, not a message: never recorded in the room's history.
             let r = self
                 .append_jobs(
                     &new_msg_id(),
                     rim_proto::op::ROOM_EVENT,
                     &Bytes::from(body),
-                    vec![(p, Route::Room(room_id))],
+                    vec![Target::unrecorded(p, Route::Room(room_id))],
                     None,
                 )
                 .await;
             match r {
-                Ok(()) => self.metrics.presence_events.inc(),
+                Ok(_) => self.metrics.presence_events.inc(),
                 Err(e) => {
                     self.metrics.presence_failed.inc();
                     tracing::warn!(%room, mid, event, error = %e, "presence event not queued");

@@ -8,6 +8,7 @@
 //! * `registry`: sessions and comets in Redis, the cached cluster view.
 //! * `online`: online counts and comet placement.
 //! * `chat`: upstream messages under the send policy, presence events.
+//! * `history`: room and user histories: what is recorded, reads, offline positions.
 //! * `directory`: room member and user session listings, the demo's dev sign-in.
 //! * `webhook`: forwarding messages to a bot and publishing its replies.
 //! * `room_policy`: who may join and post per room type, the room hook; `hook_answer`: capped
@@ -19,6 +20,7 @@ pub mod auth;
 mod chat;
 pub mod config;
 mod directory;
+mod history;
 mod hook_answer;
 mod http;
 pub mod jwt;

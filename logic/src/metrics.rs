@@ -32,6 +32,14 @@ pub struct Metrics {
     pub push_refused: Counter,
     /// Pushes refused because a push stream held `stream.max_backlog` entries.
     pub push_backlog_full: Counter,
+    /// Pushes recorded in a room's or users' history.
+    pub history_recorded: Counter,
+    /// History reads through the HTTP API.
+    pub history_reads_http: Counter,
+    /// History reads for sessions catching up (offline messages, recovery).
+    pub history_reads_catch_up: Counter,
+    /// Connects that found offline messages waiting for the device.
+    pub offline_waiting: Counter,
     /// HTTP responses by status (index into `STATUSES`, last = other).
     http: [Counter; STATUSES.len() + 1],
     /// Sessions registered.
@@ -182,6 +190,25 @@ impl Metrics {
                 "rim_logic_push_backlog_full_total",
                 "Pushes refused because a push stream held stream.max_backlog entries (job behind).",
                 self.push_backlog_full.get(),
+            )
+            .counter(
+                "rim_logic_history_recorded_total",
+                "Pushes recorded in a room's or users' history.",
+                self.history_recorded.get(),
+            )
+            .labeled_counter(
+                "rim_logic_history_reads_total",
+                "History reads, by who asked.",
+                "by",
+                &[
+                    ("http", self.history_reads_http.get()),
+                    ("catch_up", self.history_reads_catch_up.get()),
+                ],
+            )
+            .counter(
+                "rim_logic_offline_waiting_total",
+                "Connects of a device that had messages waiting in its user's history.",
+                self.offline_waiting.get(),
             )
             .labeled_counter(
                 "rim_logic_http_responses_total",

@@ -1,6 +1,7 @@
 //! Turning a push into durable stream entries: resolve recipients to comets, group them by
-//! partition, and append one `PushJob` per partition (all or none when there are several).
-//! Shared by the HTTP API and `LogicRpc`; a push is accepted only once the append succeeded.
+//! partition, and append one `PushJob` per partition (all or none when there are several),
+//! recorded in the room's or each user's history when those are kept. Shared by the HTTP API
+//! and `LogicRpc`; a push is accepted only once the append succeeded.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,10 +11,29 @@ use rim_proto::room::RoomId;
 use rim_proto::rpc::{LogicError as RpcError, PushAccepted};
 
 use crate::App;
-use crate::store::StoreError;
+use crate::store::{Append, Record, StoreError};
 
-/// Partition → comet → keys, ordered so stream entries are written deterministically.
-type Grouped = BTreeMap<u16, BTreeMap<String, Vec<String>>>;
+/// Partition → comet → keys, ordered so stream entries are written deterministically, and the
+/// histories of the partition's recipients that record the push.
+type Grouped = BTreeMap<u16, (BTreeMap<String, Vec<String>>, Vec<Record>)>;
+
+/// One stream entry of a push: its partition, route, and the histories that record it.
+pub(crate) struct Target {
+    pub(crate) partition: u16,
+    pub(crate) route: Route,
+    pub(crate) history: Vec<Record>,
+}
+
+impl Target {
+    /// An entry recorded nowhere.
+    pub(crate) fn unrecorded(partition: u16, route: Route) -> Self {
+        Target {
+            partition,
+            route,
+            history: Vec::new(),
+        }
+    }
+}
 
 /// A fresh message id.
 pub(crate) fn new_msg_id() -> String {
@@ -49,57 +69,65 @@ impl App {
         Ok(())
     }
 
-    /// Appends one job per `(partition, route)` atomically; `exclude` names a session key that
-    /// must not receive it (the sender of a room message).
+    /// Appends one job per target atomically; `exclude` names a session key that must not
+    /// receive it (the sender of a room message). Returns whether a history recorded it.
     pub(crate) async fn append_jobs(
         &self,
         msg_id: &str,
         op: i32,
         body: &Bytes,
-        entries: Vec<(u16, Route)>,
+        targets: Vec<Target>,
         exclude: Option<&str>,
-    ) -> Result<(), StoreError> {
-        if entries.is_empty() {
-            return Ok(());
+    ) -> Result<bool, StoreError> {
+        if targets.is_empty() {
+            return Ok(false);
         }
         let accepted_ms = rim_runtime::unix_ms();
-        let jobs: Vec<(u16, PushJob)> = entries
+        let entries: Vec<Append> = targets
             .into_iter()
-            .map(|(p, route)| {
-                let job = PushJob {
+            .map(|t| Append {
+                partition: t.partition,
+                job: PushJob {
                     msg_id: msg_id.to_string(),
                     op,
                     body: body.clone(),
-                    route,
+                    route: t.route,
                     accepted_ms,
                     exclude: exclude.map(str::to_string),
-                };
-                (p, job)
+                    recorded: !t.history.is_empty(),
+                },
+                history: t.history,
             })
             .collect();
+        let stored = entries.iter().any(|e| !e.history.is_empty());
         let appended = self
             .store
             .streams
-            .append(&jobs, self.config.stream.max_backlog)
+            .append(&entries, self.config.stream.max_backlog)
             .await;
         if let Err(StoreError::Backlog { .. }) = &appended {
             self.metrics.push_backlog_full.inc();
         }
-        appended
+        appended?;
+        if stored {
+            self.metrics.history_recorded.inc();
+        }
+        Ok(stored)
     }
 
-    /// Queues a `Sessions` job per partition; returns the number of sessions routed.
+    /// Queues a `Sessions` job per partition; returns the number of sessions routed and
+    /// whether a history recorded the push.
     async fn publish_grouped(
         &self,
         msg_id: &str,
         op: i32,
         body: &Bytes,
         grouped: Grouped,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(u64, bool), StoreError> {
         let mut sessions = 0u64;
-        let entries: Vec<(u16, Route)> = grouped
+        let targets: Vec<Target> = grouped
             .into_iter()
-            .map(|(p, servers)| {
+            .map(|(partition, (servers, history))| {
                 let route = Route::Sessions(
                     servers
                         .into_iter()
@@ -109,11 +137,15 @@ impl App {
                         })
                         .collect(),
                 );
-                (p, route)
+                Target {
+                    partition,
+                    route,
+                    history,
+                }
             })
             .collect();
-        self.append_jobs(msg_id, op, body, entries, None).await?;
-        Ok(sessions)
+        let stored = self.append_jobs(msg_id, op, body, targets, None).await?;
+        Ok((sessions, stored))
     }
 
     /// Push to every online session of these users.
@@ -139,28 +171,35 @@ impl App {
         let parts = self.config.stream.partitions;
         let mut grouped = Grouped::new();
         for (mid, sessions) in mids.iter().zip(found) {
+            // A recorded user gets an entry in its partition even with no session online: the
+            // entry's id is the message's id in the user's history.
+            let record = self.user_record(*mid);
+            if sessions.is_empty() && record.is_none() {
+                continue;
+            }
+            let (servers, history) = grouped.entry(job::mid_partition(*mid, parts)).or_default();
+            history.extend(record);
             for (key, server) in sessions {
-                grouped
-                    .entry(job::mid_partition(*mid, parts))
-                    .or_default()
-                    .entry(server)
-                    .or_default()
-                    .push(key);
+                servers.entry(server).or_default().push(key);
             }
         }
         // Hash order inside a mid's sessions is arbitrary; sort so jobs are reproducible.
-        for servers in grouped.values_mut() {
+        for (servers, _) in grouped.values_mut() {
             for keys in servers.values_mut() {
                 keys.sort();
             }
         }
         let id = new_msg_id();
-        let sessions = self
+        let (sessions, stored) = self
             .publish_grouped(&id, op, &body, grouped)
             .await
             .map_err(|e| self.refused(e))?;
         self.metrics.push_mids.inc();
-        Ok(PushAccepted { id, sessions })
+        Ok(PushAccepted {
+            id,
+            sessions,
+            stored,
+        })
     }
 
     /// The online sessions of one user, grouped by comet (keys sorted): the `Sessions` route of
@@ -213,17 +252,22 @@ impl App {
             grouped
                 .entry(job::mid_partition(mid, parts))
                 .or_default()
+                .0
                 .entry(server)
                 .or_default()
                 .push(key.to_string());
         }
         let id = new_msg_id();
-        let sessions = self
+        let (sessions, stored) = self
             .publish_grouped(&id, op, &body, grouped)
             .await
             .map_err(|e| self.refused(e))?;
         self.metrics.push_keys.inc();
-        Ok(PushAccepted { id, sessions })
+        Ok(PushAccepted {
+            id,
+            sessions,
+            stored,
+        })
     }
 
     /// Push to a room.
@@ -234,13 +278,17 @@ impl App {
         body: Bytes,
     ) -> Result<PushAccepted, RpcError> {
         self.check_limits(1, &body, "room")?;
-        let p = job::room_partition(&room, self.config.stream.partitions);
         let id = new_msg_id();
-        self.append_jobs(&id, op, &body, vec![(p, Route::Room(room))], None)
+        let stored = self
+            .append_jobs(&id, op, &body, vec![self.room_target(room)], None)
             .await
             .map_err(|e| self.refused(e))?;
         self.metrics.push_room.inc();
-        Ok(PushAccepted { id, sessions: 0 })
+        Ok(PushAccepted {
+            id,
+            sessions: 0,
+            stored,
+        })
     }
 
     /// Push to everyone.
@@ -253,11 +301,26 @@ impl App {
         self.check_limits(1, &body, "all")?;
         let p = job::all_partition(self.config.stream.partitions);
         let id = new_msg_id();
-        self.append_jobs(&id, op, &body, vec![(p, Route::All { speed })], None)
+        let target = Target::unrecorded(p, Route::All { speed });
+        self.append_jobs(&id, op, &body, vec![target], None)
             .await
             .map_err(|e| self.refused(e))?;
         self.metrics.push_all.inc();
-        Ok(PushAccepted { id, sessions: 0 })
+        Ok(PushAccepted {
+            id,
+            sessions: 0,
+            stored: false,
+        })
+    }
+
+    /// The entry of a push to `room`, recorded in its history when its type keeps one.
+    pub(crate) fn room_target(&self, room: RoomId) -> Target {
+        let partition = job::room_partition(&room, self.config.stream.partitions);
+        Target {
+            partition,
+            history: self.room_record(&room).into_iter().collect(),
+            route: Route::Room(room),
+        }
     }
 
     /// The kick of `key` on `server` (it re-authenticated elsewhere), appended to the user's
@@ -277,6 +340,7 @@ impl App {
             },
             accepted_ms: rim_runtime::unix_ms(),
             exclude: None,
+            recorded: false,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rim_proto::history::HistoryId;
 use rim_proto::job;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{
@@ -196,6 +197,16 @@ impl App {
             _ => self.presence(a.mid, Membership { left, joined }).await,
         }
         tracing::debug!(mid = a.mid, %key, server = %req.server, ip = %req.remote_ip, "session registered");
+        // Read after registering: a message recorded from here on is also routed to this
+        // session, so the comet's catch-up and the live pushes overlap instead of leaving a gap
+        // (the comet drops the overlap by id).
+        let offline_after = self
+            .offline_after(a.mid, device(&a.key, &key))
+            .await
+            .map_err(unavailable)?;
+        if offline_after.is_some() {
+            self.metrics.offline_waiting.inc();
+        }
         Ok(ConnectReply {
             mid: a.mid,
             key,
@@ -207,11 +218,25 @@ impl App {
             grant,
             guarded_room_types: self.guarded_room_types.clone(),
             rooms,
+            offline_after,
+            partitions: self.config.stream.partitions,
         })
     }
 
-    /// Removes a session if it is still registered on the calling comet.
-    pub(crate) async fn disconnect(&self, s: SessionRef) -> Result<(), RpcError> {
+    /// Removes a session if it is still registered on the calling comet, and records how far
+    /// its device got in its user's history (`seen`).
+    pub(crate) async fn disconnect(
+        &self,
+        s: SessionRef,
+        seen: Option<HistoryId>,
+        keyless: bool,
+    ) -> Result<(), RpcError> {
+        if let Some(seen) = seen {
+            let asked = if keyless { "" } else { s.key.as_str() };
+            self.device_seen(s.mid, device(asked, &s.key), seen)
+                .await
+                .map_err(unavailable)?;
+        }
         self.drop_session(&s.server, &s.key)
             .await
             .map_err(unavailable)?;
@@ -532,6 +557,16 @@ impl App {
     async fn read_cluster_view(&self) -> Result<ClusterView, StoreError> {
         let nodes = self.store.nodes.live(rim_runtime::unix_ms()).await?;
         Ok(ClusterView { nodes })
+    }
+}
+
+/// The device a session is of, for its offline position: its key, or the user's keyless device
+/// when the client gave none (`asked`: the key as the client sent it).
+fn device<'a>(asked: &str, key: &'a str) -> &'a str {
+    if asked.is_empty() {
+        crate::history::KEYLESS_DEVICE
+    } else {
+        key
     }
 }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use rim_proto::history::{HistoryId, HistoryPage, HistoryWant};
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{
     ConnectReply, ConnectRequest, LogicError as RpcError, LogicRpc, NodeInfo, OnlineCounts,
@@ -22,8 +23,27 @@ impl LogicRpc for LogicServer {
         self.0.connect(req).await
     }
 
-    async fn disconnect(self, _: Context, session: SessionRef) -> Result<(), RpcError> {
-        self.0.disconnect(session).await
+    async fn disconnect(
+        self,
+        _: Context,
+        session: SessionRef,
+        seen: Option<HistoryId>,
+        keyless: bool,
+    ) -> Result<(), RpcError> {
+        self.0.disconnect(session, seen, keyless).await
+    }
+
+    async fn history(
+        self,
+        _: Context,
+        session: SessionRef,
+        wants: Vec<HistoryWant>,
+    ) -> Result<Vec<HistoryPage>, RpcError> {
+        self.0.metrics.history_reads_catch_up.inc();
+        self.0
+            .catch_up(session.mid, &wants)
+            .await
+            .map_err(|e| RpcError::Unavailable(e.to_string()))
     }
 
     async fn heartbeat(self, _: Context, session: SessionRef) -> Result<(), RpcError> {

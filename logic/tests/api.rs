@@ -411,7 +411,10 @@ async fn sessions_follow_connect_heartbeat_disconnect() {
     );
 
     // The old comet's late disconnect must not erase the new registration.
-    rpc.disconnect(ctx(), s1).await.unwrap().unwrap();
+    rpc.disconnect(ctx(), s1, None, false)
+        .await
+        .unwrap()
+        .unwrap();
     let server: String = conn.hget(keys::session("k1"), "server").unwrap();
     assert_eq!(server, "c2");
     let server: String = conn.hget(keys::mid_sessions(5), "k1").unwrap();
@@ -423,7 +426,10 @@ async fn sessions_follow_connect_heartbeat_disconnect() {
         mid: 5,
         key: "k1".into(),
     };
-    rpc.disconnect(ctx(), s2).await.unwrap().unwrap();
+    rpc.disconnect(ctx(), s2, None, false)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!conn.exists::<_, bool>(keys::session("k1")).unwrap());
     assert!(
         !conn
@@ -504,6 +510,8 @@ async fn key_registered_to_another_user_is_refused() {
             mid: 1,
             key: "victim".into(),
         },
+        None,
+        false,
     )
     .await
     .unwrap()

@@ -29,6 +29,10 @@ pub struct PushJob {
     /// Session key that must not receive it (the sender of a room message).
     #[serde(default)]
     pub exclude: Option<String>,
+    /// Recorded in the history of its room (room routes) or of each recipient user (session
+    /// routes): comets tag it with its id and source for sessions that asked for them.
+    #[serde(default)]
+    pub recorded: bool,
 }
 
 /// Recipients of a push.
@@ -124,6 +128,7 @@ mod tests {
             }]),
             accepted_ms: 5,
             exclude: Some("sender".into()),
+            recorded: true,
         };
         assert_eq!(PushJob::decode(&job.encode()).unwrap(), job);
         let room = PushJob {

@@ -68,6 +68,14 @@ pub fn decode_client(text: &str, max_body: usize) -> Result<Frame, JsonFrameErro
 pub fn encode_server(out: &mut String, op: i32, seq: i32, body: &[u8]) {
     use std::fmt::Write;
     let _ = write!(out, "{{\"op\":{op},\"seq\":{seq},\"body\":");
+    encode_body(out, body);
+    out.push('}');
+}
+
+/// A body as JSON mode shows it: embedded as JSON when it is valid JSON (its text untouched,
+/// so numbers keep every digit), else as a string (lossy UTF-8). Also the `body` of history
+/// entries in the HTTP API.
+pub fn encode_body(out: &mut String, body: &[u8]) {
     match std::str::from_utf8(body) {
         // Parsed into a `Value`, not skipped: a skip accepts numbers like 1e999999 that strict
         // clients then refuse, so those go out as strings. Runs once per push (encode-once).
@@ -79,7 +87,6 @@ pub fn encode_server(out: &mut String, op: i32, seq: i32, body: &[u8]) {
             out.push_str(&Value::String(String::from_utf8_lossy(body).into_owned()).to_string())
         }
     }
-    out.push('}');
 }
 
 /// One server JSON message for one frame.

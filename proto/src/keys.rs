@@ -34,6 +34,24 @@ pub fn push_mark(partition: u16, msg_id: &str) -> String {
     format!("rim:push:{{{partition}}}:msg:{msg_id}")
 }
 
+/// Stream: a room's history (`op`, `body`, `ts` per entry, ids those of the push stream
+/// entries). In the room's partition's slot, so the append script writes it with the push.
+pub fn room_history(partition: u16, room: &str) -> String {
+    format!("rim:hist:{{{partition}}}:room:{room}")
+}
+
+/// Stream: a user's history (pushes by mid and direct messages), like [`room_history`], in the
+/// user's partition's slot.
+pub fn user_history(partition: u16, mid: i64) -> String {
+    format!("rim:hist:{{{partition}}}:mid:{mid}")
+}
+
+/// Hash: device (session key, or `*` for sessions that authenticated without one) → the last
+/// id of the user's history that device was given: where its offline messages resume.
+pub fn user_seen(partition: u16, mid: i64) -> String {
+    format!("rim:hist:{{{partition}}}:seen:{mid}")
+}
+
 /// String: the job worker id holding a partition, with a TTL (the lease).
 pub fn partition_lease(partition: u16) -> String {
     format!("rim:lease:{{{partition}}}")
@@ -107,6 +125,9 @@ mod tests {
     fn keys_changed_together_share_a_hash_tag() {
         assert_eq!(tag(&push_stream(3)), tag(&push_mark(3, "abc")));
         assert_eq!(tag(&push_stream(3)), "3");
+        assert_eq!(tag(&push_stream(3)), tag(&room_history(3, "chat://{x}")));
+        assert_eq!(tag(&push_stream(3)), tag(&user_history(3, 7)));
+        assert_eq!(tag(&push_stream(3)), tag(&user_seen(3, 7)));
         assert_ne!(tag(&push_stream(3)), tag(&push_stream(4)));
         assert_eq!(tag(NODES), tag(NODES_EXPIRY));
         assert_eq!(tag(USER_NAMES), tag(USER_MIDS));

@@ -8,11 +8,13 @@
 //! * [`rpc`]: tarpc services between tiers, their message types and the transport codec.
 //! * [`job`]: the push job as stored in the Redis push streams, and partitioning.
 //! * [`keys`]: every Redis key and stream name rim uses.
+//! * [`history`]: room and user histories: sources, ids, catch-up pages, Auth's `recover`.
 //!
 //! No business logic lives here: the crate only says what goes over a wire or into Redis.
 #![forbid(unsafe_code)]
 
 pub mod frame;
+pub mod history;
 pub mod job;
 pub mod json;
 pub mod keys;

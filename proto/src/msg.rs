@@ -22,6 +22,9 @@ pub struct AuthBody {
     pub token: String,
     /// rim extension: more rooms to join at once besides `room_id` (`type://id` each).
     pub rooms: Vec<String>,
+    /// rim extension: tag each push with its id and source, and resume these histories (see
+    /// docs/protocol.md, "History and recovery").
+    pub recover: Option<crate::history::Recover>,
 }
 
 /// Body of op 8 AuthReply (goim clients ignore it).
@@ -42,6 +45,21 @@ pub struct AuthReplyBody {
     /// (unix ms; absent when the token never expires, as in trust mode).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub token_expires_ms: u64,
+    /// rim extension, only for sessions that asked to `recover`: for each history it resumed,
+    /// whether it got everything it missed (false: some fell out of the window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<Recovered>,
+}
+
+/// What a session asking to recover got back, per history it named.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovered {
+    /// The user's own history, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<bool>,
+    /// Each room's history asked for.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rooms: std::collections::BTreeMap<String, bool>,
 }
 
 fn is_zero(v: &u64) -> bool {

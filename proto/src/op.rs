@@ -54,6 +54,10 @@ pub const REFRESH_TOKEN: i32 = 22;
 /// Reply to [`REFRESH_TOKEN`]: `{"expires_ms":N}` (0 = never), or `{"error":"..."}` with the
 /// session's old token still in force.
 pub const REFRESH_TOKEN_REPLY: i32 = 23;
+/// rim extension, server → client, only to sessions that opted in with Auth's `recover`: the
+/// id and source of the push frame that follows it (body `{"id":"ms-seq","room":"type://id"}`
+/// or `{"id":"ms-seq","user":true}`). Binary transports only; JSON mode puts both in the push.
+pub const PUSH_META: i32 = 25;
 /// Lowest op an application may push with.
 pub const APP_MIN: i32 = 1000;
 
@@ -85,6 +89,7 @@ pub fn name(op: i32) -> &'static str {
         ROOM_EVENT => "RoomEvent",
         REFRESH_TOKEN => "RefreshToken",
         REFRESH_TOKEN_REPLY => "RefreshTokenReply",
+        PUSH_META => "PushMeta",
         op if op >= APP_MIN => "App",
         _ => "Unknown",
     }

@@ -14,6 +14,7 @@ use tarpc::tokio_util::codec::LengthDelimitedCodec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::history::{HistoryId, HistoryPage, HistoryWant};
 use crate::msg::AuthBody;
 use crate::room::RoomId;
 
@@ -154,6 +155,14 @@ pub struct ConnectReply {
     /// Every room joined at connect: `room` first, then Auth's `rooms` (no repeats).
     #[serde(default)]
     pub rooms: Vec<RoomId>,
+    /// Messages wait in the user's history for this device (`history.deliver_on_connect`):
+    /// the device's last position there (`0-0`: none); the comet asks for what follows.
+    #[serde(default)]
+    pub offline_after: Option<HistoryId>,
+    /// The cluster's `stream.partitions`: which partition a room's or a user's history ids
+    /// belong to (comets mark caught-up messages with their `PushId`).
+    #[serde(default)]
+    pub partitions: u16,
 }
 
 /// What a verified client token grants beyond its mid.
@@ -249,6 +258,9 @@ pub struct PushAccepted {
     pub id: String,
     /// Sessions it was routed to (pushes to keys and mids; 0 for rooms and broadcasts).
     pub sessions: u64,
+    /// Recorded in a history (the room's, or each user's) for later reads and catch-up.
+    #[serde(default)]
+    pub stored: bool,
 }
 
 /// Logic's RPC service.
@@ -256,8 +268,14 @@ pub struct PushAccepted {
 pub trait LogicRpc {
     /// Authenticates and registers a session.
     async fn connect(req: ConnectRequest) -> Result<ConnectReply, LogicError>;
-    /// Removes a session's registration.
-    async fn disconnect(session: SessionRef) -> Result<(), LogicError>;
+    /// Removes a session's registration. `seen` is the last id of its user's history it was
+    /// given (its partition's high-water mark), where its device's offline messages resume;
+    /// `keyless`: it authenticated without a key (its device is the user's keyless one).
+    async fn disconnect(
+        session: SessionRef,
+        seen: Option<HistoryId>,
+        keyless: bool,
+    ) -> Result<(), LogicError>;
     /// Renews a session's registration TTL.
     async fn heartbeat(session: SessionRef) -> Result<(), LogicError>;
     /// A room gained its first member on a comet: room pushes must reach it from now on.
@@ -296,6 +314,12 @@ pub trait LogicRpc {
     ) -> Result<(), LogicError>;
     /// Checks a fresh token for a live session (op 22): what it grants from now on.
     async fn refresh_token(session: SessionRef, token: String) -> Result<TokenGrant, LogicError>;
+    /// Reads histories for a session catching up (Auth's `recover`, a JoinRoom asking to
+    /// recover, offline messages): one page per want, in order.
+    async fn history(
+        session: SessionRef,
+        wants: Vec<HistoryWant>,
+    ) -> Result<Vec<HistoryPage>, LogicError>;
 }
 
 /// Position of a push in its partition stream: the unit of ordering and duplicate suppression.
@@ -361,6 +385,9 @@ pub struct Delivery {
     pub target: DeliverTarget,
     /// Session key that must not receive it (the sender of a room message).
     pub exclude: Option<String>,
+    /// Recorded in its room's history (room targets) or its recipients' user histories (keys).
+    #[serde(default)]
+    pub recorded: bool,
 }
 
 /// What a comet did with a delivery batch. Returning it is the comet's confirmation.

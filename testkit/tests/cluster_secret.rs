@@ -188,6 +188,7 @@ fn push_to(key: &str, seq: u64, body: &'static [u8]) -> Vec<Delivery> {
         body: Bytes::from_static(body),
         target: DeliverTarget::Keys(vec![key.to_string()]),
         exclude: None,
+        recorded: false,
     }]
 }
 

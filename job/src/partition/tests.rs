@@ -172,6 +172,7 @@ fn push(msg: &str) -> PushJob {
         }]),
         accepted_ms: 1,
         exclude: None,
+        recorded: false,
     }
 }
 

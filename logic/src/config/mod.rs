@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 pub use crate::auth::{AuthConfig, AuthMode};
+pub use crate::history::{HistoryConfig, Retention};
 pub use crate::room_policy::{Access, RoomHookConfig, RoomTypePolicy};
 use rim_proto::room::RoomId;
 pub use rim_runtime::cluster::ClusterConfig;
@@ -51,6 +52,8 @@ pub struct Config {
     pub rooms: HashMap<String, RoomTypePolicy>,
     /// The backend asked about rooms whose policy is `backend`.
     pub room_hook: RoomHookConfig,
+    /// Room and user histories: what is kept, for how long, offline delivery.
+    pub history: HistoryConfig,
     /// Demo page and dev sign-in.
     pub demo: DemoConfig,
     /// Shared secret and bounds of internal RPC (`LogicRpc`).
@@ -79,6 +82,7 @@ impl Default for Config {
             webhook: WebhookConfig::default(),
             rooms: HashMap::new(),
             room_hook: RoomHookConfig::default(),
+            history: HistoryConfig::default(),
             demo: DemoConfig::default(),
             cluster: ClusterConfig::default(),
             tls: TlsConfig::default(),
@@ -364,6 +368,7 @@ impl Validate for Config {
         }
         crate::jwt::Verifier::load(&self.auth)?;
         crate::room_policy::validate(&self.rooms, &self.room_hook)?;
+        self.history.validate()?;
         if self.push.secret.is_empty() && !http.ip().is_loopback() {
             return Err(SettingsError::invalid(
                 "push.secret",

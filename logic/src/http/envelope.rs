@@ -34,6 +34,23 @@ impl IntoResponse for Data {
     }
 }
 
+/// A successful answer whose `data` is JSON text already (history bodies are embedded as
+/// their own text, so numbers keep every digit: a `Value` would round them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawData(pub String);
+
+impl IntoResponse for RawData {
+    fn into_response(self) -> Response {
+        let body = format!(r#"{{"code":0,"message":"ok","data":{}}}"#, self.0);
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    }
+}
+
 /// An error answer: status, envelope code and the message naming what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {

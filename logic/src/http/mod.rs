@@ -5,12 +5,13 @@
 //! * [`envelope`]: the envelope and [`ApiError`].
 //! * [`query`]: query strings and path parameters.
 //! * `guard`: the push secret and the bounded body read.
-//! * `push`, `online`, `directory`, `demo`: the routes.
+//! * `push`, `online`, `directory`, `history`, `demo`: the routes.
 
 mod demo;
 mod directory;
 pub mod envelope;
 mod guard;
+mod history;
 mod online;
 mod push;
 pub mod query;
@@ -56,6 +57,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/goim/nodes/instances", get(online::nodes_instances))
         .route("/rim/rooms/{room}/members", get(directory::room_members))
         .route("/rim/users/{mid}/sessions", get(directory::user_sessions))
+        .route("/rim/rooms/{room}/history", get(history::room))
+        .route("/rim/users/{mid}/history", get(history::user))
         .route("/rim/dev/login", post(demo::dev_login))
         .route("/", get(demo::index))
         .route("/assets/{name}", get(demo::script_or_style))

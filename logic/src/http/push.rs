@@ -8,11 +8,21 @@ use super::guard::push_prelude;
 use super::query::check_max;
 use super::{ApiError, ApiResult, AppState, Data};
 
+/// The answer to an accepted push: its id, for mids and keys the sessions it was routed to, and
+/// `delivery`: `live` (routed to online sessions or, for rooms and broadcasts, to whoever is
+/// there), `stored` (recorded for later only), `both`, or `none` (nobody online and not kept).
 fn accepted(a: rim_proto::rpc::PushAccepted, with_sessions: bool) -> Data {
+    let live = !with_sessions || a.sessions > 0;
+    let delivery = match (live, a.stored) {
+        (true, true) => "both",
+        (true, false) => "live",
+        (false, true) => "stored",
+        (false, false) => "none",
+    };
     let v: Value = if with_sessions {
-        json!({ "id": a.id, "sessions": a.sessions })
+        json!({ "id": a.id, "sessions": a.sessions, "delivery": delivery })
     } else {
-        json!({ "id": a.id })
+        json!({ "id": a.id, "delivery": delivery })
     };
     Data(v)
 }

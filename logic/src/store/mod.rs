@@ -1,5 +1,5 @@
-//! Everything logic keeps in Redis, behind typed stores: sessions, comets, push streams and the
-//! people directory. Domain code (`registry`, `publish`, `directory`, …) calls these traits and
+//! Everything logic keeps in Redis, behind typed stores: sessions, comets, push streams with the
+//! room and user histories written beside them, and the people directory. Domain code (`registry`, `publish`, `directory`, …) calls these traits and
 //! never Redis; the Redis implementations hold every key, command and Lua script of the tier
 //! (`redis_*.rs`), and [`memory`] implements the same rules in process for unit tests of the
 //! domain rules under a paused clock. The Redis implementations are tested against a real
@@ -12,6 +12,7 @@ mod conn;
 #[cfg(test)]
 pub(crate) mod memory;
 mod redis_directory;
+mod redis_history;
 mod redis_nodes;
 mod redis_sessions;
 mod redis_streams;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rim_proto::history::{HistoryEntry, HistoryId};
 use rim_proto::job::PushJob;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::NodeInfo;
@@ -326,7 +328,39 @@ pub trait NodeStore: Send + Sync {
     async fn live(&self, now_ms: u64) -> StoreResult<Vec<LiveNode>>;
 }
 
-/// The partitioned push streams job consumes.
+/// A history: a room's or a user's, in the partition its pushes go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryOf {
+    /// A room's, in the room's partition.
+    Room(u16, RoomId),
+    /// A user's, in the user's partition.
+    User(u16, i64),
+}
+
+/// A history a push is recorded in, and how much that history keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Which history (in the partition of the entry that carries it).
+    pub of: HistoryOf,
+    /// Most messages kept.
+    pub max_len: u64,
+    /// Oldest message kept, by the age of its id (ms); the whole history expires this long
+    /// after its last message.
+    pub max_age_ms: u64,
+}
+
+/// One stream entry to append: its partition, the job, and the histories that record it.
+#[derive(Debug, Clone)]
+pub struct Append {
+    /// Partition stream.
+    pub partition: u16,
+    /// The job.
+    pub job: PushJob,
+    /// Histories recorded in the same step, all in this partition.
+    pub history: Vec<Record>,
+}
+
+/// The partitioned push streams job consumes, and the histories written with them.
 ///
 /// Rules: [`PushStreams::append`] writes each partition's entries atomically (all of them or
 /// none) and in the order given, at most once per push id (`msg_id`): an append retried after a
@@ -339,10 +373,61 @@ pub trait NodeStore: Send + Sync {
 /// them all first. Unacknowledged entries are never trimmed to make room. With
 /// `redis.wait_replicas` > 0 a write counts as succeeded only when that many replicas confirmed
 /// it ([`StoreError::NotReplicated`] otherwise).
+///
+/// History: each entry's [`Record`]s are written in the same atomic step as the entry and carry
+/// the entry's stream id, so a history's ids grow (its room or user always maps to one
+/// partition) and equal the `PushId`s comets see. A history keeps at most `max_len` messages,
+/// none whose id is older than `max_age_ms`, and expires whole `max_age_ms` after its last
+/// write. Trimming never takes back a message of the current write.
 #[async_trait]
 pub trait PushStreams: Send + Sync {
-    /// Appends each job to its partition's stream, unless a target holds `max_backlog` entries.
-    async fn append(&self, entries: &[(u16, PushJob)], max_backlog: u64) -> StoreResult<()>;
+    /// Appends each entry to its partition's stream, unless a target holds `max_backlog` entries.
+    async fn append(&self, entries: &[Append], max_backlog: u64) -> StoreResult<()>;
+}
+
+/// What a history read found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryRead {
+    /// Messages, oldest first.
+    pub entries: Vec<HistoryEntry>,
+    /// Whether the history exists (it expires whole when idle for its max age).
+    pub exists: bool,
+    /// Its oldest message kept.
+    pub first: Option<HistoryId>,
+    /// The newest message ever trimmed out of it (`0-0`: none) since it was created.
+    pub max_deleted: HistoryId,
+}
+
+/// Reading histories, and where each device of a user stands in the user's history.
+///
+/// Rules: reads see the history as one atomic snapshot. A device's position only moves forward
+/// ([`HistoryStore::advance`] keeps the larger id) and expires with the user's history.
+#[async_trait]
+pub trait HistoryStore: Send + Sync {
+    /// Up to `limit` messages after `after`, or the latest `limit` without it.
+    async fn read(
+        &self,
+        of: &HistoryOf,
+        after: Option<HistoryId>,
+        limit: usize,
+    ) -> StoreResult<HistoryRead>;
+    /// Where `device` of user `mid` (partition `p`) stands, and the newest message in that
+    /// user's history.
+    async fn position(
+        &self,
+        p: u16,
+        mid: i64,
+        device: &str,
+    ) -> StoreResult<(Option<HistoryId>, Option<HistoryId>)>;
+    /// Moves `device`'s position to `seen` if that is further; kept `ttl_ms`.
+    async fn advance(
+        &self,
+        p: u16,
+        mid: i64,
+        device: &str,
+        seen: HistoryId,
+        ttl_ms: u64,
+    ) -> StoreResult<()>;
 }
 
 /// People-facing reads and the demo's names: room member listings and display names.
@@ -380,6 +465,7 @@ pub(crate) struct Stores {
     pub(crate) sessions: Arc<dyn SessionStore>,
     pub(crate) nodes: Arc<dyn NodeStore>,
     pub(crate) streams: Arc<dyn PushStreams>,
+    pub(crate) history: Arc<dyn HistoryStore>,
     pub(crate) directory: Arc<dyn Directory>,
     pub(crate) health: Arc<dyn Health>,
 }
@@ -391,6 +477,7 @@ impl Stores {
             sessions: Arc::new(conn.clone()),
             nodes: Arc::new(conn.clone()),
             streams: Arc::new(conn.clone()),
+            history: Arc::new(conn.clone()),
             directory: Arc::new(conn.clone()),
             health: Arc::new(conn),
         }
@@ -405,6 +492,7 @@ impl Stores {
                 sessions: m.clone(),
                 nodes: m.clone(),
                 streams: m.clone(),
+                history: m.clone(),
                 directory: m.clone(),
                 health: m.clone(),
             },

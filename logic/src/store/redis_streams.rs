@@ -1,33 +1,57 @@
 //! [`PushStreams`] on Redis: one stream per partition (`rim:push:{p}`), one `job` field per
 //! entry holding the MessagePack-encoded `PushJob`. Each partition's entries are appended by one
-//! script that checks the backlog and marks the push id (`rim:push:{p}:msg:{id}`, same slot), so
-//! an append retried after a lost reply is not appended twice; with `redis.wait_replicas` the
+//! script that checks the backlog, writes the histories that record each entry (same slot:
+//! `rim:hist:{p}:…`, with the entry's id) and marks the push id (`rim:push:{p}:msg:{id}`), so an
+//! append retried after a lost reply is not appended twice; with `redis.wait_replicas` the
 //! script is followed on the same connection by `WAIT`, so an acknowledged push is on replicas.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rim_proto::job::PushJob;
 use rim_proto::keys;
 
-use super::{PushStreams, RedisConn, StoreError, StoreResult};
+use super::{Append, PushStreams, RedisConn, StoreError, StoreResult};
 
 /// How long a push id mark outlives the append: longer than any retry of it (a retry happens
 /// within one call's `redis.timeout_ms`).
 const MARK_MIN: Duration = Duration::from_secs(5);
 
-/// Appends one partition's entries unless this push was appended there already.
-/// KEYS = stream, push id mark; ARGV = max backlog, field name, mark TTL ms, encoded jobs.
-/// Returns "ok", "dup" (appended before: nothing done) or "full" (the stream holds max backlog
-/// entries: nothing done).
+/// Appends one partition's entries unless this push was appended there already, recording each
+/// in its histories with the entry's id.
+/// KEYS = stream, push id mark, histories; ARGV = max backlog, field name, mark TTL ms, then per
+/// entry: encoded job, op, body, accepted ms, number of histories, and per history its KEYS
+/// index, max length and max age (ms).
+/// Returns "ok", "dup" (appended before: nothing done), "full" (the stream holds max backlog
+/// entries: nothing done) or "skipped:N" (appended, but N history writes were refused because
+/// the history already held a later id, which only a deleted push stream can cause).
 const APPEND: &str = r#"
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'dup' end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 'full' end
-for i = 4, #ARGV do
-  redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i])
+local i = 4
+local skipped = 0
+while i <= #ARGV do
+  local id = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i])
+  local op, body, ts, n = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
+  i = i + 5
+  local ms = tonumber(string.match(id, '^(%d+)'))
+  for _ = 1, n do
+    local key = KEYS[tonumber(ARGV[i])]
+    local age = tonumber(ARGV[i + 2])
+    local r = redis.pcall('XADD', key, 'MAXLEN', ARGV[i + 1], id, 'op', op, 'body', body, 'ts', ts)
+    if type(r) == 'table' and r.err then
+      skipped = skipped + 1
+    else
+      if ms > age then
+        redis.call('XTRIM', key, 'MINID', string.format('%d-0', ms - age))
+      end
+      redis.call('PEXPIRE', key, age)
+    end
+    i = i + 3
+  end
 end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+if skipped > 0 then return 'skipped:' .. skipped end
 return 'ok'
 "#;
 
@@ -37,26 +61,45 @@ impl RedisConn {
     async fn append_partition(
         &self,
         partition: u16,
-        jobs: &[&PushJob],
+        entries: &[&Append],
         max_backlog: u64,
     ) -> StoreResult<()> {
-        let Some(first) = jobs.first() else {
+        let Some(first) = entries.first() else {
             return Ok(());
         };
         let stream = keys::push_stream(partition);
         let mark_ms = (self.timeout() * 2).max(MARK_MIN).as_millis() as u64;
+        // KEYS first (the stream, the mark, then every history in entry order), so the
+        // arguments can name each history by its index.
+        let mut keys_in = vec![
+            stream.clone(),
+            keys::push_mark(partition, &first.job.msg_id),
+        ];
+        for e in entries {
+            keys_in.extend(e.history.iter().map(|r| r.of.key()));
+        }
         let mut pipe = redis::pipe();
         let eval = pipe
             .cmd("EVAL")
             .arg(APPEND)
-            .arg(2)
-            .arg(&stream)
-            .arg(keys::push_mark(partition, &first.msg_id))
+            .arg(keys_in.len())
+            .arg(&keys_in)
             .arg(max_backlog)
             .arg(keys::JOB_FIELD)
             .arg(mark_ms);
-        for job in jobs {
-            eval.arg(job.encode());
+        let mut key_index = 2;
+        for e in entries {
+            eval.arg(e.job.encode())
+                .arg(e.job.op)
+                .arg(e.job.body.as_ref())
+                .arg(e.job.accepted_ms)
+                .arg(e.history.len());
+            for r in &e.history {
+                key_index += 1;
+                eval.arg(key_index)
+                    .arg(r.max_len.max(1))
+                    .arg(r.max_age_ms.max(1));
+            }
         }
         let wait = self.wait_replicas;
         if wait > 0 {
@@ -64,7 +107,7 @@ impl RedisConn {
                 .arg(wait)
                 .arg(self.timeout().as_millis() as u64);
             let (outcome, replicas): (String, u32) = self.pipe(&pipe).await?;
-            appended(&outcome, &stream, max_backlog)?;
+            self.appended(&outcome, &stream, max_backlog)?;
             if replicas < wait {
                 return Err(StoreError::NotReplicated {
                     stream,
@@ -75,26 +118,31 @@ impl RedisConn {
             return Ok(());
         }
         let (outcome,): (String,) = self.pipe(&pipe).await?;
-        appended(&outcome, &stream, max_backlog)
+        self.appended(&outcome, &stream, max_backlog)
     }
-}
 
-fn appended(outcome: &str, stream: &str, max: u64) -> StoreResult<()> {
-    match outcome {
-        "full" => Err(StoreError::Backlog {
-            stream: stream.to_string(),
-            max,
-        }),
-        _ => Ok(()),
+    fn appended(&self, outcome: &str, stream: &str, max: u64) -> StoreResult<()> {
+        match outcome {
+            "full" => Err(StoreError::Backlog {
+                stream: stream.to_string(),
+                max,
+            }),
+            skipped if skipped.starts_with("skipped:") => {
+                // Accepted and queued, but not recorded everywhere: say so loudly.
+                rim_runtime::warn_throttled!(%stream, outcome = skipped, "push not recorded in every history (the push stream was deleted and restarted below a history's last id)");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 }
 
 #[async_trait]
 impl PushStreams for RedisConn {
-    async fn append(&self, entries: &[(u16, PushJob)], max_backlog: u64) -> StoreResult<()> {
-        let mut by_partition: BTreeMap<u16, Vec<&PushJob>> = BTreeMap::new();
-        for (p, job) in entries {
-            by_partition.entry(*p).or_default().push(job);
+    async fn append(&self, entries: &[Append], max_backlog: u64) -> StoreResult<()> {
+        let mut by_partition: BTreeMap<u16, Vec<&Append>> = BTreeMap::new();
+        for e in entries {
+            by_partition.entry(e.partition).or_default().push(e);
         }
         // A full stream refuses the whole push before anything is written, as far as a read can
         // tell (the script checks again; a stream filling up in between refuses its part only).

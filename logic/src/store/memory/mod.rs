@@ -17,6 +17,7 @@ use super::{
     SessionStore, StoreResult, room_diff,
 };
 
+mod history;
 mod nodes;
 
 /// A stored session hash.
@@ -39,6 +40,10 @@ struct State {
     /// room → (mid as stored → sessions).
     members: HashMap<String, BTreeMap<String, i64>>,
     streams: BTreeMap<u16, Vec<PushJob>>,
+    /// History key → its messages and the newest id trimmed out of it.
+    histories: HashMap<String, history::Kept>,
+    /// (partition, mid, device) → position.
+    seen: HashMap<(u16, i64, String), rim_proto::history::HistoryId>,
     nodes: BTreeMap<String, NodeInfo>,
     expiry: BTreeMap<String, u64>,
     /// server → (room → members), until.

@@ -1,15 +1,14 @@
-//! The in-memory comets, push streams, directory and health (see the parent module).
+//! The in-memory comets, directory and health (see the parent module).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rim_proto::job::PushJob;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::NodeInfo;
 
 use super::{Memory, millis};
-use crate::store::{Directory, Health, LiveNode, NodeStore, PushStreams, StoreError, StoreResult};
+use crate::store::{Directory, Health, LiveNode, NodeStore, StoreError, StoreResult};
 
 #[async_trait]
 impl NodeStore for Memory {
@@ -141,25 +140,6 @@ impl NodeStore for Memory {
                 }
             })
             .collect())
-    }
-}
-
-#[async_trait]
-impl PushStreams for Memory {
-    async fn append(&self, entries: &[(u16, PushJob)], max_backlog: u64) -> StoreResult<()> {
-        let mut st = self.0.lock();
-        for (p, _) in entries {
-            if st.streams.get(p).map_or(0, Vec::len) as u64 >= max_backlog {
-                return Err(StoreError::Backlog {
-                    stream: rim_proto::keys::push_stream(*p),
-                    max: max_backlog,
-                });
-            }
-        }
-        for (p, job) in entries {
-            st.streams.entry(*p).or_default().push(job.clone());
-        }
-        Ok(())
     }
 }
 
