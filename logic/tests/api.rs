@@ -38,7 +38,10 @@ fn connect_req(server: &str, auth: AuthBody) -> ConnectRequest {
     }
 }
 
-/// Every job in partition `p`'s stream, in order.
+fn ja_recorded(by_part: &HashMap<u16, PushJob>, mid: i64) -> bool {
+    by_part[&job::mid_partition(mid, 16)].recorded
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_mids_publishes_one_entry_per_partition() {
     let redis = RedisServer::start();
@@ -49,6 +52,15 @@ async fn push_mids_publishes_one_entry_per_partition() {
     let b = (2..100)
         .find(|m| job::mid_partition(*m, 16) != job::mid_partition(a, 16))
         .unwrap();
+    // An offline user in a third partition: users keep history by default, so its push gets
+    // an entry there too (no session to route to; the entry's id is its history id).
+    let off = (424_242..424_400)
+        .find(|m| {
+            ![a, b]
+                .map(|x| job::mid_partition(x, 16))
+                .contains(&job::mid_partition(*m, 16))
+        })
+        .unwrap();
     for (server, mid, key) in [("c1", a, "ka1"), ("c2", a, "ka2"), ("c1", b, "kb1")] {
         rpc.connect(ctx(), connect_req(server, auth(mid, key)))
             .await
@@ -57,18 +69,22 @@ async fn push_mids_publishes_one_entry_per_partition() {
     }
     let (status, v) = logic
         .post(
-            &format!("/goim/push/mids?operation=1000&mids={a}&mids={b}&mids=424242"),
+            &format!("/goim/push/mids?operation=1000&mids={a}&mids={b}&mids={off}"),
             "hello",
         )
         .await;
     assert_eq!((status, v["code"].clone()), (200, json!(0)), "{v}");
     assert_eq!(v["data"]["sessions"], json!(3));
+    assert_eq!(v["data"]["delivery"], json!("both"));
     let id = v["data"]["id"].as_str().unwrap().to_string();
 
     let mut conn = redis.connection();
     let all = all_jobs(&mut conn);
-    assert_eq!(all.len(), 2, "one entry per partition: {all:?}");
+    assert_eq!(all.len(), 3, "one entry per partition: {all:?}");
     let by_part: HashMap<u16, PushJob> = all.into_iter().collect();
+    let joff = &by_part[&job::mid_partition(off, 16)];
+    assert_eq!(joff.route, Route::Sessions(Vec::new()));
+    assert!(joff.recorded && ja_recorded(&by_part, a));
     let ja = &by_part[&job::mid_partition(a, 16)];
     assert_eq!((ja.msg_id.as_str(), ja.op), (id.as_str(), 1000));
     assert_eq!(ja.body, Bytes::from_static(b"hello"));
@@ -106,17 +122,21 @@ async fn push_mids_publishes_one_entry_per_partition() {
     let last = jobs(&mut conn, job::mid_partition(b, 16)).pop().unwrap();
     assert_eq!(last.op, 1001);
 
-    // Nobody online: accepted, nothing queued.
+    // Nobody online: accepted and kept for later (one entry, routed to nobody).
     let before = all_jobs(&mut conn).len();
     let (status, v) = logic
         .post("/goim/push/mids?operation=1000&mids=777", "x")
         .await;
     assert_eq!(
-        (status, v["data"]["sessions"].clone()),
-        (200, json!(0)),
+        (
+            status,
+            v["data"]["sessions"].clone(),
+            v["data"]["delivery"].clone()
+        ),
+        (200, json!(0), json!("stored")),
         "{v}"
     );
-    assert_eq!(all_jobs(&mut conn).len(), before);
+    assert_eq!(all_jobs(&mut conn).len(), before + 1);
 
     // Room and broadcast go to their own partitions.
     let (status, v) = logic

@@ -28,26 +28,49 @@ const MARK_MIN: Duration = Duration::from_secs(5);
 const APPEND: &str = r#"
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'dup' end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 'full' end
+local function parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function newer(a, b)
+  local am, as = parts(a)
+  local bm, bs = parts(b)
+  return am > bm or (am == bm and as > bs)
+end
 local i = 4
 local skipped = 0
 while i <= #ARGV do
   local id = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i])
   local op, body, ts, n = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
   i = i + 5
-  local ms = tonumber(string.match(id, '^(%d+)'))
+  local ms = parts(id)
   for _ = 1, n do
     local key = KEYS[tonumber(ARGV[i])]
-    local age = tonumber(ARGV[i + 2])
-    local r = redis.pcall('XADD', key, 'MAXLEN', ARGV[i + 1], id, 'op', op, 'body', body, 'ts', ts)
+    local max_len, age = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    i = i + 3
+    local r = redis.pcall('XADD', key, id, 'op', op, 'body', body, 'ts', ts)
     if type(r) == 'table' and r.err then
       skipped = skipped + 1
     else
+      -- Trimmed by hand, oldest first, so the newest id trimmed is known and recorded as the
+      -- stream's max-deleted-entry-id (XADD MAXLEN and XTRIM do not record it).
+      local cut = nil
+      local over = redis.call('XLEN', key) - max_len
+      if over > 0 then
+        local old = redis.call('XRANGE', key, '-', '+', 'COUNT', over)
+        cut = old[#old][1]
+      end
       if ms > age then
-        redis.call('XTRIM', key, 'MINID', string.format('%d-0', ms - age))
+        local aged = redis.call('XREVRANGE', key, string.format('(%d-0', ms - age), '-', 'COUNT', 1)
+        if aged[1] and (cut == nil or newer(aged[1][1], cut)) then cut = aged[1][1] end
+      end
+      if cut then
+        local cm, cs = parts(cut)
+        redis.call('XTRIM', key, 'MINID', string.format('%d-%d', cm, cs + 1))
+        redis.call('XSETID', key, id, 'MAXDELETEDID', cut)
       end
       redis.call('PEXPIRE', key, age)
     end
-    i = i + 3
   end
 end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
