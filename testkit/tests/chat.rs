@@ -118,15 +118,14 @@ async fn room_chat_direct_messages_and_the_send_policy_across_two_comets() {
     }
     expect_nothing(&cluster, &mut [&mut bob, &mut carol, &mut dave]).await;
 
-    // Offline recipient: a code and a reason, not silence.
+    // Offline recipient: kept in its history (users keep one by default) and given to it when
+    // it connects.
     let reply = send(&mut bob, json!({"mid": 999, "op": 1000, "data": 1})).await;
-    assert_eq!(reply["code"], -404, "{reply}");
-    assert!(
-        reply["message"]
-            .as_str()
-            .unwrap()
-            .contains("no session online"),
-        "{reply}"
+    assert_eq!(reply["code"], 0, "{reply}");
+    let mut late = cluster.client(A, Transport::Tcp, 999, "", &[1000]).await;
+    assert_eq!(
+        body(&late.recv_push().await.unwrap()),
+        json!({"from": 2, "data": 1})
     );
 
     // Spoofing: whatever the frame claims, recipients learn the session's mid.
