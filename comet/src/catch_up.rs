@@ -91,7 +91,7 @@ impl CatchUp {
             Some(page) => {
                 let mut newest = None;
                 for e in page.entries {
-                    let id = e.id.in_partition(partition);
+                    let id = PushId::in_history(e.id, partition);
                     newest = Some(id);
                     if held.iter().any(|(_, h, _)| *h == id) || !takes(e.op) {
                         continue;

@@ -240,7 +240,7 @@ impl Session {
             .iter()
             .find(|m| m.0 == key)
             .map(|&(_, ms, seq)| PushId { partition, ms, seq });
-        high.max(caught).map(HistoryId::of)
+        high.max(caught).map(|id| id.history_id())
     }
 
     /// Takes over `old`'s high-water marks (a session replacing `old` with the same key on this

@@ -4,8 +4,8 @@
 //!
 //! A push recorded in a room's or a user's history keeps the id of its push stream entry: the
 //! partition stream is appended in order and a room or a user always maps to one partition, so
-//! ids grow within each history, and the id a comet carries as [`crate::rpc::PushId`] for a
-//! live push is the id the same message has in the history. Clients see ids as `"ms-seq"`.
+//! ids grow within each history, and the id a comet carries as `rpc::PushId` for a live push is
+//! the id the same message has in the history (`PushId::history_id`, `PushId::in_history`). Clients see ids as `"ms-seq"`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,7 +14,6 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::room::RoomId;
-use crate::rpc::PushId;
 
 /// Where a recorded push is kept: the history a client resumes from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -50,23 +49,6 @@ impl HistoryId {
             ms: ms.parse().map_err(|_| bad())?,
             seq: seq.parse().map_err(|_| bad())?,
         })
-    }
-
-    /// The id of a live push in its partition.
-    pub fn of(id: PushId) -> HistoryId {
-        HistoryId {
-            ms: id.ms,
-            seq: id.seq,
-        }
-    }
-
-    /// The push id of this message in `partition`.
-    pub fn in_partition(self, partition: u16) -> PushId {
-        PushId {
-            partition,
-            ms: self.ms,
-            seq: self.seq,
-        }
     }
 }
 
@@ -140,8 +122,6 @@ mod tests {
     fn ids_parse_and_print_as_stream_ids() {
         let id = HistoryId::parse("1700000000000-7").unwrap();
         assert_eq!(id.to_string(), "1700000000000-7");
-        assert_eq!(id.in_partition(3).stream_id(), "1700000000000-7");
-        assert_eq!(HistoryId::of(id.in_partition(3)), id);
         assert!(HistoryId::parse("17").is_err());
         assert!(HistoryId::parse("a-1").is_err());
         assert!(HistoryId::parse("1-").is_err());

@@ -348,6 +348,23 @@ impl PushId {
     pub fn stream_id(&self) -> String {
         format!("{}-{}", self.ms, self.seq)
     }
+
+    /// The id this push has in the history that recorded it.
+    pub fn history_id(&self) -> HistoryId {
+        HistoryId {
+            ms: self.ms,
+            seq: self.seq,
+        }
+    }
+
+    /// The push id of a history's message, whose history lives in `partition`.
+    pub fn in_history(id: HistoryId, partition: u16) -> PushId {
+        PushId {
+            partition,
+            ms: id.ms,
+            seq: id.seq,
+        }
+    }
 }
 
 /// Who on a comet receives a delivery.
@@ -426,6 +443,8 @@ mod tests {
             }
         );
         assert_eq!(id.stream_id(), "1700000000000-7");
+        assert_eq!(id.history_id().to_string(), "1700000000000-7");
+        assert_eq!(PushId::in_history(id.history_id(), 3), id);
         assert!(PushId::from_stream_id(0, "x-1").is_none());
         assert!(PushId::from_stream_id(0, "17").is_none());
     }
