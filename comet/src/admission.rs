@@ -20,7 +20,7 @@ use crate::ctx::Ctx;
 use crate::io::reject_read;
 use crate::logic::{LogicCallError, Notice};
 use crate::outbound::{CloseSpec, Outbound};
-use crate::recovery::catch_up;
+use crate::recovery::{Resume, catch_up, queue};
 use crate::session::{MAX_ACCEPTS, Session};
 use crate::writer::Out;
 
@@ -184,6 +184,13 @@ pub(crate) async fn authenticate<C: Connection>(
         return None;
     }
     let keyless = body.key.is_empty();
+    let resume = match body.recover.as_ref().map(Resume::parse).transpose() {
+        Ok(r) => r,
+        Err(e) => {
+            refuse_auth(ctx, out, "bad_body", &format!("bad auth body: {e}"), peer);
+            return None;
+        }
+    };
     let req = ConnectRequest {
         server: ctx.cfg.server_id.clone(),
         auth: body,
@@ -215,7 +222,8 @@ pub(crate) async fn authenticate<C: Connection>(
             &reply.accepts,
         )
         .with_since(reply.since_ms)
-        .with_keyless(keyless),
+        .with_keyless(keyless)
+        .with_tagged(resume.is_some()),
     );
     session.set_grant(reply.grant.clone());
     ctx.set_guarded_room_types(&reply.guarded_room_types);
@@ -230,7 +238,7 @@ pub(crate) async fn authenticate<C: Connection>(
     } else {
         reply.rooms.clone()
     };
-    let body = AuthReplyBody {
+    let mut body = AuthReplyBody {
         mid: reply.mid,
         key: reply.key.clone(),
         room_id: rooms.first().map(|r| r.to_string()).unwrap_or_default(),
@@ -239,18 +247,21 @@ pub(crate) async fn authenticate<C: Connection>(
         token_expires_ms: reply.grant.expires_ms,
         recovered: None,
     };
-    let body = serde_json::to_vec(&body).unwrap_or_default();
-    // Queued before the session can be found: no push goes out ahead of the AuthReply (the
-    // writer starts once this returns, after the room joins below were announced).
-    session.out.offer(
-        Out::Reply(Frame::new(op::AUTH_REPLY, auth.seq, body)),
-        &ctx.metrics,
-    );
-    // Messages waiting for this device: its user's live pushes are held from the moment the
-    // session can get any until the history was read, so the two merge in order.
-    let offline = reply.offline_after;
-    if offline.is_some() {
-        session.begin_catch_up(Source::User);
+    let auth_reply = |body: &AuthReplyBody| {
+        let body = serde_json::to_vec(body).unwrap_or_default();
+        Out::Reply(Frame::new(op::AUTH_REPLY, auth.seq, body))
+    };
+    if resume.is_none() {
+        // Queued before the session can be found: no push goes out ahead of the AuthReply
+        // (the writer starts once this returns, after the room joins below were announced).
+        session.out.offer(auth_reply(&body), &ctx.metrics);
+    }
+    // What the session catches up on (messages waiting for the device, Auth's `recover`): its
+    // live pushes of those histories are held from the moment it can get any until the
+    // histories were read, so the two merge in order.
+    let wants = Resume::wants(resume.as_ref(), reply.offline_after, &rooms);
+    for (source, _) in &wants {
+        session.begin_catch_up(source.clone());
     }
     if let Some(old) = ctx.buckets.insert(session.clone()) {
         tracing::info!(key = %old.key, "same key authenticated again, replacing older session");
@@ -259,9 +270,17 @@ pub(crate) async fn authenticate<C: Connection>(
     for room in &rooms {
         ctx.rooms.join(&ctx.buckets, &session, room.clone()).await;
     }
-    if let Some(after) = offline {
-        catch_up(ctx, &session, vec![(Source::User, Some(after))]).await;
+    let (complete, items) = match wants.is_empty() {
+        true => (Vec::new(), Vec::new()),
+        false => catch_up(ctx, &session, wants.clone()).await,
+    };
+    if let Some(r) = &resume {
+        // The reply says what was recovered, so it is written once that is known, still ahead
+        // of anything the session was given meanwhile.
+        body.recovered = Some(r.recovered(&wants, &complete));
+        session.out.offer_front(auth_reply(&body));
     }
+    queue(ctx, &session, items);
     tracing::debug!(%peer, mid = reply.mid, key = %reply.key, since_ms = reply.since_ms, "session authenticated");
     Some(Authed {
         session,

@@ -96,7 +96,8 @@ impl CatchUp {
                     if held.iter().any(|(_, h, _)| *h == id) || !takes(e.op) {
                         continue;
                     }
-                    out.push(Arc::new(EncodedPush::new(e.op, &e.body)));
+                    let push = EncodedPush::new(e.op, &e.body).with_tag(e.id, source.clone());
+                    out.push(Arc::new(push));
                 }
                 if let Some(id) = newest {
                     self.caught.retain(|(s, _)| s != source);

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rim_proto::frame::Frame;
+use rim_proto::history::{HistoryId, Source, parse_after};
 use rim_proto::op;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::TokenGrant;
@@ -21,6 +22,7 @@ use crate::config::SessionConfig;
 use crate::ctx::Ctx;
 use crate::logic::LogicCallError;
 use crate::outbound::CloseSpec;
+use crate::recovery::{catch_up, queue};
 use crate::session::{MAX_ACCEPTS, Session};
 use crate::upstream::{self, TokenBucket};
 use crate::writer::Out;
@@ -40,11 +42,14 @@ pub(crate) enum ClientOp {
         body: Bytes,
         to: Result<Option<RoomId>, String>,
     },
-    /// Op 18: join a room besides the session's others. The reply (op 19) echoes `body`.
+    /// Op 18: join a room besides the session's others. The reply (op 19) echoes `body`; a JSON
+    /// body `{"room","recover":"ID"|""}` also catches up on the room's history after that id
+    /// (`""`: what it keeps), answered `{"room","recovered":bool}`.
     JoinRoom {
         seq: i32,
         body: Bytes,
         room: Result<RoomId, String>,
+        recover: Option<Option<HistoryId>>,
     },
     /// Op 20: leave one room, staying in the others. The reply (op 21) echoes `body`.
     LeaveRoom {
@@ -94,11 +99,15 @@ impl ClientOp {
                 to: parse_room(&body),
                 body,
             },
-            op::JOIN_ROOM => ClientOp::JoinRoom {
-                seq,
-                room: parse_one_room(&body),
-                body,
-            },
+            op::JOIN_ROOM => {
+                let (room, recover) = parse_join(&body);
+                ClientOp::JoinRoom {
+                    seq,
+                    room,
+                    recover,
+                    body,
+                }
+            }
             op::LEAVE_ROOM => ClientOp::LeaveRoom {
                 seq,
                 room: parse_one_room(&body),
@@ -129,6 +138,8 @@ impl ClientOp {
     /// Carries the request out for session `s` and queues its reply. Waits on logic where the
     /// request needs it (ChangeRoom, SendMsg), so the reply means logic has it.
     pub(crate) async fn apply(self, ctx: &Ctx, s: &Arc<Session>, st: &mut FrameState) {
+        // What goes out after the reply (a JoinRoom's catch-up).
+        let mut then = Vec::new();
         let reply = match self {
             ClientOp::Heartbeat { seq } => {
                 if !st.admit_frame(ctx, s, "heartbeat") {
@@ -149,14 +160,44 @@ impl ClientOp {
                 .await;
                 echo_or_error(op::CHANGE_ROOM_REPLY, seq, body, done)
             }
-            ClientOp::JoinRoom { seq, body, room } => {
+            ClientOp::JoinRoom {
+                seq,
+                body,
+                room,
+                recover,
+            } => {
                 let done = request(ctx, s, st, "join room", || async move {
                     let room = may_enter(ctx, s, room).await?;
-                    ctx.rooms.enter(&ctx.buckets, s, room).await;
-                    Ok(())
+                    let Some(after) = recover else {
+                        ctx.rooms.enter(&ctx.buckets, s, room).await;
+                        return Ok(None);
+                    };
+                    // Held from before the join until the history was read (see `catch_up`).
+                    let source = Source::Room(room.clone());
+                    s.begin_catch_up(source.clone());
+                    ctx.rooms.enter(&ctx.buckets, s, room.clone()).await;
+                    let (complete, items) = catch_up(ctx, s, vec![(source, after)]).await;
+                    Ok(Some((
+                        room,
+                        complete.first().copied().unwrap_or(false),
+                        items,
+                    )))
                 })
                 .await;
-                echo_or_error(op::JOIN_ROOM_REPLY, seq, body, done)
+                match done {
+                    Ok(Some((room, recovered, items))) => {
+                        then = items;
+                        let answer =
+                            serde_json::json!({"room": room.as_str(), "recovered": recovered});
+                        Frame::new(
+                            op::JOIN_ROOM_REPLY,
+                            seq,
+                            serde_json::to_vec(&answer).unwrap_or_default(),
+                        )
+                    }
+                    Ok(None) => echo_or_error(op::JOIN_ROOM_REPLY, seq, body, Ok(())),
+                    Err(msg) => echo_or_error(op::JOIN_ROOM_REPLY, seq, body, Err(msg)),
+                }
             }
             ClientOp::LeaveRoom { seq, body, room } => {
                 let done = request(ctx, s, st, "leave room", || async move {
@@ -192,6 +233,7 @@ impl ClientOp {
             }
         };
         s.out.offer(Out::Reply(reply), &ctx.metrics);
+        queue(ctx, s, then);
     }
 }
 
@@ -284,6 +326,29 @@ fn parse_room(body: &[u8]) -> Result<Option<RoomId>, String> {
     RoomId::parse(text)
         .map(Some)
         .map_err(|e| format!("bad room id: {e}"))
+}
+
+/// A JoinRoom body: a room id, or `{"room":"type://id","recover":"ID"|""}` to catch up on its
+/// history too.
+fn parse_join(body: &[u8]) -> (Result<RoomId, String>, Option<Option<HistoryId>>) {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Join {
+        room: String,
+        recover: Option<String>,
+    }
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return (parse_one_room(body), None);
+    }
+    let join: Join = match serde_json::from_slice(body) {
+        Ok(j) => j,
+        Err(e) => return (Err(format!("bad join body: {e}")), None),
+    };
+    let recover = match join.recover.as_deref().map(parse_after).transpose() {
+        Ok(r) => r,
+        Err(e) => return (Err(format!("recover: {e}")), None),
+    };
+    (parse_one_room(join.room.as_bytes()), recover)
 }
 
 /// A JoinRoom/LeaveRoom body: one room id (blanks around it ignored).

@@ -5,7 +5,7 @@
 //! Modules, from the bottom of the import graph up:
 //! * [`config`], [`metrics`]: configuration and validation; the comet's counters.
 //! * [`writer`], [`outbound`]: encode-once push shapes per transport; a session's queue and
-//!   close request.
+//!   close request; [`tagged`]: push ids for sessions that asked for them.
 //! * [`session`]: a session's shared state (what buckets, rooms and delivery hold);
 //!   [`catch_up`]: merging a history's messages with live pushes while a session catches up.
 //! * [`bucket`]: the sharded session registry; [`room`]: joins, leaves and room changes, and how
@@ -47,6 +47,7 @@ mod renew;
 pub mod room;
 mod server;
 pub mod session;
+pub mod tagged;
 mod tcp;
 #[cfg(test)]
 mod testing;

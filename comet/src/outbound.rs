@@ -138,6 +138,19 @@ impl Outbound {
         Offer::Queued
     }
 
+    /// Queues `item` ahead of everything queued (an AuthReply written after the session could
+    /// already receive pushes); not bounded by the capacity, since it is one reply.
+    pub fn offer_front(&self, item: Out) -> Offer {
+        let mut st = self.state.lock();
+        if st.close.is_some() {
+            return Offer::Closed;
+        }
+        st.queue.push_front(item);
+        drop(st);
+        self.wake.notify_one();
+        Offer::Queued
+    }
+
     /// Asks the connection task to close the session; the first close wins. Returns whether
     /// this one did.
     pub fn close(&self, spec: CloseSpec) -> bool {

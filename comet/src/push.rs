@@ -36,9 +36,13 @@ impl Prepared {
             (DeliverTarget::Keys(_), true) => Some(Source::User),
             _ => None,
         };
+        let mut push = EncodedPush::new(item.op, &item.body);
+        if let Some(source) = &source {
+            push = push.with_tag(item.id.history_id(), source.clone());
+        }
         Prepared {
             id: item.id,
-            push: Arc::new(EncodedPush::new(item.op, &item.body)),
+            push: Arc::new(push),
             exclude: item.exclude.clone(),
             space: MarkSpace::Immediate,
             source,
@@ -112,7 +116,7 @@ pub(crate) fn offer(metrics: &Metrics, s: &Session, p: &Prepared, report: &mut D
     if !p.take_for(s, metrics, report) {
         return;
     }
-    let res = s.out.offer(Out::Push(p.push.clone()), metrics);
+    let res = s.out.offer(Out::push(p.push.clone(), s.tagged), metrics);
     account(metrics, s, res, 1, report);
 }
 
@@ -147,11 +151,11 @@ impl Run {
         match picked.len() {
             0 => None,
             // The common case: everything, so the shared encodings.
-            n if n == self.items.len() => Some((Out::Batch(self.shared.clone()), n)),
-            1 => Some((Out::Push(self.items[picked[0]].push.clone()), 1)),
+            n if n == self.items.len() => Some((Out::batch(self.shared.clone(), s.tagged), n)),
+            1 => Some((Out::push(self.items[picked[0]].push.clone(), s.tagged), 1)),
             n => {
                 let own = picked.iter().map(|&i| self.items[i].push.clone()).collect();
-                Some((Out::Batch(Arc::new(EncodedBatch::new(own))), n))
+                Some((Out::batch(Arc::new(EncodedBatch::new(own)), s.tagged), n))
             }
         }
     }

@@ -37,6 +37,8 @@ pub struct Session {
     /// It authenticated without a key (goim's clients): its offline messages are its user's
     /// keyless device's.
     pub keyless: bool,
+    /// It asked for push ids (Auth `recover`): recorded pushes go out tagged (see `tagged`).
+    pub tagged: bool,
     /// The rooms it is in, in the order joined: the first is the goim room (Auth's `room_id` or
     /// the last ChangeRoom), whose count heartbeat replies carry. At most `session.max_rooms`.
     rooms: Mutex<Vec<RoomId>>,
@@ -128,6 +130,7 @@ impl Session {
             accepts: RwLock::new(sorted_ops(accepts.iter().copied().take(MAX_ACCEPTS))),
             marks: Mutex::new(Marks::default()),
             keyless: false,
+            tagged: false,
             rooms: Mutex::new(Vec::new()),
             grant: Mutex::new(TokenGrant::default()),
         }
@@ -142,6 +145,12 @@ impl Session {
     /// Marks the session as one that authenticated without a key.
     pub fn with_keyless(mut self, keyless: bool) -> Self {
         self.keyless = keyless;
+        self
+    }
+
+    /// Marks the session as one that wants push ids.
+    pub fn with_tagged(mut self, tagged: bool) -> Self {
+        self.tagged = tagged;
         self
     }
 

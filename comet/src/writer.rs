@@ -1,6 +1,7 @@
 //! What goes out to clients, encoded once and shared: pushes and batches ([`EncodedPush`],
 //! [`EncodedBatch`]), the items of a session's queue ([`Out`]), and their shape on each
 //! transport (plain frames on TCP, op 9 wrapped pushes on WebSocket, JSON text in JSON mode).
+//! Sessions that asked for push ids (Auth `recover`) get the tagged shapes of `tagged`.
 //!
 //! A queue item is never split or merged with another [`Out::Batch`]: a batch (a run of room
 //! pushes delivered together) is exactly one WebSocket message, so clients see the grouping job
@@ -24,6 +25,8 @@ pub struct EncodedPush {
     pub frame: Bytes,
     json: OnceLock<String>,
     ws_single: OnceLock<Bytes>,
+    /// Its id and history, for sessions that asked for them (recorded pushes only).
+    pub(crate) tag: Option<Box<crate::tagged::Tag>>,
 }
 
 impl EncodedPush {
@@ -34,6 +37,7 @@ impl EncodedPush {
             frame: Frame::new(op, 0, Bytes::copy_from_slice(body)).to_bytes(),
             json: OnceLock::new(),
             ws_single: OnceLock::new(),
+            tag: None,
         }
     }
 
@@ -117,17 +121,7 @@ impl EncodedBatch {
     /// JSON-mode text: an array of the pushes' objects (a cheap clone of shared bytes).
     pub fn json_text(&self) -> Utf8Bytes {
         self.json
-            .get_or_init(|| {
-                let mut s = String::from("[");
-                for (i, p) in self.pushes.iter().enumerate() {
-                    if i > 0 {
-                        s.push(',');
-                    }
-                    s.push_str(p.json_text());
-                }
-                s.push(']');
-                Utf8Bytes::from(s)
-            })
+            .get_or_init(|| Utf8Bytes::from(json_array(self.pushes.iter().map(|p| p.json_text()))))
             .clone()
     }
 }
@@ -141,6 +135,26 @@ pub enum Out {
     Push(Arc<EncodedPush>),
     /// Several pushes written as one message (a run of room pushes), possibly shared.
     Batch(Arc<EncodedBatch>),
+    /// [`Out::Push`] for a session that asked for push ids: written in its tagged shape.
+    Tagged(Arc<EncodedPush>),
+    /// [`Out::Batch`] in its tagged shape.
+    TaggedBatch(Arc<EncodedBatch>),
+}
+
+impl Out {
+    /// `p` as a queue item for a session that does (`tagged`) or does not want push ids.
+    pub fn push(p: Arc<EncodedPush>, tagged: bool) -> Out {
+        if tagged { Out::Tagged(p) } else { Out::Push(p) }
+    }
+
+    /// `b` as a queue item, like [`Out::push`].
+    pub fn batch(b: Arc<EncodedBatch>, tagged: bool) -> Out {
+        if tagged {
+            Out::TaggedBatch(b)
+        } else {
+            Out::Batch(b)
+        }
+    }
 }
 
 /// TCP: every item as a plain frame, all in one buffer (one write, one flush).
@@ -151,6 +165,12 @@ pub fn tcp_bytes(batch: &[Out]) -> Bytes {
             Out::Reply(f) => f.encode(&mut b),
             Out::Push(p) => b.extend_from_slice(&p.frame),
             Out::Batch(batch) => b.extend_from_slice(&batch.frames()),
+            Out::Tagged(p) => b.extend_from_slice(&p.tagged_frames()),
+            Out::TaggedBatch(batch) => {
+                for p in batch.pushes() {
+                    b.extend_from_slice(&p.tagged_frames());
+                }
+            }
         }
     }
     b.freeze()
@@ -160,17 +180,24 @@ pub fn tcp_bytes(batch: &[Out]) -> Bytes {
 /// op 9 message; each batch exactly one op 9 message of its own (never merged or split).
 pub fn ws_binary_messages(batch: &[Out]) -> Vec<Bytes> {
     let mut msgs = Vec::new();
-    let mut run: Vec<&Arc<EncodedPush>> = Vec::new();
-    let flush = |run: &mut Vec<&Arc<EncodedPush>>, msgs: &mut Vec<Bytes>| match run.len() {
-        0 => {}
-        1 => {
-            msgs.push(run[0].ws_single());
+    // (push, tagged)
+    let mut run: Vec<(&Arc<EncodedPush>, bool)> = Vec::new();
+    let flush = |run: &mut Vec<(&Arc<EncodedPush>, bool)>, msgs: &mut Vec<Bytes>| match run
+        .as_slice()
+    {
+        [] => {}
+        [(p, false)] => {
+            msgs.push(p.ws_single());
             run.clear();
         }
         _ => {
-            let mut inner = BytesMut::with_capacity(run.iter().map(|p| p.frame.len()).sum());
-            for p in run.iter() {
-                inner.extend_from_slice(&p.frame);
+            let mut inner = BytesMut::with_capacity(run.iter().map(|(p, _)| p.frame.len()).sum());
+            for (p, tagged) in run.iter() {
+                if *tagged {
+                    inner.extend_from_slice(&p.tagged_frames());
+                } else {
+                    inner.extend_from_slice(&p.frame);
+                }
             }
             msgs.push(wrap_raw(&inner));
             run.clear();
@@ -178,7 +205,16 @@ pub fn ws_binary_messages(batch: &[Out]) -> Vec<Bytes> {
     };
     for o in batch {
         match o {
-            Out::Push(p) => run.push(p),
+            Out::Push(p) => run.push((p, false)),
+            Out::Tagged(p) => run.push((p, true)),
+            Out::TaggedBatch(b) => {
+                flush(&mut run, &mut msgs);
+                let mut inner = BytesMut::new();
+                for p in b.pushes() {
+                    inner.extend_from_slice(&p.tagged_frames());
+                }
+                msgs.push(wrap_raw(&inner));
+            }
             Out::Reply(f) => {
                 flush(&mut run, &mut msgs);
                 msgs.push(f.to_bytes());
@@ -214,29 +250,27 @@ pub fn reply_json(f: &Frame) -> String {
 /// each batch exactly one array of its own.
 pub fn ws_json_messages(batch: &[Out]) -> Vec<Utf8Bytes> {
     let mut msgs = Vec::new();
-    let mut run: Vec<&Arc<EncodedPush>> = Vec::new();
-    let flush = |run: &mut Vec<&Arc<EncodedPush>>, msgs: &mut Vec<Utf8Bytes>| match run.len() {
-        0 => {}
-        1 => {
-            msgs.push(run[0].json_text().into());
+    // The object of each push of the current run of single pushes.
+    let mut run: Vec<&str> = Vec::new();
+    let flush = |run: &mut Vec<&str>, msgs: &mut Vec<Utf8Bytes>| match run.as_slice() {
+        [] => {}
+        [one] => {
+            msgs.push((*one).into());
             run.clear();
         }
         _ => {
-            let mut s = String::from("[");
-            for (i, p) in run.iter().enumerate() {
-                if i > 0 {
-                    s.push(',');
-                }
-                s.push_str(p.json_text());
-            }
-            s.push(']');
-            msgs.push(s.into());
+            msgs.push(json_array(run.iter().copied()).into());
             run.clear();
         }
     };
     for o in batch {
         match o {
-            Out::Push(p) => run.push(p),
+            Out::Push(p) => run.push(p.json_text()),
+            Out::Tagged(p) => run.push(p.tagged_json()),
+            Out::TaggedBatch(b) => {
+                flush(&mut run, &mut msgs);
+                msgs.push(json_array(b.pushes().iter().map(|p| p.tagged_json())).into());
+            }
             Out::Reply(f) => {
                 flush(&mut run, &mut msgs);
                 msgs.push(reply_json(f).into());
@@ -249,6 +283,19 @@ pub fn ws_json_messages(batch: &[Out]) -> Vec<Utf8Bytes> {
     }
     flush(&mut run, &mut msgs);
     msgs
+}
+
+/// `[a,b,...]` of JSON objects.
+fn json_array<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let mut s = String::from("[");
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(item);
+    }
+    s.push(']');
+    s
 }
 
 /// The op 6 DisconnectReply carrying `reason`, as a plain frame.
