@@ -210,8 +210,10 @@ function renderMessage({ from, name, text, dm, dmPeer, mine, pending }) {
   return node;
 }
 
-function onPush(op, _body, text) {
+function onPush(op, _body, text, meta) {
   if (op !== CHAT_OP) return;
+  // A room message of a room this page has just left (while switching rooms).
+  if (meta && meta.room && meta.room !== state.room) return;
   let msg;
   try {
     msg = JSON.parse(text);
@@ -446,6 +448,9 @@ async function connect() {
       ui.online.textContent = String(n);
     },
     onRoomEvent,
+    // Push ids, and the room's last messages when joining it (and what was missed after a
+    // reconnect): the room's history, kept by logic (`[history.rooms.chat]`).
+    recover: true,
   });
   state.client = client;
   await client.connect();
@@ -462,12 +467,17 @@ async function joinRoom(ev) {
   if (!state.client || room === state.room) return;
   show(ui.roomError, "");
   ui.join.disabled = true;
+  const from = state.room;
   try {
-    await state.client.changeRoom(room);
-    state.room = room;
-    setDm(null);
+    // Joined with its recent history (it follows the reply), then out of the old room: the
+    // page shows one room, with its last messages first.
     ui.messages.replaceChildren();
+    await state.client.joinRoom(room, { recent: true });
+    // Runs as the reply is read, before the history that follows it is.
     notice(`Joined ${room}.`);
+    state.room = room;
+    await state.client.leaveRoom(from);
+    setDm(null);
     ui.members.replaceChildren();
     await refreshMembers();
     state.client.heartbeat().catch(() => {});

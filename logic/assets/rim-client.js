@@ -13,6 +13,7 @@
 //     onStatus: (state, info) => console.log(state, info), // connecting | online | reconnecting | closed
 //     onOnline: (n) => console.log("online in room:", n),
 //     onRoomEvent: (evt) => console.log(evt),    // {"event":"join"|"leave","mid":N,"room":"..."}
+//     recover: true,                              // rim: resume rooms after a reconnect (below)
 //   });
 //   await client.connect();                      // resolves once authenticated (op 8)
 //   const r = await client.sendMsg({ room: "chat://lobby" }, 1000, { text: "hi" });
@@ -20,6 +21,7 @@
 //   await client.sendMsg({ mid: 42 }, 1000, { text: "just for you" });
 //   await client.changeRoom("chat://other");     // op 12 → op 13 (exactly that room afterwards)
 //   await client.joinRoom("chat://more");        // op 18 → op 19 (rim: besides the others)
+//   await client.joinRoom("chat://more", { recent: true }); // with recover: its last messages again
 //   await client.leaveRoom("chat://more");       // op 20 → op 21
 //   const online = await client.heartbeat();     // op 2 → op 3 (4-byte big-endian count)
 //   client.close();                              // deliberate: no reconnect
@@ -31,6 +33,14 @@
 //
 // When the connection drops (network, server restart, heartbeat silence) the client reconnects
 // with exponential backoff and jitter, authenticates again and re-joins its rooms.
+//
+// Recovery (rim, `recover: true`): the client asks at Auth for each push's id and history (an
+// op 25 PushMeta frame before each recorded push; onPush's fourth argument is that meta,
+// {id, room} or {id, user:true}), remembers the last id per room and for the user, and after a
+// reconnect resumes from there: what it missed arrives first, in order, then live pushes; a
+// push it already had is dropped. A room it has no id for yet sends what the room's history
+// keeps (the last messages), also for joinRoom. `client.session.recovered` says, per history,
+// whether everything missed was still kept ({user: bool, rooms: {room: bool}}).
 // A server-side refusal that retrying cannot fix (bad token, bad room id, replaced) stops it.
 
 /** Operation codes of the goim/rim client protocol. */
@@ -54,6 +64,7 @@ export const OP = Object.freeze({
   LEAVE_ROOM: 20,
   LEAVE_ROOM_REPLY: 21,
   ROOM_EVENT: 24,
+  PUSH_META: 25,
 });
 
 export const HEADER_LEN = 16;
@@ -120,6 +131,13 @@ function throwIfError(frame) {
   if (err && err.error) throw new Error(err.error);
 }
 
+/** Orders two history ids ("ms-seq"): negative, 0 or positive. */
+export function compareIds(a, b) {
+  const [am, as] = a.split("-").map(Number);
+  const [bm, bs] = b.split("-").map(Number);
+  return am !== bm ? am - bm : as - bs;
+}
+
 // Reasons (op 6) after which reconnecting cannot help.
 const FATAL_REASONS = [/^unauthorized/i, /^bad request/i, /^bad auth body/i, /^replaced$/i];
 
@@ -138,6 +156,7 @@ export class RimClient {
    * @param {(state:string, info:object)=>void} [opts.onStatus]
    * @param {(online:number)=>void} [opts.onOnline]
    * @param {(evt:{event:string, mid:number, room:string})=>void} [opts.onRoomEvent]
+   * @param {boolean} [opts.recover=false]  rim: push ids, resume after reconnects (see above)
    */
   constructor(opts) {
     if (!opts || !opts.url) throw new Error("RimClient: url is required");
@@ -152,6 +171,10 @@ export class RimClient {
     this.onStatus = opts.onStatus || (() => {});
     this.onOnline = opts.onOnline || (() => {});
     this.onRoomEvent = opts.onRoomEvent || (() => {});
+    this.recover = !!opts.recover;
+    /** Last id seen per history: "user" and each room id ("ms-seq"). */
+    this.positions = new Map();
+    this._meta = null;
 
     /** connecting | online | reconnecting | closed */
     this.state = "closed";
@@ -233,9 +256,16 @@ export class RimClient {
     });
   }
 
-  /** Joins `room` besides the session's other rooms (rim). Resolves with it; rejects on error. */
-  joinRoom(room) {
-    return this._request(OP.JOIN_ROOM, room).then((frame) => {
+  /**
+   * Joins `room` besides the session's other rooms (rim). With `recover`, also catches up on the
+   * room's history after the last id seen there, or sends its last messages when none was seen
+   * or `{recent: true}` asks for them again (a page that cleared its view). Resolves with the
+   * room; rejects on error.
+   */
+  joinRoom(room, { recent = false } = {}) {
+    if (recent) this.positions.delete(room);
+    const body = this.recover ? JSON.stringify({ room, recover: this.positions.get(room) ?? "" }) : room;
+    return this._request(OP.JOIN_ROOM, body).then((frame) => {
       throwIfError(frame);
       // Re-joined after a reconnect, with the others.
       const rooms = this.auth.rooms || [];
@@ -325,7 +355,8 @@ export class RimClient {
     this.lastReason = "";
     ws.onopen = () => {
       this._lastRecv = Date.now();
-      this._send(OP.AUTH, this._nextSeq(), JSON.stringify(this.auth));
+      this._meta = null;
+      this._send(OP.AUTH, this._nextSeq(), JSON.stringify(this._authBody()));
     };
     ws.onmessage = (ev) => {
       if (ws !== this._ws) return;
@@ -349,8 +380,33 @@ export class RimClient {
     };
   }
 
+  // The Auth body: with `recover`, where to resume each room (and the user's history) from.
+  _authBody() {
+    if (!this.recover) return this.auth;
+    const rooms = {};
+    for (const room of [this.auth.room_id, ...(this.auth.rooms || [])]) {
+      if (room) rooms[room] = this.positions.get(room) ?? "";
+    }
+    const recover = { rooms };
+    if (this.positions.has("user")) recover.user = this.positions.get("user");
+    return { ...this.auth, recover };
+  }
+
+  // Whether a tagged push is new for its history (and remembers it); untagged pushes always are.
+  _fresh(meta) {
+    if (!meta || typeof meta.id !== "string") return true;
+    const source = meta.room ?? "user";
+    const last = this.positions.get(source);
+    if (last !== undefined && compareIds(meta.id, last) <= 0) return false;
+    this.positions.set(source, meta.id);
+    return true;
+  }
+
   _onFrame(f) {
     switch (f.op) {
+      case OP.PUSH_META:
+        this._meta = parseJson(decoder.decode(f.body)) || null;
+        return;
       case OP.AUTH_REPLY: {
         this.session = parseJson(decoder.decode(f.body)) || {};
         this._attempt = 0;
@@ -400,8 +456,11 @@ export class RimClient {
       }
       default: {
         if (f.op < 1000) return; // nothing else a client should act on
+        const meta = this._meta;
+        this._meta = null;
+        if (!this._fresh(meta)) return; // had it already (a catch-up overlapping live pushes)
         try {
-          this.onPush(f.op, f.body, decoder.decode(f.body));
+          this.onPush(f.op, f.body, decoder.decode(f.body), meta || undefined);
         } catch (e) {
           console.error("onPush handler failed", e);
         }

@@ -234,6 +234,49 @@ async function main() {
     if (dms.length !== 1 || !dms[0].dm) throw new Error(`alice shows bob's DM as ${JSON.stringify(dms)}`);
   });
 
+  const lobbyHistory = ["hello from alice", ...["one", "two", "three", "four", "five"].map((w) => `alice says ${w}`)];
+  let carol;
+  await check("carol logs in later and sees the lobby's recent messages first (room history)", async () => {
+    carol = await openUser("carol", COMET_B);
+    await seesMessage(carol, alice.mid, lobbyHistory[lobbyHistory.length - 1], { dm: false });
+    const got = (await messagesFrom(carol, alice.mid)).map((m) => m.text);
+    if (JSON.stringify(got) !== JSON.stringify(lobbyHistory)) {
+      throw new Error(`carol shows alice's lobby history as ${JSON.stringify(got)}, expected ${JSON.stringify(lobbyHistory)}`);
+    }
+    await seesMessage(carol, bob.mid, "hi alice, bob here", { dm: false });
+    const fromBob = (await messagesFrom(carol, bob.mid)).map((m) => m.text);
+    if (fromBob.includes("psst, just for you")) throw new Error("carol was shown bob's direct message to alice");
+  });
+  await check("a live message reaches carol after the history", async () => {
+    await send(alice, "welcome carol");
+    await confirmed(alice);
+    await seesMessage(carol, alice.mid, "welcome carol", { dm: false });
+    const got = (await messagesFrom(carol, alice.mid)).map((m) => m.text);
+    if (got[got.length - 1] !== "welcome carol" || got.length !== lobbyHistory.length + 1) {
+      throw new Error(`carol shows ${JSON.stringify(got)}`);
+    }
+  });
+  await check("bob switches to another room and back: the lobby's last messages show again", async () => {
+    await bob.page.fill(byTestId("room-input"), "chat://side");
+    await bob.page.click(byTestId("join-button"));
+    await bob.page
+      .locator(`${byTestId("messages")} ${byTestId("notice")}`, { hasText: "Joined chat://side." })
+      .waitFor({ timeout: STEP_MS });
+    // The switch is done when the page enables Join again (it moves focus meanwhile).
+    await bob.page.waitForFunction(() => !document.querySelector('[data-testid="join-button"]').disabled, null, {
+      timeout: STEP_MS,
+    });
+    const inSide = await bob.page.$$eval(`${byTestId("messages")} ${byTestId("message")}`, (els) => els.length);
+    if (inSide !== 0) throw new Error(`bob's new room shows ${inSide} messages, expected none`);
+    await bob.page.fill(byTestId("room-input"), ROOM);
+    await bob.page.click(byTestId("join-button"));
+    await seesMessage(bob, alice.mid, "welcome carol", { dm: false });
+    const got = (await messagesFrom(bob, alice.mid)).map((m) => m.text);
+    if (JSON.stringify(got) !== JSON.stringify([...lobbyHistory, "welcome carol"])) {
+      throw new Error(`bob shows the lobby as ${JSON.stringify(got)}`);
+    }
+  });
+
   if (SCREENSHOT) {
     await check(`screenshot of alice's page → ${SCREENSHOT}`, async () => {
       mkdirSync(dirname(SCREENSHOT), { recursive: true });

@@ -5,13 +5,17 @@ use super::{AuthMode, Config};
 
 impl Config {
     /// The defaults with the local-dev conveniences `config/logic.toml` turns on: trust mode,
-    /// open online routes and the demo (each warned about at start). For tests and tools on
-    /// loopback; never what a config file that leaves these out gets.
+    /// open online routes and the demo (each warned about at start), and the history of `chat`
+    /// rooms the demo shows. For tests and tools on loopback; never what a config file that
+    /// leaves these out gets.
     pub fn dev() -> Config {
         let mut c = Config::default();
         c.auth.mode = AuthMode::Trust;
         c.push.open_online = true;
         c.demo.enabled = true;
+        c.history
+            .rooms
+            .insert("chat".into(), super::Retention::default());
         c
     }
 
