@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use rim_proto::history::{HistoryPage, Source};
+use rim_proto::history::{HistoryId, HistoryPage, Source};
 use rim_proto::rpc::PushId;
 
 use crate::writer::EncodedPush;
@@ -42,8 +42,9 @@ pub struct CatchUp {
     held: Vec<(Source, PushId, Arc<EncodedPush>)>,
     /// Per history, the newest message the catch-up delivered.
     caught: Vec<(Source, PushId)>,
-    /// The user's history could not be read: the session must not report a position in it.
-    pub user_failed: bool,
+    /// The user's history could not be read from this position: the session reports it as how
+    /// far it got, so the messages wait for its next connect.
+    pub user_failed: Option<HistoryId>,
 }
 
 impl CatchUp {
@@ -70,14 +71,15 @@ impl CatchUp {
         Admit::Fresh
     }
 
-    /// Ends the catch-up of `source` (messages of `page`, ids in `partition`; `None`: the read
-    /// failed) and returns what goes out now, in order: the page's messages the session takes
+    /// Ends the catch-up of `source` from `after` (messages of `page`, ids in `partition`;
+    /// `None`: the read failed) and returns what goes out now, in order: the page's messages the session takes
     /// (`takes` filters by op) and has not been given live, then the held live pushes; and how
     /// many of them came from the page.
     pub fn finish(
         &mut self,
         source: &Source,
         partition: u16,
+        after: Option<HistoryId>,
         page: Option<HistoryPage>,
         takes: impl Fn(i32) -> bool,
     ) -> (Vec<Arc<EncodedPush>>, usize) {
@@ -104,7 +106,9 @@ impl CatchUp {
                     self.caught.push((source.clone(), id));
                 }
             }
-            None if *source == Source::User => self.user_failed = true,
+            None if *source == Source::User => {
+                self.user_failed = Some(after.unwrap_or_default());
+            }
             None => {}
         }
         let from_history = out.len();
@@ -125,7 +129,7 @@ impl CatchUp {
         self.pending.is_empty()
             && self.held.is_empty()
             && self.caught.is_empty()
-            && !self.user_failed
+            && self.user_failed.is_none()
     }
 }
 
@@ -134,7 +138,7 @@ impl CatchUp {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use rim_proto::history::{HistoryEntry, HistoryId};
+    use rim_proto::history::HistoryEntry;
 
     fn pid(seq: u64) -> PushId {
         PushId {
@@ -177,7 +181,7 @@ mod tests {
         // Live pushes 4 and 5 arrive while the history (3, 4) is read: both are held.
         assert_eq!(c.admit(&user, pid(4), &push(4)), Admit::Held);
         assert_eq!(c.admit(&user, pid(5), &push(5)), Admit::Held);
-        let (out, from_history) = c.finish(&user, 2, Some(page(&[3, 4])), |_| true);
+        let (out, from_history) = c.finish(&user, 2, None, Some(page(&[3, 4])), |_| true);
         assert_eq!(bodies(&out), ["m3", "m4", "m5"]);
         assert_eq!(from_history, 1);
         // 4 again (a replay) would be caught by the partition marks; a late live 3 (job was
@@ -194,7 +198,7 @@ mod tests {
         let mut c = CatchUp::default();
         c.begin(Source::User);
         assert_eq!(c.admit(&room, pid(9), &push(9)), Admit::Fresh);
-        let (out, _) = c.finish(&Source::User, 2, Some(page(&[1])), |op| op != 1000);
+        let (out, _) = c.finish(&Source::User, 2, None, Some(page(&[1])), |op| op != 1000);
         assert!(
             out.is_empty(),
             "ops the session does not accept are skipped"
@@ -207,9 +211,10 @@ mod tests {
         let mut c = CatchUp::default();
         c.begin(Source::User);
         assert_eq!(c.admit(&Source::User, pid(7), &push(7)), Admit::Held);
-        let (out, _) = c.finish(&Source::User, 2, None, |_| true);
+        let from = HistoryId { ms: 1, seq: 2 };
+        let (out, _) = c.finish(&Source::User, 2, Some(from), None, |_| true);
         assert_eq!(bodies(&out), ["m7"]);
-        assert!(c.user_failed);
+        assert_eq!(c.user_failed, Some(from));
         assert!(!c.is_idle());
     }
 }

@@ -45,7 +45,6 @@ pub trait Logic: Send + Sync {
         &self,
         session: SessionRef,
         seen: Option<HistoryId>,
-        keyless: bool,
     ) -> Result<(), LogicCallError>;
     /// Reads histories for a session catching up.
     async fn history(
@@ -144,9 +143,8 @@ impl Logic for LogicClient {
         &self,
         session: SessionRef,
         seen: Option<HistoryId>,
-        keyless: bool,
     ) -> Result<(), LogicCallError> {
-        self.call(|c, cx| async move { c.disconnect(cx, session, seen, keyless).await })
+        self.call(|c, cx| async move { c.disconnect(cx, session, seen).await })
             .await
     }
 
@@ -233,13 +231,10 @@ impl Logic for LogicClient {
 pub(crate) enum Notice {
     /// Renews the registration (client activity).
     Heartbeat,
-    /// Unregisters the session (it ended): how far it got in its user's history, and whether
-    /// it authenticated without a key.
+    /// Unregisters the session (it ended): how far it got in its user's history.
     Disconnect {
         /// See [`Logic::disconnect`].
         seen: Option<HistoryId>,
-        /// See [`Logic::disconnect`].
-        keyless: bool,
     },
 }
 
@@ -283,9 +278,7 @@ pub(crate) fn notify(
         for attempt in 1..=attempts {
             let res = match notice {
                 Notice::Heartbeat => logic.heartbeat(session.clone()).await,
-                Notice::Disconnect { seen, keyless } => {
-                    logic.disconnect(session.clone(), seen, keyless).await
-                }
+                Notice::Disconnect { seen } => logic.disconnect(session.clone(), seen).await,
             };
             match res {
                 Ok(()) => return,
@@ -337,10 +330,7 @@ mod tests {
             &logic,
             &tracker,
             &shutdown,
-            Notice::Disconnect {
-                seen: None,
-                keyless: false,
-            },
+            Notice::Disconnect { seen: None },
             sref("d"),
         );
         notify(&logic, &tracker, &shutdown, Notice::Heartbeat, sref("h"));
@@ -364,10 +354,7 @@ mod tests {
             &logic,
             &tracker,
             &shutdown,
-            Notice::Disconnect {
-                seen: None,
-                keyless: false,
-            },
+            Notice::Disconnect { seen: None },
             sref("d"),
         );
         tracker.close();

@@ -50,14 +50,14 @@ pub(crate) async fn catch_up(
     };
     let mut complete = Vec::with_capacity(wants.len());
     let mut items = Vec::new();
-    for ((source, _), page) in wants.iter().zip(pages) {
+    for ((source, after), page) in wants.iter().zip(pages) {
         complete.push(page.as_ref().is_some_and(|p| p.complete));
         // An unknown partition count (an older logic) matches nothing: only the held pushes.
         let (partition, page) = match ctx.history_partition(source, session.mid) {
             Some(p) => (p, page),
             None => (0, None),
         };
-        let (pushes, from_history) = session.finish_catch_up(source, partition, page);
+        let (pushes, from_history) = session.finish_catch_up(source, partition, *after, page);
         ctx.metrics.caught_up.add(from_history as u64);
         // One item per history: a catch-up must not overflow the queue a message at a time.
         match pushes.as_slice() {

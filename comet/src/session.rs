@@ -34,9 +34,6 @@ pub struct Session {
     accepts: RwLock<Vec<i32>>,
     /// What it was given: high-water marks and, while needed, a catch-up.
     marks: Mutex<Marks>,
-    /// It authenticated without a key (goim's clients): its offline messages are its user's
-    /// keyless device's.
-    pub keyless: bool,
     /// It asked for push ids (Auth `recover`): recorded pushes go out tagged (see `tagged`).
     pub tagged: bool,
     /// The rooms it is in, in the order joined: the first is the goim room (Auth's `room_id` or
@@ -129,7 +126,6 @@ impl Session {
             since_ms: 0,
             accepts: RwLock::new(sorted_ops(accepts.iter().copied().take(MAX_ACCEPTS))),
             marks: Mutex::new(Marks::default()),
-            keyless: false,
             tagged: false,
             rooms: Mutex::new(Vec::new()),
             grant: Mutex::new(TokenGrant::default()),
@@ -139,12 +135,6 @@ impl Session {
     /// Sets the registration time logic reported (see [`Session::since_ms`]).
     pub fn with_since(mut self, since_ms: u64) -> Self {
         self.since_ms = since_ms;
-        self
-    }
-
-    /// Marks the session as one that authenticated without a key.
-    pub fn with_keyless(mut self, keyless: bool) -> Self {
-        self.keyless = keyless;
         self
     }
 
@@ -218,28 +208,31 @@ impl Session {
             .begin(source);
     }
 
-    /// Ends the catch-up of `source` with what its history holds (`None`: the read failed) and
+    /// Ends the catch-up of `source` from `after` with what its history holds (`None`: the read
+    /// failed) and
     /// returns what goes out now, in order, and how much of it came from the history (see
     /// [`CatchUp::finish`]).
     pub fn finish_catch_up(
         &self,
         source: &Source,
         partition: u16,
+        after: Option<HistoryId>,
         page: Option<HistoryPage>,
     ) -> (Vec<Arc<EncodedPush>>, usize) {
         let mut marks = self.marks.lock();
         let Some(c) = marks.catch_up.as_deref_mut() else {
             return (Vec::new(), 0);
         };
-        c.finish(source, partition, page, |op| self.accepts(op))
+        c.finish(source, partition, after, page, |op| self.accepts(op))
     }
 
     /// How far the session got in its user's history (partition `partition`): the later of its
-    /// mark there and what a catch-up gave it; `None` after a failed catch-up of it.
+    /// mark there and what a catch-up gave it; after a failed catch-up, where that started (the
+    /// messages wait for the next connect, even if some came live: at least once).
     pub fn user_seen(&self, partition: u16) -> Option<HistoryId> {
         let marks = self.marks.lock();
         let caught = match marks.catch_up.as_deref() {
-            Some(c) if c.user_failed => return None,
+            Some(c) if c.user_failed.is_some() => return c.user_failed,
             Some(c) => c.caught(&Source::User),
             None => None,
         };

@@ -281,7 +281,6 @@ impl Logic for MemLogic {
         &self,
         s: SessionRef,
         seen: Option<rim_proto::history::HistoryId>,
-        _keyless: bool,
     ) -> Result<(), LogicCallError> {
         match seen {
             None => self.call(format!("disconnect {}", s.key)).await,

@@ -102,7 +102,6 @@ impl LogicRpc for FakeLogic {
         _: Context,
         s: SessionRef,
         _: Option<rim_proto::history::HistoryId>,
-        _: bool,
     ) -> Result<(), LogicError> {
         if s.key.starts_with("hang-once") && self.hung.lock().insert(s.key.clone()) {
             // A logic blip: this call never answers, the comet's deadline must fire.

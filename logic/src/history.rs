@@ -2,6 +2,12 @@
 //! comets' catch-up RPC) with the rule that says whether a read is complete, and the devices'
 //! positions that decide which of a user's messages wait for a device when it connects.
 //!
+//! A device's position is the newest message of its user's history routed to a session of it
+//! (written by the push append itself) or sent to it by a catch-up; a session that ends reports
+//! what it was actually given, and a position past that goes back (those messages were routed
+//! to it but never reached it). A comet that dies reports nothing: what was routed to it is
+//! lost for that device, as live pushes queued there always were, and nothing is given twice.
+//!
 //! Recording happens in the push append itself (`publish` passes a [`Record`] per history to
 //! the stream store), so a message is in its history exactly when its push was accepted.
 
@@ -27,6 +33,19 @@ pub const DEFAULT_LIMIT: usize = 50;
 /// The device name of sessions that authenticated without a key (goim's clients): they share
 /// one position per user, so "the next connect" gets what none of them was given.
 pub const KEYLESS_DEVICE: &str = "*";
+
+/// How the keys logic generates for sessions that gave none begin (a client may not know it
+/// asked for none, but the key says so wherever it is seen: routing, catch-up, disconnect).
+pub const KEYLESS_PREFIX: &str = "~";
+
+/// The device a session key is of, for offline positions.
+pub fn device(key: &str) -> &str {
+    if key.starts_with(KEYLESS_PREFIX) {
+        KEYLESS_DEVICE
+    } else {
+        key
+    }
+}
 
 /// How much of one history is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -165,16 +184,33 @@ impl App {
             of: HistoryOf::Room(job::room_partition(room, self.partitions()), room.clone()),
             max_len: r.max_len,
             max_age_ms: r.max_age_ms(),
+            devices: Vec::new(),
         })
     }
 
-    /// The record of a push to user `mid`, when users keep history.
-    pub(crate) fn user_record(&self, mid: i64) -> Option<Record> {
+    /// The record of a push to user `mid`, when users keep history, routed live to the
+    /// sessions `keys` (whose devices it marks as given: they are not owed it at their next
+    /// connect).
+    pub(crate) fn user_record<'a>(
+        &self,
+        mid: i64,
+        keys: impl IntoIterator<Item = &'a String>,
+    ) -> Option<Record> {
         let r = self.config.history.user()?;
+        let mut devices: Vec<String> = Vec::new();
+        if self.config.history.deliver_on_connect {
+            for k in keys {
+                let d = device(k);
+                if !devices.iter().any(|x| x == d) {
+                    devices.push(d.to_string());
+                }
+            }
+        }
         Some(Record {
             of: HistoryOf::User(job::mid_partition(mid, self.partitions()), mid),
             max_len: r.max_len,
             max_age_ms: r.max_age_ms(),
+            devices,
         })
     }
 
@@ -194,7 +230,7 @@ impl App {
     ) -> Result<Option<HistoryPage>, StoreError> {
         let record = match source {
             Source::Room(room) => self.room_record(room),
-            Source::User => self.user_record(mid),
+            Source::User => self.user_record(mid, []),
         };
         let Some(record) = record else {
             return Ok(None);
@@ -211,12 +247,14 @@ impl App {
         }))
     }
 
-    /// The pages a comet asked for while a session of `mid` catches up: each as much as its
+    /// The pages a comet asked for while session `key` of `mid` catches up: each as much as its
     /// history keeps after the given id, a history that is not kept as an empty incomplete
-    /// page. Pages are cut at half an RPC frame in all; a cut page is incomplete.
+    /// page. Pages are cut at half an RPC frame in all; a cut page is incomplete. The user's
+    /// messages sent count as given to the session's device.
     pub(crate) async fn catch_up(
         &self,
         mid: i64,
+        key: &str,
         wants: &[HistoryWant],
     ) -> Result<Vec<HistoryPage>, StoreError> {
         let mut budget = self.config.cluster.max_frame_bytes / 2;
@@ -243,6 +281,9 @@ impl App {
                 page.entries.truncate(fits);
                 page.complete = false;
             }
+            if let (Source::User, Some(last)) = (&w.source, page.entries.last()) {
+                self.device_given(mid, device(key), last.id).await?;
+            }
             pages.push(page);
         }
         Ok(pages)
@@ -264,12 +305,28 @@ impl App {
         Ok(last.filter(|l| *l > seen).map(|_| seen))
     }
 
-    /// Records how far a device got in its user's history (a session of it ended).
-    pub(crate) async fn device_seen(
+    /// Records that `device` was given its user's messages up to `id` (a catch-up sent them).
+    async fn device_given(&self, mid: i64, device: &str, id: HistoryId) -> Result<(), StoreError> {
+        let Some(r) = self.config.history.user() else {
+            return Ok(());
+        };
+        if !self.config.history.deliver_on_connect {
+            return Ok(());
+        }
+        let p = job::mid_partition(mid, self.partitions());
+        self.store
+            .history
+            .advance(p, mid, device, id, r.max_age_ms())
+            .await
+    }
+
+    /// A session of `device` ended having been given its user's messages up to `delivered`:
+    /// messages routed to it past that never reached it, so its position goes back there.
+    pub(crate) async fn device_delivered(
         &self,
         mid: i64,
         device: &str,
-        seen: HistoryId,
+        delivered: HistoryId,
     ) -> Result<(), StoreError> {
         let Some(r) = self.config.history.user() else {
             return Ok(());
@@ -280,7 +337,7 @@ impl App {
         let p = job::mid_partition(mid, self.partitions());
         self.store
             .history
-            .advance(p, mid, device, seen, r.max_age_ms())
+            .retreat(p, mid, device, delivered, r.max_age_ms())
             .await
     }
 }

@@ -109,7 +109,12 @@ impl App {
             ));
         }
         let key = if a.key.is_empty() {
-            uuid::Uuid::new_v4().simple().to_string()
+            // Marked as generated: such sessions share their user's keyless device (offline).
+            format!(
+                "{}{}",
+                crate::history::KEYLESS_PREFIX,
+                uuid::Uuid::new_v4().simple()
+            )
         } else {
             a.key.clone()
         };
@@ -201,7 +206,7 @@ impl App {
         // session, so the comet's catch-up and the live pushes overlap instead of leaving a gap
         // (the comet drops the overlap by id).
         let offline_after = self
-            .offline_after(a.mid, device(&a.key, &key))
+            .offline_after(a.mid, crate::history::device(&key))
             .await
             .map_err(unavailable)?;
         if offline_after.is_some() {
@@ -229,11 +234,9 @@ impl App {
         &self,
         s: SessionRef,
         seen: Option<HistoryId>,
-        keyless: bool,
     ) -> Result<(), RpcError> {
         if let Some(seen) = seen {
-            let asked = if keyless { "" } else { s.key.as_str() };
-            self.device_seen(s.mid, device(asked, &s.key), seen)
+            self.device_delivered(s.mid, crate::history::device(&s.key), seen)
                 .await
                 .map_err(unavailable)?;
         }
@@ -557,16 +560,6 @@ impl App {
     async fn read_cluster_view(&self) -> Result<ClusterView, StoreError> {
         let nodes = self.store.nodes.live(rim_runtime::unix_ms()).await?;
         Ok(ClusterView { nodes })
-    }
-}
-
-/// The device a session is of, for its offline position: its key, or the user's keyless device
-/// when the client gave none (`asked`: the key as the client sent it).
-fn device<'a>(asked: &str, key: &'a str) -> &'a str {
-    if asked.is_empty() {
-        crate::history::KEYLESS_DEVICE
-    } else {
-        key
     }
 }
 

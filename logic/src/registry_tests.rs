@@ -202,7 +202,7 @@ async fn joins_and_leaves_count_a_session_once_per_room() {
         .await
         .expect("leave again");
     assert_eq!(mem.members("live://b", 3), Some(1));
-    app.disconnect(sref("c1", 3, "k"), None, false)
+    app.disconnect(sref("c1", 3, "k"), None)
         .await
         .expect("disconnect");
     assert_eq!(mem.members("live://b", 3), None);
@@ -215,21 +215,21 @@ async fn counts_follow_sessions_and_never_go_negative() {
     connect(&app, "c1", 9, "k1", "live://a").await;
     connect(&app, "c2", 9, "k2", "live://a").await;
     assert_eq!(mem.members("live://a", 9), Some(2));
-    app.disconnect(sref("c1", 9, "k1"), None, false)
+    app.disconnect(sref("c1", 9, "k1"), None)
         .await
         .expect("disconnect");
     assert_eq!(mem.members("live://a", 9), Some(1));
     // A repeated (late) disconnect of the same session changes nothing.
-    app.disconnect(sref("c1", 9, "k1"), None, false)
+    app.disconnect(sref("c1", 9, "k1"), None)
         .await
         .expect("disconnect again");
     assert_eq!(mem.members("live://a", 9), Some(1));
     // So does one from a comet that does not hold the session.
-    app.disconnect(sref("c1", 9, "k2"), None, false)
+    app.disconnect(sref("c1", 9, "k2"), None)
         .await
         .expect("wrong comet");
     assert_eq!(mem.members("live://a", 9), Some(1));
-    app.disconnect(sref("c2", 9, "k2"), None, false)
+    app.disconnect(sref("c2", 9, "k2"), None)
         .await
         .expect("disconnect");
     assert_eq!(mem.members("live://a", 9), None);
@@ -244,7 +244,7 @@ async fn presence_events_mark_a_users_first_join_and_last_leave() {
     connect(&app, "c1", 4, "k1", "live://a").await;
     connect(&app, "c2", 4, "k2", "live://a").await;
     connect(&app, "c1", 8, "k3", "other://x").await;
-    app.disconnect(sref("c1", 4, "k1"), None, false)
+    app.disconnect(sref("c1", 4, "k1"), None)
         .await
         .expect("disconnect");
     assert_eq!(
@@ -252,7 +252,7 @@ async fn presence_events_mark_a_users_first_join_and_last_leave() {
         vec![("join".to_string(), 4, "live://a".to_string())],
         "second session and other room types: no event"
     );
-    app.disconnect(sref("c2", 4, "k2"), None, false)
+    app.disconnect(sref("c2", 4, "k2"), None)
         .await
         .expect("disconnect");
     assert_eq!(

@@ -28,9 +28,8 @@ impl LogicRpc for LogicServer {
         _: Context,
         session: SessionRef,
         seen: Option<HistoryId>,
-        keyless: bool,
     ) -> Result<(), RpcError> {
-        self.0.disconnect(session, seen, keyless).await
+        self.0.disconnect(session, seen).await
     }
 
     async fn history(
@@ -41,7 +40,7 @@ impl LogicRpc for LogicServer {
     ) -> Result<Vec<HistoryPage>, RpcError> {
         self.0.metrics.history_reads_catch_up.inc();
         self.0
-            .catch_up(session.mid, &wants)
+            .catch_up(session.mid, &session.key, &wants)
             .await
             .map_err(|e| RpcError::Unavailable(e.to_string()))
     }

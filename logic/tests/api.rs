@@ -431,10 +431,7 @@ async fn sessions_follow_connect_heartbeat_disconnect() {
     );
 
     // The old comet's late disconnect must not erase the new registration.
-    rpc.disconnect(ctx(), s1, None, false)
-        .await
-        .unwrap()
-        .unwrap();
+    rpc.disconnect(ctx(), s1, None).await.unwrap().unwrap();
     let server: String = conn.hget(keys::session("k1"), "server").unwrap();
     assert_eq!(server, "c2");
     let server: String = conn.hget(keys::mid_sessions(5), "k1").unwrap();
@@ -446,10 +443,7 @@ async fn sessions_follow_connect_heartbeat_disconnect() {
         mid: 5,
         key: "k1".into(),
     };
-    rpc.disconnect(ctx(), s2, None, false)
-        .await
-        .unwrap()
-        .unwrap();
+    rpc.disconnect(ctx(), s2, None).await.unwrap().unwrap();
     assert!(!conn.exists::<_, bool>(keys::session("k1")).unwrap());
     assert!(
         !conn
@@ -531,7 +525,6 @@ async fn key_registered_to_another_user_is_refused() {
             key: "victim".into(),
         },
         None,
-        false,
     )
     .await
     .unwrap()

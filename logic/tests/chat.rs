@@ -392,17 +392,17 @@ async fn member_index_follows_connect_room_change_disconnect_and_reaper() {
     assert_eq!(members(&mut conn, c), HashMap::from([(1, 1)]));
 
     // Disconnect, twice (the second finds nothing): never negative.
-    rpc.disconnect(ctx(), sref("c2", 1, "k1"), None, false)
+    rpc.disconnect(ctx(), sref("c2", 1, "k1"), None)
         .await
         .unwrap()
         .unwrap();
-    rpc.disconnect(ctx(), sref("c2", 1, "k1"), None, false)
+    rpc.disconnect(ctx(), sref("c2", 1, "k1"), None)
         .await
         .unwrap()
         .unwrap();
     assert!(members(&mut conn, c).is_empty());
     // A stale disconnect from the old comet leaves the live session counted.
-    rpc.disconnect(ctx(), sref("c9", 2, "k3"), None, false)
+    rpc.disconnect(ctx(), sref("c9", 2, "k3"), None)
         .await
         .unwrap()
         .unwrap();
@@ -481,7 +481,7 @@ async fn a_session_in_several_rooms_is_counted_once_in_each() {
     assert_eq!(members(&mut conn, d), HashMap::from([(1, 1)]));
 
     join(&rpc, sref("c1", 1, "k1"), a).await;
-    rpc.disconnect(ctx(), sref("c1", 1, "k1"), None, false)
+    rpc.disconnect(ctx(), sref("c1", 1, "k1"), None)
         .await
         .unwrap()
         .unwrap();
@@ -512,7 +512,7 @@ async fn a_session_stored_with_one_room_field_keeps_working() {
             .hexists::<_, _, bool>(keys::session("k1"), "room")
             .unwrap()
     );
-    rpc.disconnect(ctx(), sref("c1", 1, "k1"), None, false)
+    rpc.disconnect(ctx(), sref("c1", 1, "k1"), None)
         .await
         .unwrap()
         .unwrap();
@@ -543,11 +543,11 @@ async fn presence_events_only_for_listed_types_and_edges() {
     .await
     .unwrap()
     .unwrap(); // a: 2→1 nothing; b: 0→1 join
-    rpc.disconnect(ctx(), sref("c1", 1, "k1"), None, false)
+    rpc.disconnect(ctx(), sref("c1", 1, "k1"), None)
         .await
         .unwrap()
         .unwrap(); // a: 1→0 leave
-    rpc.disconnect(ctx(), sref("c1", 2, "k3"), None, false)
+    rpc.disconnect(ctx(), sref("c1", 2, "k3"), None)
         .await
         .unwrap()
         .unwrap(); // live: nothing
@@ -575,7 +575,7 @@ async fn presence_events_only_for_listed_types_and_edges() {
     let rpc = logic.client().await;
     let mut conn = redis.connection();
     connect(&rpc, "c1", 1, "k1", "chat://a").await;
-    rpc.disconnect(ctx(), sref("c1", 1, "k1"), None, false)
+    rpc.disconnect(ctx(), sref("c1", 1, "k1"), None)
         .await
         .unwrap()
         .unwrap();
@@ -688,7 +688,7 @@ async fn members_and_sessions_listings_follow_sessions() {
 
     let (_, v) = logic.get("/rim/rooms/chat%3A%2F%2Fx/members").await;
     assert_eq!(v["data"]["count"], json!(2));
-    rpc.disconnect(ctx(), sref("c1", 3, "ka"), None, false)
+    rpc.disconnect(ctx(), sref("c1", 3, "ka"), None)
         .await
         .unwrap()
         .unwrap();

@@ -228,21 +228,29 @@ fn connect_req(mid: i64, key: &str) -> ConnectRequest {
     }
 }
 
-/// Pushes to a user with no session are kept; a device that connects learns they wait, reads
-/// them in order through the catch-up RPC, and after its disconnect reports how far it got,
-/// they no longer wait for it, while another device still finds them.
+/// Pushes to a user with no session are kept; a device that connects learns they wait and
+/// reads them through the catch-up RPC (which counts them as given to it); pushes routed to a
+/// live session count as given too, unless its disconnect says they never reached it; another
+/// device still finds everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_messages_wait_per_device_until_it_got_them() {
     let redis = RedisServer::start();
     let logic = start(&redis).await;
     let rpc = logic.client().await;
     let mid = 4242;
+    let push = |body: String| {
+        let logic = &logic;
+        async move {
+            let path = format!("/goim/push/mids?operation=1000&mids={mid}");
+            let (status, v) = call(logic, reqwest::Method::POST, &path, &body).await;
+            assert_eq!(status, 200, "{v}");
+            v["data"].clone()
+        }
+    };
     for i in 1..=5 {
-        let path = format!("/goim/push/mids?operation=1000&mids={mid}");
-        let (status, v) = call(&logic, reqwest::Method::POST, &path, &format!("o{i}")).await;
-        assert_eq!(status, 200, "{v}");
+        let v = push(format!("o{i}")).await;
         assert_eq!(
-            (v["data"]["sessions"].clone(), v["data"]["delivery"].clone()),
+            (v["sessions"].clone(), v["delivery"].clone()),
             (json!(0), json!("stored"))
         );
     }
@@ -255,6 +263,11 @@ async fn offline_messages_wait_per_device_until_it_got_them() {
         .await
         .unwrap()
         .unwrap();
+    assert!(
+        reply.key.starts_with('~'),
+        "generated keys are marked: {}",
+        reply.key
+    );
     assert_eq!(reply.offline_after, Some(HistoryId::default()));
     assert_eq!(reply.partitions, 16);
     let sref = SessionRef {
@@ -268,18 +281,28 @@ async fn offline_messages_wait_per_device_until_it_got_them() {
         limit: 1000,
     };
     let pages = rpc
-        .history(ctx(), sref.clone(), vec![want.clone()])
+        .history(ctx(), sref.clone(), vec![want])
         .await
         .unwrap()
         .unwrap();
     let bodies: Vec<&[u8]> = pages[0].entries.iter().map(|e| &e.body[..]).collect();
     assert_eq!(bodies, [b"o1", b"o2", b"o3", b"o4", b"o5"]);
     assert!(pages[0].complete);
-    let last = pages[0].entries.last().unwrap().id;
-    assert_eq!(last.to_string(), *ids(&user).last().unwrap());
+    let fifth = pages[0].entries.last().unwrap().id;
+    assert_eq!(fifth.to_string(), *ids(&user).last().unwrap());
 
-    // It got them all: its disconnect says so; the next keyless connect finds nothing waiting.
-    rpc.disconnect(ctx(), sref, Some(last), true)
+    // Routed live while it is online: given.
+    let v = push("live-6".into()).await;
+    assert_eq!(
+        (v["sessions"].clone(), v["delivery"].clone()),
+        (json!(1), json!("both"))
+    );
+    let sixth = parse(
+        ids(&history(&logic, &format!("/rim/users/{mid}/history")).await)
+            .last()
+            .unwrap(),
+    );
+    rpc.disconnect(ctx(), sref, Some(sixth))
         .await
         .unwrap()
         .unwrap();
@@ -288,14 +311,21 @@ async fn offline_messages_wait_per_device_until_it_got_them() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(again.offline_after, None);
-    // A position never moves back (a late disconnect of an older session).
+    assert_eq!(
+        again.offline_after, None,
+        "the next keyless connect owes nothing"
+    );
+
+    // Routed to a session that ended before it got it (its disconnect says it got only up to
+    // the sixth): the seventh waits for the device's next connect.
+    let v = push("live-7".into()).await;
+    assert_eq!(v["sessions"], json!(1));
     let older = SessionRef {
         server: "c1".into(),
         mid,
         key: again.key.clone(),
     };
-    rpc.disconnect(ctx(), older, Some(HistoryId { ms: 1, seq: 0 }), true)
+    rpc.disconnect(ctx(), older, Some(sixth))
         .await
         .unwrap()
         .unwrap();
@@ -304,9 +334,9 @@ async fn offline_messages_wait_per_device_until_it_got_them() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(third.offline_after, None);
+    assert_eq!(third.offline_after, Some(sixth));
 
-    // A device with a key of its own has its own position: all five still wait for it.
+    // A device with a key of its own has its own position: everything still waits for it.
     let phone = rpc
         .connect(ctx(), connect_req(mid, "phone"))
         .await
@@ -317,7 +347,7 @@ async fn offline_messages_wait_per_device_until_it_got_them() {
         logic
             .metrics()
             .await
-            .contains("rim_logic_offline_waiting_total 2")
+            .contains("rim_logic_offline_waiting_total 3")
     );
     logic.stop().await;
 }

@@ -58,10 +58,7 @@ async fn a_users_sessions_are_bounded_and_a_slot_frees_when_one_ends() {
         mid: 7,
         key: "b".into(),
     };
-    rpc.disconnect(ctx(), gone, None, false)
-        .await
-        .unwrap()
-        .unwrap();
+    rpc.disconnect(ctx(), gone, None).await.unwrap().unwrap();
     rpc.connect(ctx(), connect(7, "c")).await.unwrap().unwrap();
     assert!(
         logic

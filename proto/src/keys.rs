@@ -46,8 +46,9 @@ pub fn user_history(partition: u16, mid: i64) -> String {
     format!("rim:hist:{{{partition}}}:mid:{mid}")
 }
 
-/// Hash: device (session key, or `*` for sessions that authenticated without one) → the last
-/// id of the user's history that device was given: where its offline messages resume.
+/// Hash: device (session key, or `*` for sessions that authenticated without one, whose keys
+/// logic generates with a `~` prefix) → the last id of the user's history routed or given to
+/// that device: where its offline messages resume. Written by the push append script.
 pub fn user_seen(partition: u16, mid: i64) -> String {
     format!("rim:hist:{{{partition}}}:seen:{mid}")
 }

@@ -268,14 +268,10 @@ pub struct PushAccepted {
 pub trait LogicRpc {
     /// Authenticates and registers a session.
     async fn connect(req: ConnectRequest) -> Result<ConnectReply, LogicError>;
-    /// Removes a session's registration. `seen` is the last id of its user's history it was
-    /// given (its partition's high-water mark), where its device's offline messages resume;
-    /// `keyless`: it authenticated without a key (its device is the user's keyless one).
-    async fn disconnect(
-        session: SessionRef,
-        seen: Option<HistoryId>,
-        keyless: bool,
-    ) -> Result<(), LogicError>;
+    /// Removes a session's registration. `seen`: how far it got in its user's history (its
+    /// high-water mark in the user's partition); messages routed to it past that were not
+    /// delivered, so its device's offline messages resume from there.
+    async fn disconnect(session: SessionRef, seen: Option<HistoryId>) -> Result<(), LogicError>;
     /// Renews a session's registration TTL.
     async fn heartbeat(session: SessionRef) -> Result<(), LogicError>;
     /// A room gained its first member on a comet: room pushes must reach it from now on.

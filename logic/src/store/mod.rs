@@ -347,6 +347,8 @@ pub struct Record {
     /// Oldest message kept, by the age of its id (ms); the whole history expires this long
     /// after its last message.
     pub max_age_ms: u64,
+    /// User histories: devices the push is routed to live, whose positions move to it.
+    pub devices: Vec<String>,
 }
 
 /// One stream entry to append: its partition, the job, and the histories that record it.
@@ -378,7 +380,8 @@ pub struct Append {
 /// the entry's stream id, so a history's ids grow (its room or user always maps to one
 /// partition) and equal the `PushId`s comets see. A history keeps at most `max_len` messages,
 /// none whose id is older than `max_age_ms`, and expires whole `max_age_ms` after its last
-/// write. Trimming never takes back a message of the current write.
+/// write. Trimming never takes back a message of the current write. A user record's `devices`
+/// have their position (see [`HistoryStore`]) set to the entry's id in the same step.
 #[async_trait]
 pub trait PushStreams: Send + Sync {
     /// Appends each entry to its partition's stream, unless a target holds `max_backlog` entries.
@@ -400,8 +403,11 @@ pub struct HistoryRead {
 
 /// Reading histories, and where each device of a user stands in the user's history.
 ///
-/// Rules: reads see the history as one atomic snapshot. A device's position only moves forward
-/// ([`HistoryStore::advance`] keeps the larger id) and expires with the user's history.
+/// Rules: reads see the history as one atomic snapshot. A device's position moves forward when
+/// a push is routed to it (the append) or a catch-up gives it messages
+/// ([`HistoryStore::advance`] keeps the larger id), back only to what a session that ended was
+/// given ([`HistoryStore::retreat`] keeps the smaller, and creates nothing), and expires with
+/// the user's history.
 #[async_trait]
 pub trait HistoryStore: Send + Sync {
     /// Up to `limit` messages after `after`, or the latest `limit` without it.
@@ -426,6 +432,15 @@ pub trait HistoryStore: Send + Sync {
         mid: i64,
         device: &str,
         seen: HistoryId,
+        ttl_ms: u64,
+    ) -> StoreResult<()>;
+    /// Moves `device`'s position back to `delivered` if it is further (and it has one).
+    async fn retreat(
+        &self,
+        p: u16,
+        mid: i64,
+        device: &str,
+        delivered: HistoryId,
         ttl_ms: u64,
     ) -> StoreResult<()>;
 }

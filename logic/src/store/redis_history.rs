@@ -62,24 +62,27 @@ return {seen, last_id}
     )
 });
 
-/// Moves a device's position forward (never back).
-/// KEYS = positions hash; ARGV = device, id ms, id seq, ttl ms.
-static ADVANCE: LazyLock<redis::Script> = LazyLock::new(|| {
+/// Moves a device's position forward (`forward`: to the id if it is later) or back (`back`: to
+/// the id if the position is later; a device without one gets none).
+/// KEYS = positions hash; ARGV = device, id ms, id seq, ttl ms, direction.
+static MOVE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local nms, nseq = tonumber(ARGV[2]), tonumber(ARGV[3])
+local later = nil
 if cur then
   local ms, seq = string.match(cur, '^(%d+)-(%d+)$')
   ms, seq = tonumber(ms), tonumber(seq)
-  local nms, nseq = tonumber(ARGV[2]), tonumber(ARGV[3])
-  if ms and (ms > nms or (ms == nms and seq >= nseq)) then
-    redis.call('PEXPIRE', KEYS[1], ARGV[4])
-    return 0
-  end
+  if ms then later = ms > nms or (ms == nms and seq > nseq) end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '-' .. ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
+local set
+if ARGV[5] == 'forward' then set = (later == nil) or (not later and cur ~= ARGV[2] .. '-' .. ARGV[3])
+else set = later == true end
+if set then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '-' .. ARGV[3]) end
+if cur or set then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+if set then return 1 end
+return 0
 "#,
     )
 });
@@ -172,14 +175,45 @@ impl HistoryStore for RedisConn {
         seen: HistoryId,
         ttl_ms: u64,
     ) -> StoreResult<()> {
+        self.move_position(p, mid, device, seen, ttl_ms, "forward")
+            .await
+    }
+
+    async fn retreat(
+        &self,
+        p: u16,
+        mid: i64,
+        device: &str,
+        delivered: HistoryId,
+        ttl_ms: u64,
+    ) -> StoreResult<()> {
+        self.move_position(p, mid, device, delivered, ttl_ms, "back")
+            .await
+    }
+}
+
+impl RedisConn {
+    async fn move_position(
+        &self,
+        p: u16,
+        mid: i64,
+        device: &str,
+        id: HistoryId,
+        ttl_ms: u64,
+        direction: &str,
+    ) -> StoreResult<()> {
         let key = keys::user_seen(p, mid);
         let (ms, seq, ttl) = (
-            seen.ms.to_string(),
-            seen.seq.to_string(),
+            id.ms.to_string(),
+            id.seq.to_string(),
             ttl_ms.max(1).to_string(),
         );
         let _: i64 = self
-            .script(&ADVANCE, &[key.as_str()], &[device, &ms, &seq, &ttl])
+            .script(
+                &MOVE,
+                &[key.as_str()],
+                &[device, &ms, &seq, &ttl, direction],
+            )
             .await?;
         Ok(())
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rim_proto::keys;
 
-use super::{Append, PushStreams, RedisConn, StoreError, StoreResult};
+use super::{Append, HistoryOf, PushStreams, RedisConn, StoreError, StoreResult};
 
 /// How long a push id mark outlives the append: longer than any retry of it (a retry happens
 /// within one call's `redis.timeout_ms`).
@@ -19,9 +19,10 @@ const MARK_MIN: Duration = Duration::from_secs(5);
 
 /// Appends one partition's entries unless this push was appended there already, recording each
 /// in its histories with the entry's id.
-/// KEYS = stream, push id mark, histories; ARGV = max backlog, field name, mark TTL ms, then per
-/// entry: encoded job, op, body, accepted ms, number of histories, and per history its KEYS
-/// index, max length and max age (ms).
+/// KEYS = stream, push id mark, histories (each followed by its devices' positions hash when
+/// it names devices); ARGV = max backlog, field name, mark TTL ms, then per entry: encoded job,
+/// op, body, accepted ms, number of histories, and per history its KEYS index, max length, max
+/// age (ms), number of devices and the devices.
 /// Returns "ok", "dup" (appended before: nothing done), "full" (the stream holds max backlog
 /// entries: nothing done) or "skipped:N" (appended, but N history writes were refused because
 /// the history already held a later id, which only a deleted push stream can cause).
@@ -46,8 +47,15 @@ while i <= #ARGV do
   local ms = parts(id)
   for _ = 1, n do
     local key = KEYS[tonumber(ARGV[i])]
-    local max_len, age = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-    i = i + 3
+    local max_len, age, ndev = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+    local devices_at = i + 4
+    i = i + 4 + ndev
+    -- Routed live to these devices: not owed to them at their next connect.
+    if ndev > 0 then
+      local seen = KEYS[tonumber(ARGV[devices_at - 4]) + 1]
+      for d = 0, ndev - 1 do redis.call('HSET', seen, ARGV[devices_at + d], id) end
+      redis.call('PEXPIRE', seen, age)
+    end
     local r = redis.pcall('XADD', key, id, 'op', op, 'body', body, 'ts', ts)
     if type(r) == 'table' and r.err then
       skipped = skipped + 1
@@ -99,7 +107,12 @@ impl RedisConn {
             keys::push_mark(partition, &first.job.msg_id),
         ];
         for e in entries {
-            keys_in.extend(e.history.iter().map(|r| r.of.key()));
+            for r in &e.history {
+                keys_in.push(r.of.key());
+                if let (false, HistoryOf::User(p, mid)) = (r.devices.is_empty(), &r.of) {
+                    keys_in.push(keys::user_seen(*p, *mid));
+                }
+            }
         }
         let mut pipe = redis::pipe();
         let eval = pipe
@@ -119,9 +132,18 @@ impl RedisConn {
                 .arg(e.history.len());
             for r in &e.history {
                 key_index += 1;
+                let devices: &[String] = match r.of {
+                    HistoryOf::User(..) => &r.devices,
+                    HistoryOf::Room(..) => &[],
+                };
                 eval.arg(key_index)
                     .arg(r.max_len.max(1))
-                    .arg(r.max_age_ms.max(1));
+                    .arg(r.max_age_ms.max(1))
+                    .arg(devices.len())
+                    .arg(devices);
+                if !devices.is_empty() {
+                    key_index += 1; // the positions hash follows the history
+                }
             }
         }
         let wait = self.wait_replicas;

@@ -37,6 +37,11 @@ impl PushStreams for Memory {
                 seq: 0,
             };
             for r in &e.history {
+                if let HistoryOf::User(p, mid) = r.of {
+                    for d in &r.devices {
+                        st.seen.insert((p, mid, d.clone()), id);
+                    }
+                }
                 let kept = st.histories.entry(r.of.key()).or_default();
                 kept.entries.push(HistoryEntry {
                     id,
@@ -115,6 +120,21 @@ impl HistoryStore for Memory {
         let mut st = self.0.lock();
         let at = st.seen.entry((p, mid, device.to_string())).or_default();
         *at = (*at).max(seen);
+        Ok(())
+    }
+
+    async fn retreat(
+        &self,
+        p: u16,
+        mid: i64,
+        device: &str,
+        delivered: HistoryId,
+        _ttl_ms: u64,
+    ) -> StoreResult<()> {
+        let mut st = self.0.lock();
+        if let Some(at) = st.seen.get_mut(&(p, mid, device.to_string())) {
+            *at = (*at).min(delivered);
+        }
         Ok(())
     }
 }
