@@ -214,11 +214,6 @@ impl App {
         })
     }
 
-    /// Whether pushes to users are recorded.
-    pub(crate) fn users_recorded(&self) -> bool {
-        self.config.history.user().is_some()
-    }
-
     /// Up to `limit` messages of a history after `after` (the latest without it), oldest
     /// first. `None` when that history is not kept (its room type is not configured).
     pub(crate) async fn history_page(
@@ -296,28 +291,30 @@ impl App {
         mid: i64,
         device: &str,
     ) -> Result<Option<HistoryId>, StoreError> {
-        if !self.config.history.deliver_on_connect || !self.users_recorded() {
+        let Some((p, _)) = self.positions_of(mid) else {
             return Ok(None);
-        }
-        let p = job::mid_partition(mid, self.partitions());
+        };
         let (seen, last) = self.store.history.position(p, mid, device).await?;
         let seen = seen.unwrap_or_default();
         Ok(last.filter(|l| *l > seen).map(|_| seen))
     }
 
+    /// Where user `mid`'s device positions live (partition) and for how long (ms), when
+    /// positions are kept at all (users' history and `deliver_on_connect` on).
+    fn positions_of(&self, mid: i64) -> Option<(u16, u64)> {
+        let r = self.config.history.user()?;
+        self.config
+            .history
+            .deliver_on_connect
+            .then(|| (job::mid_partition(mid, self.partitions()), r.max_age_ms()))
+    }
+
     /// Records that `device` was given its user's messages up to `id` (a catch-up sent them).
     async fn device_given(&self, mid: i64, device: &str, id: HistoryId) -> Result<(), StoreError> {
-        let Some(r) = self.config.history.user() else {
-            return Ok(());
-        };
-        if !self.config.history.deliver_on_connect {
-            return Ok(());
+        match self.positions_of(mid) {
+            Some((p, ttl)) => self.store.history.advance(p, mid, device, id, ttl).await,
+            None => Ok(()),
         }
-        let p = job::mid_partition(mid, self.partitions());
-        self.store
-            .history
-            .advance(p, mid, device, id, r.max_age_ms())
-            .await
     }
 
     /// A session of `device` ended having been given its user's messages up to `delivered`:
@@ -328,17 +325,15 @@ impl App {
         device: &str,
         delivered: HistoryId,
     ) -> Result<(), StoreError> {
-        let Some(r) = self.config.history.user() else {
-            return Ok(());
-        };
-        if !self.config.history.deliver_on_connect {
-            return Ok(());
+        match self.positions_of(mid) {
+            Some((p, ttl)) => {
+                self.store
+                    .history
+                    .retreat(p, mid, device, delivered, ttl)
+                    .await
+            }
+            None => Ok(()),
         }
-        let p = job::mid_partition(mid, self.partitions());
-        self.store
-            .history
-            .retreat(p, mid, device, delivered, r.max_age_ms())
-            .await
     }
 }
 
