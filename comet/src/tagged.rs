@@ -14,8 +14,6 @@ use rim_proto::frame::Frame;
 use rim_proto::history::{HistoryId, Source};
 use rim_proto::op;
 
-use crate::writer::EncodedPush;
-
 /// A recorded push's id and history, and its tagged shapes once built.
 #[derive(Debug)]
 pub struct Tag {
@@ -26,6 +24,16 @@ pub struct Tag {
 }
 
 impl Tag {
+    /// The tag of a push recorded as `id` in `source`'s history.
+    pub fn new(id: HistoryId, source: Source) -> Self {
+        Tag {
+            id,
+            source,
+            frames: OnceLock::new(),
+            json: OnceLock::new(),
+        }
+    }
+
     /// `"id":"ms-seq","room":"type://id"` or `"id":"ms-seq","user":true` (no braces).
     fn fields(&self) -> String {
         let id = self.id;
@@ -37,47 +45,27 @@ impl Tag {
             Source::User => format!(r#""id":"{id}","user":true"#),
         }
     }
-}
 
-impl EncodedPush {
-    /// The same push, recorded as `id` in `source`'s history.
-    pub fn with_tag(mut self, id: HistoryId, source: Source) -> Self {
-        self.tag = Some(Box::new(Tag {
-            id,
-            source,
-            frames: OnceLock::new(),
-            json: OnceLock::new(),
-        }));
-        self
-    }
-
-    /// Binary shape for a tagged session: the PushMeta frame, then the push frame (the plain
-    /// frame alone when the push is recorded nowhere).
-    pub fn tagged_frames(&self) -> Bytes {
-        let Some(tag) = &self.tag else {
-            return self.frame.clone();
-        };
-        tag.frames
+    /// Binary shape: the PushMeta frame, then the push's `frame`.
+    pub fn frames(&self, frame: &Bytes) -> Bytes {
+        self.frames
             .get_or_init(|| {
-                let meta = Frame::new(op::PUSH_META, 0, format!("{{{}}}", tag.fields())).to_bytes();
-                let mut b = BytesMut::with_capacity(meta.len() + self.frame.len());
+                let meta =
+                    Frame::new(op::PUSH_META, 0, format!("{{{}}}", self.fields())).to_bytes();
+                let mut b = BytesMut::with_capacity(meta.len() + frame.len());
                 b.extend_from_slice(&meta);
-                b.extend_from_slice(&self.frame);
+                b.extend_from_slice(frame);
                 b.freeze()
             })
             .clone()
     }
 
-    /// JSON shape for a tagged session: the push object with `"id"` and its history.
-    pub fn tagged_json(&self) -> &str {
-        let Some(tag) = &self.tag else {
-            return self.json_text();
-        };
-        tag.json.get_or_init(|| {
-            let plain = self.json_text();
+    /// JSON shape: the push's object (`plain`) with `"id"` and its history.
+    pub fn json(&self, plain: &str) -> &str {
+        self.json.get_or_init(|| {
             // `{"op":..,"seq":0,"body":..}` → `{"op":..,"seq":0,"body":..,"id":..,"room":..}`
             let open = plain.strip_suffix('}').unwrap_or(plain);
-            format!("{open},{}}}", tag.fields())
+            format!("{open},{}}}", self.fields())
         })
     }
 }
@@ -86,7 +74,7 @@ impl EncodedPush {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::writer::{Out, tcp_bytes, ws_binary_messages, ws_json_messages};
+    use crate::writer::{EncodedPush, Out, tcp_bytes, ws_binary_messages, ws_json_messages};
     use rim_proto::room::RoomId;
     use std::sync::Arc;
 

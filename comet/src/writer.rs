@@ -12,9 +12,12 @@ use std::sync::{Arc, OnceLock};
 use axum::extract::ws::Utf8Bytes;
 use bytes::{Bytes, BytesMut};
 use rim_proto::frame::{Frame, HEADER_LEN, wrap_raw};
+use rim_proto::history::{HistoryId, Source};
 use rim_proto::json::encode_server;
 use rim_proto::msg::DisconnectBody;
 use rim_proto::op;
+
+use crate::tagged::Tag;
 
 /// A push encoded once per delivery and shared (by `Arc`) by every recipient's queue.
 #[derive(Debug)]
@@ -26,7 +29,7 @@ pub struct EncodedPush {
     json: OnceLock<String>,
     ws_single: OnceLock<Bytes>,
     /// Its id and history, for sessions that asked for them (recorded pushes only).
-    pub(crate) tag: Option<Box<crate::tagged::Tag>>,
+    tag: Option<Box<Tag>>,
 }
 
 impl EncodedPush {
@@ -58,6 +61,29 @@ impl EncodedPush {
     /// The op 9 message carrying only this push, built on first use and then shared.
     pub fn ws_single(&self) -> Bytes {
         self.ws_single.get_or_init(|| wrap_raw(&self.frame)).clone()
+    }
+
+    /// The same push, recorded as `id` in `source`'s history (tagged for sessions that ask).
+    pub fn with_tag(mut self, id: HistoryId, source: Source) -> Self {
+        self.tag = Some(Box::new(Tag::new(id, source)));
+        self
+    }
+
+    /// Binary shape for a tagged session: the PushMeta frame, then the push frame (the plain
+    /// frame alone when the push is recorded nowhere).
+    pub fn tagged_frames(&self) -> Bytes {
+        match &self.tag {
+            Some(tag) => tag.frames(&self.frame),
+            None => self.frame.clone(),
+        }
+    }
+
+    /// JSON shape for a tagged session: the push object with `"id"` and its history.
+    pub fn tagged_json(&self) -> &str {
+        match &self.tag {
+            Some(tag) => tag.json(self.json_text()),
+            None => self.json_text(),
+        }
     }
 }
 
