@@ -8,6 +8,8 @@
 //! accepts 1000-1002) and heartbeats; then this test pushes through goim's HTTP routes exactly as
 //! goim's index.html documents them (by mid, to room `live/1000`, to everyone) and checks that
 //! the page shows each body once, on the one connection it opened, without a script error.
+//! Two pushes to its mid before the page opens are offline messages (`history.deliver_on_connect`,
+//! on by default): the page shows them first, in order — goim's client needs nothing new.
 //!
 //! Needs `cargo build --bins`, `/usr/bin/chromium`, node and `testkit/browser/node_modules`
 //! (`scripts/test.sh` provides all). `RIM_SKIP_BROWSER=1` skips it.
@@ -29,6 +31,8 @@ const GOIM_MID: i64 = 123;
 const MID_BODY: &str = "mid message";
 const ROOM_BODY: &str = "room message";
 const ALL_BODY: &str = "broadcast message";
+/// Pushed to the mid before the page opens: offline messages it must show first, in order.
+const OFFLINE: [&str; 2] = ["offline one", "offline two"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goims_javascript_client_works_unchanged_in_trust_mode() {
@@ -54,9 +58,19 @@ async fn goims_javascript_client_works_unchanged_in_trust_mode() {
         .await
         .unwrap();
 
+    // Nobody is online yet: kept in the user's history for goim's client to get at connect.
+    for body in OFFLINE {
+        let data = api
+            .push_mids(1000, &[GOIM_MID], body.as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(data["delivery"], "stored", "{data}");
+    }
+
     let mut node = tokio::process::Command::new("node")
         .arg("goim.mjs")
         .arg(comet_addrs.http.to_string())
+        .args(OFFLINE)
         .args([MID_BODY, ROOM_BODY, ALL_BODY])
         .current_dir(browser::dir())
         .stdin(Stdio::null())
@@ -124,6 +138,14 @@ async fn goims_javascript_client_works_unchanged_in_trust_mode() {
         .iter()
         .map(|m| m.as_str().unwrap())
         .collect();
+    // The offline messages came first, in the order they were pushed (the live pushes were
+    // sent once the page was ready).
+    assert_eq!(
+        messages.get(..OFFLINE.len()),
+        Some(&OFFLINE[..]),
+        "offline messages first: {seen}"
+    );
+    let mut messages = messages.split_off(OFFLINE.len());
     messages.sort_unstable();
     let mut want = vec![MID_BODY, ROOM_BODY, ALL_BODY];
     want.sort_unstable();
