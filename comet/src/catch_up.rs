@@ -5,7 +5,9 @@
 //! The session is in the room (or registered for its user's pushes) before the history is read,
 //! so every message is either in what the read returns or arrives live afterwards, and some may
 //! be both. While the read is under way, live pushes of that source are held back; then the
-//! read's messages go out (less those held: same id, same message), then the held ones. Live
+//! read's messages and the held ones go out merged by id, each once (a message in both is the
+//! same id). A read can hold messages not yet delivered live and miss ones that were (job is
+//! behind, or the read raced newer appends), so only the merge keeps the order. Live
 //! pushes of the source that arrive later but were in the read (job was behind) are duplicates,
 //! told apart by the newest id the read returned ([`CatchUp::caught`]). That mark is dropped at
 //! the first live push past it: later ones are all newer.
@@ -72,9 +74,9 @@ impl CatchUp {
     }
 
     /// Ends the catch-up of `source` from `after` (messages of `page`, ids in `partition`;
-    /// `None`: the read failed) and returns what goes out now, in order: the page's messages the session takes
-    /// (`takes` filters by op) and has not been given live, then the held live pushes; and how
-    /// many of them came from the page.
+    /// `None`: the read failed) and returns what goes out now, in id order: the page's messages
+    /// the session takes (`takes` filters by op) and the held live pushes, each once; and how
+    /// many came from the page.
     pub fn finish(
         &mut self,
         source: &Source,
@@ -88,7 +90,10 @@ impl CatchUp {
             .into_iter()
             .partition(|(s, _, _)| s == source);
         self.held = rest;
-        let mut out = Vec::new();
+        // The page's messages and the held live pushes, merged by id: a page message newer than
+        // a held one (appended while the page was read, not delivered live yet) must not go out
+        // ahead of it. A message in both goes out once (the held copy).
+        let mut merged: Vec<(PushId, Arc<EncodedPush>, bool)> = Vec::new();
         match page {
             Some(page) => {
                 let mut newest = None;
@@ -99,7 +104,7 @@ impl CatchUp {
                         continue;
                     }
                     let push = EncodedPush::new(e.op, &e.body).with_tag(e.id, source.clone());
-                    out.push(Arc::new(push));
+                    merged.push((id, Arc::new(push), true));
                 }
                 if let Some(id) = newest {
                     self.caught.retain(|(s, _)| s != source);
@@ -111,9 +116,13 @@ impl CatchUp {
             }
             None => {}
         }
-        let from_history = out.len();
-        out.extend(held.into_iter().map(|(_, _, p)| p));
-        (out, from_history)
+        merged.extend(held.into_iter().map(|(_, id, p)| (id, p, false)));
+        merged.sort_by_key(|(id, _, _)| *id);
+        let from_history = merged.iter().filter(|(_, _, paged)| *paged).count();
+        (
+            merged.into_iter().map(|(_, p, _)| p).collect(),
+            from_history,
+        )
     }
 
     /// The newest caught-up id of `source`, if still tracked.
@@ -190,6 +199,19 @@ mod tests {
         assert_eq!(c.admit(&user, pid(6), &push(6)), Admit::Fresh);
         assert!(c.caught(&user).is_none());
         assert!(c.is_idle());
+    }
+
+    #[test]
+    fn a_page_newer_than_a_held_push_is_merged_in_id_order() {
+        let user = Source::User;
+        let mut c = CatchUp::default();
+        c.begin(user.clone());
+        // 8 arrived live during the read; the read has 7, 8 and a 9 job has not delivered yet.
+        assert_eq!(c.admit(&user, pid(8), &push(8)), Admit::Held);
+        let (out, from_history) = c.finish(&user, 2, None, Some(page(&[7, 8, 9])), |_| true);
+        assert_eq!(bodies(&out), ["m7", "m8", "m9"]);
+        assert_eq!(from_history, 2);
+        assert_eq!(c.admit(&user, pid(9), &push(9)), Admit::Duplicate);
     }
 
     #[test]
