@@ -54,17 +54,24 @@ struct Marks {
 }
 
 impl Marks {
-    /// Records `id` against the high-water mark of `key`; false when it (or later) was had.
-    fn advance(&mut self, key: u32, id: PushId) -> bool {
+    /// Whether the push `id` (or a later one) was had under `key`.
+    fn had(&self, key: u32, id: PushId) -> bool {
+        self.high
+            .iter()
+            .any(|m| m.0 == key && (id.ms, id.seq) <= (m.1, m.2))
+    }
+
+    /// Records `(ms, seq)` as the high-water mark of `key` if it is later; false when it (or
+    /// later) was had.
+    fn advance(&mut self, key: u32, ms: u64, seq: u64) -> bool {
         match self.high.iter_mut().find(|m| m.0 == key) {
-            Some(m) if (id.ms, id.seq) <= (m.1, m.2) => false,
+            Some(m) if (ms, seq) <= (m.1, m.2) => false,
             Some(m) => {
-                m.1 = id.ms;
-                m.2 = id.seq;
+                (m.1, m.2) = (ms, seq);
                 true
             }
             None => {
-                self.high.push((key, id.ms, id.seq));
+                self.high.push((key, ms, seq));
                 true
             }
         }
@@ -173,7 +180,9 @@ impl Session {
 
     /// [`Session::mark`] against the high-water marks of `space`.
     pub fn mark_in(&self, space: MarkSpace, id: PushId) -> bool {
-        self.marks.lock().advance(space.key(id.partition), id)
+        self.marks
+            .lock()
+            .advance(space.key(id.partition), id.ms, id.seq)
     }
 
     /// Decides about a live push recorded in `source` (`None`: in no history): a duplicate when
@@ -186,13 +195,19 @@ impl Session {
         push: &Arc<EncodedPush>,
     ) -> Admit {
         let mut marks = self.marks.lock();
+        let key = space.key(id.partition);
+        // The partition's mark first: a replay is a duplicate, never held for a catch-up.
+        if marks.had(key, id) {
+            return Admit::Duplicate;
+        }
         let verdict = match (source, marks.catch_up.as_deref_mut()) {
             (Some(source), Some(c)) => c.admit(source, id, push),
             _ => Admit::Fresh,
         };
-        if verdict == Admit::Duplicate || !marks.advance(space.key(id.partition), id) {
-            return Admit::Duplicate;
+        if verdict == Admit::Duplicate {
+            return verdict;
         }
+        marks.advance(key, id.ms, id.seq);
         if marks.catch_up.as_deref().is_some_and(CatchUp::is_idle) {
             marks.catch_up = None;
         }
@@ -209,9 +224,8 @@ impl Session {
     }
 
     /// Ends the catch-up of `source` from `after` with what its history holds (`None`: the read
-    /// failed) and
-    /// returns what goes out now, in order, and how much of it came from the history (see
-    /// [`CatchUp::finish`]).
+    /// failed) and returns what goes out now, in order, and how much of it came from the
+    /// history (see [`CatchUp::finish`]).
     pub fn finish_catch_up(
         &self,
         source: &Source,
@@ -251,11 +265,7 @@ impl Session {
         let theirs = old.marks.lock().high.clone();
         let mut mine = self.marks.lock();
         for (key, ms, seq) in theirs {
-            match mine.high.iter_mut().find(|m| m.0 == key) {
-                Some(m) if (ms, seq) > (m.1, m.2) => (m.1, m.2) = (ms, seq),
-                Some(_) => {}
-                None => mine.high.push((key, ms, seq)),
-            }
+            mine.advance(key, ms, seq);
         }
     }
 
@@ -379,6 +389,43 @@ mod tests {
         // Partition 0xffff does not collide with the paced space of any partition.
         assert!(s.mark(pid(u16::MAX, 1, 0)));
         assert!(s.mark_in(MarkSpace::Paced, pid(u16::MAX, 1, 0)));
+    }
+
+    #[test]
+    fn a_replay_during_a_catch_up_is_a_duplicate_not_held() {
+        let s = session(1, "k", &[1000]);
+        let push = Arc::new(EncodedPush::new(1000, b"m"));
+        assert_eq!(
+            s.admit(
+                MarkSpace::Immediate,
+                pid(1, 10, 5),
+                Some(&Source::User),
+                &push
+            ),
+            Admit::Fresh
+        );
+        s.begin_catch_up(Source::User);
+        // Job replays 5 (a takeover) while the user's history is read: the session had it.
+        assert_eq!(
+            s.admit(
+                MarkSpace::Immediate,
+                pid(1, 10, 5),
+                Some(&Source::User),
+                &push
+            ),
+            Admit::Duplicate
+        );
+        assert_eq!(
+            s.admit(
+                MarkSpace::Immediate,
+                pid(1, 10, 6),
+                Some(&Source::User),
+                &push
+            ),
+            Admit::Held
+        );
+        let (out, _) = s.finish_catch_up(&Source::User, 1, None, None);
+        assert_eq!(out.len(), 1, "only the new push is released");
     }
 
     #[test]
