@@ -236,24 +236,6 @@ pub(crate) async fn authenticate<C: Connection>(
     } else {
         reply.rooms.clone()
     };
-    let mut body = AuthReplyBody {
-        mid: reply.mid,
-        key: reply.key.clone(),
-        room_id: rooms.first().map(|r| r.to_string()).unwrap_or_default(),
-        rooms: rooms.iter().map(|r| r.to_string()).collect(),
-        heartbeat: reply.heartbeat_secs,
-        token_expires_ms: reply.grant.expires_ms,
-        recovered: None,
-    };
-    let auth_reply = |body: &AuthReplyBody| {
-        let body = serde_json::to_vec(body).unwrap_or_default();
-        Out::Reply(Frame::new(op::AUTH_REPLY, auth.seq, body))
-    };
-    if resume.is_none() {
-        // Queued before the session can be found: no push goes out ahead of the AuthReply
-        // (the writer starts once this returns, after the room joins below were announced).
-        session.out.offer(auth_reply(&body), &ctx.metrics);
-    }
     // What the session catches up on (messages waiting for the device, Auth's `recover`): its
     // live pushes of those histories are held from the moment it can get any until the
     // histories were read, so the two merge in order.
@@ -268,16 +250,26 @@ pub(crate) async fn authenticate<C: Connection>(
     for room in &rooms {
         ctx.rooms.join(&ctx.buckets, &session, room.clone()).await;
     }
-    let (complete, items) = match wants.is_empty() {
-        true => (Vec::new(), Vec::new()),
-        false => catch_up(ctx, &session, wants.clone()).await,
+    let (complete, items) = if wants.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        catch_up(ctx, &session, wants.clone()).await
     };
-    if let Some(r) = &resume {
-        // The reply says what was recovered, so it is written once that is known, still ahead
-        // of anything the session was given meanwhile.
-        body.recovered = Some(r.recovered(&wants, &complete));
-        session.out.offer_front(auth_reply(&body));
-    }
+    let body = AuthReplyBody {
+        mid: reply.mid,
+        key: reply.key.clone(),
+        room_id: rooms.first().map(|r| r.to_string()).unwrap_or_default(),
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
+        heartbeat: reply.heartbeat_secs,
+        token_expires_ms: reply.grant.expires_ms,
+        recovered: resume.as_ref().map(|r| r.recovered(&wants, &complete)),
+    };
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    // Ahead of anything the session was given since it could be found (the writer starts once
+    // this returns), and written once what was recovered is known.
+    session
+        .out
+        .offer_front(Out::Reply(Frame::new(op::AUTH_REPLY, auth.seq, body)));
     queue(ctx, &session, items);
     tracing::debug!(%peer, mid = reply.mid, key = %reply.key, since_ms = reply.since_ms, "session authenticated");
     Some(Authed {

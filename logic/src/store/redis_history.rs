@@ -9,7 +9,7 @@ use bytes::Bytes;
 use rim_proto::history::{HistoryEntry, HistoryId};
 use rim_proto::keys;
 
-use super::{HistoryOf, HistoryRead, HistoryStore, RedisConn, StoreError, StoreResult};
+use super::{HistoryOf, HistoryRead, HistoryStore, Record, RedisConn, StoreError, StoreResult};
 
 impl HistoryOf {
     /// The history's stream key.
@@ -17,6 +17,17 @@ impl HistoryOf {
         match self {
             HistoryOf::Room(p, room) => keys::room_history(*p, room.as_str()),
             HistoryOf::User(p, mid) => keys::user_history(*p, *mid),
+        }
+    }
+}
+
+impl Record {
+    /// The hash of device positions the append moves, when this record names devices (user
+    /// histories only).
+    pub(super) fn positions_key(&self) -> Option<String> {
+        match (&self.of, self.devices.is_empty()) {
+            (HistoryOf::User(p, mid), false) => Some(keys::user_seen(*p, *mid)),
+            _ => None,
         }
     }
 }

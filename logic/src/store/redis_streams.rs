@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rim_proto::keys;
 
-use super::{Append, HistoryOf, PushStreams, RedisConn, StoreError, StoreResult};
+use super::{Append, PushStreams, RedisConn, StoreError, StoreResult};
 
 /// How long a push id mark outlives the append: longer than any retry of it (a retry happens
 /// within one call's `redis.timeout_ms`).
@@ -109,9 +109,7 @@ impl RedisConn {
         for e in entries {
             for r in &e.history {
                 keys_in.push(r.of.key());
-                if let (false, HistoryOf::User(p, mid)) = (r.devices.is_empty(), &r.of) {
-                    keys_in.push(keys::user_seen(*p, *mid));
-                }
+                keys_in.extend(r.positions_key());
             }
         }
         let mut pipe = redis::pipe();
@@ -132,18 +130,16 @@ impl RedisConn {
                 .arg(e.history.len());
             for r in &e.history {
                 key_index += 1;
-                let devices: &[String] = match r.of {
-                    HistoryOf::User(..) => &r.devices,
-                    HistoryOf::Room(..) => &[],
+                let devices: &[String] = match r.positions_key() {
+                    Some(_) => &r.devices,
+                    None => &[],
                 };
                 eval.arg(key_index)
                     .arg(r.max_len.max(1))
                     .arg(r.max_age_ms.max(1))
                     .arg(devices.len())
                     .arg(devices);
-                if !devices.is_empty() {
-                    key_index += 1; // the positions hash follows the history
-                }
+                key_index += devices.len().min(1); // the positions hash follows the history
             }
         }
         let wait = self.wait_replicas;
