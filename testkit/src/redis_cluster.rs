@@ -94,6 +94,36 @@ fn spawn(dir: &std::path::Path, args: &[String]) -> Child {
         .expect("redis-server must be installed (.ci/run installs it)")
 }
 
+/// Starts a node with `make(port)` on a port from `pick` and waits until it answers `PING`.
+/// A port probed free can be taken before the node binds it (ports are probed by closing a
+/// listener; parallel tests and outgoing connections reuse them), and a node that cannot bind
+/// exits at once: then it is started again on another port, rather than waited on for nothing.
+fn start_answering(mut pick: impl FnMut() -> u16, mut make: impl FnMut(u16) -> Node) -> Node {
+    const ATTEMPTS: usize = 5;
+    for _ in 0..ATTEMPTS {
+        let mut node = make(pick());
+        let up = wait_for(&format!("node {} to answer", node.port), || {
+            let exited = node
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                return Some(false);
+            }
+            let mut c = connection(node.port)?;
+            ::redis::cmd("PING")
+                .query::<String>(&mut c)
+                .ok()
+                .map(|_| true)
+        });
+        if up {
+            return node;
+        }
+        node.kill();
+    }
+    panic!("no node started in {ATTEMPTS} attempts (ports taken?)");
+}
+
 /// Waits until the Redis on `port` is a replica whose link to its master is up (synced).
 fn wait_in_sync(port: u16) {
     wait_for(&format!("{port} to replicate its master"), || {
@@ -137,28 +167,24 @@ impl RedisCluster {
             .expect("tempdir");
         let mut nodes = Vec::new();
         for _ in 0..masters * (1 + replicas) {
-            let port = cluster_port();
-            nodes.push(start_node(
-                dir.path(),
-                port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    // Any replica may take over, however long it was cut off: tests kill masters.
-                    "--cluster-replica-validity-factor",
-                    "0",
-                ],
-            ));
-        }
-        for n in &nodes {
-            wait_for(&format!("node {} to answer", n.port), || {
-                let mut c = connection(n.port)?;
-                ::redis::cmd("PING").query::<String>(&mut c).ok()
-            });
+            nodes.push(start_answering(cluster_port, |port| {
+                start_node(
+                    dir.path(),
+                    port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        // Any replica may take over, however long it was cut off: tests kill
+                        // masters.
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ],
+                )
+            }));
         }
         let addrs: Vec<String> = nodes
             .iter()
@@ -355,18 +381,18 @@ impl SentinelSet {
             .prefix("rim-redis-sentinel-")
             .tempdir()
             .expect("tempdir");
-        let primary = free_addr().port();
-        let mut redis = Vec::new();
+        let free_port = || free_addr().port();
+        let primary_node = start_answering(free_port, |port| start_node(dir.path(), port, &[]));
+        let primary = primary_node.port;
         let primary_arg = primary.to_string();
-        for replica in [false, true] {
-            let port = if replica { free_addr().port() } else { primary };
-            let extra: &[&str] = if replica {
-                &["--replicaof", "127.0.0.1", &primary_arg]
-            } else {
-                &[]
-            };
-            redis.push(start_node(dir.path(), port, extra));
-        }
+        let replica_node = start_answering(free_port, |port| {
+            start_node(
+                dir.path(),
+                port,
+                &["--replicaof", "127.0.0.1", &primary_arg],
+            )
+        });
+        let redis = vec![primary_node, replica_node];
         // The replica is a replica once its initial sync is done (before that, WAIT counts
         // nothing and sentinels have nothing to promote).
         wait_in_sync(redis[1].port);
@@ -376,26 +402,8 @@ impl SentinelSet {
             sentinels: Vec::new(),
         };
         for _ in 0..3 {
-            let port = free_addr().port();
-            let conf = set.dir.path().join(format!("sentinel-{port}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\n\
-                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 2\n\
-                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
-                     sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
-                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n"
-                ),
-            )
-            .expect("sentinel config");
-            let args = vec![conf.to_string_lossy().into_owned(), "--sentinel".into()];
-            set.sentinels.push(Node {
-                port,
-                child: Some(spawn(set.dir.path(), &args)),
-                dir: set.dir.path().to_path_buf(),
-                args,
-            });
+            let sentinel = start_answering(free_port, |port| set.sentinel(port, primary));
+            set.sentinels.push(sentinel);
         }
         for s in &set.sentinels {
             wait_for(&format!("sentinel {} to see the replica", s.port), || {
@@ -409,6 +417,29 @@ impl SentinelSet {
             });
         }
         set
+    }
+
+    /// Spawns a sentinel on `port` monitoring the primary on `primary`.
+    fn sentinel(&self, port: u16, primary: u16) -> Node {
+        let conf = self.dir.path().join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\n\
+                 sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 2\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                 sentinel parallel-syncs {SENTINEL_MASTER} 1\n"
+            ),
+        )
+        .expect("sentinel config");
+        let args = vec![conf.to_string_lossy().into_owned(), "--sentinel".into()];
+        Node {
+            port,
+            child: Some(spawn(self.dir.path(), &args)),
+            dir: self.dir.path().to_path_buf(),
+            args,
+        }
     }
 
     /// `redis://` URLs of the sentinels (what `[redis] sentinels` takes).
@@ -507,5 +538,25 @@ impl Drop for SentinelSet {
         for n in self.sentinels.iter_mut().chain(self.redis.iter_mut()) {
             n.kill();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_whose_port_was_taken_starts_again_on_another() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let taken_port = taken.local_addr().expect("addr").port();
+        let mut ports = vec![free_addr().port(), taken_port];
+        let mut node = start_answering(
+            || ports.pop().expect("a port"),
+            |port| start_node(dir.path(), port, &[]),
+        );
+        assert_ne!(node.port, taken_port);
+        assert!(connection(node.port).is_some());
+        node.kill();
     }
 }
