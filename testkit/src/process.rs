@@ -80,6 +80,14 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin --config config/<config>` with `env` added.
     pub fn spawn(name: impl Into<String>, bin: &str, config: &str, env: &[(&str, String)]) -> Proc {
+        let mut cmd = Command::new(binary(bin));
+        cmd.arg("--config").arg(repo().join("config").join(config));
+        Proc::start(name, cmd, env)
+    }
+
+    /// Starts `cmd` (any program and arguments, e.g. a unit's `ExecStart` line) with `env` added,
+    /// its stderr kept as the log.
+    pub fn start(name: impl Into<String>, mut cmd: Command, env: &[(&str, String)]) -> Proc {
         let name = name.into();
         let log = tempfile::Builder::new()
             .prefix(&format!("rim-test-{name}-"))
@@ -90,11 +98,7 @@ impl Proc {
             .as_ref()
             .and_then(|f| f.reopen().ok())
             .map_or_else(Stdio::inherit, Stdio::from);
-        let mut cmd = Command::new(binary(bin));
-        cmd.arg("--config")
-            .arg(repo().join("config").join(config))
-            .stdout(Stdio::null())
-            .stderr(stderr);
+        cmd.stdout(Stdio::null()).stderr(stderr);
         cmd.env(
             "RUST_LOG",
             std::env::var("RIM_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -103,7 +107,9 @@ impl Proc {
             cmd.env(k, v);
         }
         Proc {
-            child: cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}")),
+            child: cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", cmd.get_program().display())),
             name,
             log,
         }
@@ -126,6 +132,14 @@ impl Proc {
         for line in &lines[from..] {
             eprintln!("{line}");
         }
+    }
+
+    /// What the child has logged so far (its stderr).
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f.path()).ok())
+            .unwrap_or_default()
     }
 
     /// Process id.
