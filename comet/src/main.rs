@@ -27,6 +27,10 @@ struct Cli {
     /// Validate the config and exit.
     #[arg(long)]
     check: bool,
+    /// Ask the instance this config describes for `/readyz` on its HTTP listener; exit 0 when
+    /// it is ready, 1 when not (container health checks).
+    #[arg(long)]
+    probe: bool,
 }
 
 /// Binds `addr` unless it is empty (the listener is off).
@@ -46,6 +50,9 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(exit) => return exit,
     };
+    if cli.probe {
+        return TIER.probe(&config.listen.http);
+    }
     TIER.serve(config, |config, shutdown| async move {
         let http = bind("listen.http", &config.listen.http).await?;
         let tcp = optional("listen.tcp", &config.listen.tcp).await?;

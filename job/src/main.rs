@@ -22,6 +22,10 @@ struct Cli {
     /// Validate the config and exit.
     #[arg(long)]
     check: bool,
+    /// Ask the instance this config describes for `/readyz` on its HTTP listener; exit 0 when
+    /// it is ready, 1 when not (container health checks).
+    #[arg(long)]
+    probe: bool,
 }
 
 fn main() -> ExitCode {
@@ -30,6 +34,9 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(exit) => return exit,
     };
+    if cli.probe {
+        return TIER.probe(&config.listen.http);
+    }
     TIER.serve(config, |config, shutdown| async move {
         let http = bind("listen.http", &config.listen.http).await?;
         rim_job::run(rim_job::Listeners { http }, config, shutdown).await?;

@@ -25,6 +25,10 @@ struct Cli {
     /// Validate the config and exit 0.
     #[arg(long)]
     check: bool,
+    /// Ask the instance this config describes for `/readyz` on its HTTP listener; exit 0 when
+    /// it is ready, 1 when not (container health checks).
+    #[arg(long)]
+    probe: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -48,6 +52,9 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(exit) => return exit,
     };
+    if cli.probe {
+        return TIER.probe(&config.listen.http);
+    }
     if let Some(Command::Token { mid, ttl_secs }) = cli.command {
         if config.auth.secret.is_empty() {
             return TIER.config_error("auth.secret", "must be set to issue tokens");

@@ -101,6 +101,60 @@ impl Tier {
     }
 }
 
+impl Tier {
+    /// `--probe`: asks the instance listening on `addr` (the config's own HTTP listener) for
+    /// `/readyz` and exits 0 when it answers 200, 1 otherwise, saying why on stderr. For container
+    /// `HEALTHCHECK`s and scripts: the address comes from the same config and environment the
+    /// instance started with, so a port moved by `RIM_<TIER>__LISTEN__HTTP` is followed.
+    pub fn probe(&self, addr: &str) -> ExitCode {
+        match probe_ready(addr, std::time::Duration::from_secs(3)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(why) => {
+                eprintln!("{}: not ready: {why}", self.bin);
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// `GET /readyz` on `addr` (a wildcard host is asked on loopback), HTTP/1.0 so the answer ends
+/// at close; `Ok` on status 200.
+fn probe_ready(addr: &str, timeout: std::time::Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, ToSocketAddrs};
+    let mut target: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("{addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr}: no address"))?;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
+        .map_err(|e| format!("{target}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .and_then(|()| stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n"))
+        .map_err(|e| format!("{target}: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .take(64 * 1024)
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("{target}: {e}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(())
+    } else {
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        Err(format!("{target}/readyz: {status} {body}"))
+    }
+}
+
 /// A listener that could not be bound, naming the config field of its address.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot bind {field} {addr}: {source}")]
@@ -126,6 +180,7 @@ pub async fn bind(field: &'static str, addr: &str) -> Result<TcpListener, BindEr
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn bind_error_names_the_field_and_address() {
@@ -137,5 +192,36 @@ mod tests {
             text.starts_with(&format!("cannot bind listen.rpc {addr}: ")),
             "{text}"
         );
+    }
+
+    /// Serves one canned HTTP answer per connection on a loopback port.
+    fn answering(answer: &'static str) -> std::net::SocketAddr {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().map_while(Result::ok) {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(answer.as_bytes());
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn probe_is_ready_on_200_and_says_why_otherwise() {
+        let ok = answering("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(probe_ready(&ok.to_string(), Duration::from_secs(2)), Ok(()));
+        // A wildcard address is asked on loopback.
+        let wildcard = format!("0.0.0.0:{}", ok.port());
+        assert_eq!(probe_ready(&wildcard, Duration::from_secs(2)), Ok(()));
+        let busy = answering("HTTP/1.1 503 Service Unavailable\r\n\r\nredis down");
+        let why = probe_ready(&busy.to_string(), Duration::from_secs(2)).unwrap_err();
+        assert!(why.contains("503") && why.contains("redis down"), "{why}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        assert!(probe_ready(&gone, Duration::from_secs(2)).is_err());
     }
 }

@@ -305,6 +305,22 @@ async fn the_units_exec_start_lines_run_a_cluster_that_pushes_and_drains() {
         .await
         .unwrap();
 
+    // `--probe` (the containers' health check) on each unit's own command line says ready.
+    for (file, instance) in UNITS {
+        let unit = stage.unit(file, instance);
+        let out = stage
+            .command(the_entry(&unit, "ExecStart"))
+            .arg("--probe")
+            .envs(stage.environment(&unit))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file} --probe: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // A client with a token signed by the generated auth secret, and a push with the generated
     // push secret, end to end.
     let mid = 4242;
