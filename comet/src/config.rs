@@ -10,6 +10,13 @@ use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
 pub use rim_runtime::tls::TlsConfig;
 use serde::Deserialize;
 
+/// Fields that take comma-separated lists from the environment (`RIM_COMET__LOGIC__ADDRS=a,b`).
+pub const LIST_KEYS: &[&str] = &[
+    "logic.addrs",
+    "websocket.allowed_origins",
+    "limits.trusted_proxies",
+];
+
 /// Whole comet configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -10,11 +10,7 @@ use rim_runtime::cli::{Tier, bind};
 const TIER: Tier = Tier {
     bin: "rim-comet",
     name: "comet",
-    list_keys: &[
-        "logic.addrs",
-        "websocket.allowed_origins",
-        "limits.trusted_proxies",
-    ],
+    list_keys: rim_comet::config::LIST_KEYS,
 };
 
 /// rim comet: client connections and push delivery.

@@ -48,6 +48,26 @@ pub fn load<T: DeserializeOwned + Validate>(
     tier: &str,
     list_keys: &[&str],
 ) -> Result<T, SettingsError> {
+    load_with(path, tier, list_keys, None)
+}
+
+/// [`load`] with `env` in place of the process environment: the config a deployment file
+/// (compose `environment:`, a unit's `EnvironmentFile`) gives, checked without starting it.
+pub fn load_with_env<T: DeserializeOwned + Validate>(
+    path: Option<&Path>,
+    tier: &str,
+    list_keys: &[&str],
+    env: std::collections::HashMap<String, String>,
+) -> Result<T, SettingsError> {
+    load_with(path, tier, list_keys, Some(env))
+}
+
+fn load_with<T: DeserializeOwned + Validate>(
+    path: Option<&Path>,
+    tier: &str,
+    list_keys: &[&str],
+    source: Option<std::collections::HashMap<String, String>>,
+) -> Result<T, SettingsError> {
     let mut builder = config::Config::builder();
     if let Some(path) = path {
         builder = builder.add_source(
@@ -59,7 +79,8 @@ pub fn load<T: DeserializeOwned + Validate>(
     let mut env = config::Environment::with_prefix(&format!("RIM_{}", tier.to_ascii_uppercase()))
         .prefix_separator("__")
         .separator("__")
-        .try_parsing(true);
+        .try_parsing(true)
+        .source(source);
     if !list_keys.is_empty() {
         env = env.list_separator(",");
         for key in list_keys {

@@ -8,6 +8,8 @@
 pub mod api;
 pub mod browser;
 pub mod client;
+pub mod nginx;
+pub mod pki;
 pub mod process;
 pub mod redis;
 pub mod redis_cluster;

@@ -2,8 +2,9 @@
 //! accepts every unit and `systemd-analyze security` scores it well (both skipped, with a
 //! message, where systemd's tools are absent); `install.sh` staged into a directory installs
 //! binaries, units, example configs and secrets; the tiers started with exactly the staged
-//! units' `ExecStartPre`/`ExecStart` lines and environment files carry a push end to end, and
-//! each drains cleanly on SIGTERM within the unit's `TimeoutStopSec`.
+//! units' `ExecStart` lines and environment files carry a push end to end, and each drains
+//! cleanly on SIGTERM within the unit's `TimeoutStopSec`; a bad config exits with the status
+//! the units name in `RestartPreventExitStatus`, so systemd does not restart it in a loop.
 //!
 //! systemd itself is not running in the test (no PID 1 here), so the sandboxing directives are
 //! checked by `systemd-analyze`, not exercised.
@@ -201,7 +202,7 @@ impl Stage {
         env
     }
 
-    /// Runs the unit's `ExecStartPre` (must succeed), then starts its `ExecStart`, as systemd
+    /// Runs the unit's `ExecStartPre` lines if any (each must succeed), then starts its `ExecStart`, as systemd
     /// would, with `RUST_LOG=info` so the drain is logged.
     fn start(&self, file: &str, instance: &str) -> (Proc, Duration) {
         let unit = self.unit(file, instance);
@@ -391,4 +392,26 @@ fn the_comet_unit_has_a_descriptor_for_every_session_the_example_allows() {
         nofile >= sessions * 2,
         "LimitNOFILE={nofile} for {sessions} sessions"
     );
+}
+
+#[test]
+fn a_bad_config_exits_with_the_status_the_units_do_not_restart_on() {
+    let stage = Stage::install();
+    for (file, instance) in UNITS {
+        let unit = stage.unit(file, instance);
+        let no_restart: i32 = the_entry(&unit, "RestartPreventExitStatus")
+            .parse()
+            .unwrap();
+        // One invalid field per tier (each tier ignores the others' variables).
+        let out = stage
+            .command(the_entry(&unit, "ExecStart"))
+            .env("RIM_LOGIC__PUSH__BODY_LIMIT", "0")
+            .env("RIM_COMET__SERVER_ID", "")
+            .env("RIM_JOB__STREAM__PARTITIONS", "0")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(no_restart), "{file}: {said}");
+        assert!(said.contains("config error: "), "{file}: {said}");
+    }
 }

@@ -4,81 +4,20 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use rim_client::{ConnectOptions, TlsOptions};
+use rim_client::ConnectOptions;
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::{Api, eventually, metric};
 use rim_testkit::client::{Conn, Transport};
+use rim_testkit::pki::{Pki, https};
 use rim_testkit::process::{self, CometAddrs, Proc, binary, free_addr, repo};
 use rim_testkit::redis::RedisServer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A CA and the leaf certificate files a tier is pointed at, in a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::Builder::new()
-            .prefix("rim-pki-")
-            .tempdir()
-            .unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "rim test CA");
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
-        Pki {
-            dir,
-            ca: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    /// (Re)writes `<name>.crt` / `<name>.key`: a leaf for localhost and 127.0.0.1 with
-    /// common name `cn`, signed by the CA. Returns the leaf's DER.
-    fn leaf(&self, name: &str, cn: &str) -> Vec<u8> {
-        let mut params =
-            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        // Written whole then renamed, as an operator's tooling (or certbot) does.
-        for (ext, text) in [("crt", cert.pem()), ("key", key.serialize_pem())] {
-            let tmp = self.dir.path().join(format!("{name}.{ext}.tmp"));
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, self.path(&format!("{name}.{ext}"))).unwrap();
-        }
-        cert.der().to_vec()
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    fn ca(&self) -> String {
-        self.path("ca.pem").display().to_string()
-    }
-
-    /// Client TLS settings trusting this CA, checking the name `localhost`.
-    fn client(&self) -> TlsOptions {
-        TlsOptions {
-            config: rim_runtime::tls::client_config(&self.ca()).unwrap(),
-            server_name: "localhost".into(),
-        }
-    }
-}
 
 fn env_path(p: &Path) -> String {
     p.display().to_string()
@@ -258,30 +197,6 @@ async fn a_stalled_or_plain_client_on_a_tls_port_is_closed_and_counted() {
         1,
     )
     .await;
-}
-
-/// One HTTP/1.1 request over TLS to `addr` (trusting `pki`'s CA, as `localhost`); the whole
-/// response, or why the connection failed.
-async fn https(pki: &Pki, addr: SocketAddr, method: &str, path: &str) -> Result<String, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let connector = tokio_rustls::TlsConnector::from(pki.client().config);
-    let mut s = connector
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    // Ends at the server's close (an error after the whole answer counts as the end too).
-    let _ = s.read_to_end(&mut out).await;
-    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
