@@ -13,7 +13,7 @@ pub const AUTH_REASONS: [&str; 6] = [
 ];
 
 /// Why a client frame was rejected (label values of `rim_comet_frames_rejected_total`).
-pub const FRAME_REASONS: [&str; 4] = ["malformed", "too_big", "bad_json", "io"];
+pub const FRAME_REASONS: [&str; 3] = ["malformed", "too_big", "bad_json"];
 
 /// Limits that refuse clients (label values of `rim_comet_limit_refused_total`); `frame_rate`
 /// counts sessions closed for heartbeats or unknown ops over their rate, `proxy_header` TCP

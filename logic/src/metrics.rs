@@ -304,7 +304,8 @@ impl Metrics {
                 "rim_logic_redis_retries_total",
                 "Redis calls retried within redis.timeout_ms, by reason (moved, ask, tryagain, \
                  clusterdown: cluster redirects and failovers; io: connection lost; readonly, \
-                 masterdown: a primary changed).",
+                 masterdown, sentinel: a primary changed; loading: a Redis loading its data; \
+                 noreplicas: too few replicas for WAIT).",
                 "reason",
                 &self.redis_retries.samples(),
             )

@@ -1,9 +1,10 @@
 //! The process's own CPU time and memory, read from `/proc/self` (Linux) and appended to every
 //! tier's `/metrics`, so load tools and operators see what a session or a push costs without
 //! access to the host: `process_cpu_seconds_total`, `process_resident_memory_bytes` (the usual
-//! Prometheus names) and `rim_process_pss_bytes` (proportional set size: shared pages split
-//! between the processes sharing them, the fairest per-process figure). Absent where `/proc`
-//! is not.
+//! Prometheus names), `rim_process_pss_bytes` (proportional set size: shared pages split
+//! between the processes sharing them, the fairest per-process figure), and
+//! `process_open_fds` / `process_max_fds` (a comet holds one descriptor per session, so these
+//! say how close it is to `LimitNOFILE`). Absent where `/proc` is not.
 
 use crate::metrics::Exposition;
 
@@ -19,6 +20,10 @@ pub struct ProcessStats {
     pub rss_bytes: u64,
     /// Proportional set size, in bytes.
     pub pss_bytes: u64,
+    /// Open file descriptors.
+    pub open_fds: u64,
+    /// The soft limit on open file descriptors (`RLIMIT_NOFILE`); 0 when unlimited or unknown.
+    pub max_fds: u64,
 }
 
 impl ProcessStats {
@@ -30,10 +35,15 @@ impl ProcessStats {
             cpu_seconds: cpu_seconds(&stat)?,
             rss_bytes: kib_field(&rollup, "Rss:")? * 1024,
             pss_bytes: kib_field(&rollup, "Pss:")? * 1024,
+            open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
+            max_fds: std::fs::read_to_string("/proc/self/limits")
+                .ok()
+                .and_then(|l| soft_limit(&l, "Max open files"))
+                .unwrap_or(0),
         })
     }
 
-    /// Appends the three samples.
+    /// Appends the samples.
     pub fn render(&self, e: &mut Exposition) {
         e.sample_f64(
             "process_cpu_seconds_total",
@@ -51,7 +61,24 @@ impl ProcessStats {
             "Proportional set size of this process (shared pages split among sharers), in bytes.",
             i64::try_from(self.pss_bytes).unwrap_or(i64::MAX),
         );
+        e.gauge(
+            "process_open_fds",
+            "Open file descriptors of this process.",
+            i64::try_from(self.open_fds).unwrap_or(i64::MAX),
+        );
+        e.gauge(
+            "process_max_fds",
+            "Soft limit on open file descriptors (LimitNOFILE); 0 = unlimited.",
+            i64::try_from(self.max_fds).unwrap_or(i64::MAX),
+        );
     }
+}
+
+/// The soft limit on the `/proc/<pid>/limits` line starting with `name`
+/// (`Max open files            1024                 524288               files`).
+fn soft_limit(limits: &str, name: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with(name))?;
+    line[name.len()..].split_whitespace().next()?.parse().ok()
 }
 
 /// utime + stime from `/proc/<pid>/stat`; the command name (field 2) may hold spaces and
@@ -85,6 +112,11 @@ mod tests {
         assert_eq!(kib_field(rollup, "Rss:"), Some(10240));
         assert_eq!(kib_field(rollup, "Pss:"), Some(9000));
         assert_eq!(kib_field(rollup, "Swap:"), None);
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max open files            1024                 524288               files\n\
+                      Max locked memory         unlimited            unlimited            bytes\n";
+        assert_eq!(soft_limit(limits, "Max open files"), Some(1024));
+        assert_eq!(soft_limit(limits, "Max locked memory"), None);
     }
 
     #[test]
@@ -94,6 +126,7 @@ mod tests {
         }
         let s = ProcessStats::read().expect("readable on Linux");
         assert!(s.rss_bytes > 0 && s.pss_bytes > 0, "{s:?}");
+        assert!(s.open_fds >= 3 && s.open_fds <= s.max_fds, "{s:?}");
         let mut e = Exposition::new();
         s.render(&mut e);
         let text = e.finish();
