@@ -39,6 +39,15 @@ impl App {
             }
             Err(e) => {
                 self.metrics.msg_refused(e);
+                let to = match &req.target {
+                    SendTarget::Room(room) => format!("room {room}"),
+                    SendTarget::Mid(mid) => format!("mid {mid}"),
+                };
+                self.refusals.record(
+                    "message",
+                    e.to_string(),
+                    format!("mid {} to {to}", req.sender.mid),
+                );
                 tracing::debug!(mid = req.sender.mid, key = %req.sender.key, error = %e, "message refused");
             }
         }

@@ -16,6 +16,7 @@
 //! * `http`, `rpc`: the two front doors; `reaper`: removal of dead comets.
 #![forbid(unsafe_code)]
 
+mod admin;
 pub mod auth;
 mod chat;
 pub mod config;
@@ -28,6 +29,7 @@ mod metrics;
 mod online;
 mod publish;
 mod reaper;
+mod refusals;
 mod registry;
 mod room_policy;
 mod rpc;
@@ -108,6 +110,8 @@ pub(crate) struct App {
     pub(crate) guarded_room_types: Vec<String>,
     /// `push.rate_per_sec` for the push secret, when set.
     pub(crate) push_rate: Option<parking_lot::Mutex<rim_runtime::rate::TokenBucket>>,
+    /// This instance's recent refusals, for the operator page.
+    pub(crate) refusals: refusals::Refusals,
 }
 
 /// The push API's token bucket, when `push.rate_per_sec` is set.
@@ -144,6 +148,7 @@ impl App {
             room_hook: None,
             guarded_room_types,
             push_rate,
+            refusals: refusals::Refusals::default(),
         };
         (Arc::new(app), memory)
     }
@@ -205,6 +210,7 @@ pub async fn run(
         metrics: Arc::new(metrics),
         view: ViewCache::default(),
         webhook: hook,
+        refusals: refusals::Refusals::default(),
     });
     let tracker = TaskTracker::new();
     if let Some(w) = hook_workers {

@@ -74,10 +74,15 @@ impl App {
 
     /// Authenticates and registers a session.
     pub(crate) async fn connect(&self, req: ConnectRequest) -> Result<ConnectReply, RpcError> {
+        let (mid, room) = (req.auth.mid, req.auth.room_id.clone());
         let r = self.connect_inner(req).await;
         match &r {
             Ok(_) => self.metrics.connects.inc(),
-            Err(_) => self.metrics.connects_refused.inc(),
+            Err(e) => {
+                self.metrics.connects_refused.inc();
+                self.refusals
+                    .record("auth", e.to_string(), format!("mid {mid} room {room:?}"));
+            }
         }
         r
     }

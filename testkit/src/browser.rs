@@ -45,3 +45,51 @@ pub fn required(what: &str) -> bool {
     }
     true
 }
+
+/// Runs `node <script> <args>` in [`dir`] and returns whether it succeeded and what it printed
+/// (stdout, then stderr), which it also prints into the calling test's output. The scripts stop
+/// themselves on their own time limit; `within` only guards against node itself hanging.
+pub async fn run_script(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    within: std::time::Duration,
+) -> (bool, String) {
+    let child = tokio::process::Command::new("node")
+        .arg(script)
+        .args(args)
+        .current_dir(dir())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start node {script}: {e}"));
+    let out = tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not exit within {within:?}"))
+        .unwrap_or_else(|e| panic!("wait for {script}: {e}"));
+    let printed = format!(
+        "--- {script} stdout\n{}--- {script} stderr\n{}---",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    #[allow(clippy::print_stdout)] // into the calling test's captured output
+    {
+        println!("{printed}");
+    }
+    (out.status.success(), printed)
+}
+
+/// Where a test's screenshot goes: `docs/<name>` with `RIM_UPDATE_SCREENSHOT=1` (the one the
+/// docs show), else `target/<name>`, so a test run leaves the tree clean.
+pub fn screenshot_path(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    if std::env::var_os("RIM_UPDATE_SCREENSHOT").is_some() {
+        root.join("docs").join(name)
+    } else {
+        root.join("target").join(name)
+    }
+}

@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::{Cluster, Options};
@@ -35,43 +33,93 @@ async fn chat_demo_in_a_real_browser() {
     let logic_url = format!("http://{}", cluster.logic_http);
     let comet_a = cluster.comets[0].http.to_string();
     let comet_b = cluster.comets[1].http.to_string();
-    // The screenshot goes under target/ so a test run leaves the tree clean;
-    // RIM_UPDATE_SCREENSHOT=1 refreshes the one the README shows.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("testkit sits inside the workspace");
-    let screenshot = if std::env::var_os("RIM_UPDATE_SCREENSHOT").is_some() {
-        root.join("docs/chat-demo.png")
-    } else {
-        root.join("target/chat-demo.png")
-    };
-
-    let child = tokio::process::Command::new("node")
-        .arg("chat.mjs")
-        .args([&logic_url, &comet_a, &comet_b])
-        .arg(&screenshot)
-        .current_dir(browser::dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start node chat.mjs");
-    // chat.mjs stops itself after 60 s; this only guards against node itself hanging.
-    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
-        .await
-        .expect("chat.mjs did not exit within 120 s")
-        .expect("wait for chat.mjs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("--- chat.mjs stdout\n{stdout}--- chat.mjs stderr\n{stderr}---");
-
+    let screenshot = browser::screenshot_path("chat-demo.png");
+    let (ok, printed) = browser::run_script(
+        "chat.mjs",
+        &[
+            logic_url.as_ref(),
+            comet_a.as_ref(),
+            comet_b.as_ref(),
+            screenshot.as_os_str(),
+        ],
+        Duration::from_secs(120),
+    )
+    .await;
     cluster.stop().await;
+    assert!(ok, "the browser chat test failed:\n{printed}");
     assert!(
-        out.status.success(),
-        "the browser chat test failed ({}):\n{stdout}\n{stderr}",
-        out.status
+        screenshot.exists(),
+        "no screenshot at {}",
+        screenshot.display()
     );
+}
+
+/// logic's operator page in a real browser: two comets, a room with a member and pushes going
+/// to it the whole time, then `node testkit/browser/admin.mjs` checks the page lists both
+/// comets and the room and shows a push rate above zero, and saves a screenshot (to
+/// `target/admin.png`, or `docs/admin.png` with `RIM_UPDATE_SCREENSHOT=1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_page_in_a_real_browser() {
+    const ADMIN: &str = "browser-test-admin-secret";
+    if !browser::required("the real-browser operator page test") {
+        return;
+    }
+    let cluster = Cluster::start_with(Options {
+        comets: 2,
+        logic: Box::new(|c| c.admin.secret = ADMIN.into()),
+        ..Default::default()
+    })
+    .await;
+    let auth = rim_proto::msg::AuthBody {
+        mid: 4100,
+        room_id: "live://stage".into(),
+        accepts: vec![1000],
+        platform: "web".into(),
+        ..Default::default()
+    };
+    let mut member = rim_testkit::client::Conn::connect(
+        rim_testkit::client::Transport::WsBinary,
+        cluster.comets[1].http,
+        &auth,
+    )
+    .await
+    .unwrap();
+
+    // Pushes to the room until the page has been checked; the member reads them so nothing
+    // backs up.
+    let api = rim_testkit::api::Api::new(cluster.logic_http);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pusher = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                api.push_room(1000, "live", "stage", b"tick").await.unwrap();
+            }
+        }
+    });
+    let reader = tokio::spawn(async move { while member.recv_push().await.is_ok() {} });
+
+    let servers: Vec<String> = cluster.comets.iter().map(|c| c.server_id.clone()).collect();
+    let screenshot = browser::screenshot_path("admin.png");
+    let (ok, printed) = browser::run_script(
+        "admin.mjs",
+        &[
+            format!("http://{}", cluster.logic_http).as_ref(),
+            ADMIN.as_ref(),
+            servers.join(",").as_ref(),
+            "live://stage".as_ref(),
+            screenshot.as_os_str(),
+        ],
+        Duration::from_secs(120),
+    )
+    .await;
+    stop.cancel();
+    pusher.await.unwrap();
+    reader.abort();
+    cluster.stop().await;
+    assert!(ok, "the operator page test failed:\n{printed}");
     assert!(
         screenshot.exists(),
         "no screenshot at {}",

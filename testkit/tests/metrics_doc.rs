@@ -173,7 +173,9 @@ fn parse_labels(text: &str, at: &str) -> BTreeMap<String, String> {
 }
 
 async fn scrape(addr: std::net::SocketAddr) -> String {
-    let r = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
+    let r = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let kind = r.headers()["content-type"].to_str().unwrap().to_string();
     assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");

@@ -31,9 +31,14 @@ impl Config {
             );
         }
         if self.push.secret.is_empty() {
+            let admin = if self.admin.secret.is_empty() {
+                ", and so is the operator data (/admin/state; admin.secret is empty too)"
+            } else {
+                ""
+            };
             out.push(format!(
                 "push.secret is empty: push, online and session routes are open to anyone who \
-                 reaches listen.http ({})",
+                 reaches listen.http ({}){admin}",
                 self.listen.http
             ));
         } else if self.push.open_online {

@@ -15,7 +15,10 @@ use rim_runtime::settings::{SettingsError, Validate, positive, socket_addr};
 pub use rim_runtime::tls::TlsConfig;
 use serde::Deserialize;
 
+mod admin;
 mod dev;
+
+pub use admin::AdminConfig;
 
 /// Dotted fields that take comma-separated lists from the environment.
 pub const LIST_KEYS: &[&str] = &[
@@ -56,6 +59,8 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Demo page and dev sign-in.
     pub demo: DemoConfig,
+    /// The operator page's access.
+    pub admin: AdminConfig,
     /// Shared secret and bounds of internal RPC (`LogicRpc`).
     pub cluster: ClusterConfig,
     /// Certificate for HTTPS on `listen.http` (off when unset), reloaded on SIGHUP.
@@ -84,6 +89,7 @@ impl Default for Config {
             room_hook: RoomHookConfig::default(),
             history: HistoryConfig::default(),
             demo: DemoConfig::default(),
+            admin: AdminConfig::default(),
             cluster: ClusterConfig::default(),
             tls: TlsConfig::default(),
             shutdown_grace_ms: 10_000,
@@ -369,6 +375,7 @@ impl Validate for Config {
         crate::jwt::Verifier::load(&self.auth)?;
         crate::room_policy::validate(&self.rooms, &self.room_hook)?;
         self.history.validate()?;
+        self.admin.validate()?;
         if self.push.secret.is_empty() && !http.ip().is_loopback() {
             return Err(SettingsError::invalid(
                 "push.secret",

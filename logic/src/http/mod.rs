@@ -5,8 +5,9 @@
 //! * [`envelope`]: the envelope and [`ApiError`].
 //! * [`query`]: query strings and path parameters.
 //! * `guard`: the push secret and the bounded body read.
-//! * `push`, `online`, `directory`, `history`, `demo`: the routes.
+//! * `push`, `online`, `directory`, `history`, `demo`, `admin`: the routes.
 
+mod admin;
 mod demo;
 mod directory;
 pub mod envelope;
@@ -34,9 +35,33 @@ use crate::metrics::Ops;
 type AppState = State<Arc<App>>;
 
 async fn count_responses(State(app): AppState, req: Request, next: Next) -> Response {
+    let what = format!("{} {}", req.method(), req.uri().path());
     let resp = next.run(req).await;
-    app.metrics.http_response(resp.status().as_u16());
+    let status = resp.status();
+    app.metrics.http_response(status.as_u16());
+    // Unknown routes (404, 405) are scanners' noise, not refusals an operator looks into.
+    if (status.is_client_error() || status.is_server_error())
+        && !matches!(status.as_u16(), 404 | 405)
+    {
+        return record_refusal(&app, what, resp).await;
+    }
     resp
+}
+
+/// Keeps an error answer in the recent refusals, with the message its envelope told the caller.
+async fn record_refusal(app: &App, what: String, resp: Response) -> Response {
+    let (parts, body) = resp.into_parts();
+    // Error answers are the small envelope (well under this bound).
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    app.refusals
+        .record("http", format!("{} {message}", parts.status.as_u16()), what);
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// The whole HTTP app: API routes, ops routes, envelope 404/405, response counting.
@@ -62,6 +87,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/rim/dev/login", post(demo::dev_login))
         .route("/", get(demo::index))
         .route("/assets/{name}", get(demo::script_or_style))
+        .route("/admin", get(admin::page))
+        .route("/admin/admin.js", get(admin::script))
+        .route("/admin/admin.css", get(admin::style))
+        .route("/admin/state", get(admin::state))
         // Bodies are read by hand under push.body_limit (see guard::read_body).
         .layer(DefaultBodyLimit::disable())
         .with_state(app.clone())

@@ -13,6 +13,7 @@ mod conn;
 pub(crate) mod memory;
 mod redis_directory;
 mod redis_history;
+mod redis_job_status;
 mod redis_nodes;
 mod redis_sessions;
 mod redis_streams;
@@ -467,6 +468,46 @@ pub trait Directory: Send + Sync {
     async fn sign_in(&self, name: &str, first_mid: i64) -> StoreResult<i64>;
 }
 
+/// One push partition as the operator page shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionView {
+    /// Partition number.
+    pub partition: u16,
+    /// Entries in the stream now.
+    pub length: u64,
+    /// Entries ever added to it: its rate is the cluster's push intake.
+    pub added: u64,
+    /// Entries job's group has not read yet (all of them before job made its group); `None`
+    /// when Redis cannot tell.
+    pub lag: Option<u64>,
+    /// Entries read but not acknowledged (being delivered, or waiting for a retry).
+    pub pending: u64,
+    /// The job worker holding the partition's lease.
+    pub holder: Option<String>,
+}
+
+/// A job worker whose registration has not expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerView {
+    /// Worker id.
+    pub id: String,
+    /// Registration expiry (unix ms).
+    pub expiry_ms: u64,
+}
+
+/// What the operator page reads about the push streams and the job workers.
+///
+/// Rules: each partition's stream, group and lease are read together (one atomic read per
+/// partition); different partitions are read one after another, so figures of two partitions
+/// may be milliseconds apart. Reading changes nothing.
+#[async_trait]
+pub trait JobStatus: Send + Sync {
+    /// Partitions `0..count`, in order.
+    async fn partitions(&self, count: u16) -> StoreResult<Vec<PartitionView>>;
+    /// Job workers registered past `now_ms`.
+    async fn workers(&self, now_ms: u64) -> StoreResult<Vec<WorkerView>>;
+}
+
 /// Readiness of the store.
 #[async_trait]
 pub trait Health: Send + Sync {
@@ -482,6 +523,7 @@ pub(crate) struct Stores {
     pub(crate) streams: Arc<dyn PushStreams>,
     pub(crate) history: Arc<dyn HistoryStore>,
     pub(crate) directory: Arc<dyn Directory>,
+    pub(crate) job_status: Arc<dyn JobStatus>,
     pub(crate) health: Arc<dyn Health>,
 }
 
@@ -494,6 +536,7 @@ impl Stores {
             streams: Arc::new(conn.clone()),
             history: Arc::new(conn.clone()),
             directory: Arc::new(conn.clone()),
+            job_status: Arc::new(conn.clone()),
             health: Arc::new(conn),
         }
     }
@@ -509,6 +552,7 @@ impl Stores {
                 streams: m.clone(),
                 history: m.clone(),
                 directory: m.clone(),
+                job_status: m.clone(),
                 health: m.clone(),
             },
             m,

@@ -194,6 +194,29 @@ impl Directory for Memory {
 }
 
 #[async_trait]
+impl crate::store::JobStatus for Memory {
+    /// Streams as appended (nothing reads them in memory: no group, lag or lease).
+    async fn partitions(&self, count: u16) -> StoreResult<Vec<crate::store::PartitionView>> {
+        let st = self.0.lock();
+        Ok((0..count)
+            .map(|p| {
+                let n = st.streams.get(&p).map_or(0, Vec::len) as u64;
+                crate::store::PartitionView {
+                    partition: p,
+                    length: n,
+                    added: n,
+                    ..Default::default()
+                }
+            })
+            .collect())
+    }
+
+    async fn workers(&self, _now_ms: u64) -> StoreResult<Vec<crate::store::WorkerView>> {
+        Ok(Vec::new())
+    }
+}
+
+#[async_trait]
 impl Health for Memory {
     async fn ping(&self, _within: Duration) -> Result<(), String> {
         Ok(())
