@@ -12,6 +12,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
+mod deploy_common;
+
+use deploy_common::{
+    Loaded, authority, dockerfile, host_of, load, port_of, source_in_repo, strings,
+};
 use rim_testkit::nginx::{Nginx, moved};
 use rim_testkit::process::{binary, repo};
 use serde_norway::Value;
@@ -81,12 +86,6 @@ fn services(c: &Value) -> BTreeMap<String, Value> {
         .collect()
 }
 
-fn strings(v: &Value) -> Vec<String> {
-    v.as_sequence()
-        .map(|s| s.iter().map(|x| x.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
-}
-
 fn env_of(svc: &Value) -> HashMap<String, String> {
     svc["environment"]
         .as_mapping()
@@ -110,143 +109,6 @@ fn container_ports(svc: &Value) -> Vec<u16> {
         .iter()
         .map(|p| p.rsplit(':').next().unwrap().parse().unwrap())
         .collect()
-}
-
-fn port_of(addr: &str) -> u16 {
-    addr.rsplit_once(':').unwrap().1.parse().unwrap()
-}
-
-fn host_of(addr: &str) -> &str {
-    addr.rsplit_once(':').unwrap().0
-}
-
-/// `scheme://[user@]host:port/path` → `host:port`.
-fn authority(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let rest = rest.split('/').next().unwrap();
-    rest.rsplit('@').next().unwrap()
-}
-
-/// The Dockerfile's stages: name → (its `CMD`, its `HEALTHCHECK ... CMD`), as JSON arrays; and
-/// the `COPY src dst` lines of every stage.
-struct Dockerfile {
-    stages: BTreeMap<String, (Vec<String>, Vec<String>)>,
-    copies: Vec<(String, String)>,
-}
-
-fn dockerfile(path: &std::path::Path) -> Dockerfile {
-    let text = std::fs::read_to_string(path).unwrap();
-    // Continuation lines joined, comments dropped.
-    let joined = text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .collect::<Vec<_>>()
-        .join("\n")
-        .replace("\\\n", " ");
-    let mut stages = BTreeMap::new();
-    let mut copies = Vec::new();
-    let mut stage = String::new();
-    let json_after = |line: &str, key: &str| -> Vec<String> {
-        let at = line.find(key).unwrap() + key.len();
-        serde_json::from_str(line[at..].trim()).unwrap()
-    };
-    for line in joined.lines().map(str::trim) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.first().copied() {
-            Some("FROM") => {
-                stage = words.last().unwrap().to_string();
-                stages.insert(stage.clone(), (Vec::new(), Vec::new()));
-            }
-            Some("CMD") => stages.get_mut(&stage).unwrap().0 = json_after(line, "CMD"),
-            Some("HEALTHCHECK") => stages.get_mut(&stage).unwrap().1 = json_after(line, " CMD "),
-            Some("COPY") if !line.contains("--from") => {
-                copies.push((words[1].to_string(), words[2].to_string()));
-            }
-            _ => {}
-        }
-    }
-    Dockerfile { stages, copies }
-}
-
-/// The repository file a path in the image comes from (through a `COPY dir/ /dst/` line).
-fn source_in_repo(df: &Dockerfile, image_path: &str) -> PathBuf {
-    df.copies
-        .iter()
-        .find_map(|(src, dst)| {
-            image_path
-                .strip_prefix(dst.as_str())
-                .map(|rest| (src, rest))
-        })
-        .map(|(src, rest)| repo().join(src).join(rest))
-        .unwrap_or_else(|| panic!("no COPY puts {image_path} in the image"))
-}
-
-/// A tier's effective listen addresses and the other addresses it names, from its own loader.
-#[derive(Debug, Default)]
-struct Loaded {
-    listen: Vec<String>,
-    http: String,
-    rpc: String,
-    logic_addrs: Vec<String>,
-    advertise_rpc: String,
-    advertise_ws: String,
-    redis_url: String,
-    server_id: String,
-    trusted_proxies: Vec<String>,
-}
-
-fn load(tier: &str, file: &std::path::Path, env: HashMap<String, String>) -> Loaded {
-    use rim_runtime::settings::load_with_env;
-    let fail = |e: rim_runtime::settings::SettingsError| -> ! {
-        panic!("{tier} with {}: config error: {e}", file.display())
-    };
-    match tier {
-        "comet" => {
-            let c: rim_comet::Config =
-                load_with_env(Some(file), tier, rim_comet::config::LIST_KEYS, env)
-                    .unwrap_or_else(|e| fail(e));
-            let l = &c.listen;
-            Loaded {
-                listen: [&l.http, &l.tcp, &l.wss, &l.tls, &l.rpc, &l.ops]
-                    .into_iter()
-                    .filter(|a| !a.is_empty())
-                    .cloned()
-                    .collect(),
-                http: l.http.clone(),
-                rpc: l.rpc.clone(),
-                logic_addrs: c.logic.addrs.clone(),
-                advertise_rpc: c.advertise.rpc_addr.clone(),
-                advertise_ws: c.advertise.ws_addr.clone(),
-                server_id: c.server_id.clone(),
-                trusted_proxies: c.limits.trusted_proxies.clone(),
-                ..Default::default()
-            }
-        }
-        "logic" => {
-            let c: rim_logic::Config =
-                load_with_env(Some(file), tier, rim_logic::config::LIST_KEYS, env)
-                    .unwrap_or_else(|e| fail(e));
-            Loaded {
-                listen: vec![c.listen.http.clone(), c.listen.rpc.clone()],
-                http: c.listen.http.clone(),
-                rpc: c.listen.rpc.clone(),
-                redis_url: c.redis.url.clone(),
-                ..Default::default()
-            }
-        }
-        "job" => {
-            let c: rim_job::Config =
-                load_with_env(Some(file), tier, rim_runtime::redis::LIST_KEYS, env)
-                    .unwrap_or_else(|e| fail(e));
-            Loaded {
-                listen: vec![c.listen.http.clone()],
-                http: c.listen.http.clone(),
-                redis_url: c.redis.url.clone(),
-                ..Default::default()
-            }
-        }
-        other => panic!("unknown tier {other}"),
-    }
 }
 
 #[test]
