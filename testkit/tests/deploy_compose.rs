@@ -232,6 +232,12 @@ fn the_compose_file_matches_the_binaries_configs_and_nginx() {
         .to_string();
     let mut ids = HashSet::new();
     for (name, l) in of_tier("comet") {
+        // A descriptor per session: far past Docker's default soft limit of 1024.
+        let nofile = &svcs[name.as_str()]["ulimits"]["nofile"]["soft"];
+        assert!(
+            nofile.as_u64().unwrap_or(0) >= 65536,
+            "{name}: ulimits.nofile {nofile:?}"
+        );
         assert!(ids.insert(l.server_id.clone()), "{name}: server_id repeats");
         for a in &l.logic_addrs {
             let (_, logic) = &loaded[host_of(a)];
