@@ -24,20 +24,9 @@ impl App {
             .nodes
             .iter()
             .map(|n| {
-                let i = &n.info;
-                json!({
-                    "server": i.server,
-                    "ws_addr": i.ws_addr,
-                    "tcp_addr": i.tcp_addr,
-                    "wss_addr": i.wss_addr,
-                    "connections": i.connections,
-                    "ips": i.ips,
-                    "rooms": n.rooms.values().filter(|c| **c > 0).count(),
-                    "weight": i.weight,
-                    "started_ms": i.started_ms,
-                    "renewed_ms": i.renewed_ms,
-                    "expiry_ms": n.expiry_ms,
-                })
+                let mut v = crate::online::node_json(n);
+                v["rooms"] = json!(n.rooms.values().filter(|c| **c > 0).count());
+                v
             })
             .collect();
 

@@ -124,28 +124,26 @@ impl App {
     /// Every live comet with its weight, load and last renewal.
     pub(crate) async fn nodes_instances(&self) -> Result<Value, StoreError> {
         let view = self.cluster_view().await?;
-        let list: Vec<Value> = view
-            .nodes
-            .iter()
-            .map(|n| {
-                let i = &n.info;
-                json!({
-                    "server": i.server,
-                    "rpc_addr": i.rpc_addr,
-                    "domain": i.domain,
-                    "tcp_addr": i.tcp_addr,
-                    "ws_addr": i.ws_addr,
-                    "wss_addr": i.wss_addr,
-                    "tls_addr": i.tls_addr,
-                    "connections": i.connections,
-                    "ips": i.ips,
-                    "weight": i.weight,
-                    "started_ms": i.started_ms,
-                    "renewed_ms": i.renewed_ms,
-                    "expiry_ms": n.expiry_ms,
-                })
-            })
-            .collect();
-        Ok(Value::Array(list))
+        Ok(Value::Array(view.nodes.iter().map(node_json).collect()))
     }
+}
+
+/// A live comet as `/goim/nodes/instances` (and the operator page) show it.
+pub(crate) fn node_json(n: &LiveNode) -> Value {
+    let i = &n.info;
+    json!({
+        "server": i.server,
+        "rpc_addr": i.rpc_addr,
+        "domain": i.domain,
+        "tcp_addr": i.tcp_addr,
+        "ws_addr": i.ws_addr,
+        "wss_addr": i.wss_addr,
+        "tls_addr": i.tls_addr,
+        "connections": i.connections,
+        "ips": i.ips,
+        "weight": i.weight,
+        "started_ms": i.started_ms,
+        "renewed_ms": i.renewed_ms,
+        "expiry_ms": n.expiry_ms,
+    })
 }
