@@ -17,8 +17,9 @@ const TIER: Tier = Tier {
 #[derive(Debug, Parser)]
 #[command(name = "rim-comet", version)]
 struct Cli {
-    /// TOML config file (environment `RIM_COMET__SECTION__FIELD` overrides it).
-    #[arg(long)]
+    /// TOML config file, or the path in `RIM_CONFIG` (containers set it once for the command
+    /// and the health check); `RIM_COMET__SECTION__FIELD` variables override its fields.
+    #[arg(long, env = "RIM_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
     /// Validate the config and exit.
     #[arg(long)]

@@ -48,7 +48,7 @@ pub struct Metrics {
     /// Auth failures, indexed like [`AUTH_REASONS`].
     pub auth_failures: [Counter; AUTH_REASONS.len()],
     /// Rejected frames, indexed like [`FRAME_REASONS`].
-    pub frames_rejected: [Counter; 4],
+    pub frames_rejected: [Counter; FRAME_REASONS.len()],
     /// Push writes queued to sessions.
     pub pushes_delivered: Counter,
     /// Pushes skipped as already delivered.

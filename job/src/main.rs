@@ -16,8 +16,9 @@ const TIER: Tier = Tier {
 #[derive(Debug, Parser)]
 #[command(name = "rim-job", version)]
 struct Cli {
-    /// TOML config file (optional; `RIM_JOB__…` environment variables override it).
-    #[arg(long, value_name = "PATH")]
+    /// TOML config file, or the path in `RIM_CONFIG` (containers set it once for the command
+    /// and the health check); `RIM_JOB__SECTION__FIELD` variables override its fields.
+    #[arg(long, env = "RIM_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
     /// Validate the config and exit.
     #[arg(long)]

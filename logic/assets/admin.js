@@ -21,9 +21,10 @@ let token = sessionStorage.getItem(KEY) || "";
 
 /** Takes a #token=... from the address (at load, or pasted into an open page). */
 function tokenFromAddress() {
-  const fragment = new URLSearchParams(location.hash.slice(1));
-  if (!fragment.get("token")) return false;
-  token = fragment.get("token");
+  // Not URLSearchParams: it reads "+" as a space, and secrets may hold "+" (base64).
+  const m = location.hash.match(/(?:^#|&)token=([^&]*)/);
+  if (!m || !m[1]) return false;
+  token = decodeURIComponent(m[1]);
   sessionStorage.setItem(KEY, token);
   history.replaceState(null, "", location.pathname + location.search);
   return true;

@@ -19,8 +19,9 @@ const TIER: Tier = Tier {
 #[derive(Debug, Parser)]
 #[command(name = "rim-logic", version)]
 struct Cli {
-    /// Config file (TOML); `RIM_LOGIC__SECTION__FIELD` environment variables override it.
-    #[arg(long, value_name = "PATH")]
+    /// TOML config file, or the path in `RIM_CONFIG` (containers set it once for the command
+    /// and the health check); `RIM_LOGIC__SECTION__FIELD` variables override its fields.
+    #[arg(long, env = "RIM_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
     /// Validate the config and exit 0.
     #[arg(long)]

@@ -50,6 +50,23 @@ async fn admin_state_reads_streams_groups_leases_and_workers() {
         "{refusal}"
     );
 
+    // A refused request is kept by path only: its query string (which may carry anything) is
+    // not.
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/goim/push/mids?operation=1000&mids=1&token=do-not-keep",
+            logic.http
+        ))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let (_, s) = state(&logic, Some(ADMIN)).await;
+    let kept = s["data"]["refusals"].to_string();
+    assert!(kept.contains("POST /goim/push/mids"), "{kept}");
+    assert!(!kept.contains("do-not-keep"), "{kept}");
+
     // Three pushes to one user: one partition's stream gets three entries.
     let mid = 77;
     for _ in 0..3 {
@@ -142,6 +159,40 @@ async fn admin_state_reads_streams_groups_leases_and_workers() {
     assert_eq!(workers[0]["partitions"], serde_json::json!([p]));
     // Nothing acknowledged and trimmed yet.
     assert_eq!(s["pushes"]["delivered"], 0, "{s}");
+
+    // Job acknowledges the entry it read and trims it, as its ack script does: one delivered.
+    let read: Vec<String> = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query::<Vec<(String, Vec<(String, Vec<u8>)>)>>(&mut c)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let _: () = redis::cmd("XACK")
+        .arg(&stream)
+        .arg(keys::PUSH_GROUP)
+        .arg(&read[0])
+        .query(&mut c)
+        .unwrap();
+    let _: () = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg(&read[0])
+        .query(&mut c)
+        .unwrap();
+    let (_, s) = state(&logic, Some(ADMIN)).await;
+    let s = &s["data"];
+    assert_eq!(s["pushes"]["delivered"], 1, "{s}");
+    let part = &s["partitions"][usize::from(p)];
+    assert_eq!(
+        (part["length"].clone(), part["pending"].clone()),
+        (2.into(), 0.into())
+    );
+    // After a deletion Redis may not know the lag: the answer says so (null), never a guess.
+    assert!(part["lag"] == 2 || part["lag"].is_null(), "{part}");
 
     logic.stop().await;
 }

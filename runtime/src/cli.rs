@@ -122,19 +122,32 @@ impl Tier {
 fn probe_ready(addr: &str, timeout: std::time::Duration) -> Result<(), String> {
     use std::io::{Read, Write};
     use std::net::{SocketAddr, ToSocketAddrs};
-    let mut target: SocketAddr = addr
+    // Every address the name gives, wildcards asked on loopback, the first that accepts.
+    let targets: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| format!("{addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{addr}: no address"))?;
-    if target.ip().is_unspecified() {
-        target.set_ip(match target {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
+        .map(|mut a| {
+            if a.ip().is_unspecified() {
+                a.set_ip(match a {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            a
+        })
+        .collect();
+    let mut last = format!("{addr}: no address");
+    let mut connected = None;
+    for a in &targets {
+        match std::net::TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => {
+                connected = Some((*a, s));
+                break;
+            }
+            Err(e) => last = format!("{a}: {e}"),
+        }
     }
-    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
-        .map_err(|e| format!("{target}: {e}"))?;
+    let (target, mut stream) = connected.ok_or(last)?;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))

@@ -148,25 +148,36 @@ fn the_compose_file_matches_the_binaries_configs_and_nginx() {
         let df_path = context.join(build["dockerfile"].as_str().unwrap());
         let df = dockerfile(&df_path);
         let target = build["target"].as_str().unwrap();
-        let (cmd, health) = df
+        let stage = df
             .stages
             .get(target)
             .unwrap_or_else(|| panic!("{name}: no stage {target} in the Dockerfile"));
 
-        // The command: the stage's own, a built binary of this tier, a config the image holds.
+        // The command: the stage's own, a built binary of this tier.
         let command = strings(&svc["command"]);
         assert_eq!(
-            &command, cmd,
+            command, stage.cmd,
             "{name}: command differs from the image's CMD"
         );
         let tier = target;
         assert_eq!(command[0], format!("rim-{tier}"), "{name}: binary");
         assert!(binary(&command[0]).is_file(), "{} is not built", command[0]);
-        assert_eq!(command[1], "--config");
-        let config = source_in_repo(&df, &command[2]);
-        assert!(config.is_file(), "{name}: {} is not in config/", command[2]);
 
-        // Health: `--probe` with the same command, in compose and in the image.
+        // The config: what RIM_CONFIG names (the service's, else the image's), a file the image
+        // holds; the command does not name another one.
+        assert!(
+            !command.contains(&"--config".to_string()),
+            "{name}: --config beside RIM_CONFIG"
+        );
+        let env = env_of(svc);
+        let config_path = env
+            .get("RIM_CONFIG")
+            .or_else(|| stage.env.get("RIM_CONFIG"))
+            .unwrap_or_else(|| panic!("{name}: no RIM_CONFIG"));
+        let config = source_in_repo(&df, config_path);
+        assert!(config.is_file(), "{name}: {config_path} is not in config/");
+
+        // Health: `--probe` with the same command (so the same config), in compose and image.
         let mut probe = command.clone();
         probe.push("--probe".into());
         assert_eq!(
@@ -174,18 +185,21 @@ fn the_compose_file_matches_the_binaries_configs_and_nginx() {
             [vec!["CMD".to_string()], probe.clone()].concat(),
             "{name}: healthcheck"
         );
-        assert_eq!(health, &probe, "{target} stage HEALTHCHECK");
+        assert_eq!(stage.health, probe, "{target} stage HEALTHCHECK");
 
         // The environment: this tier's variables, accepted by the tier's loader.
-        let env = env_of(svc);
         let prefix = format!("RIM_{}__", tier.to_uppercase());
         for k in env.keys() {
             assert!(
-                k.starts_with(&prefix),
+                k.starts_with(&prefix) || k == "RIM_CONFIG",
                 "{name}: {k} is not a {tier} setting"
             );
         }
-        let l = load(tier, &config, env);
+        let tier_env = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .collect();
+        let l = load(tier, &config, tier_env);
 
         // Published ports are ports the tier listens on.
         for port in container_ports(svc) {
@@ -320,4 +334,35 @@ fn interpolation_follows_compose() {
     assert_eq!(interpolate("$$A", &vars), "$A");
     let refused = std::panic::catch_unwind(|| interpolate("${B:?set B}", &HashMap::new()));
     assert!(refused.is_err());
+}
+
+#[test]
+fn rim_config_names_the_config_for_the_command_and_the_probe() {
+    // What the images rely on: RIM_CONFIG instead of --config, for the tier and its --probe.
+    let run = |args: &[&str], config: &str| {
+        std::process::Command::new(binary("rim-job"))
+            .args(args)
+            .env("RIM_CONFIG", config)
+            .output()
+            .unwrap()
+    };
+    let ok = run(
+        &["--check"],
+        repo().join("config/job.toml").to_str().unwrap(),
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let missing = run(&["--check"], "/nonexistent/job.toml");
+    assert_eq!(missing.status.code(), Some(64));
+    // --probe reads the same file: its listen.http, where nothing listens here.
+    let probe = run(
+        &["--probe"],
+        repo().join("config/job.toml").to_str().unwrap(),
+    );
+    let said = String::from_utf8_lossy(&probe.stderr);
+    assert_eq!(probe.status.code(), Some(1), "{said}");
+    assert!(said.contains("127.0.0.1:3129"), "{said}");
 }

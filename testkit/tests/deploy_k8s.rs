@@ -69,7 +69,12 @@ fn environment(container: &Value, pod: &str) -> HashMap<String, String> {
 
 /// A container port by name or number.
 fn container_port(container: &Value, port: &Value) -> u16 {
+    let ports = container["ports"].as_sequence().unwrap();
     if let Some(n) = port.as_u64() {
+        assert!(
+            ports.iter().any(|p| p["containerPort"].as_u64() == Some(n)),
+            "no container port {n}"
+        );
         return n as u16;
     }
     let want = port.as_str().unwrap();
@@ -181,6 +186,11 @@ fn the_kubernetes_example_matches_the_binaries_and_configs() {
                 );
                 let headless = services.iter().find(|s| name(s) == service).unwrap();
                 assert_eq!(headless["spec"]["clusterIP"].as_str(), Some("None"));
+                // job must resolve a comet whose readiness dipped.
+                assert_eq!(
+                    headless["spec"]["publishNotReadyAddresses"].as_bool(),
+                    Some(true)
+                );
             }
         }
         tiers.insert(tier, (w, c, loaded.remove(0)));

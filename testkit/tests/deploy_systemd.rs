@@ -159,7 +159,8 @@ impl Stage {
     fn unit(&self, file: &str, instance: &str) -> Vec<(String, String)> {
         let text = std::fs::read_to_string(self.path(&format!("/etc/systemd/system/{file}")))
             .unwrap()
-            .replace("%i", instance);
+            .replace("%i", instance)
+            .replace("%H", "testhost");
         service_entries(&text)
     }
 
@@ -180,10 +181,14 @@ impl Stage {
         cmd
     }
 
-    /// The environment the unit's `EnvironmentFile=` lines give, in order (later files win);
-    /// a `-` prefix means optional, as in systemd.
+    /// The environment the unit's `Environment=` and `EnvironmentFile=` lines give (files
+    /// after, later files win); a `-` prefix means optional, as in systemd.
     fn environment(&self, unit: &[(String, String)]) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
+        for set in entries(unit, "Environment") {
+            let (k, v) = set.split_once('=').unwrap();
+            env.insert(k.to_string(), v.to_string());
+        }
         for file in entries(unit, "EnvironmentFile") {
             let (optional, file) = match file.strip_prefix('-') {
                 Some(f) => (true, f),
@@ -253,9 +258,37 @@ async fn the_units_exec_start_lines_run_a_cluster_that_pushes_and_drains() {
     for (file, _) in UNITS {
         assert!(stage.path(&format!("/etc/systemd/system/{file}")).is_file());
     }
-    let secrets = stage.path("/etc/rim/secrets.env");
-    let mode = std::fs::metadata(&secrets).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o640, "secrets.env mode");
+    // Secrets and configs are readable by the tiers' group only.
+    for file in [
+        "/etc/rim/secrets.env",
+        "/etc/rim/logic-secrets.env",
+        "/etc/rim/logic.toml",
+        "/etc/rim/comet/a.toml",
+        "/etc/rim/job/a.toml",
+    ] {
+        let mode = std::fs::metadata(stage.path(file))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o640, "{file} mode {mode:o}");
+    }
+    // logic's push, auth and admin secrets reach logic only.
+    for (file, instance) in UNITS {
+        let env = stage.environment(&stage.unit(file, instance));
+        let has = env.contains_key("RIM_LOGIC__PUSH__SECRET");
+        assert_eq!(
+            has,
+            file.starts_with("rim-logic"),
+            "{file} and logic's secrets"
+        );
+        assert!(
+            env.keys().any(|k| k.ends_with("__CLUSTER__SECRET")),
+            "{file}"
+        );
+        assert_eq!(env.get("HOSTNAME").map(String::as_str), Some("testhost"));
+    }
+    let secrets = stage.path("/etc/rim/logic-secrets.env");
     // Re-running keeps the operator's files (and so the secrets).
     let before = std::fs::read_to_string(&secrets).unwrap();
     let again = Command::new(repo().join("deploy/systemd/install.sh"))
@@ -397,21 +430,42 @@ fn the_comet_unit_has_a_descriptor_for_every_session_the_example_allows() {
 #[test]
 fn a_bad_config_exits_with_the_status_the_units_do_not_restart_on() {
     let stage = Stage::install();
+    // One invalid field per tier, on top of everything the unit gives (secrets included), so
+    // the refusal is that field's and not a missing secret's.
+    let bad = [
+        (
+            "rim-logic.service",
+            "RIM_LOGIC__PUSH__BODY_LIMIT",
+            "push.body_limit",
+        ),
+        (
+            "rim-comet@.service",
+            "RIM_COMET__SESSION__MAX_CONNECTIONS",
+            "session.max_connections",
+        ),
+        (
+            "rim-job@.service",
+            "RIM_JOB__STREAM__PARTITIONS",
+            "stream.partitions",
+        ),
+    ];
     for (file, instance) in UNITS {
         let unit = stage.unit(file, instance);
         let no_restart: i32 = the_entry(&unit, "RestartPreventExitStatus")
             .parse()
             .unwrap();
-        // One invalid field per tier (each tier ignores the others' variables).
+        let (_, var, field) = bad.iter().find(|(f, _, _)| f == file).unwrap();
         let out = stage
             .command(the_entry(&unit, "ExecStart"))
-            .env("RIM_LOGIC__PUSH__BODY_LIMIT", "0")
-            .env("RIM_COMET__SERVER_ID", "")
-            .env("RIM_JOB__STREAM__PARTITIONS", "0")
+            .envs(stage.environment(&unit))
+            .env(var, "0")
             .output()
             .unwrap();
         let said = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(no_restart), "{file}: {said}");
-        assert!(said.contains("config error: "), "{file}: {said}");
+        assert!(
+            said.contains(&format!("config error: {field}:")),
+            "{file}: {said}"
+        );
     }
 }

@@ -35,32 +35,56 @@ use crate::metrics::Ops;
 type AppState = State<Arc<App>>;
 
 async fn count_responses(State(app): AppState, req: Request, next: Next) -> Response {
-    let what = format!("{} {}", req.method(), req.uri().path());
+    let path = req.uri().path().to_string();
+    let what = format!("{} {path}", req.method());
     let resp = next.run(req).await;
     let status = resp.status();
     app.metrics.http_response(status.as_u16());
-    // Unknown routes (404, 405) are scanners' noise, not refusals an operator looks into.
+    // Unknown routes (404, 405) are scanners' noise, and the probes' own routes answer 503
+    // every few seconds while Redis is down: neither is a refusal an operator looks into.
+    let probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
     if (status.is_client_error() || status.is_server_error())
         && !matches!(status.as_u16(), 404 | 405)
+        && !probe
     {
         return record_refusal(&app, what, resp).await;
     }
     resp
 }
 
+/// Largest error body read for its message (the envelope is far smaller).
+const REFUSAL_BODY_MAX: u64 = 64 * 1024;
+
 /// Keeps an error answer in the recent refusals, with the message its envelope told the caller.
+/// A body that is not known to be small is passed on untouched, without a message.
 async fn record_refusal(app: &App, what: String, resp: Response) -> Response {
+    use axum::body::HttpBody;
+    let code = resp.status().as_u16();
+    let small = resp
+        .body()
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= REFUSAL_BODY_MAX);
+    if !small {
+        app.refusals.record("http", code.to_string(), what);
+        return resp;
+    }
     let (parts, body) = resp.into_parts();
-    // Error answers are the small envelope (well under this bound).
-    let bytes = axum::body::to_bytes(body, 64 * 1024)
-        .await
-        .unwrap_or_default();
+    let bytes = match axum::body::to_bytes(body, REFUSAL_BODY_MAX as usize).await {
+        Ok(b) => b,
+        Err(e) => {
+            // The size hint said it fits: only a failing body gets here, and it fails as it
+            // would have for the client.
+            app.refusals.record("http", code.to_string(), what);
+            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+        }
+    };
     let message = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|v| v["message"].as_str().map(str::to_string))
         .unwrap_or_default();
     app.refusals
-        .record("http", format!("{} {message}", parts.status.as_u16()), what);
+        .record("http", format!("{code} {message}"), what);
     Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 

@@ -23,10 +23,18 @@ pub fn authority(url: &str) -> &str {
     rest.rsplit('@').next().unwrap()
 }
 
-/// The Dockerfile's stages: name → (its `CMD`, its `HEALTHCHECK ... CMD`), as JSON arrays; and
-/// the `COPY src dst` lines of every stage.
+/// One stage of the Dockerfile: its `CMD` and `HEALTHCHECK ... CMD` (JSON arrays) and its `ENV`
+/// (inherited from the stage it is built `FROM`).
+#[derive(Debug, Clone, Default)]
+pub struct Stage {
+    pub cmd: Vec<String>,
+    pub health: Vec<String>,
+    pub env: HashMap<String, String>,
+}
+
+/// The Dockerfile's stages by name, and the `COPY src dst` lines of every stage.
 pub struct Dockerfile {
-    pub stages: BTreeMap<String, (Vec<String>, Vec<String>)>,
+    pub stages: BTreeMap<String, Stage>,
     pub copies: Vec<(String, String)>,
 }
 
@@ -39,7 +47,7 @@ pub fn dockerfile(path: &std::path::Path) -> Dockerfile {
         .collect::<Vec<_>>()
         .join("\n")
         .replace("\\\n", " ");
-    let mut stages = BTreeMap::new();
+    let mut stages: BTreeMap<String, Stage> = BTreeMap::new();
     let mut copies = Vec::new();
     let mut stage = String::new();
     let json_after = |line: &str, key: &str| -> Vec<String> {
@@ -50,11 +58,22 @@ pub fn dockerfile(path: &std::path::Path) -> Dockerfile {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.first().copied() {
             Some("FROM") => {
+                let base = stages.get(words[1]).cloned().unwrap_or_default();
                 stage = words.last().unwrap().to_string();
-                stages.insert(stage.clone(), (Vec::new(), Vec::new()));
+                stages.insert(stage.clone(), base);
             }
-            Some("CMD") => stages.get_mut(&stage).unwrap().0 = json_after(line, "CMD"),
-            Some("HEALTHCHECK") => stages.get_mut(&stage).unwrap().1 = json_after(line, " CMD "),
+            Some("CMD") => stages.get_mut(&stage).unwrap().cmd = json_after(line, "CMD"),
+            Some("HEALTHCHECK") => {
+                stages.get_mut(&stage).unwrap().health = json_after(line, " CMD ");
+            }
+            Some("ENV") => {
+                let (k, v) = words[1].split_once('=').unwrap();
+                stages
+                    .get_mut(&stage)
+                    .unwrap()
+                    .env
+                    .insert(k.to_string(), v.to_string());
+            }
             Some("COPY") if !line.contains("--from") => {
                 copies.push((words[1].to_string(), words[2].to_string()));
             }
