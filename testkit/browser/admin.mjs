@@ -1,21 +1,22 @@
 // Real-browser test of logic's operator page (/admin): headless Debian Chromium.
 //
-//   node admin.mjs LOGIC_URL TOKEN SERVERS ROOM [SCREENSHOT]
+//   node admin.mjs LOGIC_URL TOKEN SERVERS ROOM HOSTILE_ROOM [SCREENSHOT]
 //
 // SERVERS is the comma-separated server ids of the comets that must be listed, ROOM a room that
 // must appear among the top rooms; while this runs the test pushes to ROOM, so the page's push
-// rate must show pushes moving (above zero on two successive updates). TOKEN is given the way
+// rate must show pushes moving (above zero on two successive updates). HOSTILE_ROOM is a room
+// whose name is markup with a script: it must be listed as text, and the script never run. TOKEN is given the way
 // an operator would, in the address fragment. Exits 0 when every step passed, 1 with the failing
 // step otherwise, 2 when the whole run took over the time limit.
 import { chromium } from "playwright-core";
 
-const [LOGIC_URL, TOKEN, SERVERS, ROOM, SCREENSHOT] = process.argv.slice(2);
+const [LOGIC_URL, TOKEN, SERVERS, ROOM, HOSTILE_ROOM, SCREENSHOT] = process.argv.slice(2);
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const TOTAL_MS = Number(process.env.RIM_BROWSER_TIMEOUT_MS || 60_000);
 const STEP_MS = 15_000;
 
-if (!LOGIC_URL || !TOKEN || !SERVERS || !ROOM) {
-  console.error("usage: node admin.mjs LOGIC_URL TOKEN SERVERS ROOM [SCREENSHOT]");
+if (!LOGIC_URL || !TOKEN || !SERVERS || !ROOM || !HOSTILE_ROOM) {
+  console.error("usage: node admin.mjs LOGIC_URL TOKEN SERVERS ROOM HOSTILE_ROOM [SCREENSHOT]");
   process.exit(64);
 }
 
@@ -76,6 +77,18 @@ try {
 
   await check(`the room ${ROOM} is among the top rooms`, async () => {
     await page.locator(`${t("room-row")}[data-room="${ROOM}"]`).waitFor();
+  });
+
+  await check("a room named with markup is shown as text, its script never run", async () => {
+    await page.waitForFunction(
+      (room) => [...document.querySelectorAll('[data-testid="room-row"]')].some((r) => r.dataset.room === room),
+      HOSTILE_ROOM,
+      { timeout: STEP_MS },
+    );
+    const shown = await page.locator("#rooms").textContent();
+    if (!shown.includes(HOSTILE_ROOM)) throw new Error(`room not shown as text: ${shown}`);
+    if ((await page.locator("#rooms img").count()) > 0) throw new Error("the room's markup became an element");
+    if (await page.evaluate(() => window.__xss)) throw new Error("the room's script ran");
   });
 
   await check("job workers hold partitions", async () => {

@@ -54,6 +54,9 @@ async fn chat_demo_in_a_real_browser() {
     );
 }
 
+/// A room id that is markup with a script in it (room ids may hold anything but whitespace).
+const HOSTILE_ROOM: &str = "live://<img/src=x/onerror=window.__xss=1>";
+
 /// logic's operator page in a real browser: two comets, a room with a member and pushes going
 /// to it the whole time, then `node testkit/browser/admin.mjs` checks the page lists both
 /// comets and the room and shows a push rate above zero, and saves a screenshot (to
@@ -85,6 +88,21 @@ async fn operator_page_in_a_real_browser() {
     .await
     .unwrap();
 
+    // A room named by a client to be markup: the page must show it as text.
+    let hostile = rim_proto::msg::AuthBody {
+        mid: 4101,
+        room_id: HOSTILE_ROOM.into(),
+        platform: "web".into(),
+        ..Default::default()
+    };
+    let _hostile = rim_testkit::client::Conn::connect(
+        rim_testkit::client::Transport::WsBinary,
+        cluster.comets[0].http,
+        &hostile,
+    )
+    .await
+    .unwrap();
+
     // Pushes to the room until the page has been checked; the member reads them so nothing
     // backs up.
     let api = rim_testkit::api::Api::new(cluster.logic_http);
@@ -110,6 +128,7 @@ async fn operator_page_in_a_real_browser() {
             ADMIN.as_ref(),
             servers.join(",").as_ref(),
             "live://stage".as_ref(),
+            HOSTILE_ROOM.as_ref(),
             screenshot.as_os_str(),
         ],
         Duration::from_secs(120),
