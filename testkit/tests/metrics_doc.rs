@@ -23,6 +23,10 @@ const WAIT: Duration = Duration::from_secs(20);
 struct Documented {
     section: String,
     name: String,
+    /// `counter` or `gauge`.
+    kind: String,
+    /// Label → its values, where the doc lists them (`partition`: "partition number" lists none).
+    labels: BTreeMap<String, Option<BTreeSet<String>>>,
     /// `Some(label selector)` when the row says `moves` (`None` inside = the unlabelled series).
     moves: Option<Option<(String, String)>>,
 }
@@ -51,9 +55,26 @@ fn documented() -> Vec<Documented> {
                 Some((k.to_string(), v.trim_end_matches('"').to_string()))
             })
         });
+        let mut labels = BTreeMap::new();
+        for part in cells[2].split(';').map(str::trim) {
+            // "`reason`: `a`, `b`" lists values; "`partition`: partition number" does not.
+            let Some((label, values)) = part.split_once(':') else {
+                continue;
+            };
+            let label = label.trim().trim_matches('`').to_string();
+            let listed: BTreeSet<String> = values
+                .split(',')
+                .map(str::trim)
+                .filter(|v| v.starts_with('`') && v.ends_with('`'))
+                .map(|v| v.trim_matches('`').to_string())
+                .collect();
+            labels.insert(label, (!listed.is_empty()).then_some(listed));
+        }
         rows.push(Documented {
             section: section.clone(),
             name,
+            kind: cells[1].to_string(),
+            labels,
             moves,
         });
     }
@@ -237,6 +258,36 @@ async fn metrics_parse_match_the_doc_and_the_documented_counters_move_on_a_push(
                 "docs/metrics.md documents {} under {tier}; {tier} does not expose it",
                 d.name
             );
+        }
+        // Types and label values as documented (labels the doc lists values for).
+        let (types, samples) = &before[tier];
+        for (family, kind) in types {
+            let Some(d) = doc
+                .iter()
+                .find(|d| &d.name == family && (d.section == *tier || d.section == "every tier"))
+            else {
+                continue;
+            };
+            assert_eq!(&d.kind, kind, "{family}: type in docs/metrics.md");
+            let mut exposed: BTreeMap<&String, BTreeSet<String>> = BTreeMap::new();
+            for ((_, labels), _) in samples.iter().filter(|((n, _), _)| n == family) {
+                for (k, v) in labels {
+                    exposed.entry(k).or_default().insert(v.clone());
+                    assert!(
+                        d.labels.contains_key(k),
+                        "{family}: label {k} is not in docs/metrics.md"
+                    );
+                }
+            }
+            for (label, listed) in &d.labels {
+                if let Some(listed) = listed {
+                    assert_eq!(
+                        exposed.get(label),
+                        Some(listed),
+                        "{family}{{{label}}}: values in docs/metrics.md"
+                    );
+                }
+            }
         }
     }
     for d in doc.iter().filter(|d| d.section == "every tier") {
