@@ -35,19 +35,19 @@ use crate::metrics::Ops;
 type AppState = State<Arc<App>>;
 
 async fn count_responses(State(app): AppState, req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_string();
-    let what = format!("{} {path}", req.method());
+    // Cheap clones (the URI shares its bytes): the text is made only for a refusal.
+    let (method, uri) = (req.method().clone(), req.uri().clone());
     let resp = next.run(req).await;
     let status = resp.status();
     app.metrics.http_response(status.as_u16());
     // Unknown routes (404, 405) are scanners' noise, and the probes' own routes answer 503
     // every few seconds while Redis is down: neither is a refusal an operator looks into.
-    let probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
+    let probe = matches!(uri.path(), "/healthz" | "/readyz" | "/metrics");
     if (status.is_client_error() || status.is_server_error())
         && !matches!(status.as_u16(), 404 | 405)
         && !probe
     {
-        return record_refusal(&app, what, resp).await;
+        return record_refusal(&app, format!("{method} {}", uri.path()), resp).await;
     }
     resp
 }
