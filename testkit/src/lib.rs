@@ -11,6 +11,7 @@ pub mod client;
 pub mod nginx;
 pub mod pki;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 pub mod redis_cluster;
 pub mod test_redis;
