@@ -1,0 +1,567 @@
+//! The chaos harness (`chaos.rs`, `chaos_network.rs`): a cluster of real processes tuned for
+//! fast failure detection, recipients that record every numbered push and reconnect when their
+//! comet goes away, a publisher that stages a fault a third of the way through, and the
+//! exactly-once, in-order check of what each recipient was owed.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rim_proto::msg::AuthBody;
+use rim_testkit::api::{Api, eventually};
+use rim_testkit::client::{Conn, Transport};
+use rim_testkit::process::{CLUSTER_SECRET, Proc, free_addr};
+use rim_testkit::test_redis::TestRedis;
+use tokio::sync::watch;
+
+pub const ROOM_TYPE: &str = "chaos";
+pub const ROOM_ID: &str = "r";
+pub const MID_OP: i32 = 1000;
+pub const ROOM_OP: i32 = 1001;
+
+pub struct CometProc {
+    pub proc: Proc,
+    pub server_id: String,
+    pub http: SocketAddr,
+    pub tcp: SocketAddr,
+    /// `/metrics` (`listen.ops`).
+    pub ops: SocketAddr,
+}
+
+impl CometProc {
+    pub fn addr(&self, t: Transport) -> SocketAddr {
+        if t == Transport::Tcp {
+            self.tcp
+        } else {
+            self.http
+        }
+    }
+}
+
+/// logic + job workers + comets as processes, tuned for fast failure detection.
+pub struct ProcCluster {
+    pub redis: TestRedis,
+    /// Held so the process lives (and is killed) with the cluster.
+    pub _logic: Proc,
+    pub logic_rpc: SocketAddr,
+    /// logic's HTTP API and `/metrics`.
+    pub logic_http: SocketAddr,
+    pub api: Api,
+    pub jobs: Vec<Proc>,
+    /// Each job worker's `/metrics` (`listen.http`), in the order of `jobs`.
+    pub job_http: Vec<SocketAddr>,
+    pub comets: Vec<CometProc>,
+    pub comet_env: Vec<(&'static str, String)>,
+    pub job_env: Vec<(&'static str, String)>,
+}
+
+impl ProcCluster {
+    pub async fn start(
+        jobs: usize,
+        comets: usize,
+        comet_env: Vec<(&'static str, String)>,
+    ) -> ProcCluster {
+        Self::start_with(jobs, comets, comet_env, vec![]).await
+    }
+
+    /// Like `start`, with extra environment for the job workers too.
+    pub async fn start_with(
+        jobs: usize,
+        comets: usize,
+        comet_env: Vec<(&'static str, String)>,
+        job_env: Vec<(&'static str, String)>,
+    ) -> ProcCluster {
+        Self::start_on(
+            TestRedis::from_env(true),
+            None,
+            jobs,
+            comets,
+            comet_env,
+            job_env,
+        )
+        .await
+    }
+
+    /// Like `start_with`, on `redis`, with logic and job dialling `redis_url` instead of it when
+    /// given (a proxy in front of it).
+    pub async fn start_on(
+        redis: TestRedis,
+        redis_url: Option<String>,
+        jobs: usize,
+        comets: usize,
+        comet_env: Vec<(&'static str, String)>,
+        job_env: Vec<(&'static str, String)>,
+    ) -> ProcCluster {
+        let http = free_addr();
+        let rpc = free_addr();
+        let redis_env = redis.env("LOGIC");
+        let url_override = redis_url
+            .iter()
+            .map(|u| ("RIM_LOGIC__REDIS__URL", u.clone()))
+            .collect::<Vec<_>>();
+        let logic = Proc::spawn(
+            "logic",
+            "rim-logic",
+            "logic.toml",
+            &redis_env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .chain([
+                    ("RIM_LOGIC__LISTEN__HTTP", http.to_string()),
+                    ("RIM_LOGIC__LISTEN__RPC", rpc.to_string()),
+                    ("RIM_LOGIC__NODE__TTL_MS", "1500".into()),
+                    ("RIM_LOGIC__CLUSTER__SECRET", CLUSTER_SECRET.into()),
+                ])
+                .chain(url_override)
+                .collect::<Vec<_>>(),
+        );
+        let api = Api::new(http);
+        let mut job_env = job_env;
+        if let Some(u) = redis_url {
+            job_env.push(("RIM_JOB__REDIS__URL", u));
+        }
+        let mut c = ProcCluster {
+            logic_http: http,
+            redis,
+            _logic: logic,
+            logic_rpc: rpc,
+            api,
+            jobs: Vec::new(),
+            job_http: Vec::new(),
+            comets: Vec::new(),
+            comet_env,
+            job_env,
+        };
+        c.api_ready().await;
+        for _ in 0..jobs {
+            c.add_job();
+        }
+        for _ in 0..comets {
+            c.add_comet();
+        }
+        c.wait_live_nodes(comets).await;
+        c
+    }
+
+    pub async fn api_ready(&self) {
+        let api = self.api.clone();
+        eventually("logic ready", Duration::from_secs(20), || {
+            let api = api.clone();
+            async move {
+                api.get("/readyz")
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 200)
+                    .map(|_| ())
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    pub fn add_job(&mut self) {
+        let n = self.jobs.len() + 1;
+        let redis_env = self.redis.env("JOB");
+        let http = free_addr();
+        self.job_http.push(http);
+        self.jobs.push(Proc::spawn(
+            format!("job-{n}"),
+            "rim-job",
+            "job.toml",
+            &[
+                ("RIM_JOB__WORKER_ID", format!("job-{n}")),
+                ("RIM_JOB__LISTEN__HTTP", http.to_string()),
+                ("RIM_JOB__LEASE__TTL_MS", "1000".into()),
+                ("RIM_JOB__LEASE__RENEW_MS", "250".into()),
+                ("RIM_JOB__REGISTRY__REFRESH_MS", "200".into()),
+                ("RIM_JOB__DELIVERY__RPC_TIMEOUT_MS", "1000".into()),
+                ("RIM_JOB__DELIVERY__RETRY_BASE_MS", "20".into()),
+                ("RIM_JOB__DELIVERY__RETRY_MAX_MS", "200".into()),
+                ("RIM_JOB__STREAM__BLOCK_MS", "200".into()),
+                ("RIM_JOB__CLUSTER__SECRET", CLUSTER_SECRET.into()),
+            ]
+            .into_iter()
+            .chain(redis_env.iter().map(|(k, v)| (k.as_str(), v.clone())))
+            .chain(self.job_env.iter().cloned())
+            .collect::<Vec<_>>(),
+        ));
+    }
+
+    pub fn add_comet(&mut self) {
+        self.add_comet_with(free_addr(), vec![]);
+    }
+
+    /// A comet whose `CometRpc` listens on `rpc`, with `extra` environment (after the rest).
+    pub fn add_comet_with(&mut self, rpc: SocketAddr, extra: Vec<(&'static str, String)>) {
+        let n = self.comets.len() + 1;
+        let (http, tcp, ops) = (free_addr(), free_addr(), free_addr());
+        let server_id = format!("chaos-comet-{n}");
+        let mut env = vec![
+            ("RIM_COMET__SERVER_ID", server_id.clone()),
+            ("RIM_COMET__LISTEN__HTTP", http.to_string()),
+            ("RIM_COMET__LISTEN__TCP", tcp.to_string()),
+            ("RIM_COMET__LISTEN__RPC", rpc.to_string()),
+            ("RIM_COMET__LISTEN__OPS", ops.to_string()),
+            ("RIM_COMET__LOGIC__ADDRS", self.logic_rpc.to_string()),
+            ("RIM_COMET__RENEW__INTERVAL_MS", "200".into()),
+            ("RIM_COMET__CLUSTER__SECRET", CLUSTER_SECRET.into()),
+        ];
+        env.extend(self.comet_env.iter().cloned());
+        env.extend(extra);
+        let proc = Proc::spawn(server_id.clone(), "rim-comet", "comet.toml", &env);
+        self.comets.push(CometProc {
+            proc,
+            server_id,
+            http,
+            tcp,
+            ops,
+        });
+    }
+
+    pub async fn live_nodes(&self) -> Vec<String> {
+        let r = self.api.get("/goim/nodes/instances").await.unwrap();
+        r.data()
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|n| n["server"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub async fn wait_live_nodes(&self, n: usize) {
+        let api = self.api.clone();
+        eventually("comets registered", Duration::from_secs(20), || {
+            let api = api.clone();
+            async move {
+                let r = api.get("/goim/nodes/instances").await.ok()?;
+                (r.data().as_array()?.len() == n).then_some(())
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    pub fn addrs(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        self.comets
+            .iter()
+            .map(|c| (c.addr(Transport::Tcp), c.addr(Transport::WsBinary)))
+            .collect()
+    }
+}
+
+/// What one recipient saw.
+#[derive(Default)]
+pub struct Seen {
+    pub mid_seqs: Vec<u64>,
+    pub room_seqs: Vec<u64>,
+    /// When each (re-)authentication completed.
+    pub authed_at: Vec<Instant>,
+    pub disconnect_reasons: Vec<String>,
+}
+
+/// A client that records every push and, when its comet goes away, reconnects to the next one.
+pub struct Recipient {
+    pub mid: i64,
+    pub home: usize,
+    pub seen: Arc<Mutex<Seen>>,
+}
+
+pub fn parse_seq(body: &[u8], prefix: u8) -> Option<u64> {
+    body.split_first()
+        .filter(|(p, _)| **p == prefix)
+        .and_then(|(_, n)| std::str::from_utf8(n).ok()?.parse().ok())
+}
+
+pub fn spawn_recipient(
+    mid: i64,
+    transport: Transport,
+    home: usize,
+    comets: Vec<(SocketAddr, SocketAddr)>,
+    stop: watch::Receiver<bool>,
+) -> (Recipient, tokio::sync::oneshot::Receiver<()>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let rec = Recipient {
+        mid,
+        home,
+        seen: seen.clone(),
+    };
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let auth = AuthBody {
+            mid,
+            room_id: format!("{ROOM_TYPE}://{ROOM_ID}"),
+            accepts: vec![MID_OP, ROOM_OP],
+            platform: "chaos".into(),
+            ..Default::default()
+        };
+        let mut ready_tx = Some(ready_tx);
+        let mut node = home;
+        'session: loop {
+            if *stop.borrow() {
+                return;
+            }
+            let (tcp, ws) = comets[node % comets.len()];
+            let addr = if transport == Transport::Tcp { tcp } else { ws };
+            let mut client = match Conn::connect(transport, addr, &auth).await {
+                Ok(c) => c,
+                Err(_) => {
+                    // That comet is gone too (or not yet reachable): try the next one.
+                    node += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            seen.lock().authed_at.push(Instant::now());
+            if let Some(tx) = ready_tx.take() {
+                let _ = tx.send(());
+            }
+            loop {
+                if *stop.borrow() {
+                    return;
+                }
+                match client.next_push(Duration::from_millis(200)).await {
+                    Ok(None) => {}
+                    Ok(Some(r)) => {
+                        let mut s = seen.lock();
+                        if let Some(n) = parse_seq(&r.frame.body, b'm') {
+                            s.mid_seqs.push(n);
+                        } else if let Some(n) = parse_seq(&r.frame.body, b'r') {
+                            s.room_seqs.push(n);
+                        }
+                    }
+                    Err(_) => {
+                        let reason = client
+                            .expect_closed()
+                            .await
+                            .ok()
+                            .and_then(|c| c.disconnect_reason);
+                        if let Some(reason) = reason {
+                            seen.lock().disconnect_reasons.push(reason);
+                        }
+                        node += 1;
+                        continue 'session;
+                    }
+                }
+            }
+        }
+    });
+    (rec, ready_rx)
+}
+
+/// One published number and its outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    pub seq: u64,
+    pub started: Instant,
+    pub accepted: bool,
+}
+
+#[derive(Default)]
+pub struct Published {
+    pub mid: Vec<Sent>,
+    pub room: Vec<Sent>,
+}
+
+/// Publishes `count` numbers to the mids and to the room, spaced by `gap`, and fires `fault`
+/// when number `fault_at` is about to go out; publishing goes on while the fault is staged.
+/// Numbers whose push was refused are recorded too.
+pub async fn publish(
+    api: &Api,
+    mids: &[i64],
+    count: u64,
+    gap: Duration,
+    fault_at: u64,
+    fault: tokio::sync::oneshot::Sender<()>,
+) -> Published {
+    let mut out = Published::default();
+    let mut fault = Some(fault);
+    let q: Vec<String> = mids.iter().map(|m| format!("mids={m}")).collect();
+    let mids_path = format!("/goim/push/mids?operation={MID_OP}&{}", q.join("&"));
+    let room_path = format!("/goim/push/room?operation={ROOM_OP}&type={ROOM_TYPE}&room={ROOM_ID}");
+    for seq in 1..=count {
+        if seq == fault_at
+            && let Some(f) = fault.take()
+        {
+            let _ = f.send(());
+        }
+        let started = Instant::now();
+        let ok = matches!(api.post(&mids_path, format!("m{seq}")).await, Ok(r) if r.status == 200 && r.code() == 0);
+        out.mid.push(Sent {
+            seq,
+            started,
+            accepted: ok,
+        });
+        let started = Instant::now();
+        let ok = matches!(api.post(&room_path, format!("r{seq}")).await, Ok(r) if r.status == 200 && r.code() == 0);
+        out.room.push(Sent {
+            seq,
+            started,
+            accepted: ok,
+        });
+        tokio::time::sleep(gap).await; // pacing the publisher, not synchronisation
+    }
+    out
+}
+
+/// Runs the publisher and, concurrently, `fault` once the publisher reaches a third of the way.
+pub async fn publish_with_fault<Fut>(
+    api: &Api,
+    mids: &[i64],
+    fault: impl FnOnce() -> Fut,
+) -> Published
+where
+    Fut: std::future::Future<Output = ()>,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let staged = async move {
+        if rx.await.is_ok() {
+            fault().await;
+        }
+    };
+    let (published, ()) = tokio::join!(publish(api, mids, COUNT, GAP, COUNT / 3, tx), staged);
+    published
+}
+
+/// The numbers a recipient is owed: accepted ones published after its last authentication
+/// (everything, when it never had to reconnect).
+pub fn owed(sent: &[Sent], authed_at: &[Instant]) -> BTreeSet<u64> {
+    let from = if authed_at.len() > 1 {
+        authed_at.last().copied()
+    } else {
+        None
+    };
+    sent.iter()
+        .filter(|s| s.accepted && from.is_none_or(|t| s.started >= t))
+        .map(|s| s.seq)
+        .collect()
+}
+
+/// Waits until every recipient has what it is owed, then checks exactly-once and order.
+pub async fn check(recipients: &[Recipient], published: &Published) {
+    for r in recipients {
+        let seen = r.seen.clone();
+        let (mid_owed, room_owed) = {
+            let s = seen.lock();
+            (
+                owed(&published.mid, &s.authed_at),
+                owed(&published.room, &s.authed_at),
+            )
+        };
+        let done = eventually("recipient caught up", Duration::from_secs(30), || {
+            let seen = seen.clone();
+            let (m, ro) = (mid_owed.clone(), room_owed.clone());
+            async move {
+                let s = seen.lock();
+                let got_m: BTreeSet<u64> = s.mid_seqs.iter().copied().collect();
+                let got_r: BTreeSet<u64> = s.room_seqs.iter().copied().collect();
+                (m.is_subset(&got_m) && ro.is_subset(&got_r)).then_some(())
+            }
+        })
+        .await;
+        let s = seen.lock();
+        for (what, got, owed_set, sent) in [
+            ("mid", &s.mid_seqs, &mid_owed, &published.mid),
+            ("room", &s.room_seqs, &room_owed, &published.room),
+        ] {
+            let missing: Vec<_> = owed_set.iter().filter(|n| !got.contains(n)).collect();
+            assert!(
+                done.is_ok() && missing.is_empty(),
+                "mid {} ({what}) is missing {missing:?}",
+                r.mid
+            );
+            assert!(
+                got.windows(2).all(|w| w[0] < w[1]),
+                "mid {} ({what}) got duplicates or reordering: {got:?}",
+                r.mid
+            );
+            let published: BTreeSet<u64> = sent.iter().map(|s| s.seq).collect();
+            assert!(
+                got.iter().all(|n| published.contains(n)),
+                "mid {} ({what}) got unpublished numbers",
+                r.mid
+            );
+        }
+    }
+}
+
+/// Recipients: on each comet a TCP and a WebSocket client, all in the room.
+pub async fn recipients(cluster: &ProcCluster, stop: &watch::Receiver<bool>) -> Vec<Recipient> {
+    let mut out = Vec::new();
+    let mut mid = 500;
+    for home in 0..cluster.comets.len() {
+        for t in [Transport::Tcp, Transport::WsBinary] {
+            mid += 1;
+            let (r, ready) = spawn_recipient(mid, t, home, cluster.addrs(), stop.clone());
+            ready.await.expect("recipient connected");
+            out.push(r);
+        }
+    }
+    out
+}
+
+pub fn all_accepted(p: &Published) -> bool {
+    p.mid.iter().chain(&p.room).all(|s| s.accepted)
+}
+
+pub const COUNT: u64 = 150;
+pub const WAIT: Duration = Duration::from_secs(10);
+pub const GAP: Duration = Duration::from_millis(5);
+
+/// Entries a job worker has read but not acknowledged, over all push streams.
+pub fn pending_of(conn: &mut dyn redis::ConnectionLike, worker: &str) -> u64 {
+    (0..16u16)
+        .map(|p| {
+            let r: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XPENDING")
+                .arg(rim_proto::keys::push_stream(p))
+                .arg(rim_proto::keys::PUSH_GROUP)
+                .arg("-")
+                .arg("+")
+                .arg(1000)
+                .arg(worker)
+                .query(conn);
+            r.map(|v| v.len() as u64).unwrap_or(0)
+        })
+        .sum()
+}
+
+/// The numbers (`m7` → 7, `r7` → 7) of the pushes a worker holds unacknowledged, by kind.
+pub fn pending_numbers(conn: &mut dyn redis::ConnectionLike, worker: &str) -> (Vec<u64>, Vec<u64>) {
+    let (mut mids, mut rooms) = (Vec::new(), Vec::new());
+    for p in 0..16u16 {
+        let stream = rim_proto::keys::push_stream(p);
+        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg(rim_proto::keys::PUSH_GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(1000)
+            .arg(worker)
+            .query(conn)
+            .unwrap_or_default();
+        for (id, ..) in pending {
+            let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&stream)
+                .arg(&id)
+                .arg(&id)
+                .query(conn)
+                .unwrap();
+            for e in entries.ids {
+                let Some(bytes) = e.get::<Vec<u8>>(rim_proto::keys::JOB_FIELD) else {
+                    continue;
+                };
+                let job = rim_proto::job::PushJob::decode(&bytes).unwrap();
+                if let Some(n) = parse_seq(&job.body, b'm') {
+                    mids.push(n);
+                } else if let Some(n) = parse_seq(&job.body, b'r') {
+                    rooms.push(n);
+                }
+            }
+        }
+    }
+    (mids, rooms)
+}
