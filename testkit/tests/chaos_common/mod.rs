@@ -81,12 +81,13 @@ impl ProcCluster {
             comets,
             comet_env,
             job_env,
+            vec![],
         )
         .await
     }
 
     /// Like `start_with`, on `redis`, with logic and job dialling `redis_url` instead of it when
-    /// given (a proxy in front of it).
+    /// given (a proxy in front of it), and `logic_env` over logic's defaults here.
     pub async fn start_on(
         redis: TestRedis,
         redis_url: Option<String>,
@@ -94,6 +95,7 @@ impl ProcCluster {
         comets: usize,
         comet_env: Vec<(&'static str, String)>,
         job_env: Vec<(&'static str, String)>,
+        logic_env: Vec<(&'static str, String)>,
     ) -> ProcCluster {
         let http = free_addr();
         let rpc = free_addr();
@@ -116,6 +118,7 @@ impl ProcCluster {
                     ("RIM_LOGIC__CLUSTER__SECRET", CLUSTER_SECRET.into()),
                 ])
                 .chain(url_override)
+                .chain(logic_env)
                 .collect::<Vec<_>>(),
         );
         let api = Api::new(http);
@@ -261,6 +264,8 @@ pub struct Seen {
     pub room_seqs: Vec<u64>,
     /// When each (re-)authentication completed.
     pub authed_at: Vec<Instant>,
+    /// At each reconnect, the highest mid and room numbers received until then.
+    pub max_before: Vec<(u64, u64)>,
     pub disconnect_reasons: Vec<String>,
 }
 
@@ -340,9 +345,14 @@ pub fn spawn_recipient(
                             .await
                             .ok()
                             .and_then(|c| c.disconnect_reason);
+                        let mut s = seen.lock();
                         if let Some(reason) = reason {
-                            seen.lock().disconnect_reasons.push(reason);
+                            s.disconnect_reasons.push(reason);
                         }
+                        let top = |v: &[u64]| v.iter().copied().max().unwrap_or(0);
+                        let before = (top(&s.mid_seqs), top(&s.room_seqs));
+                        s.max_before.push(before);
+                        drop(s);
                         node += 1;
                         continue 'session;
                     }
@@ -427,18 +437,46 @@ where
     published
 }
 
-/// The numbers a recipient is owed: accepted ones published after its last authentication
-/// (everything, when it never had to reconnect).
-pub fn owed(sent: &[Sent], authed_at: &[Instant]) -> BTreeSet<u64> {
-    let from = if authed_at.len() > 1 {
-        authed_at.last().copied()
-    } else {
-        None
-    };
+/// The numbers a recipient is owed: every accepted one, except those that could be lost with a
+/// session that ended: published before the last authentication and above the highest number
+/// the recipient had got by then (order holds, so everything accepted below that was owed to
+/// the old session and must have arrived).
+pub fn owed(sent: &[Sent], authed_at: &[Instant], max_before_last: Option<u64>) -> BTreeSet<u64> {
+    let reauthed = authed_at.last().filter(|_| authed_at.len() > 1);
     sent.iter()
-        .filter(|s| s.accepted && from.is_none_or(|t| s.started >= t))
+        .filter(|s| s.accepted)
+        .filter(|s| match (reauthed, max_before_last) {
+            (Some(at), Some(max)) => s.started >= *at || s.seq <= max,
+            _ => true,
+        })
         .map(|s| s.seq)
         .collect()
+}
+
+/// Asserts each recipient authenticated exactly `expected(r)` times, and that one that never
+/// had to reconnect was never disconnected.
+pub fn assert_sessions(recipients: &[Recipient], expected: impl Fn(&Recipient) -> usize) {
+    for r in recipients {
+        let s = r.seen.lock();
+        let want = expected(r);
+        assert_eq!(
+            s.authed_at.len(),
+            want,
+            "mid {} (home {}) authenticated {} times, expected {want}; disconnects: {:?}",
+            r.mid,
+            r.home,
+            s.authed_at.len(),
+            s.disconnect_reasons
+        );
+        if want == 1 {
+            assert!(
+                s.disconnect_reasons.is_empty(),
+                "mid {}: {:?}",
+                r.mid,
+                s.disconnect_reasons
+            );
+        }
+    }
 }
 
 /// Waits until every recipient has what it is owed, then checks exactly-once and order.
@@ -447,9 +485,10 @@ pub async fn check(recipients: &[Recipient], published: &Published) {
         let seen = r.seen.clone();
         let (mid_owed, room_owed) = {
             let s = seen.lock();
+            let last = s.max_before.last();
             (
-                owed(&published.mid, &s.authed_at),
-                owed(&published.room, &s.authed_at),
+                owed(&published.mid, &s.authed_at, last.map(|m| m.0)),
+                owed(&published.room, &s.authed_at, last.map(|m| m.1)),
             )
         };
         let done = eventually("recipient caught up", Duration::from_secs(30), || {
