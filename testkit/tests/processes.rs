@@ -68,8 +68,9 @@ async fn three_binaries_from_example_configs_deliver_http_pushes() {
     // SIGTERM: a comet tells its clients before it goes, and every tier exits cleanly.
     comets[0].signal("TERM");
     let closed = c1.expect_closed().await.unwrap();
-    assert!(
-        closed.disconnect_reason.is_some(),
+    assert_eq!(
+        closed.disconnect_reason.as_deref(),
+        Some("server shutting down"),
         "op 6 before the close: {closed:?}"
     );
     for p in comets.iter_mut() {
@@ -84,6 +85,21 @@ async fn three_binaries_from_example_configs_deliver_http_pushes() {
         job.wait_exit(Duration::from_secs(20)).success(),
         "job exits 0"
     );
+    // A drained worker released its leases and left the worker set itself (checked at once:
+    // the example's lease TTL is seconds, not milliseconds).
+    let mut conn = redis.connection();
+    for p in 0..rim_proto::job::DEFAULT_PARTITIONS {
+        let holder: Option<String> = redis::cmd("GET")
+            .arg(rim_proto::keys::partition_lease(p))
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(holder, None, "partition {p} still leased after the drain");
+    }
+    let workers: u64 = redis::cmd("ZCARD")
+        .arg(rim_proto::keys::JOB_WORKERS)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(workers, 0, "the drained worker left rim:jobs");
     logic.signal("TERM");
     assert!(
         logic.wait_exit(Duration::from_secs(20)).success(),

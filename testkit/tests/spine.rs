@@ -253,8 +253,14 @@ async fn heartbeat_reply_carries_the_rooms_cluster_wide_online_count() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_session_times_out_and_disconnect_unregisters_at_once() {
+    // Clients beat every second and the comet closes one silent for 2 s (its own misses), while
+    // logic keeps a registration for heartbeat × (its misses + 1) = 61 s: a registration gone
+    // within the test was removed by the disconnect, never expired.
     let cluster = Cluster::start_with(Options {
-        logic: Box::new(|c| c.session.heartbeat_secs = 1),
+        logic: Box::new(|c| {
+            c.session.heartbeat_secs = 1;
+            c.session.heartbeat_misses = 60;
+        }),
         comet: Box::new(|_, c| c.session.heartbeat_misses = 2),
         ..Options::default()
     })
@@ -276,6 +282,14 @@ async fn silent_session_times_out_and_disconnect_unregisters_at_once() {
     assert!(
         exists(&mut conn, &silent_key) && exists(&mut conn, &leaving_key),
         "sessions registered at auth"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(rim_proto::keys::session(&silent_key))
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        ttl > 30_000,
+        "registration TTL {ttl} ms: expiry could pass for removal"
     );
 
     // Disconnect: the registration goes as soon as the comet sees the close.
