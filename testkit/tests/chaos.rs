@@ -28,6 +28,9 @@ async fn kill_9_one_of_two_job_workers_mid_stream() {
     let (jobs, comets) = (&mut cluster.jobs, &cluster.comets);
     let victim = Arc::new(Mutex::new(String::new()));
     let v = victim.clone();
+    let replayed = Arc::new(Mutex::new(0usize));
+    let held_count = replayed.clone();
+    let comet0_ops = comets[0].ops;
     let on_frozen: Vec<_> = rs
         .iter()
         .filter(|r| r.home == 0)
@@ -69,6 +72,7 @@ async fn kill_9_one_of_two_job_workers_mid_stream() {
         }
         jobs[idx].kill9();
         *v.lock() = holder.to_string();
+        *held_count.lock() = held.len();
     })
     .await;
     assert!(
@@ -77,6 +81,15 @@ async fn kill_9_one_of_two_job_workers_mid_stream() {
     );
     check(&rs, &published).await;
     assert_sessions(&rs, |_| 1);
+    // The hazard was met: the survivor replayed the killed worker's delivered room pushes to
+    // comet 0, which recognised them for each of its two members.
+    let held = *replayed.lock();
+    eventually("comet 0 suppressed the replays", WAIT, || async {
+        let dup = metric(comet0_ops, "rim_comet_push_duplicates_total").await?;
+        (dup as usize >= 2 * held).then_some(())
+    })
+    .await
+    .unwrap();
     let victim = victim.lock().clone();
     let left = pending_of(&mut cluster.redis.connection(), &victim);
     assert_eq!(left, 0, "the survivor took over {victim}'s pending pushes");
@@ -151,6 +164,12 @@ async fn kill_9_a_comet_clients_move_and_its_sessions_expire() {
     })
     .await
     .unwrap();
+    // Removed by logic's reaper (the registration's expiry alone only hides it from the live
+    // list).
+    assert_eq!(
+        metric(cluster.logic_http, "rim_logic_nodes_reaped_total").await,
+        Some(1)
+    );
     let total = cluster.api.get("/goim/online/total").await.unwrap();
     assert_eq!(
         total.data()["conn_count"],
