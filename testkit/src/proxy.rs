@@ -72,6 +72,10 @@ impl Stats {
 pub struct FaultProxy {
     addr: std::net::SocketAddr,
     mode: watch::Sender<Mode>,
+    /// Bumped by every switch to [`Mode::Refuse`]: a connection held when it changes is cut even
+    /// if the mode has already moved on (a watch only shows its latest value, so `Refuse` then
+    /// `Forward` at once would otherwise leave held connections open).
+    cuts: watch::Sender<u64>,
     stats: Arc<Stats>,
     stop: CancellationToken,
 }
@@ -82,9 +86,10 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let (mode, _) = watch::channel(Mode::Forward);
+        let (cuts, _) = watch::channel(0u64);
         let stats = Arc::new(Stats::default());
         let stop = CancellationToken::new();
-        let (m, s, st) = (mode.clone(), stats.clone(), stop.clone());
+        let (m, s, st, cu) = (mode.clone(), stats.clone(), stop.clone(), cuts.clone());
         tokio::spawn(async move {
             loop {
                 let client = tokio::select! {
@@ -101,6 +106,7 @@ impl FaultProxy {
                     continue;
                 }
                 let (up, m, s, st) = (upstream.clone(), m.subscribe(), s.clone(), st.clone());
+                let cut = cu.subscribe();
                 tokio::spawn(async move {
                     let _ = client.set_nodelay(true);
                     let (cr, cw) = client.into_split();
@@ -111,14 +117,14 @@ impl FaultProxy {
                             };
                             let _ = u.set_nodelay(true);
                             let (ur, uw) = u.into_split();
-                            relay(cr, cw, ur, uw, m, s, st).await;
+                            relay(cr, cw, ur, uw, m, cut, s, st).await;
                         }
                         Upstream::Unix(p) => {
                             let Ok(u) = tokio::net::UnixStream::connect(p).await else {
                                 return;
                             };
                             let (ur, uw) = u.into_split();
-                            relay(cr, cw, ur, uw, m, s, st).await;
+                            relay(cr, cw, ur, uw, m, cut, s, st).await;
                         }
                     }
                 });
@@ -127,6 +133,7 @@ impl FaultProxy {
         FaultProxy {
             addr,
             mode,
+            cuts,
             stats,
             stop,
         }
@@ -137,8 +144,11 @@ impl FaultProxy {
         self.addr
     }
 
-    /// Switches every connection to `mode`.
+    /// Switches every connection to `mode`; `Refuse` cuts every connection held at that moment.
     pub fn set(&self, mode: Mode) {
+        if mode == Mode::Refuse {
+            self.cuts.send_modify(|n| *n += 1);
+        }
         self.mode.send_replace(mode);
     }
 
@@ -154,19 +164,26 @@ impl Drop for FaultProxy {
     }
 }
 
-/// Runs both directions of one connection until either side closes, the proxy refuses, or it
+/// Runs both directions of one connection until either side closes, the proxy cuts it, or it
 /// stops.
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     cr: impl AsyncRead + Unpin,
     cw: impl AsyncWrite + Unpin,
     ur: impl AsyncRead + Unpin,
     uw: impl AsyncWrite + Unpin,
     mode: watch::Receiver<Mode>,
+    mut cut: watch::Receiver<u64>,
     stats: Arc<Stats>,
     stop: CancellationToken,
 ) {
+    cut.borrow_and_update();
     tokio::select! {
         _ = stop.cancelled() => {}
+        // Any cut after this connection was accepted ends it, whatever the mode is now.
+        _ = cut.changed() => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+        }
         _ = pump(cr, uw, mode.clone(), &stats, Direction::Up) => {}
         _ = pump(ur, cw, mode, &stats, Direction::Down) => {}
     }
@@ -332,5 +349,31 @@ mod tests {
             .expect("closed");
         assert!(matches!(closed, Ok(0) | Err(_)));
         assert!(Stats::get(&p.stats().refused) >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_refuse_followed_at_once_by_forward_still_cuts_held_connections() {
+        let p = FaultProxy::start(Upstream::Tcp(echo().await)).await;
+        let mut held = tokio::net::TcpStream::connect(p.addr())
+            .await
+            .expect("connect");
+        let long = Duration::from_secs(5);
+        assert!(roundtrip(&mut held, b"x", long).await.is_some());
+        p.set(Mode::Blackhole);
+        p.set(Mode::Refuse);
+        p.set(Mode::Forward);
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(long, held.read(&mut buf))
+            .await
+            .expect("cut");
+        assert!(matches!(closed, Ok(0) | Err(_)));
+        // New connections are relayed again.
+        let mut fresh = tokio::net::TcpStream::connect(p.addr())
+            .await
+            .expect("connect");
+        assert_eq!(
+            roundtrip(&mut fresh, b"y", long).await.as_deref(),
+            Some(&b"y"[..])
+        );
     }
 }
