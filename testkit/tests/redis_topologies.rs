@@ -21,23 +21,28 @@ fn a_cluster_replica_takes_over_a_killed_master_with_its_data() {
         "three masters share the slots: {masters:?}"
     );
 
-    // "{rim}" hashes to one slot; WAIT makes the write reach the replica before the kill.
-    let _: () = conn.set("{rim}:k", "v").unwrap();
+    // "{rim}" hashes to one slot. The write and its WAIT go over one connection to that slot's
+    // master: WAIT counts the replicas that hold the writes of the connection it is sent on, so
+    // on any other connection it would answer at once, whether the replica has the key or not.
     let slot: u16 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg("{rim}:k")
         .query(&mut conn)
         .unwrap();
     let old = cluster.master_of(slot);
+    let mut master = redis::Client::open(format!("redis://127.0.0.1:{old}"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("{rim}:k")
+        .arg("v")
+        .query(&mut master)
+        .unwrap();
     let acked: i64 = redis::cmd("WAIT")
         .arg(1)
         .arg(5000)
-        .query(
-            &mut redis::Client::open(format!("redis://127.0.0.1:{old}"))
-                .unwrap()
-                .get_connection()
-                .unwrap(),
-        )
+        .query(&mut master)
         .unwrap();
     assert_eq!(acked, 1);
     cluster.kill(old);
