@@ -395,35 +395,19 @@ mod tests {
     fn a_replay_during_a_catch_up_is_a_duplicate_not_held() {
         let s = session(1, "k", &[1000]);
         let push = Arc::new(EncodedPush::new(1000, b"m"));
-        assert_eq!(
+        let admit = |seq| {
             s.admit(
                 MarkSpace::Immediate,
-                pid(1, 10, 5),
+                pid(1, 10, seq),
                 Some(&Source::User),
-                &push
-            ),
-            Admit::Fresh
-        );
+                &push,
+            )
+        };
+        assert_eq!(admit(5), Admit::Fresh);
         s.begin_catch_up(Source::User);
         // Job replays 5 (a takeover) while the user's history is read: the session had it.
-        assert_eq!(
-            s.admit(
-                MarkSpace::Immediate,
-                pid(1, 10, 5),
-                Some(&Source::User),
-                &push
-            ),
-            Admit::Duplicate
-        );
-        assert_eq!(
-            s.admit(
-                MarkSpace::Immediate,
-                pid(1, 10, 6),
-                Some(&Source::User),
-                &push
-            ),
-            Admit::Held
-        );
+        assert_eq!(admit(5), Admit::Duplicate);
+        assert_eq!(admit(6), Admit::Held);
         let (out, _) = s.finish_catch_up(&Source::User, 1, None, None);
         assert_eq!(out.len(), 1, "only the new push is released");
     }

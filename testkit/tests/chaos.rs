@@ -229,16 +229,15 @@ async fn sigterm_a_comet_and_a_job_worker_drains() {
         ("RIM_JOB__LEASE__RENEW_MS", "250".to_string()),
     ];
     let long_node = vec![("RIM_LOGIC__NODE__TTL_MS", "60000".to_string())];
-    let mut cluster = ProcCluster::start_on(
-        rim_testkit::test_redis::TestRedis::from_env(true),
-        None,
-        2,
-        2,
-        vec![],
-        long_lease,
-        long_node,
-    )
-    .await;
+    let opts = ProcOpts {
+        jobs: 2,
+        comets: 2,
+        job_env: long_lease,
+        logic_env: long_node,
+        ..ProcOpts::default()
+    };
+    let mut cluster =
+        ProcCluster::start_opts(rim_testkit::test_redis::TestRedis::from_env(true), opts).await;
     let (stop_tx, stop) = watch::channel(false);
     let rs = recipients(&cluster, &stop).await;
     let mids: Vec<i64> = rs.iter().map(|r| r.mid).collect();

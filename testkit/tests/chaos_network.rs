@@ -121,16 +121,13 @@ async fn hang_redis_mid_stream() {
     // Cluster (its redirects name the nodes' own addresses).
     let mut redis = TestRedis::Single(RedisServer::start_with(true));
     let proxy = FaultProxy::start(Upstream::Unix(redis.single().socket_path())).await;
-    let cluster = ProcCluster::start_on(
-        redis,
-        Some(format!("redis://{}/", proxy.addr())),
-        1,
-        2,
-        vec![],
-        vec![],
-        vec![],
-    )
-    .await;
+    let opts = ProcOpts {
+        jobs: 1,
+        comets: 2,
+        redis_url: Some(format!("redis://{}/", proxy.addr())),
+        ..ProcOpts::default()
+    };
+    let cluster = ProcCluster::start_opts(redis, opts).await;
     let (stop_tx, stop) = watch::channel(false);
     let rs = recipients(&cluster, &stop).await;
     let mids: Vec<i64> = rs.iter().map(|r| r.mid).collect();

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::{Api, eventually};
 use rim_testkit::client::{Conn, Transport};
-use rim_testkit::process::{CLUSTER_SECRET, Proc, free_addr};
+use rim_testkit::process::{self, CLUSTER_SECRET, CometAddrs, Proc, free_addr};
 use rim_testkit::test_redis::TestRedis;
 use tokio::sync::watch;
 
@@ -58,6 +58,21 @@ pub struct ProcCluster {
     pub job_env: Vec<(&'static str, String)>,
 }
 
+/// How to start a [`ProcCluster`].
+#[derive(Default)]
+pub struct ProcOpts {
+    pub jobs: usize,
+    pub comets: usize,
+    /// Over every comet's defaults here.
+    pub comet_env: Vec<(&'static str, String)>,
+    /// Over every job worker's defaults here.
+    pub job_env: Vec<(&'static str, String)>,
+    /// Over logic's defaults here (its node TTL is 1.5 s).
+    pub logic_env: Vec<(&'static str, String)>,
+    /// What logic and job dial instead of the test Redis (a proxy in front of it).
+    pub redis_url: Option<String>,
+}
+
 impl ProcCluster {
     pub async fn start(
         jobs: usize,
@@ -74,29 +89,26 @@ impl ProcCluster {
         comet_env: Vec<(&'static str, String)>,
         job_env: Vec<(&'static str, String)>,
     ) -> ProcCluster {
-        Self::start_on(
-            TestRedis::from_env(true),
-            None,
+        let opts = ProcOpts {
             jobs,
             comets,
             comet_env,
             job_env,
-            vec![],
-        )
-        .await
+            ..ProcOpts::default()
+        };
+        Self::start_opts(TestRedis::from_env(true), opts).await
     }
 
-    /// Like `start_with`, on `redis`, with logic and job dialling `redis_url` instead of it when
-    /// given (a proxy in front of it), and `logic_env` over logic's defaults here.
-    pub async fn start_on(
-        redis: TestRedis,
-        redis_url: Option<String>,
-        jobs: usize,
-        comets: usize,
-        comet_env: Vec<(&'static str, String)>,
-        job_env: Vec<(&'static str, String)>,
-        logic_env: Vec<(&'static str, String)>,
-    ) -> ProcCluster {
+    /// A cluster on `redis` as `opts` says.
+    pub async fn start_opts(redis: TestRedis, opts: ProcOpts) -> ProcCluster {
+        let ProcOpts {
+            jobs,
+            comets,
+            comet_env,
+            mut job_env,
+            logic_env,
+            redis_url,
+        } = opts;
         let http = free_addr();
         let rpc = free_addr();
         let redis_env = redis.env("LOGIC");
@@ -122,7 +134,6 @@ impl ProcCluster {
                 .collect::<Vec<_>>(),
         );
         let api = Api::new(http);
-        let mut job_env = job_env;
         if let Some(u) = redis_url {
             job_env.push(("RIM_JOB__REDIS__URL", u));
         }
@@ -199,28 +210,21 @@ impl ProcCluster {
 
     /// A comet whose `CometRpc` listens on `rpc`, with `extra` environment (after the rest).
     pub fn add_comet_with(&mut self, rpc: SocketAddr, extra: Vec<(&'static str, String)>) {
-        let n = self.comets.len() + 1;
-        let (http, tcp, ops) = (free_addr(), free_addr(), free_addr());
-        let server_id = format!("chaos-comet-{n}");
-        let mut env = vec![
-            ("RIM_COMET__SERVER_ID", server_id.clone()),
-            ("RIM_COMET__LISTEN__HTTP", http.to_string()),
-            ("RIM_COMET__LISTEN__TCP", tcp.to_string()),
-            ("RIM_COMET__LISTEN__RPC", rpc.to_string()),
-            ("RIM_COMET__LISTEN__OPS", ops.to_string()),
-            ("RIM_COMET__LOGIC__ADDRS", self.logic_rpc.to_string()),
-            ("RIM_COMET__RENEW__INTERVAL_MS", "200".into()),
-            ("RIM_COMET__CLUSTER__SECRET", CLUSTER_SECRET.into()),
-        ];
-        env.extend(self.comet_env.iter().cloned());
-        env.extend(extra);
-        let proc = Proc::spawn(server_id.clone(), "rim-comet", "comet.toml", &env);
+        let server_id = format!("chaos-comet-{}", self.comets.len() + 1);
+        let addrs = CometAddrs {
+            http: free_addr(),
+            tcp: free_addr(),
+            rpc,
+            ops: free_addr(),
+        };
+        let env: Vec<(&str, String)> = self.comet_env.iter().cloned().chain(extra).collect();
+        let proc = process::comet(&server_id, addrs, self.logic_rpc, &env);
         self.comets.push(CometProc {
             proc,
             server_id,
-            http,
-            tcp,
-            ops,
+            http: addrs.http,
+            tcp: addrs.tcp,
+            ops: addrs.ops,
         });
     }
 
