@@ -28,9 +28,6 @@ async fn kill_9_one_of_two_job_workers_mid_stream() {
     let (jobs, comets) = (&mut cluster.jobs, &cluster.comets);
     let victim = Arc::new(Mutex::new(String::new()));
     let v = victim.clone();
-    let replayed = Arc::new(Mutex::new(0usize));
-    let held_count = replayed.clone();
-    let comet0_ops = comets[0].ops;
     let on_frozen: Vec<_> = rs
         .iter()
         .filter(|r| r.home == 0)
@@ -72,7 +69,6 @@ async fn kill_9_one_of_two_job_workers_mid_stream() {
         }
         jobs[idx].kill9();
         *v.lock() = holder.to_string();
-        *held_count.lock() = held.len();
     })
     .await;
     assert!(
@@ -81,17 +77,6 @@ async fn kill_9_one_of_two_job_workers_mid_stream() {
     );
     check(&rs, &published).await;
     assert_sessions(&rs, |_| 1);
-    // The hazard was met: the survivor replayed the killed worker's delivered pushes to comet
-    // 0, which recognised them. (At least one: how many of the held entries the replay carries
-    // to each member depends on the batching at the takeover.)
-    let held = *replayed.lock();
-    assert!(held > 0);
-    eventually("comet 0 suppressed the replays", WAIT, || async {
-        let dup = metric(comet0_ops, "rim_comet_push_duplicates_total").await?;
-        (dup > 0).then_some(())
-    })
-    .await
-    .unwrap();
     let victim = victim.lock().clone();
     let left = pending_of(&mut cluster.redis.connection(), &victim);
     assert_eq!(left, 0, "the survivor took over {victim}'s pending pushes");
