@@ -13,6 +13,7 @@ use rim_proto::keys;
 use rim_proto::msg::AuthBody;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{ConnectRequest, LogicError as RpcError, NodeInfo, OnlineReport, SessionRef};
+use rim_testkit::proxy::{FaultProxy, Mode, Stats, Upstream};
 use rim_testkit::redis::RedisServer;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -771,12 +772,16 @@ async fn partition_count_mismatch_refuses_to_start() {
     assert!(err.to_string().contains("stream.partitions"), "{err}");
 }
 
+/// A logic started while Redis refuses connections waits for it (retrying, logged) instead of
+/// exiting, and serves once it answers. The proxy's accepted-connection count is the evidence
+/// that logic tried, was refused and tried again before Redis came back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_before_redis_and_serves_once_redis_is_up() {
-    let mut redis = RedisServer::start();
-    redis.kill();
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(Upstream::Unix(redis.socket_path())).await;
+    proxy.set(Mode::Refuse);
     let mut config = Config::dev();
-    config.redis.url = redis.url();
+    config.redis.url = format!("redis://{}/", proxy.addr());
     config.redis.timeout_ms = 300;
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let rpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -788,8 +793,19 @@ async fn starts_before_redis_and_serves_once_redis_is_up() {
         shutdown.clone(),
     ));
 
-    // Redis comes up after logic: logic must still be there, waiting, and then serve.
-    redis.restart();
+    eventually(
+        "logic tried Redis twice and was refused both times",
+        || async { Stats::get(&proxy.stats().refused) >= 2 },
+    )
+    .await;
+    assert!(
+        !task.is_finished(),
+        "logic kept running while redis refused it"
+    );
+    assert_eq!(Stats::get(&proxy.stats().up), 0, "nothing reached redis");
+
+    // Redis answers: logic must now connect by itself and serve.
+    proxy.set(Mode::Forward);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
@@ -805,10 +821,14 @@ async fn starts_before_redis_and_serves_once_redis_is_up() {
         }
     })
     .await;
-    assert!(
-        !task.is_finished(),
-        "logic kept running while redis was down"
-    );
+    let pushed = client
+        .post(format!("{base}/goim/push/mids?operation=1000&mids=7"))
+        .body("after the wait")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 200);
+    assert!(!task.is_finished());
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }

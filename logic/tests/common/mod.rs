@@ -1,5 +1,5 @@
 //! The logic tier started in-process on port 0 against a real throwaway redis-server, and the
-//! small helpers both logic test files use.
+//! small helpers the logic test files share.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::future::Future;
@@ -10,7 +10,9 @@ use redis::Commands;
 use rim_logic::{Config, Listeners};
 use rim_proto::job::{self, PushJob};
 use rim_proto::keys;
-use rim_proto::rpc::LogicRpcClient;
+use rim_proto::msg::AuthBody;
+use rim_proto::room::RoomId;
+use rim_proto::rpc::{ConnectRequest, LogicRpcClient, SendMsgRequest, SendTarget, SessionRef};
 use rim_testkit::redis::RedisServer;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -126,4 +128,58 @@ pub fn all_jobs(conn: &mut redis::Connection) -> Vec<(u16, PushJob)> {
     (0..job::DEFAULT_PARTITIONS)
         .flat_map(|p| jobs(conn, p).into_iter().map(move |j| (p, j)))
         .collect()
+}
+
+/// A room id the test knows is valid.
+pub fn room(s: &str) -> RoomId {
+    RoomId::parse(s).unwrap()
+}
+
+/// A session as its comet names it in an RPC.
+pub fn sref(server: &str, mid: i64, key: &str) -> SessionRef {
+    SessionRef {
+        server: server.into(),
+        mid,
+        key: key.into(),
+    }
+}
+
+/// Registers session `key` of `mid` on `server`, in `room` ("" = none).
+pub async fn connect(rpc: &LogicRpcClient, server: &str, mid: i64, key: &str, room: &str) {
+    let auth = AuthBody {
+        mid,
+        key: key.into(),
+        room_id: room.into(),
+        platform: "web".into(),
+        accepts: vec![1000],
+        ..AuthBody::default()
+    };
+    rpc.connect(
+        ctx(),
+        ConnectRequest {
+            server: server.into(),
+            auth,
+            remote_ip: "127.0.0.1".into(),
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+}
+
+/// An upstream message (op 1000) from `sender`, as its comet forwards it.
+pub fn msg(
+    sender: SessionRef,
+    sender_room: Option<&str>,
+    target: SendTarget,
+    data: &str,
+) -> SendMsgRequest {
+    SendMsgRequest {
+        sender,
+        sender_room: sender_room.map(room),
+        target,
+        op: 1000,
+        data_json: data.into(),
+        grant: Default::default(),
+    }
 }
