@@ -8,6 +8,7 @@
 
 mod chaos_common;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,24 +92,33 @@ async fn add_a_third_job_worker_mid_stream() {
     let mids: Vec<i64> = rs.iter().map(|r| r.mid).collect();
     let api = cluster.api.clone();
     let c = &mut cluster;
-    let published = publish_with_fault(&api, &mids, || async { c.add_job() }).await;
+    let published = publish_with_fault(&api, &mids, || async {
+        c.add_job();
+        // The fault is the rebalance: job-1 and job-2 held all 16 partitions, so job-3 holding
+        // one means a partition changed hands while pushes flowed. The publisher goes on for
+        // AFTER_FAULT numbers after this, through the new owner.
+        let redis = &c.redis;
+        eventually("job-3 holds a partition", WAIT, || async {
+            let mut conn = redis.connection();
+            (0..16u16)
+                .any(|p| {
+                    redis::cmd("GET")
+                        .arg(rim_proto::keys::partition_lease(p))
+                        .query::<Option<String>>(&mut conn)
+                        .ok()
+                        .flatten()
+                        .as_deref()
+                        == Some("job-3")
+                })
+                .then_some(())
+        })
+        .await
+        .unwrap();
+    })
+    .await;
     assert!(all_accepted(&published));
     check(&rs, &published).await;
     assert_sessions(&rs, |_| 1);
-    // The newcomer took its share of partitions.
-    let mut conn = cluster.redis.connection();
-    let holders: Vec<Option<String>> = (0..16u16)
-        .map(|p| {
-            redis::cmd("GET")
-                .arg(rim_proto::keys::partition_lease(p))
-                .query(&mut conn)
-                .unwrap()
-        })
-        .collect();
-    assert!(
-        holders.iter().any(|h| h.as_deref() == Some("job-3")),
-        "job-3 holds partitions: {holders:?}"
-    );
     let _ = stop_tx.send(true);
 }
 
@@ -174,8 +184,21 @@ async fn restart_redis_mid_stream() {
     let rs = recipients(&cluster, &stop).await;
     let mids: Vec<i64> = rs.iter().map(|r| r.mid).collect();
     let api = cluster.api.clone();
+    let job = &cluster.jobs[0];
     let redis = cluster.redis.single();
+    let (mut killed_at, mut recovered_at) = (None, None);
+    let mut backlog = BTreeSet::new();
     let published = publish_with_fault(&api, &mids, || async {
+        // The hazard: accepted pushes that only Redis holds when it dies. The only job worker
+        // is stopped (SIGSTOP) until some wait unread in the streams.
+        job.signal("STOP");
+        backlog = eventually("a backlog waits in Redis", WAIT, || async {
+            let numbers = stream_numbers(&mut redis.connection());
+            (numbers.len() >= 10).then_some(numbers)
+        })
+        .await
+        .unwrap();
+        killed_at = Some(Instant::now());
         redis.kill();
         // Keep Redis down until the API has refused a push: the outage is observed, not timed.
         eventually(
@@ -195,10 +218,49 @@ async fn restart_redis_mid_stream() {
         .await
         .unwrap();
         redis.restart();
+        // The backlog came back with Redis (AOF, appendfsync always).
+        let kept = stream_numbers(&mut redis.connection());
+        assert!(
+            backlog.is_subset(&kept),
+            "the backlog survived the restart: {:?}",
+            backlog.difference(&kept).collect::<Vec<_>>()
+        );
+        eventually("logic accepts pushes again", WAIT, || {
+            let api = api.clone();
+            async move {
+                let r = api
+                    .post("/goim/push/mids?operation=1000&mids=1", "probe")
+                    .await
+                    .ok()?;
+                (r.status == 200).then_some(())
+            }
+        })
+        .await
+        .unwrap();
+        recovered_at = Some(Instant::now());
+        job.signal("CONT");
     })
     .await;
-    // Pushes before and after were accepted; any refused during the reconnect got an error.
-    assert!(published.mid.iter().filter(|s| s.accepted).count() as u64 >= COUNT * 2 / 3);
+    // Refusals only inside the outage: every push started before the kill or after logic
+    // accepted again was accepted, and some inside it were refused.
+    let (killed_at, recovered_at) = (killed_at.unwrap(), recovered_at.unwrap());
+    for s in published.mid.iter().chain(&published.room) {
+        if s.started < killed_at || s.started > recovered_at {
+            assert!(
+                s.accepted,
+                "number {} was refused outside the outage",
+                s.seq
+            );
+        }
+    }
+    assert!(
+        published
+            .mid
+            .iter()
+            .chain(&published.room)
+            .any(|s| !s.accepted),
+        "the outage refused pushes"
+    );
     check(&rs, &published).await;
     // Comets hold no Redis connection: their sessions live through the outage.
     assert_sessions(&rs, |_| 1);

@@ -379,11 +379,18 @@ pub struct Sent {
 pub struct Published {
     pub mid: Vec<Sent>,
     pub room: Vec<Sent>,
+    /// The first number published after the fault had finished.
+    pub after_fault: u64,
 }
 
-/// Publishes `count` numbers to the mids and to the room, spaced by `gap`, and fires `fault`
-/// when number `fault_at` is about to go out; publishing goes on while the fault is staged.
-/// Numbers whose push was refused are recorded too.
+/// Numbers every scenario publishes after its fault finished, so the recovered path carries
+/// real traffic whatever the fault's duration.
+pub const AFTER_FAULT: u64 = 30;
+
+/// Publishes at least `count` numbers to the mids and to the room, spaced by `gap`, and fires
+/// `fault` when number `fault_at` is about to go out; publishing goes on while the fault is
+/// staged, and until `AFTER_FAULT` numbers went out after `fault_done` was set. Numbers whose
+/// push was refused are recorded too.
 pub async fn publish(
     api: &Api,
     mids: &[i64],
@@ -391,13 +398,26 @@ pub async fn publish(
     gap: Duration,
     fault_at: u64,
     fault: tokio::sync::oneshot::Sender<()>,
+    fault_done: &std::sync::atomic::AtomicBool,
 ) -> Published {
     let mut out = Published::default();
     let mut fault = Some(fault);
     let q: Vec<String> = mids.iter().map(|m| format!("mids={m}")).collect();
     let mids_path = format!("/goim/push/mids?operation={MID_OP}&{}", q.join("&"));
     let room_path = format!("/goim/push/room?operation={ROOM_OP}&type={ROOM_TYPE}&room={ROOM_ID}");
-    for seq in 1..=count {
+    // A fault that never finishes fails its own wait; this bound only keeps the loop finite.
+    let most = count * 40;
+    for seq in 1.. {
+        if out.after_fault == 0 && fault_done.load(std::sync::atomic::Ordering::SeqCst) {
+            out.after_fault = seq;
+        }
+        if seq > count && out.after_fault > 0 && seq >= out.after_fault + AFTER_FAULT {
+            break;
+        }
+        assert!(
+            seq <= most,
+            "the fault did not finish within {most} numbers"
+        );
         if seq == fault_at
             && let Some(f) = fault.take()
         {
@@ -422,7 +442,8 @@ pub async fn publish(
     out
 }
 
-/// Runs the publisher and, concurrently, `fault` once the publisher reaches a third of the way.
+/// Runs the publisher and, concurrently, `fault` once the publisher reaches a third of the way;
+/// publishing ends `AFTER_FAULT` numbers after the fault finished (and not before `COUNT`).
 pub async fn publish_with_fault<Fut>(
     api: &Api,
     mids: &[i64],
@@ -432,12 +453,15 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let staged = async move {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let staged = async {
         if rx.await.is_ok() {
             fault().await;
         }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
     };
-    let (published, ()) = tokio::join!(publish(api, mids, COUNT, GAP, COUNT / 3, tx), staged);
+    let (published, ()) =
+        tokio::join!(publish(api, mids, COUNT, GAP, COUNT / 3, tx, &done), staged);
     published
 }
 
@@ -607,4 +631,29 @@ pub fn pending_numbers(conn: &mut dyn redis::ConnectionLike, worker: &str) -> (V
         }
     }
     (mids, rooms)
+}
+
+/// The numbers (`m7` → (b'm', 7)) of every push entry in the push streams, read or not.
+pub fn stream_numbers(conn: &mut dyn redis::ConnectionLike) -> BTreeSet<(u8, u64)> {
+    let mut out = BTreeSet::new();
+    for p in 0..16u16 {
+        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(rim_proto::keys::push_stream(p))
+            .arg("-")
+            .arg("+")
+            .query(conn)
+            .unwrap();
+        for e in entries.ids {
+            let Some(bytes) = e.get::<Vec<u8>>(rim_proto::keys::JOB_FIELD) else {
+                continue;
+            };
+            let job = rim_proto::job::PushJob::decode(&bytes).unwrap();
+            for kind in [b'm', b'r'] {
+                if let Some(n) = parse_seq(&job.body, kind) {
+                    out.insert((kind, n));
+                }
+            }
+        }
+    }
+    out
 }
