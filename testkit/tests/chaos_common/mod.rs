@@ -67,7 +67,7 @@ pub struct ProcOpts {
     pub comet_env: Vec<(&'static str, String)>,
     /// Over every job worker's defaults here.
     pub job_env: Vec<(&'static str, String)>,
-    /// Over logic's defaults here (its node TTL is 1.5 s).
+    /// Over logic's defaults here (its node TTL is 3 s).
     pub logic_env: Vec<(&'static str, String)>,
     /// What logic and job dial instead of the test Redis (a proxy in front of it).
     pub redis_url: Option<String>,
@@ -126,7 +126,9 @@ impl ProcCluster {
                 .chain([
                     ("RIM_LOGIC__LISTEN__HTTP", http.to_string()),
                     ("RIM_LOGIC__LISTEN__RPC", rpc.to_string()),
-                    ("RIM_LOGIC__NODE__TTL_MS", "1500".into()),
+                    // Fast enough for the comet-kill scenario, slow enough that a comet renewing every
+                    // 200 ms keeps its registration through a long stall of a loaded 2-core machine.
+                    ("RIM_LOGIC__NODE__TTL_MS", "3000".into()),
                     ("RIM_LOGIC__CLUSTER__SECRET", CLUSTER_SECRET.into()),
                 ])
                 .chain(url_override)
@@ -188,8 +190,10 @@ impl ProcCluster {
             &[
                 ("RIM_JOB__WORKER_ID", format!("job-{n}")),
                 ("RIM_JOB__LISTEN__HTTP", http.to_string()),
-                ("RIM_JOB__LEASE__TTL_MS", "1000".into()),
-                ("RIM_JOB__LEASE__RENEW_MS", "250".into()),
+                // A dead worker's partitions are taken over within 2 s; a live one renews five
+                // times per TTL, so a stall on a loaded machine does not cost it its leases.
+                ("RIM_JOB__LEASE__TTL_MS", "2000".into()),
+                ("RIM_JOB__LEASE__RENEW_MS", "400".into()),
                 ("RIM_JOB__REGISTRY__REFRESH_MS", "200".into()),
                 ("RIM_JOB__DELIVERY__RPC_TIMEOUT_MS", "1000".into()),
                 ("RIM_JOB__DELIVERY__RETRY_BASE_MS", "20".into()),
