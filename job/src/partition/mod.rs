@@ -29,6 +29,10 @@ mod read;
 mod release;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_rebalance;
+#[cfg(test)]
+mod tests_registry;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -24,25 +24,25 @@ use crate::store::Stores;
 use crate::store::memory::{MemoryDirectory, MemoryLeases, MemoryStreams};
 use crate::{Config, Ctx};
 
-const P: u16 = 0;
-const WORKER: &str = "w1";
+pub(super) const P: u16 = 0;
+pub(super) const WORKER: &str = "w1";
 /// Bound on waiting for any one event (virtual time: the clock is paused).
-const WAIT: Duration = Duration::from_secs(30);
+pub(super) const WAIT: Duration = Duration::from_secs(30);
 
 /// One `deliver` call a fake comet received; the test answers it through `reply`.
-struct Call {
-    server: String,
-    items: Vec<Delivery>,
+pub(super) struct Call {
+    pub(super) server: String,
+    pub(super) items: Vec<Delivery>,
     at: Instant,
-    reply: oneshot::Sender<Result<DeliverReport, LinkError>>,
+    pub(super) reply: oneshot::Sender<Result<DeliverReport, LinkError>>,
 }
 
 impl Call {
-    fn seqs(&self) -> Vec<u64> {
+    pub(super) fn seqs(&self) -> Vec<u64> {
         self.items.iter().map(|d| d.id.seq).collect()
     }
 
-    fn confirm(self) {
+    pub(super) fn confirm(self) {
         let queued = self.items.len() as u64;
         let _ = self.reply.send(Ok(DeliverReport {
             queued,
@@ -98,15 +98,17 @@ impl CometClient for FakeComet {
     }
 }
 
-/// One worker's stores, registry and fake comet `c1`.
-struct World {
-    streams: MemoryStreams,
-    leases: Arc<MemoryLeases>,
-    ctx: Arc<Ctx>,
-    calls: mpsc::UnboundedReceiver<Call>,
+/// One worker's stores, registry and fake comet `c1` (every comet registered in `directory` is a
+/// fake whose calls arrive on `calls`).
+pub(super) struct World {
+    pub(super) streams: MemoryStreams,
+    pub(super) leases: Arc<MemoryLeases>,
+    pub(super) directory: Arc<MemoryDirectory>,
+    pub(super) ctx: Arc<Ctx>,
+    pub(super) calls: mpsc::UnboundedReceiver<Call>,
 }
 
-fn config() -> Config {
+pub(super) fn config() -> Config {
     let mut c = Config {
         worker_id: WORKER.into(),
         ..Config::default()
@@ -122,7 +124,7 @@ fn config() -> Config {
     c
 }
 
-async fn world(cfg: Config) -> World {
+pub(super) async fn world(cfg: Config) -> World {
     let streams = MemoryStreams::new();
     let leases = Arc::new(MemoryLeases::new());
     let directory = Arc::new(MemoryDirectory::new());
@@ -144,7 +146,7 @@ async fn world(cfg: Config) -> World {
     let stores = Stores {
         streams: Arc::new(streams.clone()),
         leases: leases.clone(),
-        directory,
+        directory: directory.clone(),
     };
     let ctx = Arc::new(Ctx::new(
         cfg,
@@ -156,12 +158,13 @@ async fn world(cfg: Config) -> World {
     World {
         streams,
         leases,
+        directory,
         ctx,
         calls,
     }
 }
 
-fn push(msg: &str) -> PushJob {
+pub(super) fn push(msg: &str) -> PushJob {
     PushJob {
         msg_id: msg.into(),
         op: 1000,
@@ -177,18 +180,18 @@ fn push(msg: &str) -> PushJob {
 }
 
 /// The sequence part of stream ids.
-fn seqs(ids: &[String]) -> Vec<u64> {
+pub(super) fn seqs(ids: &[String]) -> Vec<u64> {
     ids.iter()
         .map(|id| id.split_once('-').unwrap().1.parse().unwrap())
         .collect()
 }
 
 impl World {
-    fn append(&self, msg: &str) -> String {
+    pub(super) fn append(&self, msg: &str) -> String {
         self.streams.append(P, &push(msg))
     }
 
-    fn pending_ids(&self) -> Vec<String> {
+    pub(super) fn pending_ids(&self) -> Vec<String> {
         self.streams
             .pending(P)
             .into_iter()
@@ -196,7 +199,7 @@ impl World {
             .collect()
     }
 
-    async fn next_call(&mut self) -> Call {
+    pub(super) async fn next_call(&mut self) -> Call {
         tokio::time::timeout(WAIT, self.calls.recv())
             .await
             .expect("a deliver call")
@@ -211,7 +214,7 @@ impl World {
     }
 
     /// Runs the partition task directly (as if the lease were held).
-    fn start_partition(&self) -> Running {
+    pub(super) fn start_partition(&self) -> Running {
         let (stop, lost) = (CancellationToken::new(), CancellationToken::new());
         let (done, _) = mpsc::unbounded_channel();
         let task = tokio::spawn(super::run(self.ctx.clone(), P, stop.clone(), lost, done));
@@ -219,7 +222,7 @@ impl World {
     }
 
     /// Waits until nothing is pending and the stream is trimmed empty.
-    async fn all_acked(&self) {
+    pub(super) async fn all_acked(&self) {
         let wait = self
             .streams
             .wait_until(|s| s.pending(P).is_empty() && s.ids(P).is_empty());
@@ -227,13 +230,13 @@ impl World {
     }
 }
 
-struct Running {
+pub(super) struct Running {
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
 impl Running {
-    async fn stop(self) {
+    pub(super) async fn stop(self) {
         self.stop.cancel();
         tokio::time::timeout(WAIT, self.task)
             .await
@@ -379,7 +382,7 @@ async fn a_comet_refusing_the_cluster_secret_is_never_given_up() {
 }
 
 /// Runs the lease manager (which starts the partition once it holds the lease).
-fn start_leases(w: &World) -> (CancellationToken, JoinHandle<()>) {
+pub(super) fn start_leases(w: &World) -> (CancellationToken, JoinHandle<()>) {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(crate::lease::run(
         w.ctx.clone(),
@@ -458,7 +461,7 @@ async fn an_unconfirmable_lease_is_fenced_before_it_can_expire() {
 }
 
 /// Polls `cond` on the (paused) clock until it holds, failing after [`WAIT`].
-async fn until(what: &str, cond: impl Fn() -> bool) {
+pub(super) async fn until(what: &str, cond: impl Fn() -> bool) {
     let poll = async {
         while !cond() {
             tokio::time::sleep(Duration::from_millis(10)).await;
