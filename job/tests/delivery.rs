@@ -3,197 +3,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
-use parking_lot::Mutex;
+use common::*;
 use redis::Commands;
-use rim_job::{Config, Listeners, RunError};
-use rim_proto::job::{PushJob, Route, ServerKeys};
+use rim_proto::job::Route;
 use rim_proto::keys;
 use rim_proto::room::RoomId;
-use rim_proto::rpc::{CometRpc, DeliverReport, DeliverTarget, Delivery, NodeInfo, PushId};
+use rim_proto::rpc::{DeliverTarget, NodeInfo, PushId};
 use rim_testkit::redis::RedisServer;
-use tarpc::server::Channel;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-
-/// A comet that records what it is asked to deliver; while `failing`, it never answers (the call
-/// runs into job's deadline, like a hung comet).
-#[derive(Clone, Default)]
-struct FakeComet {
-    delivered: Arc<Mutex<Vec<Delivery>>>,
-    attempts: Arc<AtomicUsize>,
-    failing: Arc<AtomicBool>,
-}
-
-impl CometRpc for FakeComet {
-    async fn deliver(self, _: tarpc::context::Context, items: Vec<Delivery>) -> DeliverReport {
-        self.attempts.fetch_add(1, Ordering::SeqCst);
-        if self.failing.load(Ordering::SeqCst) {
-            std::future::pending::<()>().await;
-        }
-        let n = items.len() as u64;
-        self.delivered.lock().extend(items);
-        DeliverReport {
-            queued: n,
-            ..DeliverReport::default()
-        }
-    }
-}
-
-impl FakeComet {
-    fn delivered(&self) -> Vec<Delivery> {
-        self.delivered.lock().clone()
-    }
-}
-
-/// Serves a fake comet on 127.0.0.1:0 and registers it in Redis as logic would.
-async fn start_comet(redis: &RedisServer, server: &str) -> FakeComet {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let comet = FakeComet::default();
-    let serving = comet.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let channel =
-                tarpc::server::BaseChannel::with_defaults(rim_proto::rpc::transport(stream));
-            tokio::spawn(
-                channel
-                    .execute(serving.clone().serve())
-                    .for_each(|f| async {
-                        tokio::spawn(f);
-                    }),
-            );
-        }
-    });
-    let info = NodeInfo {
-        server: server.into(),
-        rpc_addr: addr,
-        ..NodeInfo::default()
-    };
-    let mut conn = redis.connection();
-    let _: () = conn
-        .hset(keys::NODES, server, serde_json::to_string(&info).unwrap())
-        .unwrap();
-    let expiry = rim_runtime::unix_ms() + 600_000;
-    let _: () = conn.zadd(keys::NODES_EXPIRY, server, expiry).unwrap();
-    comet
-}
-
-fn config(redis: &RedisServer, worker: &str) -> Config {
-    let mut c = Config {
-        worker_id: worker.into(),
-        shutdown_grace_ms: 5000,
-        ..Config::default()
-    };
-    c.redis.url = redis.url();
-    c.listen.http = "127.0.0.1:0".into();
-    c.stream.partitions = 4;
-    c.stream.block_ms = 50;
-    c.lease.ttl_ms = 1000;
-    c.lease.renew_ms = 100;
-    c.delivery.rpc_timeout_ms = 300;
-    c.delivery.retry_base_ms = 20;
-    c.delivery.retry_max_ms = 100;
-    c.registry.refresh_ms = 50;
-    c
-}
-
-struct Job {
-    stop: CancellationToken,
-    handle: tokio::task::JoinHandle<Result<(), RunError>>,
-    http: std::net::SocketAddr,
-}
-
-async fn start_job(config: Config) -> Job {
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = http.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(rim_job::run(Listeners { http }, config, stop.clone()));
-    Job {
-        stop,
-        handle,
-        http: addr,
-    }
-}
-
-impl Job {
-    async fn get(&self, path: &str) -> String {
-        let mut s = tokio::net::TcpStream::connect(self.http).await.unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    }
-
-    async fn shutdown(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.handle)
-            .await
-            .expect("run returns after shutdown")
-            .unwrap()
-            .expect("run ok");
-    }
-}
-
-/// Polls `cond` every 20 ms for up to 10 s.
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn job(msg: &str, route: Route) -> PushJob {
-    PushJob {
-        msg_id: msg.into(),
-        op: 1000,
-        body: Bytes::from(format!("body-{msg}")),
-        route,
-        accepted_ms: rim_runtime::unix_ms(),
-        exclude: None,
-        recorded: false,
-    }
-}
-
-fn to(server: &str, key: &str) -> Route {
-    Route::Sessions(vec![ServerKeys {
-        server: server.into(),
-        keys: vec![key.into()],
-    }])
-}
-
-fn xadd(conn: &mut redis::Connection, partition: u16, job: &PushJob) -> String {
-    conn.xadd(
-        keys::push_stream(partition),
-        "*",
-        &[(keys::JOB_FIELD, job.encode())],
-    )
-    .unwrap()
-}
-
-fn pending(conn: &mut redis::Connection, partition: u16) -> u64 {
-    let r: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
-        .arg(keys::push_stream(partition))
-        .arg(keys::PUSH_GROUP)
-        .query(conn);
-    match r {
-        Ok(redis::Value::Array(v)) => match v.first() {
-            Some(redis::Value::Int(n)) => *n as u64,
-            _ => 0,
-        },
-        _ => 0,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_in_order_and_acks_only_after_the_comet_confirms() {
@@ -495,21 +317,6 @@ async fn room_bursts_are_batched_into_one_rpc_in_order() {
     assert_eq!(a.attempts.load(Ordering::SeqCst), 2);
     wait_for("pending drained", || pending(&mut conn, 1) == 0).await;
     job_tier.shutdown().await;
-}
-
-fn stream_ids(conn: &mut redis::Connection, partition: u16) -> u64 {
-    conn.xlen(keys::push_stream(partition)).unwrap()
-}
-
-fn create_group(conn: &mut redis::Connection, partition: u16) {
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(keys::push_stream(partition))
-        .arg(keys::PUSH_GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query(conn)
-        .unwrap();
 }
 
 /// `XREADGROUP GROUP rim-job <consumer> COUNT n STREAMS stream >` as the worker would send it:
