@@ -15,6 +15,7 @@ use rim_proto::job::Route;
 use rim_proto::keys;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{DeliverTarget, NodeInfo, PushId};
+use rim_testkit::api::metric;
 use rim_testkit::redis::RedisServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,12 +65,21 @@ async fn delivers_in_order_and_acks_only_after_the_comet_confirms() {
     let len: u64 = conn.xlen(keys::push_stream(1)).unwrap();
     assert_eq!(len, 0);
 
-    let metrics = job_tier.get("/metrics").await;
-    assert!(metrics.contains("rim_job_rpc_retries_total"), "{metrics}");
-    assert!(
-        !metrics.contains("rim_job_rpc_failures_total 0\n"),
-        "{metrics}"
-    );
+    // Every attempt made while the comet hung ran into the deadline and was retried; the last
+    // one was confirmed. The batch counter goes up last, after XACK returned.
+    let attempts = comet.attempts.load(Ordering::SeqCst) as u64;
+    assert!(attempts >= 3, "{attempts}");
+    wait_metric(job_tier.http, "rim_job_batches_total", 1).await;
+    for (name, want) in [
+        ("rim_job_rpc_failures_total", attempts - 1),
+        ("rim_job_rpc_retries_total", attempts - 1),
+        ("rim_job_entries_total", 5),
+        ("rim_job_deliveries_total", 5),
+        ("rim_job_acked_total", 5),
+        ("rim_job_batches_total", 1),
+    ] {
+        assert_eq!(metric(job_tier.http, name).await, Some(want), "{name}");
+    }
     assert!(job_tier.get("/readyz").await.contains("200 OK"));
     job_tier.shutdown().await;
 }
@@ -388,15 +398,15 @@ async fn an_idle_partition_replays_stale_pending_entries_it_never_saw() {
     let mut cfg = config(&redis, "w-idle");
     cfg.stream.pending_check_ms = 100;
     let job_tier = start_job(cfg).await;
-    wait_for("lease on partition 3", || {
-        conn.get::<_, Option<String>>(keys::partition_lease(3))
-            .unwrap()
-            .as_deref()
-            == Some("w-idle")
+    // A warm-up entry delivered and acknowledged: the start-up replay is over, a `>` read ran
+    // and nothing was left pending, so the entries below can only be found by the idle check
+    // for stale pending entries (not claimed by the start-up replay or the post-ack check).
+    let warm = xadd(&mut conn, 3, &job("warm", to("c1", "k")));
+    wait_for("warm-up delivered", || comet.delivered().len() == 1).await;
+    wait_for("warm-up acked and trimmed", || {
+        pending(&mut conn, 3) == 0 && stream_ids(&mut conn, 3) == 0
     })
     .await;
-    // Give the start-up replay time to finish, so the entries below are not simply claimed by it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Added and read for the worker in one transaction: its blocked read never sees them.
     let mut pipe = redis::pipe();
@@ -424,10 +434,10 @@ async fn an_idle_partition_replays_stale_pending_entries_it_never_saw() {
     let (s0, s1): (String, String) = pipe.query(&mut conn).unwrap();
     assert_eq!(pending(&mut conn, 3), 2);
 
-    wait_for("stale entries replayed", || comet.delivered().len() >= 2).await;
+    wait_for("stale entries replayed", || comet.delivered().len() == 3).await;
     let s2 = xadd(&mut conn, 3, &job("s2", to("c1", "k")));
-    wait_for("newer entry delivered", || comet.delivered().len() >= 3).await;
-    let want: Vec<PushId> = [s0, s1, s2]
+    wait_for("newer entry delivered", || comet.delivered().len() == 4).await;
+    let want: Vec<PushId> = [warm, s0, s1, s2]
         .iter()
         .map(|id| PushId::from_stream_id(3, id).unwrap())
         .collect();

@@ -21,12 +21,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 /// A comet that records what it is asked to deliver; while `failing`, it never answers (the call
-/// runs into job's deadline, like a hung comet).
+/// runs into job's deadline, like a hung comet); while `gated`, each call waits for a
+/// `gate.notify_one()` before it is confirmed (a comet slow to answer).
 #[derive(Clone, Default)]
 pub struct FakeComet {
     pub delivered: Arc<Mutex<Vec<Delivery>>>,
+    /// Calls received, counted before they are held by `failing` or `gated`.
     pub attempts: Arc<AtomicUsize>,
     pub failing: Arc<AtomicBool>,
+    pub gated: Arc<AtomicBool>,
+    pub gate: Arc<tokio::sync::Notify>,
 }
 
 impl CometRpc for FakeComet {
@@ -34,6 +38,9 @@ impl CometRpc for FakeComet {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         if self.failing.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
+        }
+        if self.gated.load(Ordering::SeqCst) {
+            self.gate.notified().await;
         }
         let n = items.len() as u64;
         self.delivered.lock().extend(items);
@@ -206,4 +213,18 @@ pub fn create_group(conn: &mut redis::Connection, partition: u16) {
         .arg("MKSTREAM")
         .query(conn)
         .unwrap();
+}
+
+/// Who holds `partition`'s lease (`GET rim:lease:{p}`).
+pub fn lease_holder(conn: &mut redis::Connection, partition: u16) -> Option<String> {
+    conn.get(keys::partition_lease(partition)).unwrap()
+}
+
+/// Waits (up to 10 s) until `/metrics` at `http` shows `name` at `want`.
+pub async fn wait_metric(http: std::net::SocketAddr, name: &str, want: u64) {
+    rim_testkit::api::eventually(name, Duration::from_secs(10), || async {
+        (rim_testkit::api::metric(http, name).await == Some(want)).then_some(())
+    })
+    .await
+    .unwrap();
 }
