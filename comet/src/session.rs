@@ -378,6 +378,22 @@ mod tests {
     }
 
     #[test]
+    fn auth_accepts_beyond_the_cap_are_ignored() {
+        let many: Vec<i32> = (2000..2000 + MAX_ACCEPTS as i32 + 44).collect();
+        let s = session(1, "k", &many);
+        // The first MAX_ACCEPTS of them, in the order given, are taken.
+        assert!(s.accepts(2000));
+        assert!(s.accepts(2000 + MAX_ACCEPTS as i32 - 1));
+        assert!(!s.accepts(2000 + MAX_ACCEPTS as i32));
+        assert!(!s.accepts(2299));
+        // The set is full.
+        assert_eq!(
+            s.set_accepts(&[1], true).unwrap_err(),
+            format!("too many ops: at most {MAX_ACCEPTS}")
+        );
+    }
+
+    #[test]
     fn paced_marks_are_a_namespace_of_their_own() {
         let s = session(1, "k", &[1000]);
         assert!(s.mark(pid(1, 10, 5)));

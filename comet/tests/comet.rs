@@ -14,13 +14,16 @@ use rim_proto::op;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{DeliverTarget, Delivery, PushId};
 use rim_testkit::client::raw_frame;
+use std::time::Duration;
 
 #[tokio::test]
 async fn tcp_auth_heartbeat_filter_dedupe_and_room() {
     let mut h = start(|_| {}).await;
     let mut c = h.tcp_session("a", "live://1", &[1000]).await;
-    // room_joined reached logic before the AuthReply.
-    h.expect_event("room_joined live://1").await;
+    // The room's first member was announced before the AuthReply: the fake records room_joined
+    // before it answers the call, so the event is there as soon as op 8 is, without waiting.
+    let now = h.events_now();
+    assert!(now.iter().any(|e| e == "room_joined live://1"), "{now:?}");
 
     c.send_frame(Frame {
         ver: 0,
@@ -209,6 +212,14 @@ async fn ws_json_mode() {
     // Not a JSON frame: protocol error.
     ws.send_text(r#"{"op":"x"}"#).await.unwrap();
     assert_eq!(ws.expect_closed().await.unwrap().code, Some(1002));
+    // Counted under its own reason, and nothing else was refused.
+    assert_eq!(
+        h.rejections().await,
+        [(
+            r#"rim_comet_frames_rejected_total{reason="bad_json"}"#.into(),
+            1
+        )]
+    );
 }
 
 #[tokio::test]
@@ -221,6 +232,14 @@ async fn first_frame_must_be_auth() {
     let mut ws = h.open(Transport::WsBinary).await;
     ws.send_op(op::HEARTBEAT, Bytes::new()).await.unwrap();
     assert_eq!(disconnected(&mut ws).await.code, Some(1008));
+    // Both counted as auth failures `not_auth`, not as rejected frames.
+    assert_eq!(
+        h.rejections().await,
+        [(
+            r#"rim_comet_auth_failures_total{reason="not_auth"}"#.into(),
+            2
+        )]
+    );
 }
 
 #[tokio::test]
@@ -278,6 +297,20 @@ async fn malformed_frames_close_with_1002_and_1009() {
 
     // Other clients are still served.
     let _ok = h.tcp_session("still", "", &[]).await;
+    // Each counted under its own reason (frame errors before Auth are not auth failures).
+    assert_eq!(
+        h.rejections().await,
+        [
+            (
+                r#"rim_comet_frames_rejected_total{reason="malformed"}"#.into(),
+                1
+            ),
+            (
+                r#"rim_comet_frames_rejected_total{reason="too_big"}"#.into(),
+                2
+            ),
+        ]
+    );
 }
 
 #[tokio::test]
@@ -434,6 +467,16 @@ async fn room_changes_and_subs_are_rate_limited_and_op_lists_capped() {
         serde_json::from_slice::<serde_json::Value>(&f.body).unwrap()["error"],
         "too many ops: at most 256"
     );
+    // The refused Sub changed nothing: none of its ops is accepted, 1000 still is.
+    let r = h
+        .push(2000, "no", DeliverTarget::Keys(vec!["rl".into()]))
+        .await;
+    assert_eq!((r.queued, r.missing), (0, 0), "{r:?}");
+    let r = h
+        .push(1000, "yes", DeliverTarget::Keys(vec!["rl".into()]))
+        .await;
+    assert_eq!(r.queued, 1, "{r:?}");
+    assert_eq!(&c.recv_any().await.unwrap().frame.body[..], b"yes");
     let f = request(&mut c, op::CHANGE_ROOM, 2, "live://9").await.frame;
     assert_eq!(f.op, op::CHANGE_ROOM_REPLY);
     h.expect_event("room_changed rl - live://9").await;
@@ -464,14 +507,18 @@ async fn first_joins_of_different_rooms_do_not_wait_for_each_other() {
         })
     };
     // The announcement of slow://1 is held at logic until the test opens the gate.
-    let slow = join_slow("s1");
+    let mut slow = join_slow("s1");
     h.expect_event("room_joining slow://1").await;
     // A first join of another room completes meanwhile (Conn::connect succeeds only on op 8).
     let _fast = h.tcp_session("f1", "live://5", &[1000]).await;
     h.expect_event("room_joined live://5").await;
+    // No AuthReply before its room was announced: while the gate is closed the join does not
+    // complete (a comet that answers before the announcement completes at once).
     assert!(
-        !slow.is_finished(),
-        "no AuthReply before its room was announced"
+        tokio::time::timeout(Duration::from_millis(500), &mut slow)
+            .await
+            .is_err(),
+        "an AuthReply before its room was announced"
     );
     // Another joiner of the slow room waits for its announcement: both are members afterwards.
     let second = join_slow("s2");

@@ -7,9 +7,11 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use rim_client::{Conn, Received, Transport};
+use rim_proto::frame::Frame;
 use rim_proto::op;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{DeliverTarget, Delivery, SendTarget, SessionRef};
+use std::time::Duration;
 
 /// Sends SendMsg (op 4); returns the body of the next frame, which must be its op 5.
 async fn send_msg(c: &mut Conn, seq: i32, body: &str) -> serde_json::Value {
@@ -332,49 +334,74 @@ async fn a_room_run_reaches_each_member_as_one_message() {
     assert_eq!(got, vec!["n0", "n1", "n2", "n3"]);
 }
 
+/// Sends ChangeRoom (op 12) to `body` for session `gated-mv`. `call` is the `room_changed` logic
+/// must get ("from to"), or `None` for none: the fake holds that call, and op 13 must not come
+/// while it is held (300 ms), only after it is answered. Returns the `room_changed` calls logic
+/// had answered by the time op 13 arrived.
+async fn change_room(
+    h: &mut Harness,
+    c: &mut Conn,
+    seq: i32,
+    body: &'static [u8],
+    call: Option<&str>,
+) -> Vec<String> {
+    c.send_frame(Frame::new(op::CHANGE_ROOM, seq, Bytes::from_static(body)))
+        .await
+        .unwrap();
+    if let Some(call) = call {
+        h.expect_event(&format!("room_changing gated-mv {call}"))
+            .await;
+        if let Some(r) = quiet_for(c, Duration::from_millis(300)).await {
+            panic!("a reply before logic answered room_changed: {r:?}");
+        }
+        h.changed_gate.add_permits(1);
+    }
+    let r = c.recv_any().await.unwrap().frame;
+    assert_eq!(
+        (r.op, r.seq, &r.body[..]),
+        (op::CHANGE_ROOM_REPLY, seq, body)
+    );
+    h.events_now()
+        .into_iter()
+        .filter(|e| e.starts_with("room_changed"))
+        .collect()
+}
+
 #[tokio::test]
 async fn change_room_reports_the_move_to_logic_before_replying() {
     let mut h = start(|_| {}).await;
     // Auth with a room: logic learns it through connect, not room_changed.
-    let mut c = h.tcp_session("mv", "chat://1", &[1000]).await;
+    let mut c = h.tcp_session("gated-mv", "chat://1", &[1000]).await;
     h.expect_event("room_joined chat://1").await;
 
-    let mut change = async |h: &mut Harness, seq: i32, body: &'static [u8]| {
-        let r = request(&mut c, op::CHANGE_ROOM, seq, Bytes::from_static(body))
-            .await
-            .frame;
-        assert_eq!(
-            (r.op, r.seq, &r.body[..]),
-            (op::CHANGE_ROOM_REPLY, seq, body)
-        );
-        h.events_now()
-            .into_iter()
-            .filter(|e| e.starts_with("room_changed"))
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
-        change(&mut h, 1, b"chat://2").await,
-        vec!["room_changed mv chat://1 chat://2"]
+        change_room(&mut h, &mut c, 1, b"chat://2", Some("chat://1 chat://2")).await,
+        vec!["room_changed gated-mv chat://1 chat://2"]
     );
     assert!(
-        change(&mut h, 2, b"chat://2").await.is_empty(),
+        change_room(&mut h, &mut c, 2, b"chat://2", None)
+            .await
+            .is_empty(),
         "same room: no call"
     );
     assert_eq!(
-        change(&mut h, 3, b"").await,
-        vec!["room_changed mv chat://2 -"]
+        change_room(&mut h, &mut c, 3, b"", Some("chat://2 -")).await,
+        vec!["room_changed gated-mv chat://2 -"]
     );
-    assert!(change(&mut h, 4, b"").await.is_empty(), "no room to leave");
+    assert!(
+        change_room(&mut h, &mut c, 4, b"", None).await.is_empty(),
+        "no room to leave"
+    );
     assert_eq!(
-        change(&mut h, 5, b"chat://3").await,
-        vec!["room_changed mv - chat://3"]
+        change_room(&mut h, &mut c, 5, b"chat://3", Some("- chat://3")).await,
+        vec!["room_changed gated-mv - chat://3"]
     );
     // Nothing else shows up by the time the session is gone (logic's exact calls, late ones
     // included, are checked in client_op::tests::change_room_tells_logic_and_moves_the_membership).
     drop(c);
-    h.expect_event("disconnect mv").await;
+    h.expect_event("disconnect gated-mv").await;
     assert!(
-        !h.events_now().iter().any(|e| e.starts_with("room_changed")),
+        !h.events_now().iter().any(|e| e.starts_with("room_chang")),
         "no extra room_changed"
     );
 }

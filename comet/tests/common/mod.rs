@@ -25,7 +25,7 @@ use rim_proto::rpc::{
 use tarpc::context::Context;
 use tarpc::server::Channel;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -45,6 +45,8 @@ struct FakeLogic {
     hung: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Announcements of `slow://` rooms wait until this is true.
     slow_gate: Arc<watch::Sender<bool>>,
+    /// `room_changed` of a key starting `gated` waits for a permit of its own.
+    changed_gate: Arc<Semaphore>,
 }
 
 fn room_name(r: &Option<RoomId>) -> String {
@@ -210,8 +212,9 @@ impl LogicRpc for FakeLogic {
             stored: false,
         })
     }
-    /// Slow on purpose: the event is recorded only after a delay, so a comet that replied op 13
-    /// without awaiting this would be caught.
+    /// Held for keys starting `gated`: the call is announced (`room_changing ...`) and answered
+    /// only when the test adds a permit to `changed_gate`, so a test can check that the client
+    /// gets no op 13 while logic has not answered.
     async fn room_changed(
         self,
         _: Context,
@@ -219,13 +222,12 @@ impl LogicRpc for FakeLogic {
         from: Option<RoomId>,
         to: Option<RoomId>,
     ) -> Result<(), LogicError> {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let _ = self.events.send(format!(
-            "room_changed {} {} {}",
-            s.key,
-            room_name(&from),
-            room_name(&to)
-        ));
+        let what = format!("{} {} {}", s.key, room_name(&from), room_name(&to));
+        if s.key.starts_with("gated") {
+            let _ = self.events.send(format!("room_changing {what}"));
+            self.changed_gate.acquire().await.unwrap().forget();
+        }
+        let _ = self.events.send(format!("room_changed {what}"));
         Ok(())
     }
     async fn check_join(
@@ -262,6 +264,9 @@ pub struct Harness {
     sinces: Arc<Mutex<std::collections::HashMap<String, u64>>>,
     #[allow(dead_code)] // not used by every test binary
     pub slow_gate: Arc<watch::Sender<bool>>,
+    /// One permit answers one held `room_changed` (keys starting `gated`).
+    #[allow(dead_code)] // not used by every test binary
+    pub changed_gate: Arc<Semaphore>,
     job: CometRpcClient,
     next_push: u64,
 }
@@ -276,8 +281,10 @@ pub async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) ->
     let sends = Arc::new(Mutex::new(Vec::new()));
     let sinces = Arc::new(Mutex::new(std::collections::HashMap::new()));
     let slow_gate = Arc::new(watch::Sender::new(false));
+    let changed_gate = Arc::new(Semaphore::new(0));
     let fake = FakeLogic {
         slow_gate: slow_gate.clone(),
+        changed_gate: changed_gate.clone(),
         hung: Arc::default(),
         sinces: sinces.clone(),
         events: tx,
@@ -344,6 +351,7 @@ pub async fn start_with(heartbeat_secs: u32, tweak: impl FnOnce(&mut Config)) ->
         sends,
         sinces,
         slow_gate,
+        changed_gate,
         job,
         next_push: 1,
     };
@@ -414,6 +422,47 @@ impl Harness {
             recorded: false,
         }])
         .await
+    }
+
+    /// The current value of `series` on `/metrics` (see [`metric_value`]).
+    #[allow(dead_code)] // not used by every test binary
+    pub async fn metric(&self, series: &str) -> Option<u64> {
+        metric_value(&self.http_get("/metrics").await, series)
+    }
+
+    /// Every series of `rim_comet_frames_rejected_total` and `rim_comet_auth_failures_total`
+    /// that is not 0, as rendered (`name{reason="..."}`, value), in the order rendered.
+    #[allow(dead_code)] // not used by every test binary
+    pub async fn rejections(&self) -> Vec<(String, u64)> {
+        let text = self.http_get("/metrics").await;
+        text.lines()
+            .filter(|l| {
+                l.starts_with("rim_comet_frames_rejected_total{")
+                    || l.starts_with("rim_comet_auth_failures_total{")
+            })
+            .filter_map(|l| {
+                let (series, v) = l.rsplit_once(' ')?;
+                let v: u64 = v.parse().ok()?;
+                (v != 0).then(|| (series.to_string(), v))
+            })
+            .collect()
+    }
+
+    /// Polls `/metrics` until `series` reads `want`, for at most [`WAIT`].
+    #[allow(dead_code)] // not used by every test binary
+    pub async fn wait_metric(&self, series: &str, want: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let got = self.metric(series).await;
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} is {got:?}, not {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn http_get(&self, path: &str) -> String {
@@ -497,6 +546,27 @@ pub async fn disconnected(c: &mut Conn) -> Closed {
     let r = c.recv_any().await.unwrap();
     assert_eq!(r.frame.op, op::DISCONNECT_REPLY, "{r:?}");
     c.expect_closed().await.unwrap()
+}
+
+/// The frame `c` reads within `d`, or `None` when nothing came (without waiting longer).
+#[allow(dead_code)] // not used by every test binary
+pub async fn quiet_for(c: &mut Conn, d: Duration) -> Option<Received> {
+    match c.recv_matching(|_| true, d).await {
+        Ok(r) => Some(r),
+        Err(rim_client::ClientError::Timeout { .. }) => None,
+        Err(e) => panic!("the connection failed while it should stay open: {e}"),
+    }
+}
+
+/// The value of `series` (a metric name with its labels, as rendered) in a `/metrics` response.
+pub fn metric_value(text: &str, series: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 pub fn body_text(r: &Received) -> String {

@@ -1,0 +1,204 @@
+//! Promises of the client port that each need a test that fails if broken: the connection cap
+//! (`session.max_connections`), the WebSocket close codes of server-side closes, paced broadcasts
+//! beyond the paced queue, the cap on Auth `accepts`, and unknown ops. Each test names the
+//! mechanism it guards; breaking that mechanism in comet/src makes it fail.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use rim_client::Transport;
+use rim_proto::frame::Frame;
+use rim_proto::op;
+use rim_proto::rpc::{DeliverTarget, Delivery, PushId};
+
+fn to(key: &str) -> DeliverTarget {
+    DeliverTarget::Keys(vec![key.into()])
+}
+
+/// `session.max_connections` open: a TCP client gets op 6 "too many connections", a WebSocket
+/// client op 6 and close 1013; both are counted. Guards admission.rs `ConnGuard::count`.
+#[tokio::test]
+async fn max_connections_refuses_with_op6_and_1013_counts_and_recovers() {
+    let mut h = start(|c| c.session.max_connections = 1).await;
+    let a = h.tcp_session("a", "", &[1000]).await;
+
+    let mut tcp = h.open(Transport::Tcp).await;
+    let closed = disconnected(&mut tcp).await;
+    assert_eq!(closed.why(), "too many connections", "{closed:?}");
+    // The HTTP listener keeps headroom for upgrades, so the refusal is the session's own.
+    let mut ws = h.open(Transport::WsBinary).await;
+    let closed = disconnected(&mut ws).await;
+    assert_eq!(
+        (closed.code, closed.why()),
+        (Some(1013), "too many connections"),
+        "{closed:?}"
+    );
+    assert_eq!(
+        h.metric("rim_comet_connections_refused_total").await,
+        Some(2)
+    );
+    assert_eq!(h.metric("rim_comet_connections_tcp").await, Some(1));
+    assert_eq!(h.metric("rim_comet_connections_ws").await, Some(0));
+
+    // Once the first session has left, the slot is free again, for either transport.
+    drop(a);
+    h.expect_event("disconnect a").await;
+    h.wait_metric("rim_comet_connections_tcp", 0).await;
+    let b = h.session(Transport::WsBinary, 2, "b", "", &[1000]).await;
+    assert_eq!(h.metric("rim_comet_connections_ws").await, Some(1));
+    assert_eq!(
+        h.metric("rim_comet_connections_refused_total").await,
+        Some(2)
+    );
+    drop(b);
+}
+
+/// Heartbeat silence closes a WebSocket session with op 6 and close code 1000 (driver.rs).
+#[tokio::test]
+async fn ws_heartbeat_timeout_closes_with_1000() {
+    let mut h = start_with(1, |c| c.session.heartbeat_misses = 1).await;
+    let mut ws = h.session(Transport::WsBinary, 1, "quiet", "", &[]).await;
+    let closed = disconnected(&mut ws).await;
+    assert_eq!(
+        (closed.why(), closed.code, closed.reason.as_str()),
+        ("heartbeat timeout", Some(1000), "heartbeat timeout"),
+        "{closed:?}"
+    );
+    h.expect_event("disconnect quiet").await;
+}
+
+/// A second session with the same key closes the first with op 6 "replaced" and close code
+/// 1000 (admission.rs); the new one is served.
+#[tokio::test]
+async fn ws_replaced_session_closes_with_1000() {
+    let mut h = start(|_| {}).await;
+    let mut old = h.session(Transport::WsBinary, 1, "dup", "", &[1000]).await;
+    let mut new = h.session(Transport::WsBinary, 1, "dup", "", &[1000]).await;
+    let closed = disconnected(&mut old).await;
+    assert_eq!(
+        (closed.why(), closed.code, closed.reason.as_str()),
+        ("replaced", Some(1000), "replaced"),
+        "{closed:?}"
+    );
+    let r = h.push(1000, "to new", to("dup")).await;
+    assert_eq!(r.queued, 1, "{r:?}");
+    assert_eq!(body_text(&new.recv_any().await.unwrap()), "to new");
+}
+
+/// An outbound queue overflow closes a WebSocket session with op 6 "slow consumer" and close
+/// code 1008, nothing queued written first (outbound.rs `CloseSpec::slow`).
+#[tokio::test]
+async fn ws_slow_consumer_closes_with_1008() {
+    let mut h = start(|c| c.session.outbound_queue = 2).await;
+    let mut ws = h.session(Transport::WsBinary, 1, "slow", "", &[1000]).await;
+    let body = Bytes::from("x".repeat(1000));
+    let items = (0..50)
+        .map(|_| Delivery {
+            id: h.push_id(),
+            op: 1000,
+            body: body.clone(),
+            target: to("slow"),
+            exclude: None,
+            recorded: false,
+        })
+        .collect();
+    let r = h.deliver(items).await;
+    assert_eq!(r.slow_closed, 1, "{r:?}");
+    let closed = disconnected(&mut ws).await;
+    assert_eq!(
+        (closed.why(), closed.code, closed.reason.as_str()),
+        ("slow consumer", Some(1008), "slow consumer"),
+        "{closed:?}"
+    );
+    assert_eq!(
+        h.metric("rim_comet_slow_consumer_closed_total").await,
+        Some(1)
+    );
+}
+
+/// Paced broadcasts beyond the paced queue (deliver.rs `PACED_QUEUE` = 16) go out at once, in
+/// the `deliver` call, and are counted; the queued ones are walked afterwards. The test runtime
+/// is single-threaded, so the paced worker takes nothing from the queue during the call.
+#[tokio::test]
+async fn paced_broadcasts_beyond_the_queue_go_out_at_once_and_are_counted() {
+    let h = start(|_| {}).await;
+    let mut c = h.tcp_session("p", "", &[1000]).await;
+    let items = (1..=18)
+        .map(|i| Delivery {
+            id: PushId {
+                partition: 3,
+                ms: 10,
+                seq: i,
+            },
+            op: 1000,
+            body: Bytes::from(format!("p{i}")),
+            target: DeliverTarget::All { speed: 1 },
+            exclude: None,
+            recorded: false,
+        })
+        .collect();
+    let r = h.deliver(items).await;
+    // p1..p16 fill the queue (confirmed, not yet delivered); p17 and p18 went out at once.
+    assert_eq!(
+        (r.queued, r.missing, r.duplicates, r.slow_closed),
+        (2, 0, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(h.metric("rim_comet_paced_overflow_total").await, Some(2));
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(body_text(&c.recv_any().await.unwrap()));
+    }
+    // At 1 session/s the walk of p2 starts a second after p1's.
+    assert_eq!(got, ["p17", "p18", "p1"]);
+}
+
+/// Auth `accepts` beyond 256 (`session::MAX_ACCEPTS`) are ignored: the first 256 are taken.
+#[tokio::test]
+async fn auth_accepts_beyond_256_are_ignored() {
+    let mut h = start(|_| {}).await;
+    let accepts: Vec<i32> = (2000..2300).collect();
+    let mut c = h.tcp_session("many", "", &accepts).await;
+    for (o, queued) in [(2000, 1), (2255, 1), (2256, 0), (2299, 0)] {
+        let r = h.push(o, &format!("op{o}"), to("many")).await;
+        assert_eq!((r.queued, r.missing), (queued, 0), "op {o}: {r:?}");
+    }
+    let got = [c.recv_any().await.unwrap(), c.recv_any().await.unwrap()];
+    let got = got.map(|r| (r.frame.op, body_text(&r)));
+    assert_eq!(got, [(2000, "op2000".into()), (2255, "op2255".into())]);
+    // The set is full: a Sub of one more op is refused.
+    let f = request(&mut c, op::SUB, 1, "1").await.frame;
+    assert_eq!((f.op, f.seq), (op::SUB_REPLY, 1));
+    assert_eq!(&f.body[..], br#"{"error":"too many ops: at most 256"}"#);
+}
+
+/// An unknown op gets no reply and costs nothing but a rate token: the session stays, the next
+/// request is answered first, pushes still arrive, no refusal is counted (client_op.rs
+/// `ClientOp::Unknown`).
+#[tokio::test]
+async fn unknown_ops_are_ignored() {
+    let mut h = start(|_| {}).await;
+    for (t, key) in [(Transport::Tcp, "u-tcp"), (Transport::WsBinary, "u-ws")] {
+        let mut c = h.session(t, 1, key, "", &[1000]).await;
+        c.send_frame(Frame::new(99, 5, Bytes::from_static(b"?")))
+            .await
+            .unwrap();
+        // The first frame after it answers the heartbeat sent after it.
+        let hb = request(&mut c, op::HEARTBEAT, 6, Bytes::new()).await.frame;
+        assert_eq!((hb.op, hb.seq), (op::HEARTBEAT_REPLY, 6), "{t:?}: {hb:?}");
+        let r = h.push(1000, "still", to(key)).await;
+        assert_eq!(r.queued, 1, "{t:?}: {r:?}");
+        assert_eq!(body_text(&c.recv_any().await.unwrap()), "still");
+        assert!(c.pushes_before_heartbeat().await.unwrap().is_empty());
+    }
+    let rejected = h.rejections().await;
+    assert!(rejected.is_empty(), "{rejected:?}");
+    for series in [
+        "rim_comet_requests_rate_limited_total",
+        r#"rim_comet_limit_refused_total{limit="frame_rate"}"#,
+    ] {
+        assert_eq!(h.metric(series).await, Some(0), "{series}");
+    }
+}
