@@ -165,12 +165,14 @@ impl Registry {
             .map(|n| n.link.clone())
     }
 
-    /// Re-reads the registry unless a read that started at or after `needed_at` already
-    /// happened. Callers that miss a comet pass the moment they noticed: a burst of misses costs
-    /// one round trip, and a read older than the miss is never trusted to call a comet gone.
+    /// Re-reads the registry unless a read that started after `needed_at` already happened.
+    /// Callers that miss a comet pass the moment they noticed: a burst of misses costs one round
+    /// trip, and a read older than the miss is never trusted to call a comet gone. Strictly
+    /// after: on a coarse clock a read stamped with the same instant may have started before
+    /// the comet registered.
     pub async fn refresh_since(&self, needed_at: Instant) -> StoreResult<()> {
         let _guard = self.refresh_lock.lock().await;
-        if self.refreshed.read().is_some_and(|at| at >= needed_at) {
+        if self.refreshed.read().is_some_and(|at| at > needed_at) {
             return Ok(());
         }
         self.refresh_locked().await
