@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -18,50 +17,10 @@ use rim_testkit::api::eventually;
 use rim_testkit::proxy::{FaultProxy, Mode, Stats, Upstream};
 use rim_testkit::redis::RedisServer;
 
-/// Counts the warnings and errors whose message contains `needle`; installed process-wide (the
-/// only subscriber of this test binary).
-struct CountLogs {
-    needle: &'static str,
-    seen: Arc<AtomicUsize>,
-}
-
-impl tracing::Subscriber for CountLogs {
-    fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
-        *meta.level() <= tracing::Level::WARN
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        struct Message(String);
-        impl tracing::field::Visit for Message {
-            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-                if f.name() == "message" {
-                    self.0 = format!("{v:?}");
-                }
-            }
-        }
-        let mut m = Message(String::new());
-        event.record(&mut m);
-        if m.0.contains(self.needle) {
-            self.seen.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_before_redis_is_reachable_waits_and_then_serves() {
     // `rim_runtime::redis::connect`'s wait loop logs this before each retry.
-    let waits = Arc::new(AtomicUsize::new(0));
-    tracing::subscriber::set_global_default(CountLogs {
-        needle: "waiting for it before serving",
-        seen: waits.clone(),
-    })
-    .unwrap();
+    let waits = rim_testkit::logs::count_warnings("waiting for it before serving");
     let redis = RedisServer::start();
     let comet = start_comet(&redis, "c1").await;
     // Redis as the worker sees it: every connection accepted and closed at once.
