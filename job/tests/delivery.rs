@@ -16,6 +16,7 @@ use rim_proto::keys;
 use rim_proto::room::RoomId;
 use rim_proto::rpc::{DeliverTarget, NodeInfo, PushId};
 use rim_testkit::api::metric;
+use rim_testkit::proxy::{FaultProxy, Mode, Upstream};
 use rim_testkit::redis::RedisServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,14 +454,13 @@ async fn a_registered_but_unreachable_comet_is_given_up_after_give_up_ms() {
     let redis = RedisServer::start();
     let c1 = start_comet(&redis, "c1").await;
     let mut conn = redis.connection();
-    // Registered and renewing, but nothing listens at its address.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    // Registered and renewing, but its address closes every connection: a proxy in Refuse mode
+    // holds the port for the whole test, so no concurrent test can take it and answer.
+    let dead_end = FaultProxy::start(Upstream::Tcp("127.0.0.1:9".parse().unwrap())).await;
+    dead_end.set(Mode::Refuse);
     let info = NodeInfo {
         server: "unreachable".into(),
-        rpc_addr: closed,
+        rpc_addr: dead_end.addr().to_string(),
         ..NodeInfo::default()
     };
     let _: () = conn
