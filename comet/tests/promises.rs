@@ -1,6 +1,6 @@
 //! Promises of the client port that each need a test that fails if broken: the connection cap
 //! (`session.max_connections`), the WebSocket close codes of server-side closes, paced broadcasts
-//! beyond the paced queue, the cap on Auth `accepts`, and unknown ops. Each test names the
+//! beyond the paced queue, the cap on accepted ops (Auth `accepts`, Sub), and unknown ops. Each test names the
 //! mechanism it guards; breaking that mechanism in comet/src makes it fail.
 #![allow(clippy::unwrap_used)]
 
@@ -172,6 +172,29 @@ async fn auth_accepts_beyond_256_are_ignored() {
     let f = request(&mut c, op::SUB, 1, "1").await.frame;
     assert_eq!((f.op, f.seq), (op::SUB_REPLY, 1));
     assert_eq!(&f.body[..], br#"{"error":"too many ops: at most 256"}"#);
+}
+
+/// A Sub that would take a session past 256 accepted ops is refused and changes nothing
+/// (session.rs `set_accepts`); so is one whose own list is longer (client_op.rs, parsing).
+#[tokio::test]
+async fn a_refused_sub_leaves_the_accepted_ops_unchanged() {
+    let mut h = start(|_| {}).await;
+    let mut c = h.tcp_session("sub", "", &[1000]).await;
+    let list = |ops: std::ops::Range<i32>| ops.map(|o| o.to_string()).collect::<Vec<_>>().join(",");
+    // 256 ops: a valid list, but with 1000 the session would accept 257.
+    // 300 ops: refused before the session is asked.
+    for (seq, ops) in [(1, 2000..2256), (2, 3000..3300)] {
+        let f = request(&mut c, op::SUB, seq, list(ops)).await.frame;
+        assert_eq!((f.op, f.seq), (op::SUB_REPLY, seq));
+        assert_eq!(&f.body[..], br#"{"error":"too many ops: at most 256"}"#);
+    }
+    for (o, queued) in [(2000, 0), (2255, 0), (3000, 0), (1000, 1)] {
+        let r = h.push(o, &format!("op{o}"), to("sub")).await;
+        assert_eq!((r.queued, r.missing), (queued, 0), "op {o}: {r:?}");
+    }
+    let p = c.recv_any().await.unwrap();
+    assert_eq!((p.frame.op, body_text(&p)), (1000, "op1000".to_string()));
+    assert!(c.pushes_before_heartbeat().await.unwrap().is_empty());
 }
 
 /// An unknown op gets no reply and costs nothing but a rate token: the session stays, the next
