@@ -185,6 +185,7 @@ async fn restart_redis_mid_stream() {
     let mids: Vec<i64> = rs.iter().map(|r| r.mid).collect();
     let api = cluster.api.clone();
     let job = &cluster.jobs[0];
+    let comet_ops: Vec<_> = cluster.comets.iter().map(|c| c.ops).collect();
     let redis = cluster.redis.single();
     let (mut killed_at, mut recovered_at) = (None, None);
     let mut backlog = BTreeSet::new();
@@ -213,6 +214,34 @@ async fn restart_redis_mid_stream() {
                         .ok()?;
                     (r.status == 503 && r.code() == -503).then_some(())
                 }
+            },
+        )
+        .await
+        .unwrap();
+        // Long enough that every comet's registration lapses (node TTL 3 s after its last
+        // renewal, which was before the kill), with the comets' failed renewals as evidence:
+        // what comes back must not be taken for departures (logic's reaper waits, job keeps
+        // comets it saw live).
+        let renew_failures = || async {
+            let mut n = Vec::new();
+            for ops in &comet_ops {
+                n.push(
+                    metric(*ops, "rim_comet_renew_failures_total")
+                        .await
+                        .unwrap_or(0),
+                );
+            }
+            n
+        };
+        let before = renew_failures().await;
+        eventually(
+            "every comet's registration lapsed",
+            Duration::from_secs(20),
+            || async {
+                let now = renew_failures().await;
+                let failing = now.iter().zip(&before).all(|(n, b)| n > b);
+                (failing && killed_at.unwrap().elapsed() > Duration::from_millis(3500))
+                    .then_some(())
             },
         )
         .await
@@ -262,8 +291,13 @@ async fn restart_redis_mid_stream() {
         "the outage refused pushes"
     );
     check(&rs, &published).await;
-    // Comets hold no Redis connection: their sessions live through the outage.
+    // Comets hold no Redis connection: their sessions live through the outage, and the lapsed
+    // registrations were not reaped.
     assert_sessions(&rs, |_| 1);
+    assert_eq!(
+        metric(cluster.logic_http, "rim_logic_nodes_reaped_total").await,
+        Some(0)
+    );
     let _ = stop_tx.send(true);
 }
 
