@@ -256,6 +256,15 @@ async fn offline_messages_wait_per_device_until_it_got_them() {
     }
     let user = history(&logic, &format!("/rim/users/{mid}/history")).await;
     assert_eq!(ids(&user).len(), 5);
+    // The secret guards a user's history like a room's: none, or a wrong one, is refused.
+    for bearer in [None, Some("not-the-secret")] {
+        let mut req = reqwest::Client::new().get(format!("{}/rim/users/{mid}/history", logic.http));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "bearer {bearer:?}");
+    }
 
     // A keyless device (goim's clients) connects: everything waits for it.
     let reply = rpc
@@ -352,7 +361,8 @@ async fn offline_messages_wait_per_device_until_it_got_them() {
     logic.stop().await;
 }
 
-/// With users' history off, a push to nobody is neither routed nor kept, and says so.
+/// With users' history off, a push to nobody is neither routed nor kept, and says so; a push
+/// to an online user, and one to a room whose type keeps no history, is delivered `live` only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_user_history_a_push_to_nobody_is_not_kept() {
     let redis = RedisServer::start();
@@ -369,5 +379,73 @@ async fn without_user_history_a_push_to_nobody_is_not_kept() {
     assert_eq!(status, 404, "{v}");
     let mut conn = redis.connection();
     assert!(common::all_jobs(&mut conn).is_empty());
+
+    // Online now: routed to its session, nothing kept.
+    let rpc = logic.client().await;
+    common::connect(&rpc, "c1", 99, "k99", "live://stage").await;
+    let (status, v) = logic
+        .post("/goim/push/mids?operation=1000&mids=99", "y")
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["data"]["sessions"].clone(), v["data"]["delivery"].clone()),
+        (json!(1), json!("live")),
+        "{v}"
+    );
+    // `live` rooms keep no history (only `chat` does in the dev config).
+    let (status, v) = logic
+        .post("/goim/push/room?operation=1000&type=live&room=stage", "z")
+        .await;
+    assert_eq!(
+        (status, v["data"]["delivery"].clone()),
+        (200, json!("live")),
+        "{v}"
+    );
+    let (status, v) = logic.get("/rim/users/99/history").await;
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(common::all_jobs(&mut conn).len(), 2, "both routed");
+    logic.stop().await;
+}
+
+/// `history.deliver_on_connect = false`: a push to an offline user is still kept (and read
+/// back), but a device that connects is not told anything waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_deliver_on_connect_offline_pushes_are_kept_but_not_owed() {
+    let redis = RedisServer::start();
+    let logic = Logic::start(&redis, |c| {
+        c.push.secret = SECRET.into();
+        c.history.deliver_on_connect = false;
+    })
+    .await;
+    let mid = 77;
+    let path = format!("/goim/push/mids?operation=1000&mids={mid}");
+    for body in ["o1", "o2"] {
+        let (status, v) = call(&logic, reqwest::Method::POST, &path, body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["data"]["delivery"], json!("stored"), "{v}");
+    }
+    let user = history(&logic, &format!("/rim/users/{mid}/history")).await;
+    let bodies: Vec<Value> = user["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].clone())
+        .collect();
+    assert_eq!(bodies, [json!("o1"), json!("o2")]);
+    let rpc = logic.client().await;
+    for key in ["", "phone"] {
+        let reply = rpc
+            .connect(ctx(), connect_req(mid, key))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.offline_after, None, "key {key:?}");
+    }
+    assert!(
+        logic
+            .metrics()
+            .await
+            .contains("rim_logic_offline_waiting_total 0"),
+    );
     logic.stop().await;
 }

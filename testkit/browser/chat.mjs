@@ -1,4 +1,7 @@
-// Real-browser test of the chatroom demo: headless Debian Chromium, two users on two comets.
+// Real-browser test of the chatroom demo: headless Debian Chromium, two users on two comets;
+// later a third who joins and sees the room's history, and a fourth whose connection is cut
+// (reset) while messages are sent: rim-client.js reconnects and the page shows them once, in
+// order.
 //
 //   node chat.mjs LOGIC_URL COMET_A COMET_B [SCREENSHOT]
 //   LOGIC_URL=http://127.0.0.1:3111 COMET_A=127.0.0.1:3102 COMET_B=127.0.0.1:3202 node chat.mjs
@@ -7,6 +10,7 @@
 // (or env RIM_SCREENSHOT) is where alice's page is saved as a PNG at the end. Exits 0 when every
 // step passed, 1 with the failing step otherwise, 2 when the whole run took over the time limit.
 import { mkdirSync } from "node:fs";
+import { connect as tcpConnect, createServer as tcpServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { chromium } from "playwright-core";
@@ -31,6 +35,7 @@ const log = (msg) => console.log(`[${((Date.now() - started) / 1000).toFixed(1)}
 const browserLogs = [];
 const pages = {}; // name → page, for failure screenshots
 let browser;
+let relay;
 let step = "start";
 
 function dumpBrowserLogs() {
@@ -64,6 +69,18 @@ async function openUser(name, comet) {
   page.on("console", (m) => browserLogs.push(`${name} ${m.type()}: ${m.text()}`));
   page.on("pageerror", (e) => browserLogs.push(`${name} pageerror: ${e.message}`));
   page.on("requestfailed", (r) => browserLogs.push(`${name} request failed: ${r.url()} ${r.failure()?.errorText}`));
+  // The Auth frames (op 7) the page sends and the replies (op 8) it gets, bodies parsed.
+  const auths = [];
+  page.on("websocket", (ws) => {
+    const record = (dir) => (f) => {
+      const b = typeof f.payload === "string" ? Buffer.from(f.payload) : f.payload;
+      if (b.length < 16) return;
+      const op = b.readInt32BE(8);
+      if (op === 7 || op === 8) auths.push({ dir, op, body: JSON.parse(b.subarray(16, b.readInt32BE(0)).toString()) });
+    };
+    ws.on("framesent", record("sent"));
+    ws.on("framereceived", record("received"));
+  });
   const url = `${LOGIC_URL}/?comet=${encodeURIComponent(comet)}`;
   await page.goto(url, { waitUntil: "domcontentloaded" });
   await page.locator(byTestId("comet-select")).waitFor();
@@ -79,7 +96,7 @@ async function openUser(name, comet) {
   if (!Number.isFinite(mid) || mid <= 0) throw new Error(`${name}: page shows no mid after login (got ${mid})`);
   const room = await page.inputValue(byTestId("room-input"));
   if (room !== ROOM) throw new Error(`${name}: default room is ${room}, expected ${ROOM}`);
-  return { name, page, mid };
+  return { name, page, mid, auths };
 }
 
 /** Waits until `user` shows a member with `mid`. */
@@ -143,6 +160,69 @@ async function confirmed(user) {
     return last.classList.contains("failed") ? last.querySelector('[data-testid="message-error"]').textContent : "";
   });
   if (err) throw new Error(`${user.name}: sending failed: ${err}`);
+}
+
+/**
+ * A TCP relay in front of a comet (`target` = host:port) that a step can cut the way a lost
+ * network does: every relayed connection is reset (RST both ways, no WebSocket close), and
+ * connections made while it is cut are held, unanswered, until `resume` relays them.
+ */
+async function startRelay(target) {
+  const at = target.lastIndexOf(":");
+  const [host, port] = [target.slice(0, at), Number(target.slice(at + 1))];
+  const live = new Set();
+  const held = [];
+  let cut = false;
+  const forward = (client) => {
+    const upstream = tcpConnect({ host, port });
+    const pair = { client, upstream };
+    live.add(pair);
+    const end = () => {
+      live.delete(pair);
+      client.destroy();
+      upstream.destroy();
+    };
+    for (const s of [client, upstream]) s.on("error", end).on("close", end);
+    client.pipe(upstream);
+    upstream.pipe(client);
+  };
+  const server = tcpServer((client) => {
+    client.setNoDelay(true);
+    if (cut) {
+      client.on("error", () => {});
+      held.push(client); // not read: the WebSocket handshake waits
+    } else {
+      forward(client);
+    }
+  });
+  await new Promise((resolve, reject) => server.once("error", reject).listen(0, "127.0.0.1", resolve));
+  return {
+    addr: `127.0.0.1:${server.address().port}`,
+    /** Resets every relayed connection and holds new ones; returns how many were reset. */
+    cut() {
+      cut = true;
+      const pairs = [...live];
+      live.clear();
+      for (const { client, upstream } of pairs) {
+        client.resetAndDestroy();
+        upstream.resetAndDestroy();
+      }
+      return pairs.length;
+    },
+    /** Relays again, the held connections first. */
+    resume() {
+      cut = false;
+      for (const c of held.splice(0)) forward(c);
+    },
+    close() {
+      server.close();
+      for (const { client, upstream } of live) {
+        client.destroy();
+        upstream.destroy();
+      }
+      for (const c of held) c.destroy();
+    },
+  };
 }
 
 const escapeRe = (s) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
@@ -283,6 +363,61 @@ async function main() {
       await alice.page.screenshot({ path: SCREENSHOT });
     });
   }
+
+  let dave;
+  const davesLobby = [...lobbyHistory, "welcome carol"];
+  await check("dave logs in on comet B through a relay the test can cut, and sees the lobby", async () => {
+    relay = await startRelay(COMET_B);
+    dave = await openUser("dave", relay.addr);
+    await seesMessage(dave, alice.mid, "welcome carol", { dm: false });
+    const got = (await messagesFrom(dave, alice.mid)).map((m) => m.text);
+    if (JSON.stringify(got) !== JSON.stringify(davesLobby)) {
+      throw new Error(`dave shows the lobby as ${JSON.stringify(got)}, expected ${JSON.stringify(davesLobby)}`);
+    }
+  });
+  const away = [1, 2, 3].map((i) => `sent while dave was cut off ${i}`);
+  await check("dave's connection is reset; the page notices and tries to reconnect", async () => {
+    const reset = relay.cut();
+    if (reset !== 1) throw new Error(`the relay reset ${reset} connections, expected dave's one`);
+    await dave.page.locator(`${byTestId("status")}[data-state="reconnecting"]`).waitFor({ timeout: STEP_MS });
+  });
+  await check("alice sends three messages while dave is away", async () => {
+    for (const text of away) {
+      await send(alice, text);
+      await confirmed(alice);
+    }
+    await seesMessage(bob, alice.mid, away[away.length - 1], { dm: false });
+    const state = await dave.page.getAttribute(byTestId("status"), "data-state");
+    if (state === "online") throw new Error("dave's page is online while its connection is held");
+    const got = (await messagesFrom(dave, alice.mid)).map((m) => m.text);
+    if (JSON.stringify(got) !== JSON.stringify(davesLobby)) throw new Error(`dave shows ${JSON.stringify(got)} while away`);
+  });
+  await check("dave reconnects and shows what he missed once, in order, then live messages", async () => {
+    relay.resume();
+    await dave.page.locator(`${byTestId("status")}[data-state="online"]`).waitFor({ timeout: STEP_MS });
+    await dave.page
+      .locator(`${byTestId("messages")} ${byTestId("notice")}`, { hasText: "Reconnected to" })
+      .first()
+      .waitFor({ timeout: STEP_MS });
+    await seesMessage(dave, alice.mid, away[away.length - 1], { dm: false });
+    await send(alice, "welcome back dave");
+    await confirmed(alice);
+    await seesMessage(dave, alice.mid, "welcome back dave", { dm: false });
+    // It resumed from the last id it had seen in the lobby, and got everything after it.
+    const [auth1, reply1, auth2, reply2] = dave.auths;
+    const shown = JSON.stringify(dave.auths);
+    if (dave.auths.length !== 4 || [auth1, reply1, auth2, reply2].map((a) => a.op).join() !== "7,8,7,8") {
+      throw new Error(`dave's page exchanged ${shown}, expected two Auth frames, each answered`);
+    }
+    if (auth1.body.recover?.rooms?.[ROOM] !== "") throw new Error(`first Auth: ${shown}`);
+    if (!/^\d+-\d+$/.test(auth2.body.recover?.rooms?.[ROOM] ?? "")) throw new Error(`the reconnect's Auth names no last id: ${shown}`);
+    if (reply2.body.recovered?.rooms?.[ROOM] !== true) throw new Error(`the reconnect was not recovered: ${shown}`);
+    const got = (await messagesFrom(dave, alice.mid)).map((m) => m.text);
+    const want = [...davesLobby, ...away, "welcome back dave"];
+    if (JSON.stringify(got) !== JSON.stringify(want)) {
+      throw new Error(`dave shows the lobby as ${JSON.stringify(got)}, expected ${JSON.stringify(want)}`);
+    }
+  });
 }
 
 let code = 0;
@@ -304,6 +439,7 @@ try {
   if (browser) {
     await Promise.race([browser.close(), new Promise((r) => setTimeout(r, 5000))]).catch(() => {});
   }
+  relay?.close();
   clearTimeout(watchdog);
 }
 process.exit(code);

@@ -1,7 +1,7 @@
 // goim's own JavaScript client (goim/client.js + goim/index.html, vendored unchanged) in
 // headless Debian Chromium against a rim comet.
 //
-//   node goim.mjs COMET MESSAGE...
+//   node goim.mjs COMET MESSAGE... [--again MESSAGE...]
 //   COMET=127.0.0.1:3102 node goim.mjs 'mid message' 'room message' 'broadcast message'
 //
 // COMET is the comet's WebSocket address (host:port). The vendored files are served from a
@@ -15,6 +15,9 @@
 //   2. one JSON line once every MESSAGE was shown in #box as a received op 1000 message:
 //      {"messages": [...bodies in page order], "box": [...every #box line], "status": "...",
 //       "sockets": [{"requested", "opened"}...], "pageErrors": [...]}
+//   3. with `--again`: the page is reloaded (goim's client connects anew, as a user reopening
+//      it would), then `ready` and one JSON line as in 1 and 2 for the MESSAGEs after `--again`
+//      (the caller pushes them after the second `ready`; `messages` are the new page's).
 // Exits 0 after printing the JSON, 1 with the failing step otherwise, 2 when the whole run took
 // over RIM_BROWSER_TIMEOUT_MS (60 s).
 import { createHash } from "node:crypto";
@@ -26,7 +29,9 @@ import { chromium } from "playwright-core";
 
 const [argComet, ...argMessages] = process.argv.slice(2);
 const COMET = argComet || process.env.COMET;
-const MESSAGES = argMessages;
+const againAt = argMessages.indexOf("--again");
+const MESSAGES = againAt < 0 ? argMessages : argMessages.slice(0, againAt);
+const AGAIN = againAt < 0 ? [] : argMessages.slice(againAt + 1);
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const TOTAL_MS = Number(process.env.RIM_BROWSER_TIMEOUT_MS || 60_000);
 const STEP_MS = 15_000; // any single wait
@@ -176,6 +181,20 @@ async function main() {
     await page.goto(`${origin}/index.html`, { waitUntil: "domcontentloaded" });
   });
 
+  await connected();
+  console.log(JSON.stringify(await shows(MESSAGES)));
+
+  if (AGAIN.length) {
+    await check("reload the page: goim's client connects again", async () => {
+      await page.reload({ waitUntil: "domcontentloaded" });
+    });
+    await connected();
+    console.log(JSON.stringify(await shows(AGAIN)));
+  }
+}
+
+/** goim's client on the page authenticated and heartbeats; tells the caller `ready`. */
+async function connected() {
   await check("goim's client authenticates (op 8 shown as \"receive: auth reply\")", async () => {
     await boxShows(/^receive: auth reply$/, "the auth reply");
     const status = (await page.textContent("#status")).trim();
@@ -185,8 +204,11 @@ async function main() {
     await boxShows(/^receive: heartbeat reply$/, "a heartbeat reply");
   });
   console.log("ready");
+}
 
-  await check(`the page shows every push: ${JSON.stringify(MESSAGES)}`, async () => {
+/** Waits until the page shows every one of `want`; returns what the page holds then. */
+async function shows(want) {
+  await check(`the page shows every push: ${JSON.stringify(want)}`, async () => {
     await page
       .waitForFunction(
         ([src, want]) => {
@@ -194,22 +216,20 @@ async function main() {
           const got = [...document.querySelectorAll("#box span")].map((e) => re.exec(e.textContent)).filter(Boolean).map((m) => m[1]);
           return want.every((w) => got.includes(w));
         },
-        [RECEIVED.source, MESSAGES],
+        [RECEIVED.source, want],
         { timeout: STEP_MS },
       )
       .catch(async (e) => {
-        throw new Error(`saw ${JSON.stringify(await receivedMessages())}, waiting for ${JSON.stringify(MESSAGES)} (${e.message.split("\n")[0]})`);
+        throw new Error(`saw ${JSON.stringify(await receivedMessages())}, waiting for ${JSON.stringify(want)} (${e.message.split("\n")[0]})`);
       });
   });
-
-  const result = {
+  return {
     messages: await receivedMessages(),
     box: await boxLines(),
     status: (await page.textContent("#status")).trim(),
     sockets: await page.evaluate(() => window.__goimSockets),
     pageErrors,
   };
-  console.log(JSON.stringify(result));
 }
 
 let code = 0;

@@ -8,8 +8,10 @@
 //! accepts 1000-1002) and heartbeats; then this test pushes through goim's HTTP routes exactly as
 //! goim's index.html documents them (by mid, to room `live/1000`, to everyone) and checks that
 //! the page shows each body once, on the one connection it opened, without a script error.
-//! Two pushes to its mid before the page opens are offline messages (`history.deliver_on_connect`,
-//! on by default): the page shows them first, in order — goim's client needs nothing new.
+//! Five pushes to its mid before the page opens are offline messages (`history.deliver_on_connect`,
+//! on by default): the page shows them first, in order — goim's client needs nothing new. Then
+//! the page is reloaded (goim's client connects anew) and shows none of them again: only the
+//! push made after it reconnected.
 //!
 //! Needs `cargo build --bins`, `/usr/bin/chromium`, node and `testkit/browser/node_modules`
 //! (`scripts/test.sh` provides all). `RIM_SKIP_BROWSER=1` skips it.
@@ -18,7 +20,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use rim_testkit::api::Api;
+use rim_testkit::api::{Api, eventually, metric};
 use rim_testkit::browser;
 use rim_testkit::process::{self, CometAddrs, free_addr};
 use rim_testkit::redis::RedisServer;
@@ -32,7 +34,15 @@ const MID_BODY: &str = "mid message";
 const ROOM_BODY: &str = "room message";
 const ALL_BODY: &str = "broadcast message";
 /// Pushed to the mid before the page opens: offline messages it must show first, in order.
-const OFFLINE: [&str; 2] = ["offline one", "offline two"];
+const OFFLINE: [&str; 5] = [
+    "offline one",
+    "offline two",
+    "offline three",
+    "offline four",
+    "offline five",
+];
+/// Pushed to the mid once the reloaded page connected: the only message it may show.
+const AGAIN_BODY: &str = "after the reload";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goims_javascript_client_works_unchanged_in_trust_mode() {
@@ -72,6 +82,7 @@ async fn goims_javascript_client_works_unchanged_in_trust_mode() {
         .arg(comet_addrs.http.to_string())
         .args(OFFLINE)
         .args([MID_BODY, ROOM_BODY, ALL_BODY])
+        .args(["--again", AGAIN_BODY])
         .current_dir(browser::dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -86,12 +97,15 @@ async fn goims_javascript_client_works_unchanged_in_trust_mode() {
         s
     });
     let mut stdout = BufReader::new(node.stdout.take().unwrap()).lines();
-
     // goim.mjs gives up after 60 s on its own; these limits only guard against node hanging.
-    let line = tokio::time::timeout(Duration::from_secs(90), stdout.next_line())
-        .await
-        .expect("goim.mjs said neither `ready` nor anything else within 90 s")
-        .unwrap();
+    let mut next_line = async move |what: &str| {
+        tokio::time::timeout(Duration::from_secs(90), stdout.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("goim.mjs printed no {what} within 90 s"))
+            .unwrap()
+    };
+
+    let line = next_line("`ready`").await;
     if line.as_deref() != Some("ready") {
         let status = node.wait().await.unwrap();
         panic!(
@@ -116,22 +130,56 @@ async fn goims_javascript_client_works_unchanged_in_trust_mode() {
     // curl -d 'broadcast message' '.../goim/push/all?operation=1000'
     api.push_all(1000, ALL_BODY.as_bytes()).await.unwrap();
 
-    let result = tokio::time::timeout(Duration::from_secs(90), stdout.next_line())
+    let first = next_line("result").await;
+    // The page reloads: its old session ends (logic counts the disconnect once it is done) and
+    // the new one is the user's only session.
+    let again_ready = next_line("second `ready`").await;
+    let reconnected = if again_ready.as_deref() == Some("ready") {
+        eventually(
+            "the first page's session to end",
+            Duration::from_secs(20),
+            || {
+                let api = &api;
+                async move {
+                    let done = metric(logic_http, "rim_logic_disconnects_total").await?;
+                    let r = api
+                        .get(&format!("/rim/users/{GOIM_MID}/sessions"))
+                        .await
+                        .ok()?;
+                    let live = r.data().as_array()?.len();
+                    (done == 1 && live == 1).then_some(())
+                }
+            },
+        )
         .await
-        .expect("goim.mjs printed no result within 90 s")
         .unwrap();
+        let data = api
+            .push_mids(1000, &[GOIM_MID], AGAIN_BODY.as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            (&data["sessions"], &data["delivery"]),
+            (&1.into(), &"both".into()),
+            "{data}"
+        );
+        next_line("second result").await
+    } else {
+        None
+    };
     let status = tokio::time::timeout(Duration::from_secs(30), node.wait())
         .await
         .expect("goim.mjs did not exit")
         .unwrap();
     let stderr = stderr.await.unwrap();
-    println!("--- goim.mjs result\n{result:?}\n--- goim.mjs stderr\n{stderr}---");
+    println!(
+        "--- goim.mjs results\n{first:?}\n{again_ready:?}\n{reconnected:?}\n--- goim.mjs stderr\n{stderr}---"
+    );
     assert!(
         status.success(),
         "goim's client did not show the pushes ({status}):\n{stderr}"
     );
 
-    let seen: Value = serde_json::from_str(&result.unwrap()).unwrap();
+    let seen: Value = serde_json::from_str(&first.unwrap()).unwrap();
     let mut messages: Vec<&str> = seen["messages"]
         .as_array()
         .unwrap()
@@ -153,6 +201,20 @@ async fn goims_javascript_client_works_unchanged_in_trust_mode() {
         messages, want,
         "each push shown exactly once, nothing else: {seen}"
     );
+    check_page(&seen, comet_addrs.http);
+
+    // The next connect gets none of them again: only what was pushed once it was online.
+    let seen: Value = serde_json::from_str(&reconnected.unwrap()).unwrap();
+    assert_eq!(
+        seen["messages"],
+        serde_json::json!([AGAIN_BODY]),
+        "the reloaded page: {seen}"
+    );
+    check_page(&seen, comet_addrs.http);
+}
+
+/// The page's status is ok, it threw nothing, and it opened one connection, to the comet.
+fn check_page(seen: &Value, comet: std::net::SocketAddr) {
     assert_eq!(seen["status"], "ok", "#status after the auth reply: {seen}");
     assert_eq!(
         seen["pageErrors"].as_array().map(Vec::len),
@@ -162,8 +224,5 @@ async fn goims_javascript_client_works_unchanged_in_trust_mode() {
     let sockets = seen["sockets"].as_array().unwrap();
     assert_eq!(sockets.len(), 1, "one connection, never re-opened: {seen}");
     assert_eq!(sockets[0]["requested"], "ws://sh.tony.wiki:3102/sub");
-    assert_eq!(
-        sockets[0]["opened"],
-        format!("ws://{}/sub", comet_addrs.http).as_str()
-    );
+    assert_eq!(sockets[0]["opened"], format!("ws://{comet}/sub").as_str());
 }

@@ -1,7 +1,8 @@
 //! Several rooms per session (ops 18 JoinRoom and 20 LeaveRoom, Auth's `rooms`), end to end on
 //! real sockets and a real Redis: room pushes reach a session once per room it is in, in each
 //! room's order; leaving stops them; a room joined twice is one membership; the room past
-//! `session.max_rooms` is refused; member listings follow joins and leaves on two comets.
+//! `session.max_rooms` is refused; member listings and counts follow joins, leaves and Auth's
+//! `rooms` on two comets.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,6 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{Cluster, Options};
+use rim_proto::msg::AuthBody;
 use rim_proto::op;
 use rim_testkit::client::{Conn, Transport};
 
@@ -138,20 +140,27 @@ async fn member_lists_follow_joins_and_leaves_on_two_comets() {
     let (x, y) = ("chat://x", "chat://y");
     let mut a = cluster.client(0, Transport::Tcp, 1, x, &[OP]).await;
     let mut b = cluster.client(1, Transport::Tcp, 2, "", &[OP]).await;
+    // (members as (mid, sessions), count of members) after each step.
+    assert_eq!(cluster.members(x).await, (vec![(1, 1)], 1));
+    assert_eq!(cluster.members(y).await, (vec![], 0));
     assert_eq!(join(&mut a, y).await, y);
+    assert_eq!(cluster.members(y).await, (vec![(1, 1)], 1));
     assert_eq!(join(&mut b, x).await, x);
+    assert_eq!(cluster.members(x).await, (vec![(1, 1), (2, 1)], 2));
     assert_eq!(join(&mut b, y).await, y);
-    assert_eq!(cluster.members(x).await.0, vec![(1, 1), (2, 1)]);
-    assert_eq!(cluster.members(y).await.0, vec![(1, 1), (2, 1)]);
-    // A second session of user 1, on the other comet, in y only.
+    assert_eq!(cluster.members(x).await, (vec![(1, 1), (2, 1)], 2));
+    assert_eq!(cluster.members(y).await, (vec![(1, 1), (2, 1)], 2));
+    // A second session of user 1, on the other comet, in y only: one more session, not one
+    // more member.
     let a2 = cluster.client(1, Transport::WsBinary, 1, y, &[OP]).await;
-    assert_eq!(cluster.members(y).await.0, vec![(1, 2), (2, 1)]);
+    assert_eq!(cluster.members(y).await, (vec![(1, 2), (2, 1)], 2));
 
     assert_eq!(leave(&mut a, y).await, y);
-    assert_eq!(cluster.members(y).await.0, vec![(1, 1), (2, 1)]);
-    assert_eq!(cluster.members(x).await.0, vec![(1, 1), (2, 1)]);
+    assert_eq!(cluster.members(y).await, (vec![(1, 1), (2, 1)], 2));
+    assert_eq!(cluster.members(x).await, (vec![(1, 1), (2, 1)], 2));
     assert_eq!(leave(&mut b, x).await, x);
-    assert_eq!(cluster.members(x).await.0, vec![(1, 1)]);
+    assert_eq!(cluster.members(x).await, (vec![(1, 1)], 1));
+    assert_eq!(cluster.members(y).await, (vec![(1, 1), (2, 1)], 2));
     // Hanging up counts a session out of every room it was in.
     b.close().await;
     a2.close().await;
@@ -161,7 +170,78 @@ async fn member_lists_follow_joins_and_leaves_on_two_comets() {
     })
     .await
     .unwrap();
-    assert_eq!(cluster.members(x).await.0, vec![(1, 1)]);
+    assert_eq!(cluster.members(y).await, (vec![], 0));
+    assert_eq!(cluster.members(x).await, (vec![(1, 1)], 1));
     drop(a);
+    cluster.stop().await;
+}
+
+/// Connects `mid` to comet `node` with Auth's `room_id` and `rooms`.
+async fn client_in(
+    cluster: &Cluster,
+    node: usize,
+    mid: i64,
+    room_id: &str,
+    rooms: &[&str],
+) -> Conn {
+    let auth = AuthBody {
+        mid,
+        room_id: room_id.into(),
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
+        platform: "test".into(),
+        accepts: vec![OP],
+        ..AuthBody::default()
+    };
+    Conn::connect(Transport::Tcp, cluster.comets[node].tcp, &auth)
+        .await
+        .unwrap()
+}
+
+/// Auth's `rooms` (besides `room_id`) puts the session in each room listed at once: the reply
+/// names them all, each room's pushes arrive once, and member lists and counts show it, on two
+/// comets; hanging up takes the session out of all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_rooms_put_the_session_in_every_room_listed() {
+    let cluster = Cluster::start().await;
+    let (r1, r2, r3, other) = ("chat://a1", "chat://a2", "chat://a3", "chat://a4");
+    let mut a = client_in(&cluster, 0, 1, r1, &[r2, r3]).await;
+    assert_eq!(
+        a.session.as_ref().unwrap().rooms,
+        vec![r1.to_string(), r2.into(), r3.into()]
+    );
+    // Only `rooms`, no `room_id`, on the other comet.
+    let mut b = client_in(&cluster, 1, 2, "", &[r2]).await;
+    assert_eq!(b.session.as_ref().unwrap().rooms, vec![r2.to_string()]);
+
+    assert_eq!(cluster.members(r1).await, (vec![(1, 1)], 1));
+    assert_eq!(cluster.members(r2).await, (vec![(1, 1), (2, 1)], 2));
+    assert_eq!(cluster.members(r3).await, (vec![(1, 1)], 1));
+    assert_eq!(cluster.members(other).await, (vec![], 0));
+
+    for i in 0..3 {
+        for r in [r1, r2, r3, other] {
+            push(&cluster, r, i).await;
+        }
+    }
+    let got = received(&cluster, &mut a).await;
+    assert_eq!(got.len(), 9, "each push of its three rooms once: {got:?}");
+    let rooms = by_room(&got);
+    assert_eq!(rooms.keys().collect::<Vec<_>>(), vec![r1, r2, r3]);
+    for r in [r1, r2, r3] {
+        assert_eq!(rooms[r], expected(r, 0..3), "{r} in order");
+    }
+    assert_eq!(received(&cluster, &mut b).await, expected(r2, 0..3));
+
+    a.close().await;
+    rim_testkit::api::eventually("members after a's hang-up", Duration::from_secs(10), || {
+        let c = &cluster;
+        async move { (c.members(r1).await.1 == 0).then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(cluster.members(r1).await, (vec![], 0));
+    assert_eq!(cluster.members(r2).await, (vec![(2, 1)], 1));
+    assert_eq!(cluster.members(r3).await, (vec![], 0));
+    b.close().await;
     cluster.stop().await;
 }
