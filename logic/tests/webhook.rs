@@ -8,12 +8,30 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rim_proto::job::{Route, ServerKeys};
-use rim_proto::rpc::SendTarget;
+use rim_proto::rpc::{LogicRpcClient, SendTarget};
 use rim_testkit::redis::RedisServer;
 use serde_json::{Value, json};
 
 mod common;
 use common::{Logic, all_jobs, connect, ctx, eventually, msg, room, sref};
+
+/// Mid 5 (session `k5` on `c1`, registered in chat://lobby) says `data` in the lobby; the
+/// accepted message's id.
+async fn say_in_lobby(rpc: &LogicRpcClient, data: &str) -> String {
+    rpc.send_msg(
+        ctx(),
+        msg(
+            sref("c1", 5, "k5"),
+            Some("chat://lobby"),
+            SendTarget::Room(room("chat://lobby")),
+            data,
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .id
+}
 
 /// A bot: records what it receives; answers with `reply` after `delay` (None = never answers).
 async fn bot(
@@ -82,26 +100,14 @@ async fn webhook_forwards_messages_and_publishes_replies() {
     .await
     .unwrap()
     .unwrap();
-    let acc = rpc
-        .send_msg(
-            ctx(),
-            msg(
-                sref("c1", 5, "k5"),
-                Some("chat://lobby"),
-                SendTarget::Room(room("chat://lobby")),
-                r#"{"text":"hi bot"}"#,
-            ),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let acc = say_in_lobby(&rpc, r#"{"text":"hi bot"}"#).await;
     let got = tokio::time::timeout(rim_testkit::WAIT, hits.recv())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(
         got,
-        json!({"id":acc.id,"from":5,"room":"chat://lobby","op":1000,"data":{"text":"hi bot"}})
+        json!({"id":acc,"from":5,"room":"chat://lobby","op":1000,"data":{"text":"hi bot"}})
     );
     eventually("bot replies queued", || {
         let mut c = redis.connection();
@@ -167,32 +173,20 @@ async fn webhook_timeout_never_delays_send_and_counts_a_failure() {
     let rpc = logic.client().await;
     let mut conn = redis.connection();
     connect(&rpc, "c1", 5, "k5", "chat://lobby").await;
-    let acc = rpc
-        .send_msg(
-            ctx(),
-            msg(
-                sref("c1", 5, "k5"),
-                Some("chat://lobby"),
-                SendTarget::Room(room("chat://lobby")),
-                "1",
-            ),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let acc = say_in_lobby(&rpc, "1").await;
     // Accepted and queued while the forward is still pending: had send_msg waited for the
     // webhook, its failure (after the timeouts and the retry) would already be counted.
     let m = logic.metrics().await;
     assert!(m.contains("rim_logic_webhook_failures_total 0"), "{m}");
     assert_eq!(answered.load(Ordering::SeqCst), 0);
-    assert!(all_jobs(&mut conn).iter().any(|(_, j)| j.msg_id == acc.id));
+    assert!(all_jobs(&mut conn).iter().any(|(_, j)| j.msg_id == acc));
     // First attempt and one retry reach the bot; then the forward is counted as failed.
     for _ in 0..2 {
         let got = tokio::time::timeout(rim_testkit::WAIT, hits.recv())
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(got["id"], json!(acc.id));
+        assert_eq!(got["id"], json!(acc));
     }
     eventually("webhook failure counted", || async {
         logic
@@ -250,18 +244,7 @@ async fn webhook_answers_are_not_followed_elsewhere_nor_read_past_a_bound() {
         .await;
         let rpc = logic.client().await;
         connect(&rpc, "c1", 5, "k5", "chat://lobby").await;
-        rpc.send_msg(
-            ctx(),
-            msg(
-                sref("c1", 5, "k5"),
-                Some("chat://lobby"),
-                SendTarget::Room(room("chat://lobby")),
-                "1",
-            ),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        say_in_lobby(&rpc, "1").await;
         let counted = format!("rim_logic_webhook_failures_total {failures}");
         eventually("webhook failure counted", || async {
             logic.metrics().await.contains(&counted)
@@ -296,33 +279,15 @@ async fn a_full_webhook_queue_is_counted_and_never_delays_send() {
     let rpc = logic.client().await;
     let mut conn = redis.connection();
     connect(&rpc, "c1", 5, "k5", "chat://lobby").await;
-    let send = |n: u32| {
-        let rpc = rpc.clone();
-        async move {
-            rpc.send_msg(
-                ctx(),
-                msg(
-                    sref("c1", 5, "k5"),
-                    Some("chat://lobby"),
-                    SendTarget::Room(room("chat://lobby")),
-                    &n.to_string(),
-                ),
-            )
-            .await
-            .unwrap()
-            .unwrap()
-            .id
-        }
-    };
-    let first = send(1).await;
+    let first = say_in_lobby(&rpc, "1").await;
     // The only worker holds the first forward (the bot never answers), so the queue is empty.
     let got = tokio::time::timeout(rim_testkit::WAIT, hits.recv())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(got["id"], json!(first));
-    let second = send(2).await;
-    let third = send(3).await;
+    let second = say_in_lobby(&rpc, "2").await;
+    let third = say_in_lobby(&rpc, "3").await;
     let m = logic.metrics().await;
     assert!(m.contains("rim_logic_webhook_queued_total 2"), "{m}");
     assert!(m.contains("rim_logic_webhook_dropped_total 1"), "{m}");

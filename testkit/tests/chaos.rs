@@ -205,16 +205,7 @@ async fn restart_redis_mid_stream() {
         eventually(
             "a push refused during the outage",
             Duration::from_secs(10),
-            || {
-                let api = api.clone();
-                async move {
-                    let r = api
-                        .post("/goim/push/mids?operation=1000&mids=1", "probe")
-                        .await
-                        .ok()?;
-                    (r.status == 503 && r.code() == -503).then_some(())
-                }
-            },
+            || async { (probe_push(&api).await? == (503, -503)).then_some(()) },
         )
         .await
         .unwrap();
@@ -254,15 +245,8 @@ async fn restart_redis_mid_stream() {
             "the backlog survived the restart: {:?}",
             backlog.difference(&kept).collect::<Vec<_>>()
         );
-        eventually("logic accepts pushes again", WAIT, || {
-            let api = api.clone();
-            async move {
-                let r = api
-                    .post("/goim/push/mids?operation=1000&mids=1", "probe")
-                    .await
-                    .ok()?;
-                (r.status == 200).then_some(())
-            }
+        eventually("logic accepts pushes again", WAIT, || async {
+            (probe_push(&api).await?.0 == 200).then_some(())
         })
         .await
         .unwrap();

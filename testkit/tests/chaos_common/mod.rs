@@ -621,15 +621,11 @@ pub fn pending_numbers(conn: &mut dyn redis::ConnectionLike, worker: &str) -> (V
                 .arg(&id)
                 .query(conn)
                 .unwrap();
-            for e in entries.ids {
-                let Some(bytes) = e.get::<Vec<u8>>(rim_proto::keys::JOB_FIELD) else {
-                    continue;
-                };
-                let job = rim_proto::job::PushJob::decode(&bytes).unwrap();
-                if let Some(n) = parse_seq(&job.body, b'm') {
-                    mids.push(n);
-                } else if let Some(n) = parse_seq(&job.body, b'r') {
-                    rooms.push(n);
+            for (kind, n) in entries.ids.iter().filter_map(entry_number) {
+                if kind == b'm' {
+                    mids.push(n)
+                } else {
+                    rooms.push(n)
                 }
             }
         }
@@ -647,17 +643,27 @@ pub fn stream_numbers(conn: &mut dyn redis::ConnectionLike) -> BTreeSet<(u8, u64
             .arg("+")
             .query(conn)
             .unwrap();
-        for e in entries.ids {
-            let Some(bytes) = e.get::<Vec<u8>>(rim_proto::keys::JOB_FIELD) else {
-                continue;
-            };
-            let job = rim_proto::job::PushJob::decode(&bytes).unwrap();
-            for kind in [b'm', b'r'] {
-                if let Some(n) = parse_seq(&job.body, kind) {
-                    out.insert((kind, n));
-                }
-            }
-        }
+        out.extend(entries.ids.iter().filter_map(entry_number));
     }
     out
+}
+
+/// The kind and number of a push stream entry published by [`publish`] (`m7` → (b'm', 7)),
+/// `None` for any other entry.
+fn entry_number(e: &redis::streams::StreamId) -> Option<(u8, u64)> {
+    let bytes = e.get::<Vec<u8>>(rim_proto::keys::JOB_FIELD)?;
+    let job = rim_proto::job::PushJob::decode(&bytes).unwrap();
+    [b'm', b'r']
+        .into_iter()
+        .find_map(|kind| parse_seq(&job.body, kind).map(|n| (kind, n)))
+}
+
+/// The status logic answers a push that is no recipient's (`mids=1`), used to watch an outage
+/// begin and end.
+pub async fn probe_push(api: &Api) -> Option<(u16, i64)> {
+    let r = api
+        .post("/goim/push/mids?operation=1000&mids=1", "probe")
+        .await
+        .ok()?;
+    Some((r.status, r.code()))
 }
