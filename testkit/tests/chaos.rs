@@ -21,7 +21,16 @@ use tokio::sync::watch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_one_of_two_job_workers_mid_stream() {
-    let mut cluster = ProcCluster::start(2, 2, vec![]).await;
+    // Calls outlive the freeze below: a deliver call held by the frozen comet is still wanted
+    // (not past its deadline) when the comet thaws, so the comet executes it.
+    let opts = ProcOpts {
+        jobs: 2,
+        comets: 2,
+        job_env: vec![("RIM_JOB__DELIVERY__RPC_TIMEOUT_MS", "10000".into())],
+        ..ProcOpts::default()
+    };
+    let mut cluster =
+        ProcCluster::start_opts(rim_testkit::test_redis::TestRedis::from_env(true), opts).await;
     let (stop_tx, stop) = watch::channel(false);
     let rs = recipients(&cluster, &stop).await;
     let mids: Vec<i64> = rs.iter().map(|r| r.mid).collect();
@@ -34,6 +43,14 @@ async fn kill_9_one_of_two_job_workers_mid_stream() {
         .filter(|r| r.home == 0)
         .map(|r| (r.mid, r.seen.clone()))
         .collect();
+    let on_other: Vec<_> = rs
+        .iter()
+        .filter(|r| r.home == 1)
+        .map(|r| r.seen.clone())
+        .collect();
+    let dup_before = metric(cluster.comets[0].ops, "rim_comet_push_duplicates_total")
+        .await
+        .unwrap_or(0);
     let published = publish_with_fault(&cluster.api, &mids, || async move {
         // The hazard at-least-once delivery must survive: a comet has delivered pushes whose
         // worker dies before acknowledging them. Staged deterministically: freeze a comet so a
@@ -42,14 +59,19 @@ async fn kill_9_one_of_two_job_workers_mid_stream() {
         // clients have them, then kill the worker. The other worker must replay those entries
         // and the comet must not show them twice.
         comets[0].proc.signal("STOP");
+        // Held for comet 0 and already sent to it: comet 1's clients have them (a batch goes
+        // to every comet at once), so the call to comet 0 is in flight, not still to be made.
         let (holder, held) = eventually(
-            "a worker holds unacknowledged room pushes",
+            "a worker holds room pushes comet 1 delivered and comet 0 has not confirmed",
             WAIT,
             || async {
                 let mut conn = redis.connection();
                 ["job-1", "job-2"].into_iter().find_map(|w| {
                     let (_, rooms) = pending_numbers(&mut conn, w);
-                    (!rooms.is_empty()).then_some((w, rooms))
+                    let sent = on_other
+                        .iter()
+                        .all(|seen| rooms.iter().all(|n| seen.lock().room_seqs.contains(n)));
+                    (!rooms.is_empty() && sent).then_some((w, rooms))
                 })
             },
         )
@@ -68,6 +90,13 @@ async fn kill_9_one_of_two_job_workers_mid_stream() {
             .await
             .unwrap();
         }
+        // The hazard is staged only if the frozen worker still holds them: nobody took its
+        // partitions over during the freeze.
+        let (_, still) = pending_numbers(&mut redis.connection(), holder);
+        assert!(
+            held.iter().all(|n| still.contains(n)),
+            "{holder} still holds {held:?} at the kill (holds {still:?})"
+        );
         jobs[idx].kill9();
         *v.lock() = holder.to_string();
     })
@@ -81,6 +110,14 @@ async fn kill_9_one_of_two_job_workers_mid_stream() {
     let victim = victim.lock().clone();
     let left = pending_of(&mut cluster.redis.connection(), &victim);
     assert_eq!(left, 0, "the survivor took over {victim}'s pending pushes");
+    // The survivor replayed what comet 0 had already delivered, and comet 0 recognised it.
+    let dup_after = metric(cluster.comets[0].ops, "rim_comet_push_duplicates_total")
+        .await
+        .unwrap_or(0);
+    assert!(
+        dup_after > dup_before,
+        "comet 0 suppressed the replayed pushes ({dup_before} → {dup_after})"
+    );
     let _ = stop_tx.send(true);
 }
 
