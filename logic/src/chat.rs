@@ -116,7 +116,10 @@ impl App {
                     .map_err(|e| RpcError::Unavailable(e.to_string()))?;
                 let sessions: u64 = route.iter().map(|s| s.keys.len() as u64).sum();
                 // Kept for later when users keep history; refused only when nobody would get it.
-                let record = self.user_record(*mid, route.iter().flat_map(|sk| sk.keys.iter()));
+                let routed = route
+                    .iter()
+                    .flat_map(|sk| sk.keys.iter().map(move |k| (k, &sk.server)));
+                let record = self.user_record(*mid, routed);
                 if sessions == 0 && record.is_none() {
                     return Err(RpcError::Offline(format!(
                         "no session online for mid {mid}"

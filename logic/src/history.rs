@@ -3,10 +3,19 @@
 //! positions that decide which of a user's messages wait for a device when it connects.
 //!
 //! A device's position is the newest message of its user's history routed to a session of it
-//! (written by the push append itself) or sent to it by a catch-up; a session that ends reports
-//! what it was actually given, and a position past that goes back (those messages were routed
-//! to it but never reached it). A comet that dies reports nothing: what was routed to it is
-//! lost for that device, as live pushes queued there always were, and nothing is given twice.
+//! that is present on the comet it was routed to (written by the push append itself) or sent to
+//! it by a catch-up; a session that ends reports what it was actually given, and a position
+//! past that goes back (those messages were routed to it but never reached it).
+//!
+//! Present means registered there and not ended: connect records the session's presence on its
+//! comet before the session is indexed for routing, and disconnect removes it, moving the
+//! position back in the same atomic step, before the session is unlinked. So a push that read
+//! the user's index before an unlink and is appended after the disconnect (routed to a session
+//! that is gone) moves no position and waits for the device's next connect, and one appended
+//! before is undone by the move back unless the session got it. A session given nothing (its
+//! comet reports no position) goes back to where its device stood when it registered. A comet
+//! that dies reports nothing: what was routed to it while it was still registered is lost for
+//! that device, as live pushes queued there always were, and nothing is given twice.
 //!
 //! Recording happens in the push append itself (`publish` passes a [`Record`] per history to
 //! the stream store), so a message is in its history exactly when its push was accepted.
@@ -20,7 +29,7 @@ use rim_runtime::settings::SettingsError;
 use serde::Deserialize;
 
 use crate::App;
-use crate::store::{HistoryOf, HistoryRead, Record, StoreError};
+use crate::store::{Given, HistoryOf, HistoryRead, Record, Routed, SessionAt, StoreError};
 
 /// Most messages one history keeps (`max_len`): a catch-up sends up to a whole history.
 pub const MAX_LEN: u64 = 1_000;
@@ -184,33 +193,32 @@ impl App {
             of: HistoryOf::Room(job::room_partition(room, self.partitions()), room.clone()),
             max_len: r.max_len,
             max_age_ms: r.max_age_ms(),
-            devices: Vec::new(),
+            routed: Vec::new(),
         })
     }
 
     /// The record of a push to user `mid`, when users keep history, routed live to the
-    /// sessions `keys` (whose devices it marks as given: they are not owed it at their next
-    /// connect).
+    /// sessions `sessions` (key, comet): the devices of those present there are given it (not
+    /// owed it at their next connect).
     pub(crate) fn user_record<'a>(
         &self,
         mid: i64,
-        keys: impl IntoIterator<Item = &'a String>,
+        sessions: impl IntoIterator<Item = (&'a String, &'a String)>,
     ) -> Option<Record> {
         let r = self.config.history.user()?;
-        let mut devices: Vec<String> = Vec::new();
+        let mut routed: Vec<Routed> = Vec::new();
         if self.config.history.deliver_on_connect {
-            for k in keys {
-                let d = device(k);
-                if !devices.iter().any(|x| x == d) {
-                    devices.push(d.to_string());
-                }
-            }
+            routed.extend(sessions.into_iter().map(|(key, server)| Routed {
+                device: device(key).to_string(),
+                key: key.clone(),
+                server: server.clone(),
+            }));
         }
         Some(Record {
             of: HistoryOf::User(job::mid_partition(mid, self.partitions()), mid),
             max_len: r.max_len,
             max_age_ms: r.max_age_ms(),
-            devices,
+            routed,
         })
     }
 
@@ -225,7 +233,7 @@ impl App {
     ) -> Result<Option<HistoryPage>, StoreError> {
         let record = match source {
             Source::Room(room) => self.room_record(room),
-            Source::User => self.user_record(mid, []),
+            Source::User => self.user_record(mid, std::iter::empty()),
         };
         let Some(record) = record else {
             return Ok(None);
@@ -317,20 +325,49 @@ impl App {
         }
     }
 
-    /// A session of `device` ended having been given its user's messages up to `delivered`:
-    /// messages routed to it past that never reached it, so its position goes back there.
-    pub(crate) async fn device_delivered(
+    /// Session `key` of `mid` is registering on `server`: from now on pushes routed to it
+    /// there count as given to its device (until [`App::device_gone`]).
+    pub(crate) async fn device_present(
         &self,
         mid: i64,
-        device: &str,
-        delivered: HistoryId,
+        key: &str,
+        server: &str,
     ) -> Result<(), StoreError> {
         match self.positions_of(mid) {
-            Some((p, ttl)) => {
-                self.store
-                    .history
-                    .retreat(p, mid, device, delivered, ttl)
-                    .await
+            Some((partition, ttl)) => {
+                let at = SessionAt {
+                    partition,
+                    mid,
+                    device: device(key),
+                    key,
+                    server,
+                };
+                self.store.history.present(&at, ttl).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Session `key` of `mid` on `server` ended having been `given` what it says: pushes routed
+    /// to it there no longer count as given, and its device's position goes back past those it
+    /// did not get (they wait for the device's next connect).
+    pub(crate) async fn device_gone(
+        &self,
+        mid: i64,
+        key: &str,
+        server: &str,
+        given: Given,
+    ) -> Result<(), StoreError> {
+        match self.positions_of(mid) {
+            Some((partition, ttl)) => {
+                let at = SessionAt {
+                    partition,
+                    mid,
+                    device: device(key),
+                    key,
+                    server,
+                };
+                self.store.history.gone(&at, given, ttl).await
             }
             None => Ok(()),
         }

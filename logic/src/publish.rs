@@ -173,7 +173,7 @@ impl App {
         for (mid, sessions) in mids.iter().zip(found) {
             // A recorded user gets an entry in its partition even with no session online: the
             // entry's id is the message's id in the user's history.
-            let record = self.user_record(*mid, sessions.keys());
+            let record = self.user_record(*mid, sessions.iter());
             if sessions.is_empty() && record.is_none() {
                 continue;
             }

@@ -21,7 +21,7 @@ use crate::App;
 use crate::auth::TokenError;
 use crate::config::AuthMode;
 use crate::room_policy::Action;
-use crate::store::{Membership, Moved, Registration, Replaced, RoomChange, StoreError};
+use crate::store::{Given, Membership, Moved, Registration, Replaced, RoomChange, StoreError};
 
 pub use crate::store::LiveNode;
 
@@ -169,6 +169,10 @@ impl App {
                 server: old_server,
             });
         let replaced_elsewhere = replaces.is_some();
+        // Present before indexed: a push routed to this session counts as given to its device.
+        self.device_present(a.mid, &key, &req.server)
+            .await
+            .map_err(unavailable)?;
         let reg = Registration {
             key: key.clone(),
             mid: a.mid,
@@ -179,12 +183,16 @@ impl App {
             rooms: rooms.clone(),
             replaces,
         };
-        let registered = self
-            .store
-            .sessions
-            .register(&reg)
-            .await
-            .map_err(unavailable)?;
+        let registered = match self.store.sessions.register(&reg).await {
+            Ok(r) => r,
+            Err(e) => {
+                // No session, no disconnect to come: what was routed to it waits (best effort).
+                let _ = self
+                    .device_gone(a.mid, &key, &req.server, Given::Nothing)
+                    .await;
+                return Err(unavailable(e));
+            }
+        };
         if replaced_elsewhere {
             self.metrics.kicks.inc();
         }
@@ -234,17 +242,17 @@ impl App {
     }
 
     /// Removes a session if it is still registered on the calling comet, and records how far
-    /// its device got in its user's history (`seen`).
+    /// its device got in its user's history (`seen`; none: nothing since it connected). The
+    /// device's position first (a push appended from then on is owed to it), then the session.
     pub(crate) async fn disconnect(
         &self,
         s: SessionRef,
         seen: Option<HistoryId>,
     ) -> Result<(), RpcError> {
-        if let Some(seen) = seen {
-            self.device_delivered(s.mid, crate::history::device(&s.key), seen)
-                .await
-                .map_err(unavailable)?;
-        }
+        let given = seen.map_or(Given::Nothing, Given::UpTo);
+        self.device_gone(s.mid, &s.key, &s.server, given)
+            .await
+            .map_err(unavailable)?;
         self.drop_session(&s.server, &s.key)
             .await
             .map_err(unavailable)?;
@@ -259,15 +267,19 @@ impl App {
     }
 
     /// Drops `key` if `server` holds it and publishes the presence change it caused. Returns
-    /// whether the session was dropped.
-    async fn drop_session(&self, server: &str, key: &str) -> Result<bool, StoreError> {
+    /// the owner (when readable) of a session dropped, `None` when none was.
+    async fn drop_session(
+        &self,
+        server: &str,
+        key: &str,
+    ) -> Result<Option<Option<i64>>, StoreError> {
         let Some(dropped) = self.store.sessions.drop_session(server, key).await? else {
-            return Ok(false);
+            return Ok(None);
         };
         if let Some(mid) = dropped.mid {
             self.presence(mid, dropped.membership).await;
         }
-        Ok(true)
+        Ok(Some(dropped.mid))
     }
 
     /// A session moved between rooms: moves its membership from the room stored for it to `to`
@@ -505,8 +517,16 @@ impl App {
             }
             // One call per key: sequential, but only the reaper and unregister pay it.
             for key in &batch {
-                if self.drop_session(server, key).await? {
-                    dropped += 1;
+                let Some(mid) = self.drop_session(server, key).await? else {
+                    continue;
+                };
+                dropped += 1;
+                // Nothing reported: positions stay (see crate::history), the presence goes (or,
+                // failing, expires with them: the index no longer routes to it either way).
+                if let Some(mid) = mid
+                    && let Err(e) = self.device_gone(mid, key, server, Given::Unknown).await
+                {
+                    tracing::warn!(%server, %key, error = %e, "purge: presence not removed");
                 }
             }
         }

@@ -346,3 +346,69 @@ async fn a_restarted_comet_purges_its_previous_incarnation() {
     );
     assert_eq!(mem.members("live://a", 1), None);
 }
+
+/// Appends a push to `mid` routed to `key` on `server`, as a push that read the user's index
+/// then would (the index may name a session that is gone by the append).
+async fn push_routed(app: &App, mid: i64, key: &str, server: &str) {
+    let (key, server) = (key.to_string(), server.to_string());
+    let record = app
+        .user_record(mid, [(&key, &server)])
+        .expect("users keep history");
+    let target = crate::publish::Target {
+        partition: job::mid_partition(mid, app.config.stream.partitions),
+        route: Route::Sessions(vec![job::ServerKeys {
+            server,
+            keys: vec![key],
+        }]),
+        history: vec![record],
+    };
+    let body = bytes::Bytes::from_static(b"m");
+    let id = crate::publish::new_msg_id();
+    app.append_jobs(&id, 1000, &body, vec![target], None)
+        .await
+        .expect("append");
+}
+
+/// A catch-up of session `key`: everything in the user's history is given to its device.
+async fn catch_up(app: &App, mid: i64, key: &str) {
+    let want = rim_proto::history::HistoryWant {
+        source: rim_proto::history::Source::User,
+        after: None,
+        limit: 1000,
+    };
+    app.catch_up(mid, key, &[want]).await.expect("catch-up");
+}
+
+/// The offline rule: a push moves a device's position only when routed to a session of it that
+/// is present where it is routed. Routed while present: given; routed after the disconnect or
+/// the comet's purge (a stale index read), or to the comet the device left: owed.
+#[tokio::test(start_paused = true)]
+async fn a_push_moves_a_device_position_only_through_a_present_session() {
+    let (app, _mem) = app(Config::default());
+    let mid = 11;
+    assert_eq!(connect(&app, "c1", mid, "k", "").await.offline_after, None);
+    push_routed(&app, mid, "k", "c1").await;
+    assert_eq!(app.offline_after(mid, "k").await.expect("read"), None);
+    let p = job::mid_partition(mid, app.config.stream.partitions);
+    let (_, first) = app.store.history.position(p, mid, "k").await.expect("read");
+    app.disconnect(sref("c1", mid, "k"), first)
+        .await
+        .expect("disconnect");
+    push_routed(&app, mid, "k", "c1").await;
+    assert_eq!(app.offline_after(mid, "k").await.expect("read"), first);
+
+    // Present on c2 now: a push routed there is given, one routed to c1 is not.
+    let on_c2 = connect(&app, "c2", mid, "k", "").await;
+    assert_eq!(on_c2.offline_after, first);
+    catch_up(&app, mid, "k").await;
+    push_routed(&app, mid, "k", "c1").await;
+    assert!(app.offline_after(mid, "k").await.expect("read").is_some());
+    catch_up(&app, mid, "k").await;
+    push_routed(&app, mid, "k", "c2").await;
+    assert_eq!(app.offline_after(mid, "k").await.expect("read"), None);
+
+    // A purged comet's sessions are no longer present.
+    app.unregister_node("c2".into()).await.expect("unregister");
+    push_routed(&app, mid, "k", "c2").await;
+    assert!(app.offline_after(mid, "k").await.expect("read").is_some());
+}

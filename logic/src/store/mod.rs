@@ -17,6 +17,7 @@ mod redis_job_status;
 mod redis_nodes;
 mod redis_sessions;
 mod redis_streams;
+mod sessions_at;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use rim_proto::room::RoomId;
 use rim_proto::rpc::NodeInfo;
 
 pub(crate) use conn::RedisConn;
+pub use sessions_at::{Given, Routed, SessionAt};
 
 /// A Redis failure. Callers turn every variant into "unavailable" (HTTP 503,
 /// `rpc::LogicError::Unavailable`); the text keeps the cause.
@@ -348,8 +350,9 @@ pub struct Record {
     /// Oldest message kept, by the age of its id (ms); the whole history expires this long
     /// after its last message.
     pub max_age_ms: u64,
-    /// User histories: devices the push is routed to live, whose positions move to it.
-    pub devices: Vec<String>,
+    /// User histories: the sessions the push is routed to live. Each one present on the comet
+    /// it is routed to moves its device's position to the push (see [`HistoryStore`]).
+    pub routed: Vec<Routed>,
 }
 
 /// One stream entry to append: its partition, the job, and the histories that record it.
@@ -381,8 +384,11 @@ pub struct Append {
 /// the entry's stream id, so a history's ids grow (its room or user always maps to one
 /// partition) and equal the `PushId`s comets see. A history keeps at most `max_len` messages,
 /// none whose id is older than `max_age_ms`, and expires whole `max_age_ms` after its last
-/// write. Trimming never takes back a message of the current write. A user record's `devices`
-/// have their position (see [`HistoryStore`]) set to the entry's id in the same step.
+/// write. Trimming never takes back a message of the current write. In the same step, each of a
+/// user record's `routed` sessions that is present on the comet it is routed to
+/// ([`HistoryStore::present`], not [`HistoryStore::gone`] since) has its device's position (see
+/// [`HistoryStore`]) set to the entry's id; a device none of whose routed sessions is present
+/// keeps its position, so the push waits for its next connect.
 #[async_trait]
 pub trait PushStreams: Send + Sync {
     /// Appends each entry to its partition's stream, unless a target holds `max_backlog` entries.
@@ -405,10 +411,18 @@ pub struct HistoryRead {
 /// Reading histories, and where each device of a user stands in the user's history.
 ///
 /// Rules: reads see the history as one atomic snapshot. A device's position moves forward when
-/// a push is routed to it (the append) or a catch-up gives it messages
-/// ([`HistoryStore::advance`] keeps the larger id), back only to what a session that ended was
-/// given ([`HistoryStore::retreat`] keeps the smaller, and creates nothing), and expires with
-/// the user's history.
+/// a push is routed to a session of it that is present on the comet it is routed to (the
+/// append) or a catch-up gives it messages ([`HistoryStore::advance`] keeps the larger id), back
+/// only to what a session that ended was given ([`HistoryStore::gone`] keeps the smaller, and
+/// creates no position), and expires with the user's history.
+///
+/// A session is present on its comet from [`HistoryStore::present`] (before it is indexed for
+/// routing) until [`HistoryStore::gone`] (before it is unlinked), which takes the presence away
+/// and moves the position back in one atomic step: a push appended before that step moved the
+/// position at most to itself and the step moves it back unless the session was given the push;
+/// a push appended after it moves nothing. Either way a push routed to a session that never got
+/// it stays owed to the device. Presence is kept per (session key, comet), so retried or late
+/// calls of one comet touch nothing of another's, and expires with the positions.
 #[async_trait]
 pub trait HistoryStore: Send + Sync {
     /// Up to `limit` messages after `after`, or the latest `limit` without it.
@@ -435,15 +449,15 @@ pub trait HistoryStore: Send + Sync {
         seen: HistoryId,
         ttl_ms: u64,
     ) -> StoreResult<()>;
-    /// Moves `device`'s position back to `delivered` if it is further (and it has one).
-    async fn retreat(
-        &self,
-        p: u16,
-        mid: i64,
-        device: &str,
-        delivered: HistoryId,
-        ttl_ms: u64,
-    ) -> StoreResult<()>;
+    /// Records session `at` as present on its comet, remembering where its device stands now
+    /// (the earlier of that and what an earlier presence of the same key there remembered);
+    /// positions kept `ttl_ms`.
+    async fn present(&self, at: &SessionAt<'_>, ttl_ms: u64) -> StoreResult<()>;
+    /// Session `at` ended having been `given` what it says: its presence on that comet goes, and
+    /// its device's position moves back (if further) to what it was given, or, given nothing,
+    /// to where it stood when that presence was recorded. Retreats even when the key is present
+    /// on another comet now (a later connect may be given a message twice, never miss one).
+    async fn gone(&self, at: &SessionAt<'_>, given: Given, ttl_ms: u64) -> StoreResult<()>;
 }
 
 /// People-facing reads and the demo's names: room member listings and display names.

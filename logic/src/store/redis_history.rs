@@ -1,6 +1,11 @@
 //! [`HistoryStore`] on Redis: reading room and user histories (`rim:hist:{p}:room:{room}`,
 //! `rim:hist:{p}:mid:{mid}`, streams written by the append script in `redis_streams`) and the
 //! devices' positions in a user's history (`rim:hist:{p}:seen:{mid}`, device → id).
+//!
+//! The same hash holds which sessions are present where: field [`presence_field`] (`\x01` key
+//! `\x01` comet) → where the device stood when the session registered there. Keys hold no
+//! control characters (connect refuses them), so no device field starts with `\x01`; the
+//! append script (same slot) reads these fields to decide whose positions a push moves.
 
 use std::sync::LazyLock;
 
@@ -9,7 +14,15 @@ use bytes::Bytes;
 use rim_proto::history::{HistoryEntry, HistoryId};
 use rim_proto::keys;
 
-use super::{HistoryOf, HistoryRead, HistoryStore, Record, RedisConn, StoreError, StoreResult};
+use super::{
+    Given, HistoryOf, HistoryRead, HistoryStore, Record, RedisConn, SessionAt, StoreError,
+    StoreResult,
+};
+
+/// The positions hash field saying session `key` is present on comet `server`.
+pub(super) fn presence_field(key: &str, server: &str) -> String {
+    format!("\u{1}{key}\u{1}{server}")
+}
 
 impl HistoryOf {
     /// The history's stream key.
@@ -22,10 +35,10 @@ impl HistoryOf {
 }
 
 impl Record {
-    /// The hash of device positions the append moves, when this record names devices (user
-    /// histories only).
+    /// The hash of device positions the append moves, when this record names routed sessions
+    /// (user histories only).
     pub(super) fn positions_key(&self) -> Option<String> {
-        match (&self.of, self.devices.is_empty()) {
+        match (&self.of, self.routed.is_empty()) {
             (HistoryOf::User(p, mid), false) => Some(keys::user_seen(*p, *mid)),
             _ => None,
         }
@@ -73,29 +86,78 @@ return {seen, last_id}
     )
 });
 
-/// Moves a device's position forward (`forward`: to the id if it is later) or back (`back`: to
-/// the id if the position is later; a device without one gets none).
-/// KEYS = positions hash; ARGV = device, id ms, id seq, ttl ms, direction.
-static MOVE: LazyLock<redis::Script> = LazyLock::new(|| {
+/// Moves a device's position forward, to the id if it is later (or the device has none).
+/// KEYS = positions hash; ARGV = device, id ms, id seq, ttl ms.
+static ADVANCE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local nms, nseq = tonumber(ARGV[2]), tonumber(ARGV[3])
-local later = nil
+local set = true
 if cur then
   local ms, seq = string.match(cur, '^(%d+)-(%d+)$')
   ms, seq = tonumber(ms), tonumber(seq)
-  if ms then later = ms > nms or (ms == nms and seq > nseq) end
+  if ms then set = nms > ms or (nms == ms and nseq > seq) end
 end
-local set
-if ARGV[5] == 'forward' then set = (later == nil) or (not later and cur ~= ARGV[2] .. '-' .. ARGV[3])
-else set = later == true end
 if set then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '-' .. ARGV[3]) end
 if cur or set then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 if set then return 1 end
 return 0
 "#,
     )
+});
+
+/// Lua shared by the presence scripts: `earlier(a, b)`, whether id `a` is before id `b` (an
+/// unreadable id counts as `0-0`).
+const EARLIER: &str = r#"
+local function parts(id)
+  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
+  return tonumber(ms) or 0, tonumber(seq) or 0
+end
+local function earlier(a, b)
+  local am, as = parts(a)
+  local bm, bs = parts(b)
+  return am < bm or (am == bm and as < bs)
+end
+"#;
+
+/// A session is present on its comet: its presence field holds where its device stands (the
+/// earlier of that and what the field held).
+/// KEYS = positions hash; ARGV = presence field, device, ttl ms.
+static PRESENT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r#"{EARLIER}
+local at = redis.call('HGET', KEYS[1], ARGV[2]) or '0-0'
+local had = redis.call('HGET', KEYS[1], ARGV[1])
+if had and earlier(had, at) then at = had end
+redis.call('HSET', KEYS[1], ARGV[1], at)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 0
+"#
+    ))
+});
+
+/// A session is gone from its comet: its presence field goes and its device's position moves
+/// back (if later) to what it was given (`upto`), or to where it stood at its presence
+/// (`nothing`, when there was one), or stays (`unknown`).
+/// KEYS = positions hash; ARGV = presence field, device, `upto`|`nothing`|`unknown`, id, ttl ms.
+/// Returns 1 when the position moved back.
+static GONE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r#"{EARLIER}
+local at = redis.call('HGET', KEYS[1], ARGV[1])
+if at then redis.call('HDEL', KEYS[1], ARGV[1]) end
+local back = nil
+if ARGV[3] == 'upto' then back = ARGV[4] elseif ARGV[3] == 'nothing' then back = at end
+local cur = redis.call('HGET', KEYS[1], ARGV[2])
+if back and cur and earlier(back, cur) then
+  redis.call('HSET', KEYS[1], ARGV[2], back)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return 1
+end
+return 0
+"#
+    ))
 });
 
 /// A stream entry as the read script returns it: id and flat field/value pairs.
@@ -186,44 +248,42 @@ impl HistoryStore for RedisConn {
         seen: HistoryId,
         ttl_ms: u64,
     ) -> StoreResult<()> {
-        self.move_position(p, mid, device, seen, ttl_ms, "forward")
-            .await
-    }
-
-    async fn retreat(
-        &self,
-        p: u16,
-        mid: i64,
-        device: &str,
-        delivered: HistoryId,
-        ttl_ms: u64,
-    ) -> StoreResult<()> {
-        self.move_position(p, mid, device, delivered, ttl_ms, "back")
-            .await
-    }
-}
-
-impl RedisConn {
-    async fn move_position(
-        &self,
-        p: u16,
-        mid: i64,
-        device: &str,
-        id: HistoryId,
-        ttl_ms: u64,
-        direction: &str,
-    ) -> StoreResult<()> {
         let key = keys::user_seen(p, mid);
         let (ms, seq, ttl) = (
-            id.ms.to_string(),
-            id.seq.to_string(),
+            seen.ms.to_string(),
+            seen.seq.to_string(),
             ttl_ms.max(1).to_string(),
         );
         let _: i64 = self
+            .script(&ADVANCE, &[key.as_str()], &[device, &ms, &seq, &ttl])
+            .await?;
+        Ok(())
+    }
+
+    async fn present(&self, at: &SessionAt<'_>, ttl_ms: u64) -> StoreResult<()> {
+        let key = keys::user_seen(at.partition, at.mid);
+        let field = presence_field(at.key, at.server);
+        let ttl = ttl_ms.max(1).to_string();
+        let _: i64 = self
+            .script(&PRESENT, &[key.as_str()], &[&field, at.device, &ttl])
+            .await?;
+        Ok(())
+    }
+
+    async fn gone(&self, at: &SessionAt<'_>, given: Given, ttl_ms: u64) -> StoreResult<()> {
+        let key = keys::user_seen(at.partition, at.mid);
+        let field = presence_field(at.key, at.server);
+        let (mode, id) = match given {
+            Given::UpTo(id) => ("upto", id.to_string()),
+            Given::Nothing => ("nothing", String::new()),
+            Given::Unknown => ("unknown", String::new()),
+        };
+        let ttl = ttl_ms.max(1).to_string();
+        let _: i64 = self
             .script(
-                &MOVE,
+                &GONE,
                 &[key.as_str()],
-                &[device, &ms, &seq, &ttl, direction],
+                &[&field, at.device, mode, &id, &ttl],
             )
             .await?;
         Ok(())

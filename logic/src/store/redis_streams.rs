@@ -11,7 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rim_proto::keys;
 
-use super::{Append, PushStreams, RedisConn, StoreError, StoreResult};
+use super::redis_history::presence_field;
+use super::{Append, PushStreams, RedisConn, Routed, StoreError, StoreResult};
 
 /// How long a push id mark outlives the append: longer than any retry of it (a retry happens
 /// within one call's `redis.timeout_ms`).
@@ -20,9 +21,11 @@ const MARK_MIN: Duration = Duration::from_secs(5);
 /// Appends one partition's entries unless this push was appended there already, recording each
 /// in its histories with the entry's id.
 /// KEYS = stream, push id mark, histories (each followed by its devices' positions hash when
-/// it names devices); ARGV = max backlog, field name, mark TTL ms, then per entry: encoded job,
-/// op, body, accepted ms, number of histories, and per history its KEYS index, max length, max
-/// age (ms), number of devices and the devices.
+/// it names routed sessions); ARGV = max backlog, field name, mark TTL ms, then per entry:
+/// encoded job, op, body, accepted ms, number of histories, and per history its KEYS index, max
+/// length, max age (ms), number of routed sessions and per session its device and presence
+/// field (`redis_history::presence_field`): the device's position moves to the entry only when
+/// the session is present where it is routed.
 /// Returns "ok", "dup" (appended before: nothing done), "full" (the stream holds max backlog
 /// entries: nothing done) or "skipped:N" (appended, but N history writes were refused because
 /// the history already held a later id, which only a deleted push stream can cause).
@@ -48,12 +51,18 @@ while i <= #ARGV do
   for _ = 1, n do
     local key = KEYS[tonumber(ARGV[i])]
     local max_len, age, ndev = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-    local devices_at = i + 4
-    i = i + 4 + ndev
-    -- Routed live to these devices: not owed to them at their next connect.
+    local routed_at = i + 4
+    i = i + 4 + 2 * ndev
+    -- Routed live to sessions present there: not owed to their devices at their next connect.
+    -- A session that is gone (or never registered there) leaves its device's position alone.
     if ndev > 0 then
-      local seen = KEYS[tonumber(ARGV[devices_at - 4]) + 1]
-      for d = 0, ndev - 1 do redis.call('HSET', seen, ARGV[devices_at + d], id) end
+      local seen = KEYS[tonumber(ARGV[routed_at - 4]) + 1]
+      for d = 0, ndev - 1 do
+        local at = routed_at + 2 * d
+        if redis.call('HEXISTS', seen, ARGV[at + 1]) == 1 then
+          redis.call('HSET', seen, ARGV[at], id)
+        end
+      end
       redis.call('PEXPIRE', seen, age)
     end
     local r = redis.pcall('XADD', key, id, 'op', op, 'body', body, 'ts', ts)
@@ -130,16 +139,18 @@ impl RedisConn {
                 .arg(e.history.len());
             for r in &e.history {
                 key_index += 1;
-                let devices: &[String] = match r.positions_key() {
-                    Some(_) => &r.devices,
+                let routed: &[Routed] = match r.positions_key() {
+                    Some(_) => &r.routed,
                     None => &[],
                 };
                 eval.arg(key_index)
                     .arg(r.max_len.max(1))
                     .arg(r.max_age_ms.max(1))
-                    .arg(devices.len())
-                    .arg(devices);
-                key_index += devices.len().min(1); // the positions hash follows the history
+                    .arg(routed.len());
+                for s in routed {
+                    eval.arg(&s.device).arg(presence_field(&s.key, &s.server));
+                }
+                key_index += routed.len().min(1); // the positions hash follows the history
             }
         }
         let wait = self.wait_replicas;

@@ -7,7 +7,8 @@ use rim_proto::history::{HistoryEntry, HistoryId};
 
 use super::Memory;
 use crate::store::{
-    Append, HistoryOf, HistoryRead, HistoryStore, PushStreams, StoreError, StoreResult,
+    Append, Given, HistoryOf, HistoryRead, HistoryStore, PushStreams, SessionAt, StoreError,
+    StoreResult,
 };
 
 /// One history's messages, oldest first, and the newest id trimmed out of it.
@@ -38,8 +39,11 @@ impl PushStreams for Memory {
             };
             for r in &e.history {
                 if let HistoryOf::User(p, mid) = r.of {
-                    for d in &r.devices {
-                        st.seen.insert((p, mid, d.clone()), id);
+                    for s in &r.routed {
+                        let at = (p, mid, s.key.clone(), s.server.clone());
+                        if st.present.contains_key(&at) {
+                            st.seen.insert((p, mid, s.device.clone()), id);
+                        }
                     }
                 }
                 let kept = st.histories.entry(r.of.key()).or_default();
@@ -123,17 +127,41 @@ impl HistoryStore for Memory {
         Ok(())
     }
 
-    async fn retreat(
-        &self,
-        p: u16,
-        mid: i64,
-        device: &str,
-        delivered: HistoryId,
-        _ttl_ms: u64,
-    ) -> StoreResult<()> {
+    async fn present(&self, at: &SessionAt<'_>, _ttl_ms: u64) -> StoreResult<()> {
         let mut st = self.0.lock();
-        if let Some(at) = st.seen.get_mut(&(p, mid, device.to_string())) {
-            *at = (*at).min(delivered);
+        let stands = st
+            .seen
+            .get(&(at.partition, at.mid, at.device.to_string()))
+            .copied()
+            .unwrap_or_default();
+        let field = (
+            at.partition,
+            at.mid,
+            at.key.to_string(),
+            at.server.to_string(),
+        );
+        let kept = st.present.entry(field).or_insert(stands);
+        *kept = (*kept).min(stands);
+        Ok(())
+    }
+
+    async fn gone(&self, at: &SessionAt<'_>, given: Given, _ttl_ms: u64) -> StoreResult<()> {
+        let mut st = self.0.lock();
+        let field = (
+            at.partition,
+            at.mid,
+            at.key.to_string(),
+            at.server.to_string(),
+        );
+        let stood = st.present.remove(&field);
+        let back = match given {
+            Given::UpTo(id) => Some(id),
+            Given::Nothing => stood,
+            Given::Unknown => None,
+        };
+        let device = (at.partition, at.mid, at.device.to_string());
+        if let (Some(back), Some(pos)) = (back, st.seen.get_mut(&device)) {
+            *pos = (*pos).min(back);
         }
         Ok(())
     }

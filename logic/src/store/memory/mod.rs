@@ -44,6 +44,8 @@ struct State {
     histories: HashMap<String, history::Kept>,
     /// (partition, mid, device) → position.
     seen: HashMap<(u16, i64, String), rim_proto::history::HistoryId>,
+    /// (partition, mid, key, server) of present sessions → where the device stood then.
+    present: HashMap<(u16, i64, String, String), rim_proto::history::HistoryId>,
     nodes: BTreeMap<String, NodeInfo>,
     expiry: BTreeMap<String, u64>,
     /// server → (room → members), until.
