@@ -383,6 +383,9 @@ async fn a_late_kick_spares_a_session_that_reconnected_here() {
     assert_eq!(r.queued, 1);
     assert_eq!(&b.recv_any().await.unwrap().frame.body[..], b"still here");
     assert!(b.pushes_before_heartbeat().await.unwrap().is_empty());
+    // A kick for a key nobody here holds is reported missing, like any push to it.
+    let r = h.push(1000, "", h.kick("nobody", x)).await;
+    assert_eq!((r.missing, r.queued), (1, 0), "{r:?}");
 }
 
 #[tokio::test]

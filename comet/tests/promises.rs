@@ -225,3 +225,50 @@ async fn unknown_ops_are_ignored() {
         assert_eq!(h.metric(series).await, Some(0), "{series}");
     }
 }
+
+/// A paced broadcast walks the buckets at `speed` sessions per second: after a bucket of two
+/// sessions, the walk pauses two seconds before the next bucket (deliver.rs `paced_worker`). A
+/// push delivered unpaced meanwhile reaches the later bucket's session first.
+#[tokio::test]
+async fn a_paced_broadcast_pauses_between_buckets_at_its_speed() {
+    let h = start(|c| c.bucket.count = 2).await;
+    // Two sessions in bucket 0 (walked first), one in bucket 1.
+    let in_bucket = |b: u16| {
+        (0..)
+            .map(|i| format!("k{i}"))
+            .filter(move |k| rim_proto::job::partition_of(k, 2) == b)
+    };
+    let first: Vec<String> = in_bucket(0).take(2).collect();
+    let later = in_bucket(1).next().unwrap();
+    let mut early_clients = Vec::new();
+    for k in &first {
+        early_clients.push(h.tcp_session(k, "", &[1000]).await);
+    }
+    let mut late = h.tcp_session(&later, "", &[1000]).await;
+    let paced = Delivery {
+        id: PushId {
+            partition: 3,
+            ms: 10,
+            seq: 1,
+        },
+        op: 1000,
+        body: Bytes::from_static(b"paced"),
+        target: DeliverTarget::All { speed: 1 },
+        exclude: None,
+        recorded: false,
+    };
+    h.deliver(vec![paced.clone()]).await;
+    for c in &mut early_clients {
+        assert_eq!(body_text(&c.recv_any().await.unwrap()), "paced");
+    }
+    // Bucket 0 has been walked; bucket 1 waits two seconds. An unpaced push now is first there.
+    let now = Delivery {
+        id: PushId { seq: 2, ..paced.id },
+        body: Bytes::from_static(b"now"),
+        target: DeliverTarget::Keys(vec![later.clone()]),
+        ..paced
+    };
+    assert_eq!(h.deliver(vec![now]).await.queued, 1);
+    assert_eq!(body_text(&late.recv_any().await.unwrap()), "now");
+    assert_eq!(body_text(&late.recv_any().await.unwrap()), "paced");
+}

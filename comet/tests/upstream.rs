@@ -414,3 +414,24 @@ async fn a_disconnect_lost_to_a_logic_blip_is_retried() {
     // The first disconnect call hangs past its deadline; the retry lands.
     h.expect_event("disconnect hang-once-k").await;
 }
+
+/// A room run is one queue item per member, whatever its length: a run of five reaches a member
+/// whose outbound queue holds two, as one message, without closing it as a slow consumer
+/// (deliver.rs groups consecutive pushes to one room; one item per push would overflow).
+#[tokio::test]
+async fn a_room_run_takes_one_slot_of_a_members_queue() {
+    let mut h = start(|c| c.session.outbound_queue = 2).await;
+    let room_s = "live://run";
+    let room = RoomId::parse(room_s).unwrap();
+    let mut ws = h
+        .session(Transport::WsBinary, 1, "member", room_s, &[1000])
+        .await;
+    let items: Vec<Delivery> = (0..5)
+        .map(|i| h.room_item(&room, 1000, &format!("m{i}")))
+        .collect();
+    let r = h.deliver(items).await;
+    assert_eq!((r.queued, r.slow_closed), (5, 0), "{r:?}");
+    let got: Vec<String> = one_message(&mut ws).await.iter().map(body_text).collect();
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4"]);
+    assert!(ws.pushes_before_heartbeat().await.unwrap().is_empty());
+}
