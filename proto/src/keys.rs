@@ -48,7 +48,9 @@ pub fn user_history(partition: u16, mid: i64) -> String {
 
 /// Hash: device (session key, or `*` for sessions that authenticated without one, whose keys
 /// logic generates with a `~` prefix) → the last id of the user's history routed or given to
-/// that device: where its offline messages resume. Written by the push append script.
+/// that device: where its offline messages resume. Written by the push append script. Also one
+/// presence field per registered session (`\x01<key>\x01<server>` → the device's position at
+/// its connect): the append moves a device only for sessions present on the comet it routes to.
 pub fn user_seen(partition: u16, mid: i64) -> String {
     format!("rim:hist:{{{partition}}}:seen:{mid}")
 }
