@@ -181,7 +181,10 @@ async fn kill_9_a_comet_clients_move_and_its_sessions_expire() {
     assert_sessions(&rs, |r| if r.home == 0 { 2 } else { 1 });
 
     // The dead comet leaves the registry and its sessions leave Redis within node.ttl_ms (3 s)
-    // plus one reaper pass (ttl/3) — checked with generous slack against a loaded machine.
+    // plus one reaper pass (ttl/3) — checked with generous slack against a loaded machine. The
+    // explicit act is waited for: only logic's reaper deletes the registration record and counts
+    // it (its expiry alone only hides it from the live list, and the moved clients' reconnects
+    // empty its session set by themselves).
     let redis = &cluster.redis;
     let c = &cluster;
     eventually("dead comet reaped", Duration::from_secs(15), || {
@@ -193,13 +196,18 @@ async fn kill_9_a_comet_clients_move_and_its_sessions_expire() {
                 .arg(rim_proto::keys::node_sessions(&dead))
                 .query(&mut conn)
                 .ok()?;
-            (!live.contains(&dead) && keys == 0).then_some(())
+            let registered: bool = redis::cmd("HEXISTS")
+                .arg(rim_proto::keys::NODES)
+                .arg(&dead)
+                .query(&mut conn)
+                .ok()?;
+            let reaped = metric(c.logic_http, "rim_logic_nodes_reaped_total").await;
+            (!live.contains(&dead) && keys == 0 && !registered && reaped == Some(1)).then_some(())
         }
     })
     .await
     .unwrap();
-    // Removed by logic's reaper (the registration's expiry alone only hides it from the live
-    // list).
+    // Reaped once, not again.
     assert_eq!(
         metric(cluster.logic_http, "rim_logic_nodes_reaped_total").await,
         Some(1)
