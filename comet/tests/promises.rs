@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use common::*;
 use rim_client::Transport;
@@ -261,7 +263,14 @@ async fn a_paced_broadcast_pauses_between_buckets_at_its_speed() {
     for c in &mut early_clients {
         assert_eq!(body_text(&c.recv_any().await.unwrap()), "paced");
     }
-    // Bucket 0 has been walked; bucket 1 waits two seconds. An unpaced push now is first there.
+    // Bucket 0 has been walked; bucket 1 waits two seconds: nothing reaches it in the first half
+    // second, and an unpaced push sent now is first there.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), late.recv_any())
+            .await
+            .is_err(),
+        "the later bucket was walked without the pause"
+    );
     let now = Delivery {
         id: PushId { seq: 2, ..paced.id },
         body: Bytes::from_static(b"now"),
