@@ -17,88 +17,80 @@ use parking_lot::Mutex;
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::{eventually, metric};
 use rim_testkit::client::{Conn, Transport};
+use rim_testkit::process::free_addr;
+use rim_testkit::proxy::{FaultProxy, Mode, Upstream};
 use tokio::sync::watch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_one_of_two_job_workers_mid_stream() {
-    // Calls outlive the freeze below: a deliver call held by the frozen comet is still wanted
-    // (not past its deadline) when the comet thaws, so the comet executes it.
-    let opts = ProcOpts {
-        jobs: 2,
-        comets: 2,
-        job_env: vec![("RIM_JOB__DELIVERY__RPC_TIMEOUT_MS", "10000".into())],
-        ..ProcOpts::default()
-    };
-    let mut cluster =
-        ProcCluster::start_opts(rim_testkit::test_redis::TestRedis::from_env(true), opts).await;
+    // Comet 0's RPC address, as job sees it, is a proxy the test controls; give-up far past the
+    // fault.
+    let mut cluster = ProcCluster::start_with(
+        2,
+        0,
+        vec![],
+        vec![("RIM_JOB__DELIVERY__GIVE_UP_MS", "60000".into())],
+    )
+    .await;
+    let rpc = free_addr();
+    let proxy = FaultProxy::start(Upstream::Tcp(rpc)).await;
+    cluster.add_comet_with(
+        rpc,
+        vec![("RIM_COMET__ADVERTISE__RPC_ADDR", proxy.addr().to_string())],
+    );
+    cluster.add_comet();
+    cluster.wait_live_nodes(2).await;
     let (stop_tx, stop) = watch::channel(false);
     let rs = recipients(&cluster, &stop).await;
     let mids: Vec<i64> = rs.iter().map(|r| r.mid).collect();
-    let redis = &cluster.redis;
-    let (jobs, comets) = (&mut cluster.jobs, &cluster.comets);
-    let victim = Arc::new(Mutex::new(String::new()));
-    let v = victim.clone();
-    let on_frozen: Vec<_> = rs
+    let on_comet_0: Vec<_> = rs
         .iter()
         .filter(|r| r.home == 0)
-        .map(|r| (r.mid, r.seen.clone()))
-        .collect();
-    let on_other: Vec<_> = rs
-        .iter()
-        .filter(|r| r.home == 1)
         .map(|r| r.seen.clone())
         .collect();
     let dup_before = metric(cluster.comets[0].ops, "rim_comet_push_duplicates_total")
         .await
         .unwrap_or(0);
-    let published = publish_with_fault(&cluster.api, &mids, || async move {
+    let redis = &cluster.redis;
+    let jobs = &mut cluster.jobs;
+    let victim = Arc::new(Mutex::new(String::new()));
+    let v = victim.clone();
+    let published = publish_with_fault(&cluster.api, &mids, || async {
         // The hazard at-least-once delivery must survive: a comet has delivered pushes whose
-        // worker dies before acknowledging them. Staged deterministically: freeze a comet so a
-        // worker is caught holding room pushes for it, freeze that worker, thaw the comet so it
-        // executes them (their confirmation is stuck in the frozen worker), wait until its
-        // clients have them, then kill the worker. The other worker must replay those entries
-        // and the comet must not show them twice.
-        comets[0].proc.signal("STOP");
-        // Held for comet 0 and already sent to it: comet 1's clients have them (a batch goes
-        // to every comet at once), so the call to comet 0 is in flight, not still to be made.
+        // worker dies before acknowledging them. Staged without timing: comet 0's replies are
+        // dropped, so it executes deliveries whose confirmations never come back; once a worker
+        // holds unacknowledged room pushes that comet 0's clients already have, that worker is
+        // killed. The other worker must take them over and replay them, and the comet must not
+        // show them twice.
+        proxy.set(Mode::DropReplies);
         let (holder, held) = eventually(
-            "a worker holds room pushes comet 1 delivered and comet 0 has not confirmed",
+            "a worker holds room pushes comet 0's clients already have",
             WAIT,
             || async {
                 let mut conn = redis.connection();
                 ["job-1", "job-2"].into_iter().find_map(|w| {
                     let (_, rooms) = pending_numbers(&mut conn, w);
-                    let sent = on_other
+                    let had = on_comet_0
                         .iter()
                         .all(|seen| rooms.iter().all(|n| seen.lock().room_seqs.contains(n)));
-                    (!rooms.is_empty() && sent).then_some((w, rooms))
+                    (!rooms.is_empty() && had).then_some((w, rooms))
                 })
             },
         )
         .await
         .unwrap();
         let idx = usize::from(holder == "job-2");
-        jobs[idx].signal("STOP");
-        comets[0].proc.signal("CONT");
-        for (mid, seen) in &on_frozen {
-            let (seen, held) = (seen.clone(), held.clone());
-            let what = format!("mid {mid} got the frozen worker's room pushes {held:?}");
-            eventually(&what, WAIT, || {
-                let ok = held.iter().all(|n| seen.lock().room_seqs.contains(n));
-                async move { ok.then_some(()) }
-            })
-            .await
-            .unwrap();
-        }
-        // The hazard is staged only if the frozen worker still holds them: nobody took its
-        // partitions over during the freeze.
+        jobs[idx].kill9();
+        *v.lock() = holder.to_string();
+        // Still held by the dead worker: nothing acknowledged them after the kill.
         let (_, still) = pending_numbers(&mut redis.connection(), holder);
         assert!(
             held.iter().all(|n| still.contains(n)),
-            "{holder} still holds {held:?} at the kill (holds {still:?})"
+            "{holder} held {held:?} at its death (holds {still:?})"
         );
-        jobs[idx].kill9();
-        *v.lock() = holder.to_string();
+        // The link heals as real ones do: held connections die, new ones get through.
+        proxy.set(Mode::Refuse);
+        proxy.set(Mode::Forward);
     })
     .await;
     assert!(
@@ -108,9 +100,14 @@ async fn kill_9_one_of_two_job_workers_mid_stream() {
     check(&rs, &published).await;
     assert_sessions(&rs, |_| 1);
     let victim = victim.lock().clone();
-    let left = pending_of(&mut cluster.redis.connection(), &victim);
-    assert_eq!(left, 0, "the survivor took over {victim}'s pending pushes");
-    // The survivor replayed what comet 0 had already delivered, and comet 0 recognised it.
+    eventually(
+        "the survivor took over the dead worker's pushes",
+        WAIT,
+        || async { (pending_of(&mut cluster.redis.connection(), &victim) == 0).then_some(()) },
+    )
+    .await
+    .unwrap();
+    // Replays of pushes comet 0 had already delivered were recognised there.
     let dup_after = metric(cluster.comets[0].ops, "rim_comet_push_duplicates_total")
         .await
         .unwrap_or(0);
