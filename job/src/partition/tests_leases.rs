@@ -1,7 +1,9 @@
 //! The lease manager's timing under a paused clock: an unconfirmed lease is fenced at its
 //! deadline (`renewed + ttl - renew_ms`), not at the next tick after it; a slow but answering
-//! Redis is renewed once a tick and never fenced; and a partition being released does not count
-//! toward the share, so the worker takes a free one meanwhile.
+//! Redis is renewed once a tick and never fenced; a partition being released does not count
+//! toward the share, so the worker takes a free one meanwhile; a lease found taken stops its
+//! partition at that renewal, one released by its own partition mid-renewal is not a loss, and a
+//! worker never takes more than its share.
 
 #![allow(clippy::unwrap_used)]
 
@@ -67,6 +69,8 @@ async fn latent_world(latency: Duration) -> (World, Arc<Latent>, Arc<Ctx>) {
     let mut cfg = config();
     cfg.lease.ttl_ms = 5000;
     cfg.lease.renew_ms = 1500;
+    // A call to a comet is neither timed out nor retried during a test.
+    cfg.delivery.rpc_timeout_ms = 60_000;
     let w = world(cfg).await;
     let leases = Arc::new(Latent {
         inner: w.leases.clone(),
@@ -215,6 +219,109 @@ async fn a_partition_being_released_does_not_count_toward_the_share() {
     until("released", || w.leases.holder(highest).is_none()).await;
     until("two held", || m.partitions_held.get() == 2).await;
     assert_eq!(m.leases_lost.get(), 0);
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, manager).await.unwrap().unwrap();
+}
+
+/// Waits (looking every millisecond) until `cond` holds; returns when, from `start`.
+async fn when(start: Instant, what: &str, cond: impl Fn() -> bool) -> Duration {
+    let poll = async {
+        while !cond() {
+            tokio::time::sleep(ms(1)).await;
+        }
+        Instant::now() - start
+    };
+    tokio::time::timeout(WAIT, poll)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// A renewal that finds the lease taken by another worker stops the partition there and then,
+/// at the 3000 ms tick, not when the last confirmed renewal (sent at 1500 ms) runs out at 5000 ms:
+/// the new owner is consuming the partition already.
+#[tokio::test(start_paused = true)]
+async fn a_lease_found_taken_stops_its_partition_at_that_renewal() {
+    let mut cfg = config();
+    cfg.lease.ttl_ms = 5000;
+    cfg.lease.renew_ms = 1500;
+    let w = world(cfg).await;
+    let m = w.ctx.metrics.clone();
+    let start = Instant::now();
+    let (shutdown, manager) = start_leases(&w);
+    tokio::time::sleep_until(start + ms(2000)).await;
+    assert_eq!(m.partitions_held.get(), 1);
+
+    w.leases.take_over(0, "w2", Duration::from_secs(60));
+    let lost_at = when(start, "partition stopped", || m.partitions_held.get() == 0).await;
+    assert!(
+        lost_at >= ms(3000) && lost_at <= ms(3001),
+        "stopped by the 3000 ms renewal: at {lost_at:?}"
+    );
+    assert_eq!(m.leases_lost.get(), 1);
+    assert_eq!(
+        w.leases.holder(0).as_deref(),
+        Some("w2"),
+        "not released by us"
+    );
+
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, manager).await.unwrap().unwrap();
+}
+
+/// A partition released on shutdown while a renewal of its lease is on the wire: the renewal
+/// (sent at the 3000 ms tick) finds the lease gone because the partition deleted it itself
+/// (its release, sent at 2900 ms, landed at 3200 ms), which is not a lost lease.
+#[tokio::test(start_paused = true)]
+async fn a_lease_released_while_its_renewal_is_in_flight_is_not_counted_lost() {
+    let (mut w, _leases, ctx) = latent_world(ms(300)).await;
+    let m = &ctx.metrics;
+    let start = Instant::now();
+    let (shutdown, manager) = start_manager(&ctx);
+    w.append("a");
+    let call = w.next_call().await;
+    tokio::time::sleep_until(start + ms(2000)).await;
+    shutdown.cancel();
+    tokio::time::sleep_until(start + ms(2900)).await;
+    assert_eq!(
+        w.leases.holder(0).as_deref(),
+        Some(WORKER),
+        "kept for the batch"
+    );
+    call.confirm();
+
+    tokio::time::timeout(WAIT, manager).await.unwrap().unwrap();
+    assert_eq!(m.acked.get(), 1);
+    assert_eq!(w.leases.holder(0), None, "released");
+    assert_eq!(m.leases_lost.get(), 0, "a release is not a loss");
+}
+
+/// A worker never takes more partitions than its share, not even for one round: with two
+/// workers live and four partitions it takes two, leaving two for the other.
+#[tokio::test(start_paused = true)]
+async fn a_worker_takes_no_more_than_its_share() {
+    let mut cfg = config();
+    cfg.stream.partitions = 4;
+    let w = world(cfg).await;
+    let m = w.ctx.metrics.clone();
+    w.leases
+        .heartbeat("w2", rim_runtime::unix_ms(), 3_600_000)
+        .await
+        .unwrap();
+    let (shutdown, manager) = start_leases(&w);
+    let ours = || {
+        (0..4)
+            .filter(|p| w.leases.holder(*p).as_deref() == Some(WORKER))
+            .count()
+    };
+    // Right after the first round, then over several TTLs.
+    tokio::time::sleep(ms(1)).await;
+    assert_eq!(ours(), 2, "the share of two out of four");
+    for _ in 0..50 {
+        tokio::time::sleep(ms(w.ctx.cfg.lease.renew_ms)).await;
+        assert_eq!(ours(), 2);
+        assert_eq!(m.partitions_held.get(), 2);
+    }
+
     shutdown.cancel();
     tokio::time::timeout(WAIT, manager).await.unwrap().unwrap();
 }
