@@ -333,17 +333,8 @@ impl App {
         key: &str,
         server: &str,
     ) -> Result<(), StoreError> {
-        match self.positions_of(mid) {
-            Some((partition, ttl)) => {
-                let at = SessionAt {
-                    partition,
-                    mid,
-                    device: device(key),
-                    key,
-                    server,
-                };
-                self.store.history.present(&at, ttl).await
-            }
+        match self.session_at(mid, key, server) {
+            Some((at, ttl)) => self.store.history.present(&at, ttl).await,
             None => Ok(()),
         }
     }
@@ -358,19 +349,29 @@ impl App {
         server: &str,
         given: Given,
     ) -> Result<(), StoreError> {
-        match self.positions_of(mid) {
-            Some((partition, ttl)) => {
-                let at = SessionAt {
-                    partition,
-                    mid,
-                    device: device(key),
-                    key,
-                    server,
-                };
-                self.store.history.gone(&at, given, ttl).await
-            }
+        match self.session_at(mid, key, server) {
+            Some((at, ttl)) => self.store.history.gone(&at, given, ttl).await,
             None => Ok(()),
         }
+    }
+
+    /// Where session `key` of `mid` on `server` stands in its user's device positions, and their
+    /// TTL; `None` when device positions are not kept.
+    fn session_at<'a>(
+        &self,
+        mid: i64,
+        key: &'a str,
+        server: &'a str,
+    ) -> Option<(SessionAt<'a>, u64)> {
+        let (partition, ttl) = self.positions_of(mid)?;
+        let at = SessionAt {
+            partition,
+            mid,
+            device: device(key),
+            key,
+            server,
+        };
+        Some((at, ttl))
     }
 }
 

@@ -17,29 +17,13 @@ use parking_lot::Mutex;
 use rim_proto::msg::AuthBody;
 use rim_testkit::api::{eventually, metric};
 use rim_testkit::client::{Conn, Transport};
-use rim_testkit::process::free_addr;
-use rim_testkit::proxy::{FaultProxy, Mode, Upstream};
+use rim_testkit::proxy::Mode;
 use tokio::sync::watch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_one_of_two_job_workers_mid_stream() {
-    // Comet 0's RPC address, as job sees it, is a proxy the test controls; give-up far past the
-    // fault.
-    let mut cluster = ProcCluster::start_with(
-        2,
-        0,
-        vec![],
-        vec![("RIM_JOB__DELIVERY__GIVE_UP_MS", "60000".into())],
-    )
-    .await;
-    let rpc = free_addr();
-    let proxy = FaultProxy::start(Upstream::Tcp(rpc)).await;
-    cluster.add_comet_with(
-        rpc,
-        vec![("RIM_COMET__ADVERTISE__RPC_ADDR", proxy.addr().to_string())],
-    );
-    cluster.add_comet();
-    cluster.wait_live_nodes(2).await;
+    // Comet 0's RPC address, as job sees it, is a proxy the test controls.
+    let (mut cluster, proxy) = ProcCluster::with_proxied_comet(2).await;
     let (stop_tx, stop) = watch::channel(false);
     let rs = recipients(&cluster, &stop).await;
     let mids: Vec<i64> = rs.iter().map(|r| r.mid).collect();

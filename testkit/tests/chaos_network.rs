@@ -10,7 +10,6 @@ mod chaos_common;
 
 use chaos_common::*;
 use rim_testkit::api::{eventually, metric};
-use rim_testkit::process::free_addr;
 use rim_testkit::proxy::{FaultProxy, Mode, Stats, Upstream};
 use rim_testkit::redis::RedisServer;
 use rim_testkit::test_redis::TestRedis;
@@ -23,23 +22,8 @@ use tokio::sync::watch;
 /// ones it already had; nothing may be given up as unreachable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_job_from_one_comet_mid_stream() {
-    // One worker, so every delivery to comet 1 crosses the proxy; give-up far past the fault.
-    let mut cluster = ProcCluster::start_with(
-        1,
-        0,
-        vec![],
-        vec![("RIM_JOB__DELIVERY__GIVE_UP_MS", "60000".into())],
-    )
-    .await;
-    let rpc = free_addr();
-    let proxy = FaultProxy::start(Upstream::Tcp(rpc)).await;
-    // Comet 1's RPC address, as logic's registry publishes it to job, is the proxy.
-    cluster.add_comet_with(
-        rpc,
-        vec![("RIM_COMET__ADVERTISE__RPC_ADDR", proxy.addr().to_string())],
-    );
-    cluster.add_comet();
-    cluster.wait_live_nodes(2).await;
+    // One worker, so every delivery to comet 1 (the first comet, index 0) crosses the proxy.
+    let (cluster, proxy) = ProcCluster::with_proxied_comet(1).await;
     let (stop_tx, stop) = watch::channel(false);
     let rs = recipients(&cluster, &stop).await;
     let mids: Vec<i64> = rs.iter().map(|r| r.mid).collect();

@@ -14,6 +14,7 @@ use rim_proto::msg::AuthBody;
 use rim_testkit::api::{Api, eventually};
 use rim_testkit::client::{Conn, Transport};
 use rim_testkit::process::{self, CLUSTER_SECRET, CometAddrs, Proc, free_addr};
+use rim_testkit::proxy::{FaultProxy, Upstream};
 use rim_testkit::test_redis::TestRedis;
 use tokio::sync::watch;
 
@@ -206,6 +207,28 @@ impl ProcCluster {
             .chain(self.job_env.iter().cloned())
             .collect::<Vec<_>>(),
         ));
+    }
+
+    /// `jobs` workers and two comets, the first of which job reaches through a fault proxy the
+    /// test controls (the address logic's registry publishes for it is the proxy's); delivery
+    /// gives up far past any fault a test stages.
+    pub async fn with_proxied_comet(jobs: usize) -> (ProcCluster, FaultProxy) {
+        let mut cluster = ProcCluster::start_with(
+            jobs,
+            0,
+            vec![],
+            vec![("RIM_JOB__DELIVERY__GIVE_UP_MS", "60000".into())],
+        )
+        .await;
+        let rpc = free_addr();
+        let proxy = FaultProxy::start(Upstream::Tcp(rpc)).await;
+        cluster.add_comet_with(
+            rpc,
+            vec![("RIM_COMET__ADVERTISE__RPC_ADDR", proxy.addr().to_string())],
+        );
+        cluster.add_comet();
+        cluster.wait_live_nodes(2).await;
+        (cluster, proxy)
     }
 
     pub fn add_comet(&mut self) {
