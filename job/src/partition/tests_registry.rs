@@ -22,11 +22,10 @@ fn push_to(server: &str, msg: &str) -> PushJob {
 }
 
 /// Registers `c2` after the worker's last registry read, so its cache does not know it, and
-/// appends a push routed to it. The clock moves on first: `Registry::refresh_since` trusts a
-/// read that started at the very instant of the miss, so on a paused clock that never advanced
-/// the re-read would be skipped (on a real clock a Redis round trip always lies between them).
+/// appends a push routed to it. The paused clock does not move: the last read and the miss carry
+/// the same instant, which `Registry::refresh_since` must not trust (on a coarse clock such a
+/// read may have started before the comet registered).
 async fn c2_registers_after_the_last_read(w: &World) -> String {
-    tokio::time::advance(Duration::from_millis(1)).await;
     w.directory
         .register("c2", "127.0.0.1:2", rim_runtime::unix_ms() + 3_600_000);
     assert!(w.ctx.registry.link("c2").is_none(), "not cached yet");
