@@ -345,4 +345,60 @@ mod tests {
         );
         assert!(reg.live().is_empty());
     }
+
+    /// A registration is live while its expiry is in the future (the instant it names is already
+    /// past, as in the directory's `(now` read), and a held one while its hold is.
+    #[tokio::test(start_paused = true)]
+    async fn a_comet_is_live_strictly_before_its_expiry_or_its_hold_ends() {
+        let node = |expiry_ms, held_until| Node {
+            rpc_addr: "127.0.0.1:1".into(),
+            expiry_ms,
+            link: Arc::new(Unused),
+            held_until,
+        };
+        assert!(node(1_000, None).live(999));
+        assert!(!node(1_000, None).live(1_000), "expired at its expiry");
+        assert!(!node(1_000, None).live(1_001));
+        let now = Instant::now();
+        assert!(node(1_000, Some(now + Duration::from_millis(1))).live(5_000));
+        assert!(
+            !node(1_000, Some(now)).live(5_000),
+            "the hold ends at its instant"
+        );
+        assert!(!node(1_000, Some(now - Duration::from_millis(1))).live(5_000));
+    }
+
+    /// A comet's link is made once while its address holds (a refresh must not drop the link and
+    /// its connection), made anew when the comet comes back at another address, and never made
+    /// for a registration without an RPC address.
+    #[tokio::test(start_paused = true)]
+    async fn a_comet_is_linked_once_per_address_and_never_without_one() {
+        let dir = Arc::new(MemoryDirectory::new());
+        let made = Arc::new(parking_lot::Mutex::new(Vec::<(String, String)>::new()));
+        let log = made.clone();
+        let connector: Connector = Arc::new(move |id: &str, addr: &str| {
+            log.lock().push((id.to_owned(), addr.to_owned()));
+            Arc::new(Unused) as Arc<dyn CometClient>
+        });
+        let reg = Registry::with_connector(dir.clone(), connector, GRACE);
+        let pair = |id: &str, addr: &str| (id.to_owned(), addr.to_owned());
+
+        dir.register("c1", "127.0.0.1:1", far());
+        dir.register("bare", "", far());
+        reg.refresh().await.unwrap();
+        reg.refresh().await.unwrap();
+        assert_eq!(*made.lock(), vec![pair("c1", "127.0.0.1:1")]);
+        assert!(reg.link("bare").is_none(), "no address, no route");
+        assert_eq!(reg.live(), BTreeSet::from(["c1".to_owned()]));
+
+        dir.register("c1", "127.0.0.1:9", far());
+        reg.refresh().await.unwrap();
+        reg.refresh().await.unwrap();
+        assert_eq!(
+            *made.lock(),
+            vec![pair("c1", "127.0.0.1:1"), pair("c1", "127.0.0.1:9")],
+            "moved: linked at the new address, once"
+        );
+        assert!(reg.link("c1").is_some());
+    }
 }

@@ -300,4 +300,27 @@ mod tests {
         assert!(p.per_comet.is_empty());
         assert!(p.dropped[0].addressed);
     }
+
+    /// The room batch reads on while no room has `room_batch.max` messages: the run it measures is
+    /// per room (two rooms do not add up) and counts room pushes only.
+    #[test]
+    fn the_largest_room_run_counts_each_rooms_pushes_apart() {
+        let a = RoomId::parse("live://a").expect("room");
+        let b = RoomId::parse("live://b").expect("room");
+        let user = entry(9, Route::Sessions(vec![sk("s", &["k"])]));
+        assert_eq!(largest_room_run(&[]), 0);
+        assert_eq!(largest_room_run(std::slice::from_ref(&user)), 0);
+        assert!(!is_room(&user));
+        assert!(!is_room(&entry(8, Route::All { speed: 0 })));
+        let entries = vec![
+            entry(0, Route::Room(a.clone())),
+            user,
+            entry(1, Route::Room(b)),
+            entry(2, Route::Room(a.clone())),
+            entry(3, Route::Room(a)),
+        ];
+        assert!(is_room(&entries[0]));
+        assert_eq!(largest_room_run(&entries), 3);
+        assert_eq!(largest_room_run(&entries[..3]), 1);
+    }
 }

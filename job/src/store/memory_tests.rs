@@ -1,5 +1,5 @@
 //! The store rules the partition relies on, checked on the in-memory stores (the Redis ones are
-//! exercised by `job/tests/delivery.rs`).
+//! checked by `redis_tests.rs` and used end to end by `job/tests/delivery.rs`).
 
 #![allow(clippy::unwrap_used)]
 

@@ -19,6 +19,8 @@ mod redis_conn;
 mod redis_directory;
 mod redis_leases;
 mod redis_stream;
+#[cfg(test)]
+mod redis_tests;
 
 use std::sync::Arc;
 use std::time::Duration;
