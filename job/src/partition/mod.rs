@@ -30,6 +30,8 @@ mod release;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_faults;
+#[cfg(test)]
 mod tests_leases;
 #[cfg(test)]
 mod tests_rebalance;

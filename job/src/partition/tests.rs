@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use rim_proto::job::{PushJob, Route, ServerKeys};
+use rim_proto::room::RoomId;
 use rim_proto::rpc::{DeliverReport, Delivery};
 use rim_runtime::rpc::LinkError;
 use tokio::sync::{mpsc, oneshot};
@@ -18,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::tests_faults::Faults;
 use crate::metrics::Metrics;
 use crate::registry::{CometClient, Connector, Registry};
 use crate::store::Stores;
@@ -33,7 +35,7 @@ pub(super) const WAIT: Duration = Duration::from_secs(30);
 pub(super) struct Call {
     pub(super) server: String,
     pub(super) items: Vec<Delivery>,
-    at: Instant,
+    pub(super) at: Instant,
     pub(super) reply: oneshot::Sender<Result<DeliverReport, LinkError>>,
 }
 
@@ -99,11 +101,13 @@ impl CometClient for FakeComet {
 }
 
 /// One worker's stores, registry and fake comet `c1` (every comet registered in `directory` is a
-/// fake whose calls arrive on `calls`).
+/// fake whose calls arrive on `calls`). The partition reaches the streams and room index through
+/// `faults`, which counts its commands and can fail them.
 pub(super) struct World {
     pub(super) streams: MemoryStreams,
     pub(super) leases: Arc<MemoryLeases>,
     pub(super) directory: Arc<MemoryDirectory>,
+    pub(super) faults: Arc<Faults>,
     pub(super) ctx: Arc<Ctx>,
     pub(super) calls: mpsc::UnboundedReceiver<Call>,
 }
@@ -143,10 +147,11 @@ pub(super) async fn world(cfg: Config) -> World {
         Duration::from_secs(10),
     ));
     registry.refresh().await.unwrap();
+    let faults = Arc::new(Faults::default());
     let stores = Stores {
-        streams: Arc::new(streams.clone()),
+        streams: faults.streams(&streams),
         leases: leases.clone(),
-        directory: directory.clone(),
+        directory: faults.directory(&directory),
     };
     let ctx = Arc::new(Ctx::new(
         cfg,
@@ -159,6 +164,7 @@ pub(super) async fn world(cfg: Config) -> World {
         streams,
         leases,
         directory,
+        faults,
         ctx,
         calls,
     }
@@ -176,6 +182,15 @@ pub(super) fn push(msg: &str) -> PushJob {
         accepted_ms: 1,
         exclude: None,
         recorded: false,
+    }
+}
+
+/// A push to every member of `room` (`live://{room}`).
+pub(super) fn room_push(msg: &str, room: &str) -> PushJob {
+    let room = RoomId::parse(&format!("live://{room}")).unwrap();
+    PushJob {
+        route: Route::Room(room),
+        ..push(msg)
     }
 }
 
@@ -207,7 +222,7 @@ impl World {
     }
 
     /// Takes the next call, checks it carries exactly `expected` (in order) and confirms it.
-    async fn confirm_next(&mut self, expected: &[String], what: &str) {
+    pub(super) async fn confirm_next(&mut self, expected: &[String], what: &str) {
         let call = self.next_call().await;
         assert_eq!(call.seqs(), seqs(expected), "{what}");
         call.confirm();
