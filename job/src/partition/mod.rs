@@ -34,6 +34,8 @@ mod tests_faults;
 #[cfg(test)]
 mod tests_leases;
 #[cfg(test)]
+mod tests_read;
+#[cfg(test)]
 mod tests_rebalance;
 #[cfg(test)]
 mod tests_registry;

@@ -165,6 +165,15 @@ impl MemoryStreams {
         self.shared.state.lock().lose_next_read.insert(partition);
     }
 
+    /// Deletes `partition`'s entries below `id`, pending or not (as a backlog cap or an operator's
+    /// `XTRIM` would): a claim then reports the pending ones among them as deleted.
+    pub fn trim_below(&self, partition: u16, id: &str) {
+        let below = parse_id(id).unwrap_or((0, 0));
+        if let Some(s) = self.shared.state.lock().streams.get_mut(&partition) {
+            s.entries = s.entries.split_off(&below);
+        }
+    }
+
     /// Pending entries of `partition`'s group: id and consumer, in id order.
     pub fn pending(&self, partition: u16) -> Vec<(String, String)> {
         let state = self.shared.state.lock();
