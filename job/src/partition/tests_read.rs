@@ -140,3 +140,34 @@ async fn lingering_ends_once_a_room_has_room_batch_max_messages() {
     w.all_acked().await;
     running.stop().await;
 }
+
+/// Redis blocks a read for whole milliseconds (at least one), so a read begun with less than a
+/// millisecond of linger left can come back after the deadline. Lingering ends there, with what
+/// that read brought: it does not read again.
+#[tokio::test(start_paused = true)]
+async fn lingering_reads_nothing_more_once_its_deadline_passed() {
+    let mut w = lingering(8, 64).await;
+    let started = Instant::now();
+    let mut ids = vec![w.streams.append(P, &room_push("a", "r"))];
+    let running = w.start_partition();
+    read(&w, 1).await;
+    // Half a millisecond before the deadline: the read after this one blocks for a whole one.
+    // (Moved by hand: no timer fires before a whole millisecond is reached.)
+    let linger = w.ctx.cfg.room_linger();
+    tokio::time::advance(linger - Duration::from_micros(500)).await;
+    ids.push(w.streams.append(P, &room_push("b", "r")));
+    read(&w, 2).await;
+    // At the deadline, that read brings c.
+    tokio::time::advance(Duration::from_micros(500)).await;
+    assert_eq!(Instant::now(), started + linger);
+    ids.push(w.streams.append(P, &room_push("c", "r")));
+    read(&w, 3).await;
+    let later = w.streams.append(P, &room_push("d", "r"));
+
+    let call = w.next_call().await;
+    assert_eq!(call.seqs(), seqs(&ids), "d was appended after the deadline");
+    call.confirm();
+    w.confirm_next(&[later], "the next batch").await;
+    w.all_acked().await;
+    running.stop().await;
+}
