@@ -201,7 +201,7 @@ impl Partition {
                         .lock()
                         .insert(self.partition, left.len);
                     self.stray_pending = left.pending > 0;
-                    if left.pending > 0 {
+                    if self.stray_pending {
                         tracing::debug!(
                             partition = self.partition,
                             pending = left.pending,
