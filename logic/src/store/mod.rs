@@ -56,7 +56,8 @@ pub enum StoreError {
     /// `redis.wait_replicas` replicas did not confirm a push within `redis.timeout_ms`: it is on
     /// the primary (and may be delivered) but would not survive the primary's death.
     #[error(
-        "push not acknowledged: {stream} is confirmed by {got} of the {wanted} replicas          redis.wait_replicas asks for"
+        "push not acknowledged: {stream} is confirmed by {got} of the {wanted} replicas \
+         redis.wait_replicas asks for"
     )]
     NotReplicated {
         /// The stream written.

@@ -3,7 +3,8 @@
 //! script that checks the backlog, writes the histories that record each entry (same slot:
 //! `rim:hist:{p}:…`, with the entry's id) and marks the push id (`rim:push:{p}:msg:{id}`), so an
 //! append retried after a lost reply is not appended twice; with `redis.wait_replicas` the
-//! script is followed on the same connection by `WAIT`, so an acknowledged push is on replicas.
+//! script is followed on the same connection by `WAIT` (for half of `redis.timeout_ms`), so an
+//! acknowledged push is on replicas and one they did not confirm is refused as not replicated.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -155,9 +156,12 @@ impl RedisConn {
         }
         let wait = self.wait_replicas;
         if wait > 0 {
-            pipe.cmd("WAIT")
-                .arg(wait)
-                .arg(self.timeout().as_millis() as u64);
+            // Short of replicas, WAIT answers only when its own timeout ends, and that answer
+            // must arrive within the call's bound, which the script's run already started:
+            // waiting the whole bound turned every missing replica into a timeout. Half of it
+            // leaves the rest for the script and the round trip (at least 1 ms: 0 = forever).
+            let wait_ms = (self.timeout() / 2).as_millis().max(1) as u64;
+            pipe.cmd("WAIT").arg(wait).arg(wait_ms);
             let (outcome, replicas): (String, u32) = self.pipe(&pipe).await?;
             self.appended(&outcome, &stream, max_backlog)?;
             if replicas < wait {
