@@ -53,8 +53,9 @@ pub enum StoreError {
         /// The configured bound.
         max: u64,
     },
-    /// `redis.wait_replicas` replicas did not confirm a push within `redis.timeout_ms`: it is on
-    /// the primary (and may be delivered) but would not survive the primary's death.
+    /// `redis.wait_replicas` replicas did not confirm a push within half of `redis.timeout_ms`
+    /// (`WAIT`'s own bound, so its answer comes within the call's): it is on the primary (and
+    /// may be delivered) but would not survive the primary's death.
     #[error(
         "push not acknowledged: {stream} is confirmed by {got} of the {wanted} replicas \
          redis.wait_replicas asks for"
